@@ -1,0 +1,3 @@
+from fusecsi.cli import main
+
+raise SystemExit(main())
