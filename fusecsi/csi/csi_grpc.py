@@ -73,3 +73,515 @@ class IdentityStub:
             fusecsi.csi.csi_pb2.ProbeRequest,
             fusecsi.csi.csi_pb2.ProbeResponse,
         )
+
+
+class ControllerBase(abc.ABC):
+
+    @abc.abstractmethod
+    async def CreateVolume(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.CreateVolumeRequest, fusecsi.csi.csi_pb2.CreateVolumeResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def DeleteVolume(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.DeleteVolumeRequest, fusecsi.csi.csi_pb2.DeleteVolumeResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def ControllerPublishVolume(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.ControllerPublishVolumeRequest, fusecsi.csi.csi_pb2.ControllerPublishVolumeResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def ControllerUnpublishVolume(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.ControllerUnpublishVolumeRequest, fusecsi.csi.csi_pb2.ControllerUnpublishVolumeResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def ValidateVolumeCapabilities(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.ValidateVolumeCapabilitiesRequest, fusecsi.csi.csi_pb2.ValidateVolumeCapabilitiesResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def ListVolumes(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.ListVolumesRequest, fusecsi.csi.csi_pb2.ListVolumesResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def GetCapacity(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.GetCapacityRequest, fusecsi.csi.csi_pb2.GetCapacityResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def ControllerGetCapabilities(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.ControllerGetCapabilitiesRequest, fusecsi.csi.csi_pb2.ControllerGetCapabilitiesResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def CreateSnapshot(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.CreateSnapshotRequest, fusecsi.csi.csi_pb2.CreateSnapshotResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def DeleteSnapshot(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.DeleteSnapshotRequest, fusecsi.csi.csi_pb2.DeleteSnapshotResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def ListSnapshots(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.ListSnapshotsRequest, fusecsi.csi.csi_pb2.ListSnapshotsResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def GetSnapshot(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.GetSnapshotRequest, fusecsi.csi.csi_pb2.GetSnapshotResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def ControllerExpandVolume(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.ControllerExpandVolumeRequest, fusecsi.csi.csi_pb2.ControllerExpandVolumeResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def ControllerGetVolume(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.ControllerGetVolumeRequest, fusecsi.csi.csi_pb2.ControllerGetVolumeResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def ControllerModifyVolume(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.ControllerModifyVolumeRequest, fusecsi.csi.csi_pb2.ControllerModifyVolumeResponse]') -> None:
+        pass
+
+    def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
+        return {
+            '/csi.v1.Controller/CreateVolume': grpclib.const.Handler(
+                self.CreateVolume,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.CreateVolumeRequest,
+                fusecsi.csi.csi_pb2.CreateVolumeResponse,
+            ),
+            '/csi.v1.Controller/DeleteVolume': grpclib.const.Handler(
+                self.DeleteVolume,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.DeleteVolumeRequest,
+                fusecsi.csi.csi_pb2.DeleteVolumeResponse,
+            ),
+            '/csi.v1.Controller/ControllerPublishVolume': grpclib.const.Handler(
+                self.ControllerPublishVolume,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.ControllerPublishVolumeRequest,
+                fusecsi.csi.csi_pb2.ControllerPublishVolumeResponse,
+            ),
+            '/csi.v1.Controller/ControllerUnpublishVolume': grpclib.const.Handler(
+                self.ControllerUnpublishVolume,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.ControllerUnpublishVolumeRequest,
+                fusecsi.csi.csi_pb2.ControllerUnpublishVolumeResponse,
+            ),
+            '/csi.v1.Controller/ValidateVolumeCapabilities': grpclib.const.Handler(
+                self.ValidateVolumeCapabilities,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.ValidateVolumeCapabilitiesRequest,
+                fusecsi.csi.csi_pb2.ValidateVolumeCapabilitiesResponse,
+            ),
+            '/csi.v1.Controller/ListVolumes': grpclib.const.Handler(
+                self.ListVolumes,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.ListVolumesRequest,
+                fusecsi.csi.csi_pb2.ListVolumesResponse,
+            ),
+            '/csi.v1.Controller/GetCapacity': grpclib.const.Handler(
+                self.GetCapacity,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.GetCapacityRequest,
+                fusecsi.csi.csi_pb2.GetCapacityResponse,
+            ),
+            '/csi.v1.Controller/ControllerGetCapabilities': grpclib.const.Handler(
+                self.ControllerGetCapabilities,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.ControllerGetCapabilitiesRequest,
+                fusecsi.csi.csi_pb2.ControllerGetCapabilitiesResponse,
+            ),
+            '/csi.v1.Controller/CreateSnapshot': grpclib.const.Handler(
+                self.CreateSnapshot,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.CreateSnapshotRequest,
+                fusecsi.csi.csi_pb2.CreateSnapshotResponse,
+            ),
+            '/csi.v1.Controller/DeleteSnapshot': grpclib.const.Handler(
+                self.DeleteSnapshot,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.DeleteSnapshotRequest,
+                fusecsi.csi.csi_pb2.DeleteSnapshotResponse,
+            ),
+            '/csi.v1.Controller/ListSnapshots': grpclib.const.Handler(
+                self.ListSnapshots,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.ListSnapshotsRequest,
+                fusecsi.csi.csi_pb2.ListSnapshotsResponse,
+            ),
+            '/csi.v1.Controller/GetSnapshot': grpclib.const.Handler(
+                self.GetSnapshot,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.GetSnapshotRequest,
+                fusecsi.csi.csi_pb2.GetSnapshotResponse,
+            ),
+            '/csi.v1.Controller/ControllerExpandVolume': grpclib.const.Handler(
+                self.ControllerExpandVolume,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.ControllerExpandVolumeRequest,
+                fusecsi.csi.csi_pb2.ControllerExpandVolumeResponse,
+            ),
+            '/csi.v1.Controller/ControllerGetVolume': grpclib.const.Handler(
+                self.ControllerGetVolume,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.ControllerGetVolumeRequest,
+                fusecsi.csi.csi_pb2.ControllerGetVolumeResponse,
+            ),
+            '/csi.v1.Controller/ControllerModifyVolume': grpclib.const.Handler(
+                self.ControllerModifyVolume,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.ControllerModifyVolumeRequest,
+                fusecsi.csi.csi_pb2.ControllerModifyVolumeResponse,
+            ),
+        }
+
+
+class ControllerStub:
+
+    def __init__(self, channel: grpclib.client.Channel) -> None:
+        self.CreateVolume = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Controller/CreateVolume',
+            fusecsi.csi.csi_pb2.CreateVolumeRequest,
+            fusecsi.csi.csi_pb2.CreateVolumeResponse,
+        )
+        self.DeleteVolume = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Controller/DeleteVolume',
+            fusecsi.csi.csi_pb2.DeleteVolumeRequest,
+            fusecsi.csi.csi_pb2.DeleteVolumeResponse,
+        )
+        self.ControllerPublishVolume = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Controller/ControllerPublishVolume',
+            fusecsi.csi.csi_pb2.ControllerPublishVolumeRequest,
+            fusecsi.csi.csi_pb2.ControllerPublishVolumeResponse,
+        )
+        self.ControllerUnpublishVolume = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Controller/ControllerUnpublishVolume',
+            fusecsi.csi.csi_pb2.ControllerUnpublishVolumeRequest,
+            fusecsi.csi.csi_pb2.ControllerUnpublishVolumeResponse,
+        )
+        self.ValidateVolumeCapabilities = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Controller/ValidateVolumeCapabilities',
+            fusecsi.csi.csi_pb2.ValidateVolumeCapabilitiesRequest,
+            fusecsi.csi.csi_pb2.ValidateVolumeCapabilitiesResponse,
+        )
+        self.ListVolumes = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Controller/ListVolumes',
+            fusecsi.csi.csi_pb2.ListVolumesRequest,
+            fusecsi.csi.csi_pb2.ListVolumesResponse,
+        )
+        self.GetCapacity = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Controller/GetCapacity',
+            fusecsi.csi.csi_pb2.GetCapacityRequest,
+            fusecsi.csi.csi_pb2.GetCapacityResponse,
+        )
+        self.ControllerGetCapabilities = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Controller/ControllerGetCapabilities',
+            fusecsi.csi.csi_pb2.ControllerGetCapabilitiesRequest,
+            fusecsi.csi.csi_pb2.ControllerGetCapabilitiesResponse,
+        )
+        self.CreateSnapshot = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Controller/CreateSnapshot',
+            fusecsi.csi.csi_pb2.CreateSnapshotRequest,
+            fusecsi.csi.csi_pb2.CreateSnapshotResponse,
+        )
+        self.DeleteSnapshot = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Controller/DeleteSnapshot',
+            fusecsi.csi.csi_pb2.DeleteSnapshotRequest,
+            fusecsi.csi.csi_pb2.DeleteSnapshotResponse,
+        )
+        self.ListSnapshots = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Controller/ListSnapshots',
+            fusecsi.csi.csi_pb2.ListSnapshotsRequest,
+            fusecsi.csi.csi_pb2.ListSnapshotsResponse,
+        )
+        self.GetSnapshot = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Controller/GetSnapshot',
+            fusecsi.csi.csi_pb2.GetSnapshotRequest,
+            fusecsi.csi.csi_pb2.GetSnapshotResponse,
+        )
+        self.ControllerExpandVolume = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Controller/ControllerExpandVolume',
+            fusecsi.csi.csi_pb2.ControllerExpandVolumeRequest,
+            fusecsi.csi.csi_pb2.ControllerExpandVolumeResponse,
+        )
+        self.ControllerGetVolume = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Controller/ControllerGetVolume',
+            fusecsi.csi.csi_pb2.ControllerGetVolumeRequest,
+            fusecsi.csi.csi_pb2.ControllerGetVolumeResponse,
+        )
+        self.ControllerModifyVolume = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Controller/ControllerModifyVolume',
+            fusecsi.csi.csi_pb2.ControllerModifyVolumeRequest,
+            fusecsi.csi.csi_pb2.ControllerModifyVolumeResponse,
+        )
+
+
+class GroupControllerBase(abc.ABC):
+
+    @abc.abstractmethod
+    async def GroupControllerGetCapabilities(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.GroupControllerGetCapabilitiesRequest, fusecsi.csi.csi_pb2.GroupControllerGetCapabilitiesResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def CreateVolumeGroupSnapshot(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.CreateVolumeGroupSnapshotRequest, fusecsi.csi.csi_pb2.CreateVolumeGroupSnapshotResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def DeleteVolumeGroupSnapshot(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.DeleteVolumeGroupSnapshotRequest, fusecsi.csi.csi_pb2.DeleteVolumeGroupSnapshotResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def GetVolumeGroupSnapshot(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.GetVolumeGroupSnapshotRequest, fusecsi.csi.csi_pb2.GetVolumeGroupSnapshotResponse]') -> None:
+        pass
+
+    def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
+        return {
+            '/csi.v1.GroupController/GroupControllerGetCapabilities': grpclib.const.Handler(
+                self.GroupControllerGetCapabilities,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.GroupControllerGetCapabilitiesRequest,
+                fusecsi.csi.csi_pb2.GroupControllerGetCapabilitiesResponse,
+            ),
+            '/csi.v1.GroupController/CreateVolumeGroupSnapshot': grpclib.const.Handler(
+                self.CreateVolumeGroupSnapshot,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.CreateVolumeGroupSnapshotRequest,
+                fusecsi.csi.csi_pb2.CreateVolumeGroupSnapshotResponse,
+            ),
+            '/csi.v1.GroupController/DeleteVolumeGroupSnapshot': grpclib.const.Handler(
+                self.DeleteVolumeGroupSnapshot,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.DeleteVolumeGroupSnapshotRequest,
+                fusecsi.csi.csi_pb2.DeleteVolumeGroupSnapshotResponse,
+            ),
+            '/csi.v1.GroupController/GetVolumeGroupSnapshot': grpclib.const.Handler(
+                self.GetVolumeGroupSnapshot,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.GetVolumeGroupSnapshotRequest,
+                fusecsi.csi.csi_pb2.GetVolumeGroupSnapshotResponse,
+            ),
+        }
+
+
+class GroupControllerStub:
+
+    def __init__(self, channel: grpclib.client.Channel) -> None:
+        self.GroupControllerGetCapabilities = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.GroupController/GroupControllerGetCapabilities',
+            fusecsi.csi.csi_pb2.GroupControllerGetCapabilitiesRequest,
+            fusecsi.csi.csi_pb2.GroupControllerGetCapabilitiesResponse,
+        )
+        self.CreateVolumeGroupSnapshot = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.GroupController/CreateVolumeGroupSnapshot',
+            fusecsi.csi.csi_pb2.CreateVolumeGroupSnapshotRequest,
+            fusecsi.csi.csi_pb2.CreateVolumeGroupSnapshotResponse,
+        )
+        self.DeleteVolumeGroupSnapshot = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.GroupController/DeleteVolumeGroupSnapshot',
+            fusecsi.csi.csi_pb2.DeleteVolumeGroupSnapshotRequest,
+            fusecsi.csi.csi_pb2.DeleteVolumeGroupSnapshotResponse,
+        )
+        self.GetVolumeGroupSnapshot = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.GroupController/GetVolumeGroupSnapshot',
+            fusecsi.csi.csi_pb2.GetVolumeGroupSnapshotRequest,
+            fusecsi.csi.csi_pb2.GetVolumeGroupSnapshotResponse,
+        )
+
+
+class SnapshotMetadataBase(abc.ABC):
+
+    @abc.abstractmethod
+    async def GetMetadataAllocated(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.GetMetadataAllocatedRequest, fusecsi.csi.csi_pb2.GetMetadataAllocatedResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def GetMetadataDelta(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.GetMetadataDeltaRequest, fusecsi.csi.csi_pb2.GetMetadataDeltaResponse]') -> None:
+        pass
+
+    def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
+        return {
+            '/csi.v1.SnapshotMetadata/GetMetadataAllocated': grpclib.const.Handler(
+                self.GetMetadataAllocated,
+                grpclib.const.Cardinality.UNARY_STREAM,
+                fusecsi.csi.csi_pb2.GetMetadataAllocatedRequest,
+                fusecsi.csi.csi_pb2.GetMetadataAllocatedResponse,
+            ),
+            '/csi.v1.SnapshotMetadata/GetMetadataDelta': grpclib.const.Handler(
+                self.GetMetadataDelta,
+                grpclib.const.Cardinality.UNARY_STREAM,
+                fusecsi.csi.csi_pb2.GetMetadataDeltaRequest,
+                fusecsi.csi.csi_pb2.GetMetadataDeltaResponse,
+            ),
+        }
+
+
+class SnapshotMetadataStub:
+
+    def __init__(self, channel: grpclib.client.Channel) -> None:
+        self.GetMetadataAllocated = grpclib.client.UnaryStreamMethod(
+            channel,
+            '/csi.v1.SnapshotMetadata/GetMetadataAllocated',
+            fusecsi.csi.csi_pb2.GetMetadataAllocatedRequest,
+            fusecsi.csi.csi_pb2.GetMetadataAllocatedResponse,
+        )
+        self.GetMetadataDelta = grpclib.client.UnaryStreamMethod(
+            channel,
+            '/csi.v1.SnapshotMetadata/GetMetadataDelta',
+            fusecsi.csi.csi_pb2.GetMetadataDeltaRequest,
+            fusecsi.csi.csi_pb2.GetMetadataDeltaResponse,
+        )
+
+
+class NodeBase(abc.ABC):
+
+    @abc.abstractmethod
+    async def NodeStageVolume(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.NodeStageVolumeRequest, fusecsi.csi.csi_pb2.NodeStageVolumeResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def NodeUnstageVolume(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.NodeUnstageVolumeRequest, fusecsi.csi.csi_pb2.NodeUnstageVolumeResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def NodePublishVolume(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.NodePublishVolumeRequest, fusecsi.csi.csi_pb2.NodePublishVolumeResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def NodeUnpublishVolume(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.NodeUnpublishVolumeRequest, fusecsi.csi.csi_pb2.NodeUnpublishVolumeResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def NodeGetVolumeStats(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.NodeGetVolumeStatsRequest, fusecsi.csi.csi_pb2.NodeGetVolumeStatsResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def NodeExpandVolume(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.NodeExpandVolumeRequest, fusecsi.csi.csi_pb2.NodeExpandVolumeResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def NodeGetCapabilities(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.NodeGetCapabilitiesRequest, fusecsi.csi.csi_pb2.NodeGetCapabilitiesResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def NodeGetInfo(self, stream: 'grpclib.server.Stream[fusecsi.csi.csi_pb2.NodeGetInfoRequest, fusecsi.csi.csi_pb2.NodeGetInfoResponse]') -> None:
+        pass
+
+    def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
+        return {
+            '/csi.v1.Node/NodeStageVolume': grpclib.const.Handler(
+                self.NodeStageVolume,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.NodeStageVolumeRequest,
+                fusecsi.csi.csi_pb2.NodeStageVolumeResponse,
+            ),
+            '/csi.v1.Node/NodeUnstageVolume': grpclib.const.Handler(
+                self.NodeUnstageVolume,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.NodeUnstageVolumeRequest,
+                fusecsi.csi.csi_pb2.NodeUnstageVolumeResponse,
+            ),
+            '/csi.v1.Node/NodePublishVolume': grpclib.const.Handler(
+                self.NodePublishVolume,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.NodePublishVolumeRequest,
+                fusecsi.csi.csi_pb2.NodePublishVolumeResponse,
+            ),
+            '/csi.v1.Node/NodeUnpublishVolume': grpclib.const.Handler(
+                self.NodeUnpublishVolume,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.NodeUnpublishVolumeRequest,
+                fusecsi.csi.csi_pb2.NodeUnpublishVolumeResponse,
+            ),
+            '/csi.v1.Node/NodeGetVolumeStats': grpclib.const.Handler(
+                self.NodeGetVolumeStats,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.NodeGetVolumeStatsRequest,
+                fusecsi.csi.csi_pb2.NodeGetVolumeStatsResponse,
+            ),
+            '/csi.v1.Node/NodeExpandVolume': grpclib.const.Handler(
+                self.NodeExpandVolume,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.NodeExpandVolumeRequest,
+                fusecsi.csi.csi_pb2.NodeExpandVolumeResponse,
+            ),
+            '/csi.v1.Node/NodeGetCapabilities': grpclib.const.Handler(
+                self.NodeGetCapabilities,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.NodeGetCapabilitiesRequest,
+                fusecsi.csi.csi_pb2.NodeGetCapabilitiesResponse,
+            ),
+            '/csi.v1.Node/NodeGetInfo': grpclib.const.Handler(
+                self.NodeGetInfo,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                fusecsi.csi.csi_pb2.NodeGetInfoRequest,
+                fusecsi.csi.csi_pb2.NodeGetInfoResponse,
+            ),
+        }
+
+
+class NodeStub:
+
+    def __init__(self, channel: grpclib.client.Channel) -> None:
+        self.NodeStageVolume = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Node/NodeStageVolume',
+            fusecsi.csi.csi_pb2.NodeStageVolumeRequest,
+            fusecsi.csi.csi_pb2.NodeStageVolumeResponse,
+        )
+        self.NodeUnstageVolume = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Node/NodeUnstageVolume',
+            fusecsi.csi.csi_pb2.NodeUnstageVolumeRequest,
+            fusecsi.csi.csi_pb2.NodeUnstageVolumeResponse,
+        )
+        self.NodePublishVolume = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Node/NodePublishVolume',
+            fusecsi.csi.csi_pb2.NodePublishVolumeRequest,
+            fusecsi.csi.csi_pb2.NodePublishVolumeResponse,
+        )
+        self.NodeUnpublishVolume = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Node/NodeUnpublishVolume',
+            fusecsi.csi.csi_pb2.NodeUnpublishVolumeRequest,
+            fusecsi.csi.csi_pb2.NodeUnpublishVolumeResponse,
+        )
+        self.NodeGetVolumeStats = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Node/NodeGetVolumeStats',
+            fusecsi.csi.csi_pb2.NodeGetVolumeStatsRequest,
+            fusecsi.csi.csi_pb2.NodeGetVolumeStatsResponse,
+        )
+        self.NodeExpandVolume = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Node/NodeExpandVolume',
+            fusecsi.csi.csi_pb2.NodeExpandVolumeRequest,
+            fusecsi.csi.csi_pb2.NodeExpandVolumeResponse,
+        )
+        self.NodeGetCapabilities = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Node/NodeGetCapabilities',
+            fusecsi.csi.csi_pb2.NodeGetCapabilitiesRequest,
+            fusecsi.csi.csi_pb2.NodeGetCapabilitiesResponse,
+        )
+        self.NodeGetInfo = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/csi.v1.Node/NodeGetInfo',
+            fusecsi.csi.csi_pb2.NodeGetInfoRequest,
+            fusecsi.csi.csi_pb2.NodeGetInfoResponse,
+        )
