@@ -15,9 +15,15 @@ from fusecsi import __version__
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "master": ("fusecsi.cluster.master.main", "run a cluster master (namespace, quotas, placement)"),
+    "master": (
+        "fusecsi.cluster.master.main",
+        "run a cluster master (namespace, quotas, placement)",
+    ),
     "worker": ("fusecsi.cluster.worker.main", "run a cluster worker (block storage)"),
-    "fs": ("fusecsi.cluster.admin", "administer a cluster: ls, stat, mkdir, rm, mv, put, get, quota, df"),
+    "fs": (
+        "fusecsi.cluster.admin",
+        "administer a cluster: ls, stat, mkdir, rm, mv, put, get, quota, df",
+    ),
     "mount": ("fusecsi.fuse.main", "run one FUSE daemon serving a cluster path at a mountpoint"),
     "mountd": ("fusecsi.mountd.main", "run the node's mount supervisor (shared FUSE daemons)"),
     "node": ("fusecsi.node_main", "run the CSI Identity + Node services"),

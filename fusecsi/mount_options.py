@@ -54,7 +54,9 @@ OPTIONS: dict[str, Option] = {
     "io-timeout": Option(_seconds, 30.0, "seconds before a stuck cluster call fails with EIO"),
     "allow-other": Option(_bool, True, "let every user (not only root) use the mount"),
     "default-permissions": Option(_bool, True, "let the kernel check permission bits"),
-    "writeback-cache": Option(_bool, False, "kernel write-back cache (faster writes, slower unlink)"),
+    "writeback-cache": Option(
+        _bool, False, "kernel write-back cache (faster writes, slower unlink)"
+    ),
     "read-only": Option(_bool, False, "serve the whole mount read-only"),
 }
 
