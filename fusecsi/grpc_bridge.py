@@ -92,23 +92,38 @@ async def _start(service: Any, sock: socket.socket) -> Server:
     return server
 
 
+Call = Callable[[str, str, Any], Awaitable[Any]]
+
+
 @asynccontextmanager
-async def connect(path: str) -> AsyncIterator[Callable[[str, str, Any], Awaitable[Any]]]:
+async def connect(path: str) -> AsyncIterator[Call]:
     """A CSI client for trio code (the walkthrough, tests): `await call("Node",
     "NodePublishVolume", request)`. GRPCError carries the server's status."""
+    async with connect_many([path]) as (call,):
+        yield call
+
+
+@asynccontextmanager
+async def connect_many(paths: Iterable[str]) -> AsyncIterator[list[Call]]:
+    """One client per socket path, all on one asyncio loop."""
     async with trio_asyncio.open_loop():
-        channel = await trio_asyncio.aio_as_trio(_channel)(path)
-        stubs: dict[str, Any] = {}
-
-        async def call(service: str, method: str, request: Any) -> Any:
-            if service not in stubs:
-                stubs[service] = getattr(csi_grpc, f"{service}Stub")(channel)
-            return await trio_asyncio.aio_as_trio(getattr(stubs[service], method))(request)
-
+        channels = [await trio_asyncio.aio_as_trio(_channel)(path) for path in paths]
         try:
-            yield call
+            yield [_caller(channel) for channel in channels]
         finally:
-            channel.close()
+            for channel in channels:
+                channel.close()
+
+
+def _caller(channel: Channel) -> Call:
+    stubs: dict[str, Any] = {}
+
+    async def call(service: str, method: str, request: Any) -> Any:
+        if service not in stubs:
+            stubs[service] = getattr(csi_grpc, f"{service}Stub")(channel)
+        return await trio_asyncio.aio_as_trio(getattr(stubs[service], method))(request)
+
+    return call
 
 
 async def _channel(path: str) -> Channel:
