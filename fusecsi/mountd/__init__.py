@@ -1,0 +1,1 @@
+"""The node's mount supervisor: shared, reference-counted, self-healing FUSE daemons."""
