@@ -1,0 +1,470 @@
+"""The users' StatefulSet scenarios, played through the real CSI sockets the way
+external-provisioner (CreateVolume/DeleteVolume) and kubelet (NodePublish/Unpublish) would.
+
+"Pods" are real processes doing I/O on their kubelet-style target paths; "nodes" are
+mountd + node plugin pairs with their own kubelet directories.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+from grpclib.exceptions import GRPCError
+
+from fusecsi import grpc_bridge
+from fusecsi.cluster.client import ClusterClient, ClusterError
+from fusecsi.csi import csi_pb2 as pb
+from fusecsi.devstack import DevStack, Node, leftover_mounts
+from fusecsi.mountd.client import MountdClient
+
+GIB = 1 << 30
+Mode = pb.VolumeCapability.AccessMode.Mode
+
+
+class ScenarioFailed(Exception):
+    pass
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ScenarioFailed(message)
+
+
+@dataclass
+class StorageClass:
+    name: str
+    parameters: dict[str, str]
+    reclaim_policy: str = "Delete"
+
+
+@dataclass
+class Claim:
+    """A PVC and the PV external-provisioner made for it."""
+
+    name: str
+    storage_class: StorageClass
+    pv_name: str = ""
+    volume: pb.Volume | None = None
+    phase: str = "Pending"
+
+
+@dataclass
+class Pod:
+    name: str
+    node: Node
+    claim: Claim
+    uid: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    @property
+    def target(self) -> Path:
+        return (
+            self.node.kubelet_dir
+            / "pods"
+            / self.uid
+            / "volumes"
+            / "kubernetes.io~csi"
+            / self.claim.pv_name
+            / "mount"
+        )
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    lines = [headers, *rows]
+    return "\n".join(
+        "   ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=False)).rstrip()
+        for line in lines
+    )
+
+
+def mount_capability(mode=Mode.SINGLE_NODE_WRITER) -> pb.VolumeCapability:
+    return pb.VolumeCapability(
+        mount=pb.VolumeCapability.MountVolume(),
+        access_mode=pb.VolumeCapability.AccessMode(mode=mode),
+    )
+
+
+class Walkthrough:
+    def __init__(self, stack: DevStack, out: Callable[[str], None] = print) -> None:
+        self.stack = stack
+        self.out = out
+        self.claims: dict[str, Claim] = {}
+        self.pods: dict[str, Pod] = {}
+        self.results: list[tuple[str, bool, str]] = []
+
+    # ---- plumbing -------------------------------------------------------------------------
+
+    def step(self, text: str) -> None:
+        self.out(f"==> {text}")
+
+    def show(self, title: str, text: str) -> None:
+        self.out(f"\n$ {title}\n{text}\n")
+
+    async def run(self) -> bool:
+        node_sockets = [str(n.csi_socket) for n in self.stack.nodes]
+        sockets = [str(self.stack.controller_socket), *node_sockets]
+        async with grpc_bridge.connect_many(sockets) as (controller, *nodes):
+            self.controller = controller
+            self.node_calls = {
+                n.name: call for n, call in zip(self.stack.nodes, nodes, strict=True)
+            }
+            async with ClusterClient(self.stack.master_addrs) as cluster:
+                self.cluster = cluster
+                for title, scenario in self.scenarios():
+                    await self._play(title, scenario)
+        self.out("\nSummary")
+        for title, ok, detail in self.results:
+            self.out(f"  {'PASS' if ok else 'FAIL'}  {title}{'' if ok else ': ' + detail}")
+        passed = all(ok for _, ok, _ in self.results)
+        self.out(f"\n{'PASS' if passed else 'FAIL'}: {len(self.results)} scenarios")
+        return passed
+
+    async def _play(self, title: str, scenario: Callable[[], Awaitable[None]]) -> None:
+        self.out(f"\n### {title}")
+        try:
+            with trio.fail_after(180):
+                await scenario()
+        except (ScenarioFailed, GRPCError, OSError, trio.TooSlowError) as exc:
+            detail = f"{type(exc).__name__}: {exc}"
+            self.out(f"!!! {detail}")
+            self.results.append((title, False, detail))
+        else:
+            self.results.append((title, True, ""))
+
+    def scenarios(self):
+        return [
+            ("StatefulSet web-app: one PVC and one directory per replica", self.statefulset),
+            ("Pod deleted and recreated keeps its data", self.pod_recreated),
+            ("Scale down to 2 and back up to 3 rebinds the old PVC", self.scale_down_up),
+            ("Sharing rule: one FUSE daemon per (cluster, fs-path)", self.sharing_rule),
+            ("StatefulSet and PVCs deleted: on-delete policy applied", self.teardown),
+            ("podinfo: blobs by SHA1 key across two nodes", self.podinfo),
+            ("Static PV: a pre-created directory without CreateVolume", self.static_pv),
+            ("Nothing left behind: no daemon, no mount", self.nothing_left),
+        ]
+
+    # ---- what external-provisioner and kubelet do -----------------------------------------
+
+    def storage_class(self, name: str, fs_path: str, on_delete: str) -> StorageClass:
+        params = {"master-addrs": self.stack.master_addrs, "fs-path": fs_path}
+        params["on-delete"] = on_delete
+        return StorageClass(name, params, "Delete")
+
+    async def provision(self, claim_name: str, sc: StorageClass, size=GIB) -> Claim:
+        claim = self.claims.get(claim_name)
+        if claim is not None:
+            return claim  # a StatefulSet reuses its PVC by name
+        claim = Claim(claim_name, sc, pv_name=f"pvc-{uuid.uuid4()}")
+        parameters = {
+            **sc.parameters,
+            "csi.storage.k8s.io/pvc/name": claim_name,
+            "csi.storage.k8s.io/pvc/namespace": "default",
+            "csi.storage.k8s.io/pv/name": claim.pv_name,
+        }
+        reply = await self.controller(
+            "Controller",
+            "CreateVolume",
+            pb.CreateVolumeRequest(
+                name=claim.pv_name,
+                capacity_range=pb.CapacityRange(required_bytes=size),
+                volume_capabilities=[mount_capability()],
+                parameters=parameters,
+            ),
+        )
+        claim.volume, claim.phase = reply.volume, "Bound"
+        self.claims[claim_name] = claim
+        return claim
+
+    async def delete_claim(self, claim: Claim) -> None:
+        await self.controller(
+            "Controller", "DeleteVolume", pb.DeleteVolumeRequest(volume_id=claim.volume.volume_id)
+        )
+        del self.claims[claim.name]
+
+    async def start_pod(self, name: str, node: Node, claim: Claim) -> Pod:
+        pod = Pod(name, node, claim)
+        pod.target.parent.mkdir(parents=True, exist_ok=True)  # kubelet makes the parent
+        await self.node_calls[node.name](
+            "Node",
+            "NodePublishVolume",
+            pb.NodePublishVolumeRequest(
+                volume_id=claim.volume.volume_id,
+                target_path=str(pod.target),
+                volume_capability=mount_capability(),
+                volume_context=dict(claim.volume.volume_context),
+            ),
+        )
+        self.pods[name] = pod
+        return pod
+
+    async def delete_pod(self, pod: Pod) -> None:
+        await self.node_calls[pod.node.name](
+            "Node",
+            "NodeUnpublishVolume",
+            pb.NodeUnpublishVolumeRequest(
+                volume_id=pod.claim.volume.volume_id, target_path=str(pod.target)
+            ),
+        )
+        del self.pods[pod.name]
+
+    async def in_pod(self, pod: Pod, script: str) -> str:
+        """Run a shell script as the pod's container would, with the volume at $DATA."""
+        result = await trio.run_process(
+            ["sh", "-euc", script],
+            env={"DATA": str(pod.target), "PATH": "/usr/bin:/bin"},
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise ScenarioFailed(f"{pod.name}: {script!r} failed: {result.stderr.decode()}")
+        return result.stdout.decode()
+
+    async def daemons(self, node: Node) -> list[dict]:
+        return await MountdClient(str(node.mountd_socket)).list()
+
+    async def cluster_ls(self, path: str) -> list[str]:
+        try:
+            directory = await self.cluster.resolve(path)
+        except ClusterError:
+            return []
+        names, cookie = [], 0
+        while True:
+            batch = await self.cluster.readdir(directory.ino, cookie)
+            if not batch:
+                return sorted(names)
+            names += [name.decode() for name, _, _ in batch]
+            cookie = batch[-1][2]
+
+    # ---- tables ----------------------------------------------------------------------------
+
+    def show_pvcs(self) -> None:
+        rows = [
+            [
+                c.name,
+                c.phase,
+                c.pv_name,
+                _size(c.volume.capacity_bytes),
+                "RWO",
+                c.storage_class.name,
+            ]
+            for c in self.claims.values()
+        ]
+        headers = ["NAME", "STATUS", "VOLUME", "CAPACITY", "ACCESS MODES", "STORAGECLASS"]
+        self.show("kubectl get pvc", table(headers, rows))
+
+    def show_pvs(self) -> None:
+        rows = [
+            [
+                c.pv_name,
+                _size(c.volume.capacity_bytes),
+                "RWO",
+                c.storage_class.reclaim_policy,
+                "Bound",
+                f"default/{c.name}",
+                c.storage_class.name,
+                c.volume.volume_context.get("subpath", ""),
+            ]
+            for c in self.claims.values()
+        ]
+        headers = ["NAME", "CAPACITY", "ACCESS MODES", "RECLAIM POLICY", "STATUS", "CLAIM"]
+        self.show("kubectl get pv", table([*headers, "STORAGECLASS", "SUBPATH"], rows))
+
+    def show_pods(self) -> None:
+        rows = [[p.name, "1/1", "Running", p.node.name, p.claim.name] for p in self.pods.values()]
+        self.show(
+            "kubectl get pods -o wide", table(["NAME", "READY", "STATUS", "NODE", "CLAIM"], rows)
+        )
+
+    async def show_daemons(self) -> list[dict]:
+        rows, everything = [], []
+        for node in self.stack.nodes:
+            for daemon in await self.daemons(node):
+                everything.append(daemon)
+                rows.append(
+                    [
+                        node.name,
+                        daemon["key"],
+                        daemon["fs_path"],
+                        str(daemon["pid"]),
+                        daemon["state"],
+                        str(len(daemon["refs"])),
+                    ]
+                )
+        headers = ["NODE", "KEY", "FS-PATH", "PID", "STATE", "REFS"]
+        self.show("fusecsi mountd status (every node)", table(headers, rows))
+        return everything
+
+    # ---- scenarios -------------------------------------------------------------------------
+
+    async def statefulset(self) -> None:
+        node = self.stack.nodes[0]
+        self.web = self.storage_class("fusecsi-pvs", "/pvs", "delete")
+        self.step("StorageClass fusecsi-pvs: fs-path /pvs, on-delete delete")
+        for i in range(3):
+            self.step(f"external-provisioner: CreateVolume for PVC data-web-app-{i}")
+            claim = await self.provision(f"data-web-app-{i}", self.web)
+            self.step(f"kubelet on {node.name}: NodePublishVolume for pod web-app-{i}")
+            pod = await self.start_pod(f"web-app-{i}", node, claim)
+            await self.in_pod(pod, f'echo "Hello from web-app-{i}" > "$DATA/index.html"')
+        self.show_pvcs()
+        self.show_pvs()
+        self.show_pods()
+        dirs = await self.cluster_ls("/pvs")
+        self.show("fusecsi fs ls /pvs", "\n".join(dirs))
+        subpaths = {c.volume.volume_context["subpath"] for c in self.claims.values()}
+        check(subpaths <= set(dirs) and len(subpaths) == 3, f"one directory per PVC: {dirs}")
+        for i in range(3):
+            pod = self.pods[f"web-app-{i}"]
+            page = await self.in_pod(pod, 'cat "$DATA/index.html"; ls -A "$DATA"')
+            check(
+                page == f"Hello from web-app-{i}\nindex.html\n",
+                f"{pod.name} sees only its own data, got {page!r}",
+            )
+        daemons = await self.show_daemons()
+        check(len(daemons) == 1, f"one shared FUSE daemon for /pvs, found {len(daemons)}")
+        check(len(daemons[0]["refs"]) == 3, "the shared daemon holds three references")
+
+    async def pod_recreated(self) -> None:
+        old = self.pods["web-app-0"]
+        self.step("kubectl delete pod web-app-0: NodeUnpublishVolume")
+        await self.delete_pod(old)
+        check(not old.target.is_mount(), "the old target is unmounted")
+        self.step("the StatefulSet controller recreates web-app-0: NodePublishVolume")
+        pod = await self.start_pod("web-app-0", old.node, old.claim)
+        page = await self.in_pod(pod, 'cat "$DATA/index.html"')
+        check(page == "Hello from web-app-0\n", f"data survived the pod, got {page!r}")
+        self.show_pods()
+
+    async def scale_down_up(self) -> None:
+        self.step("kubectl scale statefulset web-app --replicas=2")
+        pod = self.pods["web-app-2"]
+        await self.delete_pod(pod)
+        self.show_pods()
+        self.show_pvcs()
+        check("data-web-app-2" in self.claims, "the PVC of web-app-2 is kept")
+        subpath = self.claims["data-web-app-2"].volume.volume_context["subpath"]
+        check(subpath in await self.cluster_ls("/pvs"), "its directory is kept on the cluster")
+        self.step("kubectl scale statefulset web-app --replicas=3")
+        claim = await self.provision("data-web-app-2", self.web)
+        pod = await self.start_pod("web-app-2", self.stack.nodes[0], claim)
+        page = await self.in_pod(pod, 'cat "$DATA/index.html"')
+        check(page == "Hello from web-app-2\n", f"the old data is back, got {page!r}")
+
+    async def sharing_rule(self) -> None:
+        self.other = self.storage_class("fusecsi-archive", "/pvs-archive", "archive")
+        self.step("StorageClass fusecsi-archive: fs-path /pvs-archive, on-delete archive")
+        node = self.stack.nodes[0]
+        for i in range(2):
+            claim = await self.provision(f"logs-collector-{i}", self.other)
+            pod = await self.start_pod(f"collector-{i}", node, claim)
+            await self.in_pod(pod, f'echo "log line {i}" > "$DATA/app.log"')
+        daemons = await self.show_daemons()
+        by_path = {d["fs_path"]: len(d["refs"]) for d in daemons}
+        check(len(daemons) == 2, f"two FUSE daemons (one per fs-path), found {len(daemons)}")
+        check(by_path == {"/pvs": 3, "/pvs-archive": 2}, f"references per daemon: {by_path}")
+
+    async def teardown(self) -> None:
+        self.step("kubectl delete statefulset web-app collector: NodeUnpublishVolume for each pod")
+        for pod in list(self.pods.values()):
+            await self.delete_pod(pod)
+        self.show_pods()
+        daemons = await self.show_daemons()
+        check(daemons == [], f"no FUSE daemon once no pod uses a volume: {daemons}")
+        self.step("kubectl delete pvc --all: DeleteVolume (reclaim policy Delete)")
+        archive_dirs = {}
+        for claim in list(self.claims.values()):
+            subpath = claim.volume.volume_context["subpath"]
+            fs_path = claim.volume.volume_context["fs-path"]
+            archive_dirs.setdefault(fs_path, []).append(subpath)
+            await self.delete_claim(claim)
+        pvs = await self.cluster_ls("/pvs")
+        archived = await self.cluster_ls("/pvs-archive")
+        self.show(
+            "fusecsi fs ls /pvs /pvs-archive",
+            "\n".join(["/pvs:", *pvs, "/pvs-archive:", *archived]),
+        )
+        check(not set(archive_dirs["/pvs"]) & set(pvs), "on-delete delete removed the directories")
+        for subpath in archive_dirs["/pvs-archive"]:
+            check(subpath not in archived, f"{subpath} was moved aside")
+            check(
+                any(name.startswith(subpath + ".archived-") for name in archived),
+                f"on-delete archive kept {subpath} renamed aside",
+            )
+
+    async def podinfo(self) -> None:
+        sc = self.storage_class("fusecsi-podinfo", "/podinfo", "delete")
+        self.step("StatefulSet podinfo: 2 replicas, one per node (pod anti-affinity)")
+        blobs = {}
+        for i, node in enumerate(self.stack.nodes):
+            claim = await self.provision(f"data-podinfo-{i}", sc)
+            pod = await self.start_pod(f"podinfo-{i}", node, claim)
+            blob = f"blob {i} written by podinfo-{i} on {node.name}\n"
+            key = hashlib.sha1(blob.encode()).hexdigest()
+            blobs[pod.name] = (key, blob)
+            self.step(f"POST /store to podinfo-{i}: key {key}")
+            await self.in_pod(pod, f"printf %s '{blob}' > \"$DATA/{key}\"")
+        self.show_pods()
+        for name, (key, blob) in blobs.items():
+            pod = self.pods[name]
+            got = await self.in_pod(pod, f'cat "$DATA/{key}"')
+            check(got == blob, f"{name} reads its blob back by key")
+            check(hashlib.sha1(got.encode()).hexdigest() == key, "the key is the blob's SHA1")
+        self.step("node-a drained: podinfo-0 rescheduled onto node-b keeps its blobs")
+        moved = self.pods["podinfo-0"]
+        await self.delete_pod(moved)
+        pod = await self.start_pod("podinfo-0", self.stack.nodes[1], moved.claim)
+        key, blob = blobs["podinfo-0"]
+        check(await self.in_pod(pod, f'cat "$DATA/{key}"') == blob, "the blob followed the pod")
+        self.show_pods()
+        for pod in list(self.pods.values()):
+            await self.delete_pod(pod)
+        for claim in list(self.claims.values()):
+            await self.delete_claim(claim)
+
+    async def static_pv(self) -> None:
+        self.step("an administrator prepares /static/vol-0001 on the cluster")
+        directory = await self.cluster.mkdirs("/static/vol-0001")
+        readme = await self.cluster.create(directory.ino, b"README", 0o644, 0, 0)
+        text = b"prepared by the storage team\n"
+        await self.cluster.write(readme.ino, 0, text)
+        await self.cluster.commit(readme.ino, len(text))
+        context = {
+            "master-addrs": self.stack.master_addrs,
+            "fs-path": "/static",
+            "subpath": "vol-0001",
+        }
+        self.show(
+            "kubectl get pv pv-0001 -o jsonpath='{.spec.csi}'",
+            json.dumps(
+                {"driver": "csi.fusecsi.io", "volumeHandle": "pv-0001", "volumeAttributes": context}
+            ),
+        )
+        sc = StorageClass("", context, "Retain")
+        claim = Claim("pvc-0001", sc, pv_name="pv-0001", phase="Bound")
+        claim.volume = pb.Volume(volume_id="pv-0001", volume_context=context, capacity_bytes=GIB)
+        self.claims[claim.name] = claim
+        pod = await self.start_pod("podpvc-0001", self.stack.nodes[1], claim)
+        got = await self.in_pod(pod, 'cat "$DATA/README"')
+        check(got == text.decode(), f"the pod reads the prepared file, got {got!r}")
+        await self.delete_pod(pod)
+        del self.claims[claim.name]
+        check("vol-0001" in await self.cluster_ls("/static"), "unpublishing keeps the directory")
+
+    async def nothing_left(self) -> None:
+        daemons = await self.show_daemons()
+        check(daemons == [], f"no FUSE daemon left: {daemons}")
+        mounts = leftover_mounts(self.stack.work_dir)
+        check(mounts == [], f"no mount left under the work directory: {mounts}")
+
+
+def _size(capacity: int) -> str:
+    if capacity and capacity % GIB == 0:
+        return f"{capacity // GIB}Gi"
+    return f"{capacity // (1 << 20)}Mi"
