@@ -1,0 +1,70 @@
+{{/* The CSI driver name: fixed, it is what fusecsi reports from GetPluginInfo. */}}
+{{- define "fusecsi.driverName" -}}csi.fusecsi.io{{- end -}}
+
+{{- define "fusecsi.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "fusecsi.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "fusecsi.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "fusecsi.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Selector labels of one component; call with (dict "ctx" $ "component" "node"). */}}
+{{- define "fusecsi.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "fusecsi.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "fusecsi.componentLabels" -}}
+{{ include "fusecsi.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "fusecsi.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* Paths shared by the node plugin and mountd. */}}
+{{- define "fusecsi.pluginDir" -}}
+{{- printf "%s/plugins/%s" (trimSuffix "/" .Values.kubeletDir) (include "fusecsi.driverName" .) -}}
+{{- end -}}
+
+{{- define "fusecsi.mountdSocket" -}}
+{{- printf "unix://%s/mountd.sock" (trimSuffix "/" .Values.mountd.socketDir) -}}
+{{- end -}}
+
+{{/* Value of --metrics-address for every role. */}}
+{{- define "fusecsi.metricsAddress" -}}
+{{- printf "0.0.0.0:%d" (int .Values.metrics.port) -}}
+{{- end -}}
+
+{{/* Secrets the controller's sidecars read: from chart StorageClasses and extraControllerSecrets. */}}
+{{- define "fusecsi.controllerSecrets" -}}
+{{- $refs := list -}}
+{{- range .Values.storageClasses -}}
+{{- with .provisionerSecret }}{{ $refs = append $refs (dict "name" .name "namespace" .namespace) }}{{ end -}}
+{{- with .controllerExpandSecret }}{{ $refs = append $refs (dict "name" .name "namespace" .namespace) }}{{ end -}}
+{{- end -}}
+{{- range .Values.extraControllerSecrets -}}
+{{- $refs = append $refs (dict "name" .name "namespace" .namespace) -}}
+{{- end -}}
+{{- toJson (dict "refs" ($refs | uniq)) -}}
+{{- end -}}

@@ -1,0 +1,387 @@
+"""helm/fusecsi rendered by a real helm, every object checked against the Kubernetes schemas,
+and the properties that matter asserted: propagation, privilege, RBAC, update strategy."""
+
+from __future__ import annotations
+
+import copy
+
+import kubernetes_validate
+import pytest
+from deploy_helpers import (
+    CHART,
+    CRD_KINDS,
+    NAMESPACE,
+    VALUES_ALL,
+    containers,
+    find,
+    render,
+    run_helm,
+    validate,
+)
+
+RENDERS = ["defaults", "all-options"]
+# Containers that must be privileged (mount syscalls, Bidirectional propagation); no other.
+PRIVILEGED = {("DaemonSet", "node", "fusecsi"), ("DaemonSet", "mountd", "mountd")}
+
+
+def workloads(docs):
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "DaemonSet"):
+            component = doc["metadata"]["labels"]["app.kubernetes.io/component"]
+            yield doc, component
+
+
+def volumes(doc) -> dict[str, dict]:
+    return {v["name"]: v for v in doc["spec"]["template"]["spec"]["volumes"]}
+
+
+def test_helm_lint(helm_version):
+    assert helm_version.startswith("v"), helm_version
+    for extra in ([], ["--values", str(VALUES_ALL)]):
+        proc = run_helm("lint", "--strict", str(CHART), *extra)
+        assert "0 chart(s) failed" in proc.stdout
+
+
+@pytest.mark.parametrize("which", RENDERS)
+def test_every_object_matches_the_kubernetes_schema(renders, which):
+    docs = renders[which]
+    assert len(docs) >= 12
+    for doc in docs:
+        if doc["kind"] in CRD_KINDS:
+            continue
+        validate(doc)
+
+
+def test_the_validator_rejects_a_broken_object(default_docs):
+    mountd = copy.deepcopy(find(default_docs, "DaemonSet", "-mountd"))
+    mountd["spec"]["updateStrategy"]["typo"] = "OnDelete"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(mountd)
+
+
+def test_defaults_create_no_storage_class_and_no_metrics(default_docs):
+    kinds = sorted(doc["kind"] for doc in default_docs)
+    assert "StorageClass" not in kinds
+    assert "Service" not in kinds and "ServiceMonitor" not in kinds
+    assert kinds.count("DaemonSet") == 2 and kinds.count("Deployment") == 1
+    assert kinds.count("ServiceAccount") == 3
+
+
+@pytest.mark.parametrize("which", RENDERS)
+def test_csidriver(renders, which):
+    spec = find(renders[which], "CSIDriver")["spec"]
+    assert find(renders[which], "CSIDriver")["metadata"]["name"] == "csi.fusecsi.io"
+    assert spec["attachRequired"] is False
+    assert spec["podInfoOnMount"] is True
+    assert spec["volumeLifecycleModes"] == ["Persistent"]
+    assert spec["fsGroupPolicy"] == {"defaults": "File", "all-options": "None"}[which]
+
+
+@pytest.mark.parametrize("which", RENDERS)
+def test_only_node_plugin_and_mountd_are_privileged(renders, which):
+    seen = set()
+    for doc, component in workloads(renders[which]):
+        for name, container in containers(doc).items():
+            security = container.get("securityContext", {})
+            if (doc["kind"], component, name) in PRIVILEGED:
+                assert security.get("privileged") is True
+                seen.add((doc["kind"], component, name))
+            else:
+                assert not security.get("privileged"), (component, name)
+                assert security.get("allowPrivilegeEscalation") is False, (component, name)
+                assert security["capabilities"]["drop"] == ["ALL"], (component, name)
+    assert seen == PRIVILEGED
+
+
+@pytest.mark.parametrize("which", RENDERS)
+def test_mount_propagation(renders, values_all, which):
+    kubelet_dir = "/var/lib/kubelet" if which == "defaults" else "/var/lib/k0s/kubelet"
+    state_dir = "/var/lib/fusecsi" if which == "defaults" else values_all["mountd"]["stateDir"]
+    bidirectional = set()
+    for doc, component in workloads(renders[which]):
+        vols = volumes(doc)
+        for name, container in containers(doc).items():
+            for mount in container.get("volumeMounts", []):
+                mode = mount.get("mountPropagation", "None")
+                if mode == "None":
+                    continue
+                assert mode == "Bidirectional", (component, name, mount)
+                assert container["securityContext"]["privileged"] is True
+                # the same path inside and outside, so target paths mean the same thing
+                assert vols[mount["name"]]["hostPath"]["path"] == mount["mountPath"]
+                bidirectional.add((component, mount["mountPath"]))
+    assert bidirectional == {
+        ("node", kubelet_dir),
+        ("mountd", kubelet_dir),
+        ("mountd", state_dir),
+    }
+
+
+@pytest.mark.parametrize("which", RENDERS)
+def test_mountd_daemonset(renders, values_all, which):
+    mountd = find(renders[which], "DaemonSet", "-mountd")
+    spec = mountd["spec"]["template"]["spec"]
+    assert mountd["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    priority = "system-node-critical" if which == "defaults" else "system-cluster-critical"
+    assert spec["priorityClassName"] == priority
+    vols = volumes(mountd)
+    assert vols["fuse-device"]["hostPath"] == {"path": "/dev/fuse", "type": "CharDevice"}
+    container = containers(mountd)["mountd"]
+    assert {"name": "fuse-device", "mountPath": "/dev/fuse"} in container["volumeMounts"]
+    assert "livenessProbe" not in container  # a restart would kill every FUSE daemon
+    if which == "all-options":
+        assert container["resources"] == values_all["mountd"]["resources"]
+        assert vols["state-dir"]["hostPath"]["path"] == "/var/lib/fusecsi-test"
+        # helm merges maps with the defaults (kubernetes.io/os: linux stays)
+        assert values_all["nodePlacement"]["nodeSelector"].items() <= spec["nodeSelector"].items()
+    # the node plugin must land where mountd is
+    node_spec = find(renders[which], "DaemonSet", "-node")["spec"]["template"]["spec"]
+    for key in ("nodeSelector", "tolerations", "affinity"):
+        assert node_spec.get(key) == spec.get(key)
+
+
+@pytest.mark.parametrize("which", RENDERS)
+def test_node_plugin_reaches_mountd_through_a_shared_host_dir(renders, which):
+    docs = renders[which]
+    node = find(docs, "DaemonSet", "-node")
+    mountd = find(docs, "DaemonSet", "-mountd")
+    node_args = containers(node)["fusecsi"]["args"]
+    mountd_args = containers(mountd)["mountd"]["args"]
+    socket = mountd_args[mountd_args.index("--socket") + 1]
+    assert node_args[node_args.index("--mountd") + 1] == socket
+    socket_dir = socket.removeprefix("unix://").rsplit("/", 1)[0]
+    for doc in (node, mountd):
+        assert volumes(doc)["mountd-socket-dir"]["hostPath"]["path"] == socket_dir
+    assert node_args[node_args.index("--node-id") + 1] == "$(NODE_NAME)"
+    env = containers(node)["fusecsi"]["env"]
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in env
+
+
+@pytest.mark.parametrize("which", RENDERS)
+def test_node_registration_paths(renders, which):
+    kubelet_dir = "/var/lib/kubelet" if which == "defaults" else "/var/lib/k0s/kubelet"
+    node = find(renders[which], "DaemonSet", "-node")
+    vols = volumes(node)
+    assert vols["plugin-dir"]["hostPath"]["path"] == f"{kubelet_dir}/plugins/csi.fusecsi.io"
+    assert vols["registration-dir"]["hostPath"]["path"] == f"{kubelet_dir}/plugins_registry"
+    registrar = containers(node)["node-driver-registrar"]["args"]
+    assert f"--kubelet-registration-path={kubelet_dir}/plugins/csi.fusecsi.io/csi.sock" in registrar
+    assert set(containers(node)) == {"fusecsi", "node-driver-registrar", "liveness-probe"}
+
+
+@pytest.mark.parametrize("which", RENDERS)
+def test_controller_deployment(renders, values_all, which):
+    controller = find(renders[which], "Deployment", "-controller")
+    pod = controller["spec"]["template"]["spec"]
+    replicas = 1 if which == "defaults" else values_all["controller"]["replicas"]
+    assert controller["spec"]["replicas"] == replicas
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == (10001 if which == "defaults" else 20000)
+    names = containers(controller)
+    assert set(names) == {"fusecsi", "csi-provisioner", "csi-resizer", "liveness-probe"}
+    provisioner = names["csi-provisioner"]["args"]
+    for flag in ("--leader-election", "--extra-create-metadata"):
+        assert flag in provisioner
+    timeout = "60s" if which == "defaults" else "90s"
+    assert f"--timeout={timeout}" in provisioner
+    assert f"--leader-election-namespace={NAMESPACE}" in provisioner
+    assert "--leader-election" in names["csi-resizer"]["args"]
+    if which == "defaults":
+        for name in ("csi-provisioner", "csi-resizer", "liveness-probe"):
+            assert names[name]["image"].startswith("registry.k8s.io/sig-storage/")
+
+
+def rules_of(docs, kind, name_suffix):
+    return find(docs, kind, name_suffix)["rules"]
+
+
+def verbs(rules) -> dict[tuple[str, str], set[str]]:
+    table = {}
+    for rule in rules:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                table.setdefault((group, resource), set()).update(rule["verbs"])
+    return table
+
+
+@pytest.mark.parametrize("which", RENDERS)
+def test_rbac_has_no_wildcards_and_least_privilege(renders, which):
+    docs = renders[which]
+    for doc in docs:
+        for rule in doc.get("rules", []):
+            for key in ("apiGroups", "resources", "verbs", "resourceNames"):
+                assert "*" not in rule.get(key, []), (doc["metadata"]["name"], rule)
+    mountd = verbs(rules_of(docs, "ClusterRole", "-mountd"))
+    assert mountd == {("", "pods"): {"get"}, ("", "events"): {"create", "patch"}}
+    controller = verbs(rules_of(docs, "ClusterRole", "-controller"))
+    assert "get" in controller[("", "persistentvolumeclaims")]
+    assert controller[("", "events")] == {"create", "patch"}
+    assert ("", "secrets") not in controller  # only per-Secret Roles
+    assert ("", "pods") not in controller and ("", "nodes") not in controller
+    assert not {verb for verb in controller[("", "persistentvolumeclaims")]} - {
+        "get",
+        "list",
+        "watch",
+        "update",
+    }
+    lease = verbs(rules_of(docs, "Role", "-leader-election"))
+    assert lease == {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
+    # the node plugin has a service account and no permissions at all
+    bound = {
+        subject["name"]
+        for doc in docs
+        if doc["kind"] in ("RoleBinding", "ClusterRoleBinding")
+        for subject in doc["subjects"]
+    }
+    assert not any(name.endswith("-node") for name in bound)
+    node_sa = find(docs, "ServiceAccount", "-node")
+    assert node_sa["automountServiceAccountToken"] is False
+
+
+def test_secrets_readable_only_by_name(all_docs, default_docs):
+    assert not [d for d in default_docs if d["metadata"]["name"].endswith("-controller-secrets")]
+    roles = {
+        d["metadata"]["namespace"]: d["rules"]
+        for d in all_docs
+        if d["kind"] == "Role" and d["metadata"]["name"].endswith("-controller-secrets")
+    }
+    assert roles == {
+        "storage": [
+            {
+                "apiGroups": [""],
+                "resources": ["secrets"],
+                "resourceNames": ["fusecsi-token"],
+                "verbs": ["get"],
+            }
+        ],
+        "team-b": [
+            {
+                "apiGroups": [""],
+                "resources": ["secrets"],
+                "resourceNames": ["outside-token", "scratch-token"],
+                "verbs": ["get"],
+            }
+        ],
+    }
+    bindings = [
+        d
+        for d in all_docs
+        if d["kind"] == "RoleBinding" and d["metadata"]["name"].endswith("-controller-secrets")
+    ]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["storage", "team-b"]
+    for binding in bindings:
+        assert binding["subjects"][0]["name"] == "storage-fusecsi-controller"
+
+
+def test_storage_classes_from_values(all_docs):
+    classes = {d["metadata"]["name"]: d for d in all_docs if d["kind"] == "StorageClass"}
+    assert set(classes) == {"fusecsi", "fusecsi-scratch"}
+    main = classes["fusecsi"]
+    assert main["provisioner"] == "csi.fusecsi.io"
+    assert main["metadata"]["annotations"] == {
+        "storageclass.kubernetes.io/is-default-class": "true"
+    }
+    assert main["reclaimPolicy"] == "Retain"
+    assert main["allowVolumeExpansion"] is False
+    assert main["volumeBindingMode"] == "WaitForFirstConsumer"
+    assert main["parameters"] == {
+        "master-addrs": "master-0.fusecsi.storage:8995,master-1.fusecsi.storage:8995",
+        "fs-path": "/k8s",
+        "path-pattern": "${pvc.metadata.namespace}/${pvc.metadata.name}",
+        "on-delete": "archive",
+        "csi.storage.k8s.io/provisioner-secret-name": "fusecsi-token",
+        "csi.storage.k8s.io/provisioner-secret-namespace": "storage",
+        "csi.storage.k8s.io/controller-expand-secret-name": "fusecsi-token",
+        "csi.storage.k8s.io/controller-expand-secret-namespace": "storage",
+        "csi.storage.k8s.io/node-publish-secret-name": "fusecsi-token",
+        "csi.storage.k8s.io/node-publish-secret-namespace": "storage",
+        "attr-timeout": "2",
+        "writeback-cache": "true",
+    }
+    scratch = classes["fusecsi-scratch"]
+    assert "annotations" not in scratch["metadata"]
+    assert scratch["reclaimPolicy"] == "Delete"
+    assert scratch["allowVolumeExpansion"] is True
+    assert scratch["volumeBindingMode"] == "Immediate"
+
+
+def test_metrics_services_and_service_monitor(all_docs):
+    services = [d for d in all_docs if d["kind"] == "Service"]
+    assert sorted(s["metadata"]["labels"]["app.kubernetes.io/component"] for s in services) == [
+        "controller",
+        "mountd",
+        "node",
+    ]
+    for doc, component in workloads(all_docs):
+        fusecsi = next(c for c in containers(doc).values() if c["args"][0] == component)
+        args = fusecsi["args"]
+        assert args[args.index("--metrics-address") + 1] == "0.0.0.0:9900"
+        ports = {p["name"]: p["containerPort"] for p in fusecsi["ports"]}
+        assert ports["metrics"] == 9900
+        service = next(
+            s for s in services if s["metadata"]["name"].endswith(f"{component}-metrics")
+        )
+        assert service["spec"]["selector"] == doc["spec"]["selector"]["matchLabels"]
+    monitor = find(all_docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "15s"}
+    ]
+    labels = monitor["spec"]["selector"]["matchLabels"]
+    assert all(labels.items() <= s["metadata"]["labels"].items() for s in services)
+
+
+def test_images_and_pull_settings(all_docs, values_all):
+    for doc, _ in workloads(all_docs):
+        spec = doc["spec"]["template"]["spec"]
+        assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+        for container in spec["containers"]:
+            assert container["image"].startswith("registry.example.com/")
+            assert container["imagePullPolicy"] == "Always"
+        assert spec["containers"][0]["image"] == "registry.example.com/storage/fusecsi:0.1.0-test"
+
+
+@pytest.mark.parametrize(
+    "bad, complaint",
+    [
+        ("csiDriver.fsGroupPolicy=Sometimes", "fsGroupPolicy"),
+        ("storageClasses[0].name=x", "masterAddrs"),
+        ("mountd.stateDir=relative/dir", "stateDir"),
+        ("kubeletDir=", "kubeletDir"),
+        ("metrics.port=80", "port"),
+        ("controller.runAsUser=0", "runAsUser"),
+        ("mountd.updateStrategy=RollingUpdate", "updateStrategy"),
+    ],
+)
+def test_schema_rejects_bad_values(bad, complaint):
+    proc = render(sets=(bad,), check=False)
+    assert proc.returncode != 0
+    assert complaint in proc.stderr
+
+
+def test_storage_class_parameters_cannot_override_the_named_keys():
+    proc = render(
+        sets=(
+            "storageClasses[0].name=x",
+            "storageClasses[0].masterAddrs=m:8995",
+            "storageClasses[0].fsPath=/k8s",
+            "storageClasses[0].parameters.fs-path=/other",
+        ),
+        check=False,
+    )
+    assert proc.returncode != 0 and "'fs-path'" in proc.stderr
+
+
+def test_notes_tell_the_user_what_to_do(helm_version):
+    proc = run_helm(
+        "install", "rel", str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
+        "--values", str(VALUES_ALL),
+    )  # fmt: skip
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert "kubectl get csidriver csi.fusecsi.io" in notes
+    assert "fusecsi  ->  master-0.fusecsi.storage:8995,master-1.fusecsi.storage:8995:/k8s" in notes
+    assert "storage/fusecsi-token" in notes
+    assert "OnDelete" in notes and "delete its mountd pod" in notes
+    defaults = run_helm("install", "rel", str(CHART), "--dry-run=client").stdout
+    assert "No StorageClass was created" in defaults.split("NOTES:", 1)[1]

@@ -1,0 +1,49 @@
+"""helm/examples: valid Kubernetes objects that use fusecsi the way the chart sets it up."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from deploy_helpers import EXAMPLES, validate
+
+EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
+
+
+def load(name: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all((EXAMPLES / name).read_text()) if doc]
+
+
+def test_examples_exist():
+    assert {"storageclass.yaml", "statefulset.yaml"} <= set(EXAMPLE_FILES)
+
+
+@pytest.mark.parametrize("name", EXAMPLE_FILES)
+def test_example_matches_the_kubernetes_schema(name):
+    docs = load(name)
+    assert docs
+    for doc in docs:
+        validate(doc)
+
+
+def test_storage_class_example():
+    (storage_class,) = load("storageclass.yaml")
+    assert storage_class["provisioner"] == "csi.fusecsi.io"
+    assert {"master-addrs", "fs-path", "on-delete"} <= set(storage_class["parameters"])
+    assert storage_class["allowVolumeExpansion"] is True
+
+
+def test_statefulset_example():
+    (storage_class,) = load("storageclass.yaml")
+    docs = {doc["kind"]: doc for doc in load("statefulset.yaml")}
+    service, statefulset = docs["Service"], docs["StatefulSet"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["selector"] == statefulset["spec"]["selector"]["matchLabels"]
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["storageClassName"] == storage_class["metadata"]["name"]
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    (mount,) = container["volumeMounts"]
+    assert mount["name"] == claim["metadata"]["name"]
+    # lets running pods see a mount that mountd re-bound after a FUSE daemon crash
+    assert mount["mountPropagation"] == "HostToContainer"
+    assert "securityContext" not in container  # HostToContainer needs no privilege
