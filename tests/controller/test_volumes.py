@@ -1,0 +1,238 @@
+"""fusecsi/volumes.py: volume ids, parameters, path-pattern expansion and path safety."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fusecsi import mount_options
+from fusecsi.volumes import (
+    MAX_VOLUME_ID,
+    PV_NAME,
+    PVC_NAME,
+    PVC_NAMESPACE,
+    PathPattern,
+    VolumeRef,
+    default_subpath,
+    normalize_fs_path,
+    normalize_master_addrs,
+    parse_parameters,
+    validate_subpath,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("m1:9000", "m1:9000"),
+        ("M1.Example.COM", "m1.example.com:8995"),
+        (" b:1 , a:2,b:1", "a:2,b:1"),
+        ("10.0.0.2:8995,10.0.0.1", "10.0.0.1:8995,10.0.0.2:8995"),
+        ("[::1]:7000,[0:0::1]", "[::1]:7000,[::1]:8995"),
+    ],
+)
+def test_master_addrs_normalised(text, expected):
+    assert normalize_master_addrs(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", " ", "a:0", "a:65536", "a:x", "a,,b", "a b:1", "::1", "[::1", "[zz]:1", "-a:1", "a_b"],
+)
+def test_bad_master_addrs(text):
+    with pytest.raises(ValueError):
+        normalize_master_addrs(text)
+
+
+def test_fs_path_rules():
+    assert normalize_fs_path("/") == "/"
+    assert normalize_fs_path("/a/b/") == "/a/b"
+    for bad in ["", "a", "/a//b", "/a/../b", "/./a", "//", "/a\x00b", "/" + "x" * 256]:
+        with pytest.raises(ValueError):
+            normalize_fs_path(bad)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "/abs", "a/../b", "..", ".", "a//b", "a/", "a/./b", "x" * 256, "/".join("a" * 9), "a\nb"],
+)
+def test_subpath_traversal_and_shape_refused(text):
+    with pytest.raises(ValueError):
+        validate_subpath(text)
+
+
+def test_subpath_accepts_eight_segments_and_255_byte_names():
+    assert validate_subpath("/".join("abcdefgh"))
+    assert validate_subpath("é" * 127)  # 254 bytes
+
+
+def test_volume_id_round_trip_and_escaping():
+    ref = VolumeRef("B:1,a:2", "/base;x%", "ns;1/pvc%41", "archive")
+    vid = ref.volume_id()
+    assert vid == "1;a;a:2,b:1;/base%3Bx%25;ns%3B1/pvc%2541"
+    back = VolumeRef.from_volume_id(vid)
+    assert back == ref and back.path == "/base;x%/ns;1/pvc%41"
+    assert (back.parent_path, back.name) == ("/base;x%/ns;1", "pvc%41")
+    assert VolumeRef("m:1", "/", "v").path == "/v"
+    assert VolumeRef("m:1", "/", "v").parent_path == "/"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "reallyfakevolumeid",
+        "2;d;m:1;/;v",
+        "1;x;m:1;/;v",
+        "1;d;m:1;/;v;extra",
+        "1;d;m:1;/;../v",
+        "1;d;m:1;/;/v",
+        "1;d;m:1;relative;v",
+        "1;d;m:1;/;v%",
+        "1;d;m:1;/;v%2F..",
+        "1;d;;/;v",
+        "1;d;m:1;/a/..;v",
+    ],
+)
+def test_volume_ids_that_do_not_parse(text):
+    with pytest.raises(ValueError):
+        VolumeRef.from_volume_id(text)
+
+
+def test_volume_id_limit():
+    base = "1;d;m:1;/;"
+    fits = VolumeRef("m:1", "/", "v" * (MAX_VOLUME_ID - len(base)))
+    assert len(fits.volume_id()) == MAX_VOLUME_ID
+    with pytest.raises(ValueError, match="more than 128"):
+        VolumeRef("m:1", "/", "v" * (MAX_VOLUME_ID - len(base) + 1)).volume_id()
+    # escaping counts: one ';' costs three bytes
+    with pytest.raises(ValueError):
+        VolumeRef("m:1", "/", ";" * 40).volume_id()
+
+
+names = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/"),
+    min_size=1,
+    max_size=60,
+).filter(lambda s: s not in (".", ".."))
+
+
+@given(
+    addrs=st.lists(st.sampled_from(["a:1", "B.c:22", "10.1.2.3", "[::2]:9"]), min_size=1),
+    fs=st.lists(names, max_size=3),
+    sub=st.lists(names, min_size=1, max_size=3),
+    policy=st.sampled_from(["delete", "retain", "archive"]),
+)
+def test_volume_id_round_trip_property(addrs, fs, sub, policy):
+    ref = VolumeRef(",".join(addrs), "/" + "/".join(fs), "/".join(sub), policy)
+    try:
+        vid = ref.volume_id()
+    except ValueError:
+        return
+    assert len(vid.encode()) <= MAX_VOLUME_ID
+    assert VolumeRef.from_volume_id(vid) == ref
+
+
+@given(name=names.filter(lambda s: s.strip()))
+def test_default_subpath_always_fits_and_is_stable(name):
+    sub = default_subpath(name, "master.example:8995", "/kubernetes/volumes", "delete")
+    ref = VolumeRef("master.example:8995", "/kubernetes/volumes", sub)
+    assert len(ref.volume_id().encode()) <= MAX_VOLUME_ID
+    assert sub == default_subpath(name, "master.example:8995", "/kubernetes/volumes", "delete")
+
+
+def test_default_subpath_keeps_short_names_and_hashes_long_ones():
+    assert default_subpath("pvc-1", "m:1", "/", "delete") == "pvc-1"
+    a = default_subpath("x" * 128, "m:1", "/", "delete")
+    b = default_subpath("x" * 127 + "y", "m:1", "/", "delete")
+    assert a != b and a.startswith("xxx")
+    with pytest.raises(ValueError):
+        default_subpath("a/b", "m:1", "/", "delete")
+    with pytest.raises(ValueError):
+        default_subpath("..", "m:1", "/", "delete")
+
+
+META = {PVC_NAMESPACE: "team-a", PVC_NAME: "data-web-0", PV_NAME: "pvc-123"}
+
+
+def test_path_pattern_expansion():
+    pattern = PathPattern.parse(
+        "${pvc.metadata.namespace}/${pvc.metadata.labels.app}-${pvc.metadata.name}"
+        "/${pvc.metadata.annotations.example.com/tier}/${pv.metadata.name}$x"
+    )
+    assert pattern.needs_api
+    got = pattern.expand(META, {"app": "web"}, {"example.com/tier": "gold"})
+    assert got == "team-a/web-data-web-0/gold/pvc-123$x"
+    assert not PathPattern.parse("${pvc.metadata.namespace}/${pvc.metadata.name}").needs_api
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "${pvc.metadata.uid}", "${pvc.metadata.labels.}", "${pvc.metadata.name", "${}", "a${b}"],
+)
+def test_path_pattern_syntax_errors(text):
+    with pytest.raises(ValueError):
+        PathPattern.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "annotations"),
+    [
+        ("${pvc.metadata.annotations.p}", {"p": "../escape"}),
+        ("${pvc.metadata.annotations.p}", {"p": "/etc"}),
+        ("a/${pvc.metadata.annotations.p}/b", {"p": ""}),
+        ("${pvc.metadata.annotations.p}", {"p": "x" * 256}),
+        ("${pvc.metadata.annotations.p}", {"p": "a/./b"}),
+        ("${pvc.metadata.annotations.p}", {}),
+        ("/${pvc.metadata.name}", {}),
+        ("${pvc.metadata.name}/..", {}),
+    ],
+)
+def test_path_pattern_results_stay_inside(pattern, annotations):
+    with pytest.raises(ValueError):
+        PathPattern.parse(pattern).expand(META, {}, annotations)
+
+
+def test_path_pattern_needs_extra_create_metadata():
+    with pytest.raises(ValueError, match="extra-create-metadata"):
+        PathPattern.parse("${pvc.metadata.name}").expand({})
+
+
+def test_parameters():
+    params = parse_parameters(
+        {
+            "master-addrs": "M:1",
+            "fs-path": "/k8s/",
+            "on-delete": "archive",
+            "path-pattern": "${pvc.metadata.name}",
+            "attr-timeout": "2",
+            PVC_NAME: "claim",
+            "csi.storage.k8s.io/provisioner-secret-name": "s",
+        }
+    )
+    assert (params.master_addrs, params.fs_path, params.on_delete) == ("m:1", "/k8s", "archive")
+    assert params.options == mount_options.parse({"attr-timeout": "2"})
+    assert params.subpath_for("pvc-9") == "claim"
+    assert params.ref("claim").volume_id() == "1;a;m:1;/k8s;claim"
+    defaults = parse_parameters({"master-addrs": "m"})
+    assert (defaults.fs_path, defaults.on_delete, defaults.pattern) == ("/", "delete", None)
+    assert defaults.subpath_for("pvc-9") == "pvc-9"
+    assert parse_parameters({}, require_master=False).master_addrs is None
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({}, "master-addrs is required"),
+        ({"master-addrs": "m:0"}, "port"),
+        ({"master-addrs": "m", "fs-path": "rel"}, "absolute"),
+        ({"master-addrs": "m", "on-delete": "shred"}, "on-delete"),
+        ({"master-addrs": "m", "bogus": "1"}, "unknown parameter 'bogus'"),
+        ({"master-addrs": "m", "attr-timeout": "-1"}, "attr-timeout"),
+        ({"master-addrs": "m", "path-pattern": "${x}"}, "unknown placeholder"),
+    ],
+)
+def test_bad_parameters(params, message):
+    with pytest.raises(ValueError, match=message):
+        parse_parameters(params)
