@@ -19,8 +19,10 @@ CHART = REPO / "helm" / "fusecsi"
 EXAMPLES = REPO / "helm" / "examples"
 VALUES_ALL = Path(__file__).with_name("values-all.yaml")
 HELM = REPO / ".tools" / "helm" / "helm"
-# The Kubernetes version the chart is rendered for and validated against.
+# The Kubernetes version the chart is rendered for, and every version objects are validated
+# against: the oldest the chart supports (Chart.yaml kubeVersion) and a current one.
 KUBE_VERSION = "1.35.0"
+KUBE_VERSIONS = ("1.30.0", KUBE_VERSION)
 NAMESPACE = "storage"
 # Kinds from CRDs: no schema ships with kubernetes-validate; the tests check them by hand.
 CRD_KINDS = {"ServiceMonitor"}
@@ -49,7 +51,8 @@ def render(*values_files: Path, sets: tuple[str, ...] = (), check: bool = True):
 
 def validate(doc: dict) -> None:
     """Strict schema validation (unknown fields are errors) for one object."""
-    kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(doc, version, strict=True)
 
 
 def find(docs: list[dict], kind: str, name_suffix: str = "") -> dict:

@@ -4,12 +4,15 @@ and the properties that matter asserted: propagation, privilege, RBAC, update st
 from __future__ import annotations
 
 import copy
+import re
 
 import kubernetes_validate
 import pytest
+import yaml
 from deploy_helpers import (
     CHART,
     CRD_KINDS,
+    KUBE_VERSIONS,
     NAMESPACE,
     VALUES_ALL,
     containers,
@@ -33,6 +36,28 @@ def workloads(docs):
 
 def volumes(doc) -> dict[str, dict]:
     return {v["name"]: v for v in doc["spec"]["template"]["spec"]["volumes"]}
+
+
+def test_values_are_documented_line_by_line():
+    """Every key in values.yaml has a comment right above it (resource amounts excepted)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    undocumented = [
+        line
+        for previous, line in zip(lines, lines[1:], strict=False)
+        if re.match(r"^\s*[A-Za-z][\w-]*:", line)
+        and not previous.lstrip().startswith("#")
+        and not re.match(r"^\s*(requests|limits):", line)
+    ]
+    assert not undocumented
+    assert re.match(r"^# ", lines[0])
+
+
+def test_kubernetes_versions(helm_version):
+    """The chart refuses clusters older than the oldest version the tests validate against."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == f">={KUBE_VERSIONS[0]}-0"
+    proc = run_helm("template", "rel", str(CHART), "--kube-version", "1.29.9", check=False)
+    assert proc.returncode != 0 and "kubeVersion" in proc.stderr
 
 
 def test_helm_lint(helm_version):
@@ -351,6 +376,8 @@ def test_images_and_pull_settings(all_docs, values_all):
         ("kubeletDir=", "kubeletDir"),
         ("metrics.port=80", "port"),
         ("controller.runAsUser=0", "runAsUser"),
+        ("metrics.port=9808", "port"),
+        ("controller.resources.requests.cpu=lots", "cpu"),
         ("mountd.updateStrategy=RollingUpdate", "updateStrategy"),
     ],
 )

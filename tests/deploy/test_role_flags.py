@@ -10,6 +10,8 @@ import sys
 import pytest
 from deploy_helpers import REPO, contract_flags, flags_of, fusecsi_roles
 
+from fusecsi.cli import COMMANDS
+
 CHART_ROLES = ["controller", "node", "mountd"]
 
 
@@ -25,6 +27,7 @@ def role_args(default_docs, all_docs) -> dict[str, list[list[str]]]:
 
 def test_the_chart_runs_these_roles(role_args):
     assert sorted(role_args) == sorted(CHART_ROLES)
+    assert set(CHART_ROLES) <= set(COMMANDS)  # subcommands of the image's entrypoint
 
 
 @pytest.mark.parametrize("role", CHART_ROLES)
