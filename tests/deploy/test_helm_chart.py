@@ -408,7 +408,7 @@ def test_notes_tell_the_user_what_to_do(helm_version):
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert "kubectl get csidriver csi.fusecsi.io" in notes
     assert "fusecsi  ->  master-0.fusecsi.storage:8995,master-1.fusecsi.storage:8995:/k8s" in notes
-    assert "storage/fusecsi-token" in notes
+    assert notes.count("storage/fusecsi-token") == 1 and "team-b/scratch-token" in notes
     assert "OnDelete" in notes and "delete its mountd pod" in notes
     defaults = run_helm("install", "rel", str(CHART), "--dry-run=client").stdout
     assert "No StorageClass was created" in defaults.split("NOTES:", 1)[1]
