@@ -1,0 +1,196 @@
+"""Starting, watching and stopping `fusecsi mount` processes.
+
+Daemons run in their own session, so a signal to mountd's process group (or mountd's death)
+leaves them serving. They are watched through pidfds, which work for our children and for
+daemons adopted from a previous mountd alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import trio
+
+from fusecsi.logs import fields
+
+log = logging.getLogger(__name__)
+
+LOG_LIMIT = 8 << 20  # a daemon's log is rotated once when it grows past this
+
+
+class DaemonFailed(OSError):
+    pass
+
+
+def mount_command(master_addrs: str, fs_path: str, options: str, ready_fd: int, mountpoint: str):
+    return [
+        sys.executable,
+        "-m",
+        "fusecsi",
+        "mount",
+        "--master-addrs",
+        master_addrs,
+        "--fs-path",
+        fs_path,
+        "--options",
+        options,
+        "--ready-fd",
+        str(ready_fd),
+        mountpoint,
+    ]
+
+
+def _open_log(path: str) -> int:
+    with contextlib.suppress(FileNotFoundError):
+        if os.stat(path).st_size > LOG_LIMIT:
+            os.replace(path, path + ".1")
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+
+class Daemon:
+    """One FUSE daemon process, spawned by us or adopted by pid."""
+
+    def __init__(self, pid: int, popen: subprocess.Popen | None = None) -> None:
+        self.pid = pid
+        self.popen = popen
+        self.exited = trio.Event()
+        self.returncode: int | None = None
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._pidfd = None
+            self.exited.set()
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.is_set()
+
+    async def watch(self) -> None:
+        """Return when the process has exited (reaping it when it is our child)."""
+        if self._pidfd is not None:
+            try:
+                await trio.lowlevel.wait_readable(self._pidfd)
+            finally:
+                self._reap()
+        self.exited.set()
+
+    def _reap(self) -> None:
+        if self.popen is not None:
+            with contextlib.suppress(Exception):
+                self.returncode = self.popen.wait(timeout=1)
+        if self._pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._pidfd)
+            self._pidfd = None
+
+    def signal(self, signum: int) -> None:
+        if self._pidfd is not None and not self.exited.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signum)
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM (the daemon unmounts and exits), SIGKILL after `grace` seconds."""
+        self.signal(signal.SIGTERM)
+        with trio.move_on_after(grace):
+            await self.exited.wait()
+        if self.alive:
+            self.signal(signal.SIGKILL)
+            with trio.move_on_after(5):
+                await self.exited.wait()
+
+
+async def spawn(
+    *,
+    master_addrs: str,
+    fs_path: str,
+    options: str,
+    mountpoint: str,
+    token: str | None,
+    log_path: str,
+    deadline: float,
+    nursery: trio.Nursery,
+) -> Daemon:
+    """Start a daemon and wait for its READY line; DaemonFailed (ETIMEDOUT/EIO) otherwise.
+
+    The watcher task runs in `nursery` so the caller learns when the process exits later.
+    """
+    env = dict(os.environ)
+    env.pop("FUSECSI_TOKEN", None)
+    if token:
+        env["FUSECSI_TOKEN"] = token
+    read_fd, write_fd = os.pipe()
+    log_fd = _open_log(log_path)
+    try:
+        cmd = mount_command(master_addrs, fs_path, options, write_fd, mountpoint)
+        popen = await trio.to_thread.run_sync(
+            lambda: subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                env=env,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+                close_fds=True,
+            )
+        )
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+        os.close(log_fd)
+    daemon = Daemon(popen.pid, popen)
+    nursery.start_soon(daemon.watch)
+    log.info("daemon started", extra=fields(pid=popen.pid, mountpoint=mountpoint))
+    os.set_blocking(read_fd, False)
+    stream = trio.lowlevel.FdStream(read_fd)
+    received = b""
+    try:
+        with trio.move_on_after(deadline) as scope:
+            while b"\n" not in received:
+                chunk = await stream.receive_some(64)
+                if not chunk:
+                    break
+                received += chunk
+    except BaseException:
+        # cancelled while waiting: a daemon nobody records must not outlive the call
+        with trio.CancelScope(shield=True):
+            await daemon.stop(grace=2)
+        raise
+    finally:
+        await stream.aclose()
+    if received.startswith(b"READY"):
+        return daemon
+    if scope.cancelled_caught:
+        message = f"FUSE daemon did not become ready within {deadline:g}s"
+        code = errno.ETIMEDOUT
+    else:
+        with trio.move_on_after(2):
+            await daemon.exited.wait()
+        message = f"FUSE daemon failed to mount (exit {daemon.returncode}); see {log_path}"
+        code = errno.EIO
+    with trio.CancelScope(shield=True):
+        await daemon.stop(grace=2)
+    log.warning("daemon failed", extra=fields(mountpoint=mountpoint, error=message))
+    raise DaemonFailed(code, message)
+
+
+def cmdline_matches(pid: int, mountpoint: str) -> bool:
+    """Whether `pid` is (still) a `fusecsi mount` serving `mountpoint`, not a reused pid."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    if state in (b"Z", b"X"):
+        return False
+    return b"mount" in args and os.fsencode(mountpoint) in args

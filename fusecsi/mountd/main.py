@@ -1,0 +1,109 @@
+"""`fusecsi mountd`: the node's mount supervisor; `fusecsi mountd status` prints its table.
+
+SIGTERM/SIGINT stop mountd but never its FUSE daemons: they keep serving the pods, and the
+next mountd adopts them from the table in the state dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from fusecsi import logs, unix_socket
+from fusecsi.logs import fields
+
+log = logging.getLogger(__name__)
+
+# 30 s absorbs pod churn (a rolling restart or reschedule onto the same node re-publishes
+# within seconds) at the price of one idle daemon (~35 MiB) for half a minute.
+DEFAULT_LINGER = 30.0
+
+
+def configure(parser) -> None:
+    parser.add_argument(
+        "action",
+        nargs="?",
+        choices=("run", "status"),
+        default="run",
+        help="run the supervisor (default) or print the table of a running one",
+    )
+    parser.add_argument("--state-dir", default="/var/lib/fusecsi", metavar="DIR")
+    parser.add_argument("--socket", default="unix:///run/fusecsi/mountd.sock", metavar="ENDPOINT")
+    parser.add_argument("--kubelet-dir", default="/var/lib/kubelet", metavar="DIR")
+    parser.add_argument(
+        "--linger",
+        type=float,
+        default=DEFAULT_LINGER,
+        metavar="SECONDS",
+        help="keep an unused FUSE daemon this long before stopping it",
+    )
+    parser.add_argument(
+        "--health-interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how often every daemon's mount is checked",
+    )
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a new FUSE daemon may take to answer",
+    )
+    parser.add_argument("--metrics-address", metavar="HOST:PORT", help="serve Prometheus metrics")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--json", action="store_true", help="status: print JSON, not a table")
+
+
+def run(args) -> int:
+    if args.action == "status":
+        from fusecsi.mountd.status import print_status
+
+        return print_status(args.socket, as_json=args.json)
+    logs.setup("mountd", args.log_level)
+    trio.run(serve, args)
+    return 0
+
+
+async def serve(args) -> None:
+    from fusecsi.mountd import api
+    from fusecsi.mountd.supervisor import Supervisor
+
+    supervisor = Supervisor(
+        args.state_dir,
+        args.kubelet_dir,
+        linger=args.linger,
+        health_interval=args.health_interval,
+        ready_timeout=args.ready_timeout,
+    )
+    path = unix_socket.endpoint_path(args.socket)
+    if args.metrics_address:
+        from fusecsi.mountd.metrics import serve_metrics
+
+        serve_metrics(args.metrics_address, supervisor)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(supervisor.run)
+                # the socket appears only once the table is reconciled: a caller never
+                # reaches a mountd that does not yet know its mounts
+                listener = unix_socket.bind(path)
+                await nursery.start(api.server(supervisor).serve, listener)
+                log.info(
+                    "serving",
+                    extra=fields(
+                        socket=path,
+                        state_dir=supervisor.state_dir,
+                        kubelet_dir=supervisor.kubelet_dir,
+                        keys=len(supervisor.table.entries),
+                    ),
+                )
+                async for signum in signals:
+                    log.info("stopping; FUSE daemons keep running", extra=fields(signal=signum))
+                    nursery.cancel_scope.cancel()
+                    break
+        finally:
+            unix_socket.remove(path)

@@ -1,0 +1,52 @@
+"""`fusecsi mountd status`: the running mountd's keys, daemons and references."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import trio
+
+from fusecsi.mountd.client import MountdClient, RPCError
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = []
+    header = ("KEY", "STATE", "PID", "RESTARTS", "REFS", "MASTERS", "FS-PATH")
+    table = [header]
+    for row in rows:
+        table.append(
+            (
+                row["key"],
+                row["state"],
+                str(row["pid"] or "-"),
+                str(row["restarts"]),
+                str(len(row["refs"])),
+                row["master_addrs"],
+                row["fs_path"],
+            )
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for r in table:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    for row in rows:
+        if row.get("message"):
+            lines.append(f"{row['key']}: {row['message']}")
+        for ref in row["refs"]:
+            mode = "ro" if ref["readonly"] else "rw"
+            broken = "" if ref.get("healthy", True) else "  BROKEN"
+            lines.append(f"  {row['key']}  {mode}  {ref['volume_id']}  {ref['target']}{broken}")
+    return "\n".join(lines)
+
+
+def print_status(endpoint: str, *, as_json: bool = False) -> int:
+    async def fetch():
+        return await MountdClient(endpoint).list()
+
+    try:
+        rows = trio.run(fetch)
+    except RPCError as exc:
+        print(f"mountd at {endpoint}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(rows, indent=1) if as_json else format_table(rows))
+    return 0

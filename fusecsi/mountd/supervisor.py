@@ -1,0 +1,632 @@
+"""The mount supervisor: publish, unpublish, stats, recovery and restart reconciliation.
+
+Lock order: target lock, then key lock. The target lock makes "is this target free?" and
+"bind it" one step; the key lock serialises daemon start/stop/recovery and binds of one
+key, so recovery never re-binds a target that an unpublish is removing. Different keys
+(and different targets) proceed in parallel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import stat
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import trio
+
+from fusecsi.logs import fields
+from fusecsi.mountd import mounts
+from fusecsi.mountd.daemons import Daemon, DaemonFailed, cmdline_matches, spawn
+from fusecsi.mountd.locks import KeyedLocks
+from fusecsi.mountd.table import Entry, Key, Ref, Table, write_atomic
+
+log = logging.getLogger(__name__)
+
+QUOTA_XATTR = "user.fusecsi.quota"
+# The kernel's answers for a FUSE connection that is gone: no point waiting, replace it.
+DEAD = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
+# Answers of a daemon that is alive but failing; replaced after this many checks in a row,
+# since a cluster outage also looks like this and a new daemon would not help it.
+SICK = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT})
+SICK_LIMIT = 3
+MAX_BACKOFF = 30.0
+
+
+def _err(code: int, message: str) -> OSError:
+    return OSError(code, message)
+
+
+@dataclass
+class Runtime:
+    """What mountd knows about a key beyond the persisted table."""
+
+    daemon: Daemon | None = None
+    state: str = "starting"  # running | starting | recovering | broken | stopping
+    message: str = ""
+    sick: int = 0
+    retry_at: float = 0.0
+    backoff: float = 1.0
+    linger_gen: int = 0
+    broken_targets: set[str] = field(default_factory=set)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        state_dir: str,
+        kubelet_dir: str,
+        *,
+        linger: float = 30.0,
+        health_interval: float = 2.0,
+        ready_timeout: float = 30.0,
+        probe_timeout: float = 10.0,
+        stop_grace: float = 5.0,
+    ) -> None:
+        self.state_dir = os.path.realpath(state_dir)
+        self.kubelet_dir = os.path.realpath(kubelet_dir)
+        self.mounts_dir = os.path.join(self.state_dir, "mounts")
+        self.tokens_dir = os.path.join(self.state_dir, "tokens")
+        self.logs_dir = os.path.join(self.state_dir, "logs")
+        self.table = Table(os.path.join(self.state_dir, "table.json"))
+        self.runtime: dict[str, Runtime] = {}
+        self.linger = linger
+        self.health_interval = health_interval
+        self.ready_timeout = ready_timeout
+        self.probe_timeout = probe_timeout
+        self.stop_grace = stop_grace
+        self.key_locks = KeyedLocks()
+        self.target_locks = KeyedLocks()
+        self._persist_lock = trio.Lock()
+        # threads that may hang on a dead mount keep their token until they return
+        self._limiter = trio.CapacityLimiter(64)
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        for path in (self.state_dir, self.mounts_dir, self.tokens_dir, self.logs_dir):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self.reconcile()
+            nursery.start_soon(self._health_loop)
+            task_status.started()
+
+    def _rt(self, key_id: str) -> Runtime:
+        return self.runtime.setdefault(key_id, Runtime())
+
+    async def _blocking(self, fn, *args, seconds: float | None = None):
+        """Run a syscall that may hang on a dead mount: a thread, a limiter, a deadline."""
+        seconds = self.probe_timeout if seconds is None else seconds
+        with trio.move_on_after(seconds):
+            return await trio.to_thread.run_sync(
+                partial(fn, *args), abandon_on_cancel=True, limiter=self._limiter
+            )
+        name = getattr(fn, "__name__", "call")
+        raise _err(errno.ETIMEDOUT, f"{name} did not return within {seconds:g}s")
+
+    async def persist(self) -> None:
+        async with self._persist_lock:
+            data = self.table.snapshot()
+            await trio.to_thread.run_sync(write_atomic, self.table.path, data)
+
+    # ------------------------------------------------------------ inputs
+
+    async def resolve_target(self, target, code: int) -> str:
+        """The real path of `target`; `code` when it is outside the kubelet dir.
+
+        Only the parent is resolved (it is an ordinary directory that kubelet made); the
+        last component is never followed, so a broken mount at the target cannot hang it
+        and a symlink there cannot redirect the bind.
+        """
+        if not isinstance(target, str) or not target.startswith("/") or "\0" in target:
+            raise _err(errno.EINVAL, f"target {target!r} must be an absolute path")
+        parent, name = os.path.split(target.rstrip("/"))
+        if name in ("", ".", ".."):
+            raise _err(errno.EINVAL, f"target {target!r} has no final directory name")
+        real_parent = await self._blocking(os.path.realpath, parent)
+        real = os.path.join(real_parent, name)
+        if not real.startswith(self.kubelet_dir.rstrip("/") + "/"):
+            raise _err(code, f"target {target!r} is outside the kubelet dir {self.kubelet_dir}")
+        return real
+
+    def _token_path(self, key_id: str) -> str:
+        return os.path.join(self.tokens_dir, key_id)
+
+    async def _save_token(self, key_id: str, token: str | None) -> None:
+        if not token:
+            return
+        if self._load_token(key_id) != token:
+            await trio.to_thread.run_sync(write_atomic, self._token_path(key_id), token.encode())
+
+    def _load_token(self, key_id: str) -> str | None:
+        try:
+            with open(self._token_path(key_id)) as f:
+                return f.read() or None
+        except FileNotFoundError:
+            return None
+
+    # ------------------------------------------------------------ publish
+
+    async def publish(
+        self, volume_id, master_addrs, fs_path, subpath, options, target, readonly, token
+    ) -> dict:
+        from fusecsi import volumes
+
+        if not isinstance(volume_id, str) or not volume_id:
+            raise _err(errno.EINVAL, "volume_id is empty")
+        if not isinstance(readonly, bool):
+            raise _err(errno.EINVAL, "readonly must be a boolean")
+        if token is not None and not isinstance(token, str):
+            raise _err(errno.EINVAL, "token must be a string or None")
+        try:
+            key = Key.normalized(master_addrs, fs_path, options)
+            subpath = volumes.validate_subpath(subpath)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise _err(errno.EINVAL, str(exc)) from None
+        target = await self.resolve_target(target, errno.EPERM)
+        ref = Ref(volume_id, target, subpath, readonly)
+        async with self.target_locks.hold(target):
+            found = self.table.by_target(target)
+            if found is not None:
+                entry, old = found
+                if entry.key != key or old != ref:
+                    raise _err(
+                        errno.EEXIST,
+                        f"target {target} already holds volume {old.volume_id} "
+                        f"(subpath {old.subpath}, readonly {old.readonly}, key {entry.key.id})",
+                    )
+                if self._bound(entry, ref):
+                    return self._answer(entry, False)
+            elif mounts.top_mount(target) is not None:
+                raise _err(errno.EEXIST, f"target {target} is already a mount point")
+            async with self.key_locks.hold(key.id):
+                try:
+                    entry, started = await self._ensure_daemon(key, token)
+                    await self._bind(entry, ref)
+                except BaseException:
+                    unused = self.table.entries.get(key.id)
+                    if unused is not None and not unused.refs:
+                        with trio.CancelScope(shield=True):
+                            await self._release(unused)
+                    raise
+                entry.refs[target] = ref
+                self._rt(key.id).broken_targets.discard(target)
+                await self.persist()
+        log.info(
+            "published",
+            extra=fields(volume_id=volume_id, target=target, key=key.id, readonly=readonly),
+        )
+        return self._answer(entry, started)
+
+    def _answer(self, entry: Entry, started: bool) -> dict:
+        return {"key": entry.key.id, "mountpoint": entry.mountpoint, "daemon_started": started}
+
+    def _bound(self, entry: Entry, ref: Ref) -> bool:
+        top = mounts.top_mount(ref.target)
+        return mounts.is_fuse_mount(top) and top.root == "/" + ref.subpath
+
+    def _live_mount(self, entry: Entry) -> bool:
+        rt = self.runtime.get(entry.key.id)
+        return (
+            rt is not None
+            and rt.daemon is not None
+            and rt.daemon.alive
+            and rt.state == "running"
+            and mounts.is_fuse_mount(mounts.top_mount(entry.mountpoint))
+        )
+
+    async def _ensure_daemon(self, key: Key, token: str | None) -> tuple[Entry, bool]:
+        """The key's entry with a running daemon (caller holds the key lock)."""
+        await self._save_token(key.id, token)
+        rt = self._rt(key.id)
+        rt.linger_gen += 1  # a pending linger stop no longer applies
+        entry = self.table.entries.get(key.id)
+        if entry is not None and self._live_mount(entry):
+            return entry, False
+        if entry is None:
+            entry = Entry(key, os.path.join(self.mounts_dir, key.id))
+            self.table.entries[key.id] = entry
+            await self._start_daemon(entry)
+        else:
+            await self._recover(entry, "daemon not running at publish")
+        return entry, True
+
+    async def _bind(self, entry: Entry, ref: Ref) -> None:
+        """Bind `mountpoint/subpath` onto the target; never an empty local directory."""
+        if not mounts.is_fuse_mount(mounts.top_mount(entry.mountpoint)):
+            raise _err(errno.EIO, f"{entry.mountpoint} is not a live {mounts.FUSE_FSTYPE} mount")
+        created = await self._make_target(ref.target)
+        try:
+            await self._blocking(mounts.bind_beneath, entry.mountpoint, ref.subpath, ref.target)
+        except OSError as exc:
+            if created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(ref.target)
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise _err(
+                    errno.ENOENT,
+                    f"subpath {ref.subpath!r} is missing under {entry.key.fs_path} "
+                    f"on {entry.key.master_addrs}: {exc.strerror}",
+                ) from None
+            raise
+        try:
+            if not self._bound(entry, ref):
+                raise _err(errno.EIO, f"bind onto {ref.target} did not produce the expected mount")
+            if ref.readonly:
+                await self._blocking(mounts.remount_readonly, ref.target)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._unmount(ref.target)
+            raise
+
+    async def _make_target(self, target: str) -> bool:
+        """Create the target directory (CSI: the plugin creates it); True if we made it."""
+
+        def make() -> bool:
+            try:
+                os.mkdir(target, 0o750)
+                return True
+            except FileExistsError:
+                info = os.lstat(target)
+                if not stat.S_ISDIR(info.st_mode):
+                    raise _err(errno.EEXIST, f"target {target} is not a directory") from None
+                return False
+
+        return await self._blocking(make)
+
+    # ------------------------------------------------------------ unpublish
+
+    async def unpublish(self, volume_id, target) -> dict:
+        if not isinstance(volume_id, str) or not volume_id:
+            raise _err(errno.EINVAL, "volume_id is empty")
+        target = await self.resolve_target(target, errno.EINVAL)
+        async with self.target_locks.hold(target):
+            found = self.table.by_target(target)
+            if found is None:
+                # a leftover of ours (mountd died between bind and persist) is still ours
+                if mounts.is_fuse_mount(mounts.top_mount(target)):
+                    await self._unmount(target)
+                await self._remove_target(target)
+                return {"removed": False}
+            entry, ref = found
+            if ref.volume_id != volume_id:
+                raise _err(
+                    errno.EINVAL, f"target {target} holds volume {ref.volume_id}, not {volume_id}"
+                )
+            async with self.key_locks.hold(entry.key.id):
+                await self._unmount(target)
+                del entry.refs[target]
+                self._rt(entry.key.id).broken_targets.discard(target)
+                await self.persist()
+                if not entry.refs:
+                    await self._release(entry)
+            await self._remove_target(target)
+        log.info("unpublished", extra=fields(volume_id=volume_id, target=target, key=entry.key.id))
+        return {"removed": True}
+
+    async def _unmount(self, path: str, *, lazy: bool = False) -> None:
+        await self._blocking(partial(mounts.unmount_all, path, lazy=lazy))
+
+    async def _remove_target(self, target: str) -> None:
+        """CSI: the plugin removes the target it created; an empty directory only."""
+        if mounts.top_mount(target) is not None:
+            return
+        with contextlib.suppress(OSError):
+            await self._blocking(os.rmdir, target)
+
+    # ------------------------------------------------------------ daemons
+
+    async def _start_daemon(self, entry: Entry) -> None:
+        key, rt = entry.key, self._rt(entry.key.id)
+        rt.state = "starting"
+        os.makedirs(entry.mountpoint, mode=0o755, exist_ok=True)
+        if mounts.top_mount(entry.mountpoint) is not None:
+            await self._unmount(entry.mountpoint, lazy=True)
+        try:
+            daemon = await spawn(
+                master_addrs=key.master_addrs,
+                fs_path=key.fs_path,
+                options=key.options,
+                mountpoint=entry.mountpoint,
+                token=self._load_token(key.id),
+                log_path=os.path.join(self.logs_dir, f"{key.id}.log"),
+                deadline=self.ready_timeout,
+                nursery=self._nursery,
+            )
+        except DaemonFailed as exc:
+            rt.state, rt.message = "broken", exc.strerror
+            with contextlib.suppress(OSError):
+                await self._unmount(entry.mountpoint, lazy=True)
+            raise
+        if not mounts.is_fuse_mount(mounts.top_mount(entry.mountpoint)):
+            with trio.CancelScope(shield=True):
+                await daemon.stop(self.stop_grace)
+            rt.state = "broken"
+            rt.message = f"daemon reported ready but {entry.mountpoint} is no {mounts.FUSE_FSTYPE}"
+            raise _err(errno.EIO, rt.message)
+        self._adopt(entry, daemon)
+        await self.persist()
+
+    def _adopt(self, entry: Entry, daemon: Daemon) -> None:
+        rt = self._rt(entry.key.id)
+        rt.daemon, rt.state, rt.message, rt.sick, rt.backoff = daemon, "running", "", 0, 1.0
+        entry.pid = daemon.pid
+        self._nursery.start_soon(self._watch, entry.key.id, daemon)
+
+    async def _watch(self, key_id: str, daemon: Daemon) -> None:
+        await daemon.exited.wait()
+        rt = self.runtime.get(key_id)
+        if rt is not None and rt.daemon is daemon and rt.state == "running":
+            log.warning("daemon exited", extra=fields(key=key_id, pid=daemon.pid))
+            self._wake.set()
+
+    async def _release(self, entry: Entry) -> None:
+        """The last reference went: stop the daemon now or after the linger."""
+        rt = self._rt(entry.key.id)
+        rt.linger_gen += 1
+        if self.linger <= 0:
+            await self._stop(entry)
+        else:
+            self._nursery.start_soon(self._linger_stop, entry.key.id, rt.linger_gen)
+
+    async def _linger_stop(self, key_id: str, gen: int) -> None:
+        await trio.sleep(self.linger)
+        async with self.key_locks.hold(key_id):
+            entry = self.table.entries.get(key_id)
+            rt = self.runtime.get(key_id)
+            if entry is not None and not entry.refs and rt is not None and rt.linger_gen == gen:
+                await self._stop(entry)
+
+    async def _stop(self, entry: Entry) -> None:
+        """Stop the key's daemon and forget the key (caller holds the key lock)."""
+        key_id = entry.key.id
+        rt = self._rt(key_id)
+        rt.state = "stopping"
+        with trio.CancelScope(shield=True):
+            if rt.daemon is not None:
+                await rt.daemon.stop(self.stop_grace)
+            with contextlib.suppress(OSError):
+                await self._unmount(entry.mountpoint, lazy=True)
+            self.table.entries.pop(key_id, None)
+            self.runtime.pop(key_id, None)
+            await self.persist()
+            with contextlib.suppress(OSError):
+                os.unlink(self._token_path(key_id))
+            with contextlib.suppress(OSError):
+                await self._blocking(os.rmdir, entry.mountpoint)
+        log.info("daemon stopped", extra=fields(key=key_id))
+
+    # ------------------------------------------------------------ recovery
+
+    async def _recover(self, entry: Entry, reason: str) -> None:
+        """Replace the key's daemon and re-bind every target (caller holds the key lock).
+
+        Targets stay on the dead mount (applications see ENOTCONN, an honest error) until a
+        new daemon answers; only then is each one swapped for a fresh bind.
+        """
+        key_id = entry.key.id
+        rt = self._rt(key_id)
+        log.warning("recovering", extra=fields(key=key_id, reason=reason))
+        rt.state, rt.message = "recovering", reason
+        old = rt.daemon
+        rt.daemon = None
+        if old is not None and old.alive:
+            old.signal(signal.SIGKILL)
+            with trio.move_on_after(5):
+                await old.exited.wait()
+        elif old is None and entry.pid and cmdline_matches(entry.pid, entry.mountpoint):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(entry.pid, signal.SIGKILL)
+        await self._unmount(entry.mountpoint, lazy=True)
+        try:
+            await self._start_daemon(entry)
+        except OSError as exc:
+            rt.state, rt.message = "broken", f"{reason}; restart failed: {exc.strerror or exc}"
+            rt.retry_at = time.monotonic() + rt.backoff
+            rt.backoff = min(rt.backoff * 2, MAX_BACKOFF)
+            raise
+        entry.restarts += 1
+        await self._rebind(entry, list(entry.refs.values()))
+        await self.persist()
+        log.info("recovered", extra=fields(key=key_id, pid=entry.pid, restarts=entry.restarts))
+
+    async def _rebind(self, entry: Entry, refs: list[Ref]) -> None:
+        """Swap each target's mount for a fresh bind of the live daemon's mount."""
+        rt = self._rt(entry.key.id)
+        for ref in refs:
+            try:
+                await self._unmount(ref.target, lazy=True)
+                await self._bind(entry, ref)
+                rt.broken_targets.discard(ref.target)
+            except OSError as exc:
+                rt.broken_targets.add(ref.target)
+                log.error(
+                    "re-bind failed",
+                    extra=fields(target=ref.target, key=entry.key.id, error=str(exc)),
+                )
+
+    async def _health_loop(self) -> None:
+        while True:
+            with trio.move_on_after(self.health_interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            async with trio.open_nursery() as checks:
+                for key_id in list(self.table.entries):
+                    checks.start_soon(self.check, key_id)
+
+    async def check(self, key_id: str) -> None:
+        """One health check of a key; recovers it when its daemon or mount is gone."""
+        entry = self.table.entries.get(key_id)
+        rt = self.runtime.get(key_id)
+        if entry is None or rt is None or self.key_locks.busy(key_id):
+            return
+        problem = await self._diagnose(entry, rt)
+        lost = [] if problem else self._lost(entry)
+        if problem is None and not lost:
+            return
+        if problem and rt.state == "broken" and time.monotonic() < rt.retry_at:
+            return
+        async with self.key_locks.hold(key_id):
+            if self.table.entries.get(key_id) is not entry:
+                return
+            if not entry.refs:
+                await self._stop(entry)
+                return
+            if problem:
+                with contextlib.suppress(OSError):
+                    await self._recover(entry, problem)
+                return
+            lost = self._lost(entry)
+            for ref in lost:
+                log.warning("target lost its mount", extra=fields(target=ref.target))
+            await self._rebind(entry, lost)
+
+    def _lost(self, entry: Entry) -> list[Ref]:
+        """References whose target is no mount point at all (someone unmounted it)."""
+        return [r for r in entry.refs.values() if mounts.top_mount(r.target) is None]
+
+    async def _diagnose(self, entry: Entry, rt: Runtime) -> str | None:
+        if rt.state in ("broken", "starting") and rt.daemon is None:
+            return rt.message or "daemon not running"
+        if rt.daemon is None or not rt.daemon.alive:
+            return "daemon exited"
+        if not mounts.is_fuse_mount(mounts.top_mount(entry.mountpoint)):
+            return f"{entry.mountpoint} is no longer mounted"
+        try:
+            await self._blocking(os.statvfs, entry.mountpoint)
+        except OSError as exc:
+            if exc.errno in DEAD:
+                return f"mount answers {errno.errorcode.get(exc.errno)}"
+            if exc.errno in SICK:
+                rt.sick += 1
+                if rt.sick >= SICK_LIMIT:
+                    return f"mount answered {errno.errorcode.get(exc.errno)} {rt.sick} times"
+                return None
+            raise
+        rt.sick = 0
+        return None
+
+    # ------------------------------------------------------------ restart
+
+    async def reconcile(self) -> None:
+        """After a (re)start: adopt live daemons, mark dead ones for recovery, drop leftovers."""
+        self.table.load()
+        for entry in list(self.table.entries.values()):
+            rt = self._rt(entry.key.id)
+            if await self._adoptable(entry):
+                self._adopt(entry, Daemon(entry.pid))
+                log.info("adopted daemon", extra=fields(key=entry.key.id, pid=entry.pid))
+            else:
+                # the health loop's first round recovers it (or stops it if unused)
+                rt.daemon, rt.state, rt.message = (
+                    None,
+                    "broken",
+                    "daemon lost while mountd was down",
+                )
+        known_targets = {t for e in self.table.entries.values() for t in e.refs}
+        known_mounts = {e.mountpoint for e in self.table.entries.values()}
+        for leftover in mounts.mounts_under(self.kubelet_dir):
+            if mounts.is_fuse_mount(leftover) and leftover.mountpoint not in known_targets:
+                log.warning("removing leftover bind", extra=fields(target=leftover.mountpoint))
+                with contextlib.suppress(OSError):
+                    await self._unmount(leftover.mountpoint, lazy=True)
+        for leftover in mounts.mounts_under(self.mounts_dir):
+            if leftover.mountpoint not in known_mounts:
+                log.warning(
+                    "removing leftover daemon mount", extra=fields(path=leftover.mountpoint)
+                )
+                with contextlib.suppress(OSError):
+                    await self._unmount(leftover.mountpoint, lazy=True)
+        await self.persist()
+        self._wake.set()
+
+    async def _adoptable(self, entry: Entry) -> bool:
+        if not entry.pid or not cmdline_matches(entry.pid, entry.mountpoint):
+            return False
+        if not mounts.is_fuse_mount(mounts.top_mount(entry.mountpoint)):
+            return False
+        try:
+            await self._blocking(os.statvfs, entry.mountpoint)
+        except OSError:
+            return False
+        return True
+
+    # ------------------------------------------------------------ queries
+
+    async def stats(self, target) -> dict:
+        target = await self.resolve_target(target, errno.EINVAL)
+        found = self.table.by_target(target)
+        if found is None:
+            raise _err(errno.ENOENT, f"target {target} is not published")
+        entry, ref = found
+        rt = self._rt(entry.key.id)
+        answer = {
+            "volume_id": ref.volume_id,
+            "key": entry.key.id,
+            "used_bytes": None,
+            "max_bytes": None,
+            "used_inodes": None,
+            "max_inodes": None,
+            "healthy": True,
+            "message": "",
+        }
+        if rt.state != "running":
+            answer.update(healthy=False, message=f"mount is {rt.state}: {rt.message}")
+            return answer
+        if not self._bound(entry, ref):
+            answer.update(healthy=False, message=f"{target} is not mounted")
+            self._wake.set()
+            return answer
+        try:
+            raw = await self._blocking(os.getxattr, target, QUOTA_XATTR)
+            quota = json.loads(raw)
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                answer.update(healthy=False, message=f"reading quota: {exc.strerror or exc}")
+                if exc.errno in DEAD:
+                    self._wake.set()
+        except ValueError as exc:
+            answer.update(message=f"unreadable quota: {exc}")
+        else:
+            for name in ("used_bytes", "max_bytes", "used_inodes", "max_inodes"):
+                value = quota.get(name)
+                answer[name] = value if isinstance(value, int) else None
+        return answer
+
+    def list(self) -> list[dict]:
+        rows = []
+        for key_id, entry in sorted(self.table.entries.items()):
+            rt = self._rt(key_id)
+            rows.append(
+                {
+                    "key": key_id,
+                    "master_addrs": entry.key.master_addrs,
+                    "fs_path": entry.key.fs_path,
+                    "options": entry.key.options,
+                    "mountpoint": entry.mountpoint,
+                    "pid": rt.daemon.pid if rt.daemon is not None else None,
+                    "state": rt.state,
+                    "message": rt.message,
+                    "restarts": entry.restarts,
+                    "refs": [
+                        {
+                            "volume_id": r.volume_id,
+                            "target": r.target,
+                            "subpath": r.subpath,
+                            "readonly": r.readonly,
+                            "healthy": r.target not in rt.broken_targets,
+                        }
+                        for r in sorted(entry.refs.values(), key=lambda r: r.target)
+                    ],
+                }
+            )
+        return rows

@@ -1,0 +1,162 @@
+"""mountd's pieces that need no cluster: mountinfo, syscalls on tmpfs, keys, the table."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+
+import pytest
+import trio
+
+from fusecsi.mountd import mounts
+from fusecsi.mountd.locks import KeyedLocks
+from fusecsi.mountd.table import Entry, Key, Ref, Table, write_atomic
+
+SAMPLE = (
+    "22 27 0:21 / /proc rw,relatime - proc proc rw\n"
+    "90 27 0:55 /vol/a\\040b /var/lib/kubelet/pods/x/mount rw,nosuid - fuse.fusecsi "
+    "fusecsi:127.0.0.1:8995:/base rw,user_id=0\n"
+    "91 27 0:55 / /mnt/with\\134slash ro,relatime shared:5 - tmpfs tmpfs rw\n"
+)
+
+
+def test_parse_mountinfo_unescapes_and_reads_tail_fields():
+    entries = mounts.parse_mountinfo(SAMPLE)
+    assert [e.mountpoint for e in entries] == [
+        "/proc",
+        "/var/lib/kubelet/pods/x/mount",
+        "/mnt/with\\slash",
+    ]
+    fuse = entries[1]
+    assert fuse.root == "/vol/a b"
+    assert fuse.fstype == mounts.FUSE_FSTYPE and mounts.is_fuse_mount(fuse)
+    assert fuse.source == "fusecsi:127.0.0.1:8995:/base"
+    assert not fuse.readonly and entries[2].readonly
+    assert mounts.top_mount("/proc", entries).mount_id == 22
+    assert mounts.top_mount("/nope", entries) is None
+
+
+def test_keys_share_across_spellings_and_split_on_path_or_options():
+    a = Key.normalized("127.0.0.1:8995", "/base/", "")
+    b = Key.normalized("127.0.0.1", "/base", "attr-timeout=1.0")
+    assert a == b and a.id == b.id and len(a.id) == 16
+    assert Key.normalized("127.0.0.1", "/other", "").id != a.id
+    assert Key.normalized("127.0.0.1", "/base", "attr-timeout=2").id != a.id
+    for bad in (("", "/base", ""), ("127.0.0.1", "rel", ""), ("127.0.0.1", "/b", "nope=1")):
+        with pytest.raises(ValueError):
+            Key.normalized(*bad)
+
+
+def test_table_round_trips_through_an_atomic_0600_file(tmp_path):
+    table = Table(str(tmp_path / "table.json"))
+    key = Key.normalized("127.0.0.1", "/base", "")
+    entry = Entry(key, "/state/mounts/" + key.id, pid=123, restarts=2)
+    entry.refs["/k/t1"] = Ref("vol-1", "/k/t1", "pv1", False)
+    entry.refs["/k/t2"] = Ref("vol-1", "/k/t2", "pv1", True)
+    table.entries[key.id] = entry
+    write_atomic(table.path, table.snapshot())
+    assert os.stat(table.path).st_mode & 0o777 == 0o600
+    assert os.listdir(tmp_path) == ["table.json"]
+    again = Table(table.path)
+    again.load()
+    assert again.entries[key.id].to_json() == entry.to_json()
+    assert again.by_target("/k/t2")[1].readonly is True
+    assert again.by_target("/k/t3") is None
+
+
+def test_missing_table_loads_empty_and_a_foreign_version_is_refused(tmp_path):
+    table = Table(str(tmp_path / "table.json"))
+    table.load()
+    assert table.entries == {}
+    (tmp_path / "table.json").write_text('{"version": 99, "entries": []}')
+    with pytest.raises(ValueError, match="version"):
+        table.load()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real tmpfs at tmp_path/src; every mount under tmp_path is removed afterwards."""
+    src = tmp_path / "src"
+    src.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(src)], check=True)
+    try:
+        yield src
+    finally:
+        for entry in mounts.mounts_under(str(tmp_path)):
+            subprocess.run(["umount", "-l", entry.mountpoint], check=False)
+
+
+def test_bind_beneath_binds_a_subdirectory_and_unmount_all_clears_stacks(tmpfs, tmp_path):
+    (tmpfs / "a" / "b").mkdir(parents=True)
+    (tmpfs / "a" / "b" / "file").write_text("data")
+    target = tmp_path / "target"
+    target.mkdir()
+    mounts.bind_beneath(str(tmpfs), "a/b", str(target))
+    mounts.bind_beneath(str(tmpfs), "a", str(target))  # stacked on top
+    top = mounts.top_mount(str(target))
+    assert top.fstype == "tmpfs" and top.root == "/a"
+    assert (target / "b" / "file").read_text() == "data"
+    assert mounts.unmount_all(str(target)) == 2
+    assert mounts.top_mount(str(target)) is None
+    assert os.listdir(target) == []
+    assert mounts.unmount_all(str(target)) == 0
+
+
+def test_bind_beneath_refuses_symlinks_and_reports_missing_paths(tmpfs, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmpfs / "escape").symlink_to(outside)
+    (tmpfs / "afile").write_text("x")
+    target = tmp_path / "target"
+    target.mkdir()
+    for subpath, code in (
+        ("escape", errno.ENOTDIR),
+        ("missing", errno.ENOENT),
+        ("afile", errno.ENOTDIR),
+    ):
+        with pytest.raises(OSError) as info:
+            mounts.bind_beneath(str(tmpfs), subpath, str(target))
+        assert info.value.errno == code, subpath
+        assert mounts.top_mount(str(target)) is None
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    (tmpfs / "ok").mkdir()
+    with pytest.raises(OSError):
+        mounts.bind_beneath(str(tmpfs), "ok", str(link))  # a symlinked target is not followed
+    assert mounts.top_mount(str(target)) is None
+
+
+def test_remount_readonly_makes_only_the_bind_read_only(tmpfs, tmp_path):
+    (tmpfs / "v").mkdir()
+    target = tmp_path / "target"
+    target.mkdir()
+    mounts.bind_beneath(str(tmpfs), "v", str(target))
+    mounts.remount_readonly(str(target))
+    assert mounts.top_mount(str(target)).readonly
+    with pytest.raises(OSError) as info:
+        (target / "f").write_text("x")
+    assert info.value.errno == errno.EROFS
+    (tmpfs / "v" / "f").write_text("still writable at the source")
+    assert (target / "f").read_text() == "still writable at the source"
+    mounts.unmount_all(str(target))
+
+
+async def test_keyed_locks_serialise_one_name_and_let_others_run():
+    locks = KeyedLocks()
+    order = []
+
+    async def hold(name, tag, delay):
+        async with locks.hold(name):
+            order.append(f"{tag}+")
+            await trio.sleep(delay)
+            order.append(f"{tag}-")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hold, "k", "a", 0.05)
+        await trio.sleep(0.01)
+        nursery.start_soon(hold, "k", "b", 0)
+        nursery.start_soon(hold, "other", "c", 0)
+    assert order.index("a-") < order.index("b+")
+    assert order.index("c+") < order.index("a-")
+    assert not locks.busy("k") and not locks.busy("other")
