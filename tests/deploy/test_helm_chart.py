@@ -243,6 +243,8 @@ def test_rbac_has_no_wildcards_and_least_privilege(renders, which):
     assert controller[("", "events")] == {"create", "patch"}
     assert ("", "secrets") not in controller  # only per-Secret Roles
     assert ("", "pods") not in controller and ("", "nodes") not in controller
+    assert ("storage.k8s.io", "volumeattachments") not in controller
+    assert controller[("storage.k8s.io", "volumeattributesclasses")] == {"get"}
     assert not {verb for verb in controller[("", "persistentvolumeclaims")]} - {
         "get",
         "list",
