@@ -1,0 +1,411 @@
+"""The cluster client used by the FUSE daemon, the controller and `fusecsi fs`.
+
+Metadata calls go to the masters (failing over between the listed addresses); data goes
+straight to the workers. Writes land on the workers at once but a file's new length becomes
+visible to others only when `commit()` publishes it. Every call has a deadline; calls that
+are safe to repeat are retried across reconnects until it passes.
+
+Kept cheap to import: trio and msgpack only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from fusecsi.cluster.protocol import Pool, RPCError, RPCUnavailable
+
+__all__ = [
+    "ROOT_INO",
+    "RENAME_NOREPLACE",
+    "RENAME_EXCHANGE",
+    "Attr",
+    "Quota",
+    "ClusterError",
+    "ClusterUnavailable",
+    "ClusterClient",
+]
+
+ROOT_INO = 1
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+MASTER_PORT = 8995
+WORKER_PORT = 8997
+ALLOCATE_AHEAD = 3
+MAX_ALLOCATE = 64
+
+ClusterError = RPCError
+ClusterUnavailable = RPCUnavailable
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    ino: int
+    max_bytes: int | None
+    max_inodes: int | None
+    used_bytes: int
+    used_inodes: int
+
+
+def _addrs(master_addrs: str | Sequence[str]) -> list[str]:
+    items = master_addrs.split(",") if isinstance(master_addrs, str) else list(master_addrs)
+    out = [a.strip() for a in items if a.strip()]
+    if not out:
+        raise ValueError("no master address given")
+    return out
+
+
+class ClusterClient:
+    def __init__(
+        self,
+        master_addrs: str | Sequence[str],
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.master_addrs = _addrs(master_addrs)
+        self.token = token
+        self.timeout = timeout
+        self._current = 0
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._masters: Pool | None = None
+        self._workers: Pool | None = None
+        self._block_size: int | None = None
+        # ino -> {block index: (block id, [worker addresses])}, for writes
+        self._layouts: dict[int, dict[int, tuple[int, list[str]]]] = {}
+        # ino -> highest end written and not yet committed
+        self._pending: dict[int, int] = {}
+
+    async def __aenter__(self) -> ClusterClient:
+        stack = contextlib.AsyncExitStack()
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        self._masters = Pool(
+            nursery, token=self.token, default_port=MASTER_PORT, max_conns=2, timeout=self.timeout
+        )
+        self._workers = Pool(
+            nursery, token=self.token, default_port=WORKER_PORT, max_conns=4, timeout=self.timeout
+        )
+        self._stack = stack
+        return self
+
+    async def __aexit__(self, *exc_info) -> bool | None:
+        stack, self._stack = self._stack, None
+        self._masters.close()
+        self._workers.close()
+        return await stack.__aexit__(*exc_info)
+
+    # ------------------------------------------------------------ plumbing
+
+    async def _call(self, method: str, *args: Any, idempotent: bool = False) -> Any:
+        """A master call: fail over between masters, retry while allowed, within the timeout."""
+        pool = self._masters
+        if pool is None:
+            raise RuntimeError("use the client inside `async with`")
+        try:
+            # fast path: the current master answers
+            return await pool.call(
+                self.master_addrs[self._current], method, *args, idempotent=idempotent
+            )
+        except RPCUnavailable as exc:
+            if exc.sent and not idempotent:
+                raise ClusterUnavailable(errno.ETIMEDOUT, f"{method}: {exc.strerror}") from None
+            last = exc
+        deadline = trio.current_time() + self.timeout
+        delay = 0.05
+        n = len(self.master_addrs)
+        while True:
+            for k in range(1, n + 1):
+                i = (self._current + k) % n
+                remaining = deadline - trio.current_time()
+                if remaining <= 0:
+                    break
+                try:
+                    result = await pool.call(
+                        self.master_addrs[i],
+                        method,
+                        *args,
+                        idempotent=idempotent,
+                        time_limit=remaining,
+                    )
+                except RPCUnavailable as exc:
+                    last = exc
+                    if exc.sent and not idempotent:
+                        raise ClusterUnavailable(
+                            errno.ETIMEDOUT, f"{method}: {exc.strerror}"
+                        ) from None
+                    continue
+                self._current = i
+                return result
+            if trio.current_time() + delay >= deadline:
+                code = errno.ETIMEDOUT if last.errno == errno.ETIMEDOUT else errno.ECONNREFUSED
+                raise ClusterUnavailable(code, f"no master answered {method}: {last.strerror}")
+            await trio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _attr(self, method: str, *args: Any, idempotent: bool = False) -> Attr:
+        return Attr(*await self._call(method, *args, idempotent=idempotent))
+
+    async def block_size(self) -> int:
+        if self._block_size is None:
+            info = await self._call("cluster_info", idempotent=True)
+            self._block_size = info["block_size"]
+        return self._block_size
+
+    async def cluster_info(self) -> dict:
+        return await self._call("cluster_info", idempotent=True)
+
+    # ------------------------------------------------------------ namespace
+
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        return await self._attr("lookup", parent, name, idempotent=True)
+
+    async def getattr(self, ino: int) -> Attr:
+        return await self._attr("getattr", ino, idempotent=True)
+
+    async def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> Attr:
+        if size is not None:
+            # a size change discards uncommitted data past the committed length: publish ours
+            pending = self._pending.get(ino)
+            if pending is not None:
+                await self.commit(ino, pending)
+            self._layouts.pop(ino, None)
+        attr = await self._attr(
+            "setattr", ino, mode, uid, gid, size, atime_ns, mtime_ns, idempotent=True
+        )
+        if size is not None:
+            self._pending.pop(ino, None)
+        return attr
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        return await self._attr("mkdir", parent, name, mode, uid, gid)
+
+    async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        return await self._attr("create", parent, name, mode, uid, gid)
+
+    async def create_batch(
+        self, parent: int, names: list[bytes], mode: int = 0o644, uid: int = 0, gid: int = 0
+    ) -> int:
+        """Create many empty files at once (bulk loads); not part of the FUSE path."""
+        return await self._call("create_batch", parent, names, mode, uid, gid)
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        await self._call("unlink", parent, name)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        await self._call("rmdir", parent, name)
+
+    async def rename(
+        self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0
+    ) -> None:
+        await self._call("rename", parent, name, new_parent, new_name, flags)
+
+    async def readdir(
+        self, ino: int, cookie: int = 0, limit: int = 1000
+    ) -> list[tuple[bytes, Attr, int]]:
+        rows = await self._call("readdir", ino, cookie, limit, idempotent=True)
+        return [(name, Attr(*attr), next_cookie) for name, attr, next_cookie in rows]
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        return await self._attr("symlink", parent, name, target, uid, gid)
+
+    async def readlink(self, ino: int) -> bytes:
+        return await self._call("readlink", ino, idempotent=True)
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        return await self._attr("link", ino, new_parent, new_name)
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        return await self._call("getxattr", ino, name, idempotent=True)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        await self._call("setxattr", ino, name, value, flags, idempotent=flags == 0)
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        return await self._call("listxattr", ino, idempotent=True)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        await self._call("removexattr", ino, name)
+
+    async def statfs(self) -> dict:
+        return await self._call("statfs", idempotent=True)
+
+    # ------------------------------------------------------------ quotas and paths
+
+    async def set_quota(self, ino: int, max_bytes: int | None, max_inodes: int | None) -> Quota:
+        return Quota(*await self._call("set_quota", ino, max_bytes, max_inodes, idempotent=True))
+
+    async def get_quota(self, ino: int) -> Quota:
+        """The quota of `ino` or of its nearest ancestor that has one (ENODATA: none)."""
+        return Quota(*await self._call("get_quota", ino, idempotent=True))
+
+    async def resolve(self, path: str) -> Attr:
+        return await self._attr("resolve", path, idempotent=True)
+
+    async def mkdirs(self, path: str, mode: int = 0o755) -> Attr:
+        return await self._attr("mkdirs", path, mode, 0, 0, idempotent=True)
+
+    async def remove_tree(self, path: str) -> None:
+        """Remove `path` and everything below it; nothing to do when it does not exist."""
+        await self._call("remove_tree", path, idempotent=True)
+
+    # ------------------------------------------------------------ data
+
+    async def write(self, ino: int, offset: int, data: bytes) -> None:
+        if offset < 0:
+            raise ClusterError(errno.EINVAL, "negative offset")
+        if not data:
+            return
+        bs = self._block_size or await self.block_size()
+        end = offset + len(data)
+        first, last = offset // bs, (end - 1) // bs
+        for attempt in range(2):
+            layout = await self._write_layout(ino, first, last, end)
+            view = memoryview(data)
+            pieces = []
+            for index in range(first, last + 1):
+                lo = max(offset, index * bs)
+                hi = min(end, (index + 1) * bs)
+                block_id, addrs = layout[index]
+                pieces.append((block_id, addrs, lo - index * bs, view[lo - offset : hi - offset]))
+            try:
+                await self._write_pieces(pieces)
+            except ClusterError as exc:
+                # ENOENT: a block of our cached map was freed (truncate, unlink elsewhere)
+                self._layouts.pop(ino, None)
+                if exc.errno != errno.ENOENT or attempt:
+                    raise
+                continue
+            break
+        if end > self._pending.get(ino, 0):
+            self._pending[ino] = end
+
+    async def _write_layout(self, ino: int, first: int, last: int, end: int) -> dict:
+        layout = self._layouts.setdefault(ino, {})
+        missing = [i for i in range(first, last + 1) if i not in layout]
+        if missing:
+            start = missing[0]
+            count = min(last - start + 1 + ALLOCATE_AHEAD, MAX_ALLOCATE)
+            rows = await self._call("allocate", ino, start, count, end, idempotent=True)
+            for index, block_id, addrs in rows:
+                layout[index] = (block_id, addrs)
+            if any(i not in layout for i in missing):
+                raise ClusterError(errno.EIO, f"no placement for inode {ino}")
+        return layout
+
+    @staticmethod
+    async def _each(fn, items: list) -> None:
+        """Run `fn(item)` for every item concurrently; raise the most telling failure."""
+        if len(items) == 1:
+            await fn(items[0])
+            return
+        errors: list[ClusterError] = []
+
+        async def one(item) -> None:
+            try:
+                await fn(item)
+            except ClusterError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for item in items:
+                nursery.start_soon(one, item)
+        if errors:
+            # a stale block map (ENOENT) only matters when nothing worse happened
+            raise min(errors, key=lambda e: e.errno == errno.ENOENT)
+
+    async def _write_pieces(self, pieces: list) -> None:
+        await self._each(lambda piece: self._write_block(*piece), pieces)
+
+    async def _write_block(self, block_id: int, addrs: list[str], offset: int, data) -> None:
+        if not addrs:
+            raise ClusterError(errno.EIO, f"block {block_id} has no live replica")
+        pool = self._workers
+        await self._each(
+            lambda addr: pool.call(addr, "write_block", block_id, offset, data, idempotent=True),
+            addrs,
+        )
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0:
+            raise ClusterError(errno.EINVAL, "negative offset or size")
+        if size == 0:
+            return b""
+        bs = self._block_size or await self.block_size()
+        first = offset // bs
+        count = (offset + size - 1) // bs - first + 1
+        committed, rows = await self._call("layout", ino, first, count, idempotent=True)
+        length = max(committed, self._pending.get(ino, 0))
+        end = min(offset + size, length)
+        if offset >= end:
+            return b""
+        blocks = {index: (block_id, addrs) for index, block_id, addrs in rows}
+        ranges = []
+        for index in range(first, (end - 1) // bs + 1):
+            lo = max(offset, index * bs)
+            hi = min(end, (index + 1) * bs)
+            ranges.append((blocks.get(index), lo - index * bs, hi - lo))
+        if len(ranges) == 1:
+            return await self._read_block(*ranges[0])
+        out: list[bytes] = [b""] * len(ranges)
+
+        async def fetch(i: int) -> None:
+            out[i] = await self._read_block(*ranges[i])
+
+        await self._each(fetch, list(range(len(ranges))))
+        return b"".join(out)
+
+    async def _read_block(self, block: tuple | None, offset: int, size: int) -> bytes:
+        """`size` bytes of a block from the first replica that answers; holes are zeros."""
+        if block is None:
+            return bytes(size)
+        block_id, addrs = block
+        last: ClusterError | None = None
+        for addr in addrs:
+            try:
+                data = await self._workers.call(
+                    addr, "read_block", block_id, offset, size, idempotent=True
+                )
+            except ClusterError as exc:
+                if exc.errno != errno.ENOENT:  # ENOENT: allocated, never written here
+                    last = exc
+                continue
+            if len(data) < size:
+                data += bytes(size - len(data))
+            return data
+        if last is None:
+            return bytes(size)
+        raise ClusterError(last.errno, f"block {block_id}: no replica readable: {last.strerror}")
+
+    async def commit(self, ino: int, size: int, mtime_ns: int | None = None) -> Attr:
+        attr = await self._attr("commit", ino, size, mtime_ns, idempotent=True)
+        if self._pending.get(ino, -1) <= size:
+            self._pending.pop(ino, None)
+        return attr

@@ -1,0 +1,110 @@
+"""`fusecsi master`: the cluster's namespace, quotas, placement and worker registry."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import msgpack
+import trio
+
+from fusecsi.cluster import roles
+from fusecsi.cluster.master.journal import Journal, fsync_dir
+from fusecsi.cluster.master.namespace import Namespace
+from fusecsi.cluster.master.service import MasterService
+from fusecsi.cluster.protocol import DEFAULT_MAX_FRAME, Pool, Server
+from fusecsi.logs import fields
+
+log = logging.getLogger("fusecsi.master")
+
+DEFAULT_PORT = 8995
+WORKER_PORT = 8997
+DEFAULT_BLOCK_SIZE = 4 << 20
+
+
+def configure(parser) -> None:
+    roles.add_common_flags(parser, f"0.0.0.0:{DEFAULT_PORT}")
+    parser.add_argument("--replication", type=int, default=1, help="copies of every block")
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=DEFAULT_BLOCK_SIZE,
+        help="bytes per block (fixed when the cluster is first created)",
+    )
+    parser.add_argument(
+        "--checkpoint-records", type=int, default=200_000, help="checkpoint after this many records"
+    )
+
+
+def cluster_block_size(data_dir: Path, wanted: int) -> int:
+    """The block size recorded when the cluster was created; records `wanted` the first time."""
+    meta = data_dir / "cluster.meta"
+    if meta.exists():
+        stored = msgpack.unpackb(meta.read_bytes())["block_size"]
+        if stored != wanted:
+            log.warning(
+                "keeping the cluster's block size", extra=fields(stored=stored, requested=wanted)
+            )
+        return stored
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = data_dir / "cluster.meta.tmp"
+    with open(tmp, "wb") as f:
+        f.write(msgpack.packb({"block_size": wanted}))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(meta)
+    fsync_dir(data_dir)
+    return wanted
+
+
+def load_namespace(journal: Journal, block_size: int) -> tuple[Namespace, int]:
+    state, records = journal.recover()
+    ns = Namespace.load(state) if state is not None else Namespace(block_size)
+    for record in records:
+        ns.apply(record)
+    return ns, len(records)
+
+
+async def serve(args, token: str | None) -> None:
+    data_dir = Path(args.data_dir)
+    block_size = cluster_block_size(data_dir, args.block_size)
+    journal = Journal(data_dir)
+    ns, replayed = load_namespace(journal, block_size)
+    log.info(
+        "namespace loaded",
+        extra=fields(inodes=len(ns.inodes), replayed=replayed, next_id=ns.next_id),
+    )
+    sock = await roles.bind(args.listen, DEFAULT_PORT)
+    max_frame = max(DEFAULT_MAX_FRAME, 2 * ns.block_size + (1 << 20))
+    try:
+        async with trio.open_nursery() as nursery:
+            pool = Pool(
+                nursery, token=token, default_port=WORKER_PORT, timeout=10, max_frame=max_frame
+            )
+            service = MasterService(
+                ns,
+                journal,
+                pool,
+                replication=max(1, args.replication),
+                checkpoint_records=max(1, args.checkpoint_records),
+            )
+            await nursery.start(journal.run)
+            await nursery.start(service.run)
+            if replayed:
+                await service.checkpoint()
+            server = Server(service.handlers(), token=token, max_frame=max_frame, name="master")
+            address = await nursery.start(server.serve, sock)
+            log.info("master listening", extra=fields(address=f"{address[0]}:{address[1]}"))
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("stopping", extra=fields(signal=signum))
+                    break
+            nursery.cancel_scope.cancel()
+    finally:
+        journal.close()
+
+
+def run(args) -> int:
+    return roles.run_role("master", args, serve)

@@ -1,0 +1,644 @@
+"""msgpack-RPC over stream sockets (TCP or unix): framing, a server, a multiplexed client.
+
+A frame is a 4-byte big-endian length and a msgpack array:
+  request  [0, id, method, args]        reply [1, id, error, result]
+`error` is None or [errno name, message]. Ids are chosen by the caller; many requests may be
+in flight on one connection and replies come back in any order. Bulk data travels as msgpack
+`bin`. When the server has a token, the first request must be `hello(token)`; anything else
+(or a wrong token) is refused with EACCES and the connection is closed.
+
+Handlers are a table {name: callable}. A plain function runs inline in the connection's
+reader (cheap lookups avoid a task per request); an `async def` runs as its own task, so a
+slow call (a journal fsync, a disk write) never holds up the others on the connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hmac
+import inspect
+import logging
+import socket as stdsocket
+import struct
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgpack
+import outcome
+import trio
+
+log = logging.getLogger(__name__)
+
+REQUEST, REPLY = 0, 1
+HEADER = struct.Struct(">I")
+DEFAULT_MAX_FRAME = 64 << 20
+RECV_SIZE = 256 << 10
+# Frames above this go out on their own instead of being joined with their neighbours.
+JOIN_LIMIT = 64 << 10
+HIGH_WATER = 16 << 20
+
+_pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+def unpack_frame(data) -> Any:
+    return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
+
+
+class RPCError(OSError):
+    """An error with an errno, raised by a handler or received from the other side."""
+
+    def __init__(self, code: int | str, message: str = "") -> None:
+        if isinstance(code, str):
+            code = getattr(errno, code, errno.EIO) if code.isupper() else errno.EIO
+        super().__init__(code, message or errno.errorcode.get(code, "error"))
+
+    @property
+    def errno_name(self) -> str:
+        return errno.errorcode.get(self.errno, "EIO")
+
+
+class RPCUnavailable(RPCError):
+    """No connection could be made or kept (ECONNREFUSED) or no reply came (ETIMEDOUT)."""
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame: the connection is dropped."""
+
+
+def error_payload(exc: BaseException) -> list:
+    if isinstance(exc, OSError) and exc.errno:
+        name = errno.errorcode.get(exc.errno, "EIO")
+        return [name, str(exc.strerror or exc)]
+    if isinstance(exc, TypeError | ValueError | KeyError | IndexError):
+        return ["EINVAL", f"bad arguments: {exc}"]
+    return ["EIO", f"internal error: {type(exc).__name__}"]
+
+
+def encode(message: list) -> bytes:
+    body = _pack(message)
+    return HEADER.pack(len(body)) + body
+
+
+class FrameSocket:
+    """One connected socket: frame reader plus a writer that coalesces queued frames."""
+
+    def __init__(self, sock: trio.socket.SocketType, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.sock = sock
+        self.max_frame = max_frame
+        self._buf = bytearray(RECV_SIZE)
+        self._start = 0
+        self._end = 0
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._wake = trio.Event()
+        self._drained = trio.Event()
+        self.closed = False
+        self._busy = False
+
+    # -- reading
+
+    async def _fill(self) -> None:
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end == len(self._buf):
+            # compact: move the unread tail to the front
+            tail = self._buf[self._start : self._end]
+            self._buf[: len(tail)] = tail
+            self._start, self._end = 0, len(tail)
+        n = await self.sock.recv_into(memoryview(self._buf)[self._end :])
+        if n == 0:
+            raise EOFError
+        self._end += n
+
+    async def read_frame(self) -> Any:
+        """The next message, EOFError at a clean end, ProtocolError for a bad frame."""
+        while self._end - self._start < HEADER.size:
+            await self._fill()
+        (length,) = HEADER.unpack_from(self._buf, self._start)
+        if length > self.max_frame:
+            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
+        self._start += HEADER.size
+        have = self._end - self._start
+        if length <= len(self._buf) // 2 or have >= length:
+            while self._end - self._start < length:
+                await self._fill()
+            view = memoryview(self._buf)[self._start : self._start + length]
+            self._start += length
+            try:
+                return unpack_frame(view)
+            except Exception as exc:
+                raise ProtocolError(f"undecodable frame: {exc}") from None
+            finally:
+                view.release()
+        # a large frame: receive it straight into its own buffer
+        frame = bytearray(length)
+        frame[:have] = memoryview(self._buf)[self._start : self._end]
+        self._start = self._end = 0
+        view = memoryview(frame)
+        got = have
+        while got < length:
+            n = await self.sock.recv_into(view[got:], length - got)
+            if n == 0:
+                raise EOFError
+            got += n
+        try:
+            return unpack_frame(frame)
+        except Exception as exc:
+            raise ProtocolError(f"undecodable frame: {exc}") from None
+
+    # -- writing
+
+    def queue(self, message: list) -> None:
+        if self.closed:
+            raise RPCUnavailable(errno.ECONNRESET, "connection closed")
+        body = _pack(message)
+        if len(body) > self.max_frame:
+            raise RPCError(errno.EMSGSIZE, f"message of {len(body)} bytes exceeds the frame limit")
+        self._out.append(HEADER.pack(len(body)))
+        self._out.append(body)
+        self._out_bytes += len(body)
+        self._wake.set()
+
+    async def send(self, message: list) -> None:
+        """Queue a message; wait while the queue is above the high-water mark."""
+        self.queue(message)
+        while self._out_bytes > HIGH_WATER and not self.closed:
+            await self._drained.wait()
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far has been handed to the kernel."""
+        while (self._out or self._busy) and not self.closed:
+            await self._drained.wait()
+
+    async def writer(self) -> None:
+        try:
+            while True:
+                if not self._out:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    continue
+                pieces, self._out = self._out, []
+                self._out_bytes = 0
+                self._busy = True
+                batch: list[bytes] = []
+                size = 0
+                for piece in pieces:
+                    if len(piece) > JOIN_LIMIT:
+                        if batch:
+                            await self._send_all(b"".join(batch))
+                            batch, size = [], 0
+                        await self._send_all(piece)
+                    else:
+                        batch.append(piece)
+                        size += len(piece)
+                if batch:
+                    await self._send_all(b"".join(batch) if len(batch) > 1 else batch[0])
+                self._busy = False
+                drained, self._drained = self._drained, trio.Event()
+                drained.set()
+        finally:
+            self.closed = True
+            self._drained.set()
+
+    async def _send_all(self, data: bytes) -> None:
+        with memoryview(data) as view:
+            total = len(view)
+            sent = 0
+            while sent < total:
+                sent += await self.sock.send(view[sent:])
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+        self._drained.set()
+        self.sock.close()
+
+
+# ---------------------------------------------------------------- server
+
+Handler = Callable[..., Any]
+
+
+class Server:
+    """Serves a handler table on listening sockets; one misbehaving peer affects only itself."""
+
+    def __init__(
+        self,
+        handlers: Mapping[str, Handler],
+        *,
+        token: str | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        name: str = "rpc",
+    ) -> None:
+        self.handlers = dict(handlers)
+        self.is_async = {k: inspect.iscoroutinefunction(v) for k, v in self.handlers.items()}
+        self.token = token
+        self.max_frame = max_frame
+        self.name = name
+
+    async def serve(
+        self,
+        listener: trio.socket.SocketType | stdsocket.socket,
+        *,
+        task_status=trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        if isinstance(listener, stdsocket.socket):
+            listener = trio.socket.from_stdlib_socket(listener)
+        listener.listen(512)
+        async with trio.open_nursery() as nursery:
+            task_status.started(listener.getsockname())
+            while True:
+                try:
+                    conn, _ = await listener.accept()
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        log.warning("accept failed: %s", exc)
+                        await trio.sleep(0.1)
+                        continue
+                    raise
+                nursery.start_soon(self._connection, conn)
+
+    async def _connection(self, sock: trio.socket.SocketType) -> None:
+        if sock.family in (stdsocket.AF_INET, stdsocket.AF_INET6):
+            sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+        conn = FrameSocket(sock, self.max_frame)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(conn.writer)
+                try:
+                    await self._read_loop(conn, nursery)
+                except (EOFError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                except ProtocolError as exc:
+                    log.warning("%s: dropping connection: %s", self.name, exc)
+                    await self._last_word(conn, 0, ["EPROTO", str(exc)])
+                nursery.cancel_scope.cancel()
+        finally:
+            conn.close()
+
+    async def _last_word(self, conn: FrameSocket, req_id: Any, error: list) -> None:
+        """Send one error reply and give it a moment to leave before the connection closes."""
+        with contextlib.suppress(RPCError):
+            conn.queue([REPLY, req_id, error, None])
+        with trio.move_on_after(1):
+            await conn.flush()
+
+    async def _read_loop(self, conn: FrameSocket, nursery: trio.Nursery) -> None:
+        authed = self.token is None
+        handlers, is_async = self.handlers, self.is_async
+        while True:
+            msg = await conn.read_frame()
+            if (
+                not isinstance(msg, list)
+                or len(msg) != 4
+                or msg[0] != REQUEST
+                or not isinstance(msg[2], str)
+                or not isinstance(msg[3], list)
+            ):
+                raise ProtocolError("expected a request [0, id, method, args]")
+            _, req_id, method, args = msg
+            if method == "hello":
+                ok = self.token is None or (
+                    len(args) == 1
+                    and isinstance(args[0], str)
+                    and hmac.compare_digest(args[0].encode(), self.token.encode())
+                )
+                if not ok:
+                    await self._last_word(
+                        conn, req_id, ["EACCES", "authentication failed: bad token"]
+                    )
+                    return
+                authed = True
+                conn.queue([REPLY, req_id, None, True])
+                continue
+            if not authed:
+                await self._last_word(
+                    conn, req_id, ["EACCES", "authentication required: send hello(token) first"]
+                )
+                return
+            handler = handlers.get(method)
+            if handler is None:
+                conn.queue([REPLY, req_id, ["ENOSYS", f"unknown method {method!r}"], None])
+            elif is_async[method]:
+                nursery.start_soon(self._call_async, conn, req_id, method, handler, args)
+            else:
+                try:
+                    result = handler(*args)
+                except Exception as exc:
+                    self._reply_error(conn, req_id, method, exc)
+                else:
+                    self._reply(conn, req_id, result, method)
+
+    async def _call_async(self, conn, req_id, method, handler, args) -> None:
+        try:
+            result = await handler(*args)
+        except Exception as exc:
+            self._reply_error(conn, req_id, method, exc)
+        else:
+            self._reply(conn, req_id, result, method)
+
+    def _reply(self, conn: FrameSocket, req_id, result, method) -> None:
+        if conn.closed:
+            return
+        try:
+            conn.queue([REPLY, req_id, None, result])
+        except RPCError as exc:
+            self._reply_error(conn, req_id, method, exc)
+
+    def _reply_error(self, conn: FrameSocket, req_id, method: str, exc: Exception) -> None:
+        payload = error_payload(exc)
+        if payload[0] == "EIO" and not isinstance(exc, OSError):
+            log.exception("%s: %s failed", self.name, method)
+        if not conn.closed:
+            conn.queue([REPLY, req_id, payload, None])
+
+
+# ---------------------------------------------------------------- client
+
+
+def parse_addr(addr: str, default_port: int) -> tuple[str, int]:
+    """`host:port`, `host`, `[v6]:port` -> (host, port)."""
+    addr = addr.strip()
+    if addr.startswith("["):
+        host, _, rest = addr[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif addr.count(":") == 1:
+        host, port = addr.split(":")
+    else:
+        host, port = addr, ""
+    if not host:
+        raise ValueError(f"address {addr!r} has no host")
+    return host, int(port) if port else default_port
+
+
+async def open_socket(address: str, default_port: int = 0) -> trio.socket.SocketType:
+    """Connect to `unix:/path` / `unix:///path` or `host:port`."""
+    if address.startswith("unix:"):
+        path = address[len("unix://") :] if address.startswith("unix://") else address[5:]
+        sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+        try:
+            await sock.connect(path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    host, port = parse_addr(address, default_port)
+    infos = await trio.socket.getaddrinfo(host, port, type=stdsocket.SOCK_STREAM)
+    last: OSError | None = None
+    for family, type_, proto, _, sockaddr in infos:
+        sock = trio.socket.socket(family, type_, proto)
+        try:
+            await sock.connect(sockaddr)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+        return sock
+    raise last or OSError(errno.ECONNREFUSED, f"cannot resolve {address}")
+
+
+class Connection:
+    """A client connection: many calls in flight, replies matched by id."""
+
+    def __init__(self, sock: trio.socket.SocketType, address: str, max_frame: int) -> None:
+        self.address = address
+        self.frames = FrameSocket(sock, max_frame)
+        self._next_id = 0
+        self._waiting: dict[int, trio.lowlevel.Task] = {}
+        self._results: dict[int, outcome.Outcome] = {}
+        self.broken: BaseException | None = None
+        self.cancel_scope = trio.CancelScope()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def usable(self) -> bool:
+        return self.broken is None and not self.frames.closed
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with self.cancel_scope:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.frames.writer)
+                    task_status.started()
+                    await self._read_loop()
+                    nursery.cancel_scope.cancel()
+            except (EOFError, OSError, ProtocolError, trio.BrokenResourceError) as exc:
+                self._fail(exc)
+        self._fail(EOFError("closed"))
+
+    async def _read_loop(self) -> None:
+        while True:
+            msg = await self.frames.read_frame()
+            if not isinstance(msg, list) or len(msg) != 4 or msg[0] != REPLY:
+                raise ProtocolError("expected a reply [1, id, error, result]")
+            _, req_id, err, result = msg
+            task = self._waiting.pop(req_id, None)
+            if task is None:
+                if req_id == 0 and err:
+                    # the server's last word before it hangs up
+                    raise RPCError(str(err[0]), str(err[1]))
+                continue
+            if err is None:
+                value = outcome.Value(result)
+            else:
+                value = outcome.Error(RPCError(str(err[0]), str(err[1])))
+            trio.lowlevel.reschedule(task, value)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.broken is None:
+            self.broken = exc
+        self.frames.close()
+        waiting, self._waiting = self._waiting, {}
+        for task in waiting.values():
+            trio.lowlevel.reschedule(task, outcome.Error(self._unavailable()))
+
+    def _unavailable(self) -> RPCError:
+        exc = self.broken
+        if isinstance(exc, RPCError):
+            return exc
+        return RPCUnavailable(errno.ECONNRESET, f"connection to {self.address} lost: {exc}")
+
+    async def call(self, method: str, *args: Any) -> Any:
+        if not self.usable:
+            raise self._unavailable()
+        self._next_id += 1
+        req_id = self._next_id
+        self.frames.queue([REQUEST, req_id, method, list(args)])
+        task = trio.lowlevel.current_task()
+        self._waiting[req_id] = task
+
+        def abort(_raise_cancel):
+            self._waiting.pop(req_id, None)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def close(self) -> None:
+        self.cancel_scope.cancel()
+        self._fail(EOFError("closed"))
+
+
+async def connect(
+    nursery: trio.Nursery,
+    address: str,
+    *,
+    token: str | None = None,
+    default_port: int = 0,
+    max_frame: int = DEFAULT_MAX_FRAME,
+) -> Connection:
+    """Open a connection whose reader runs in `nursery`; says hello when a token is given."""
+    try:
+        sock = await open_socket(address, default_port)
+    except OSError as exc:
+        raise RPCUnavailable(errno.ECONNREFUSED, f"cannot connect to {address}: {exc}") from None
+    conn = Connection(sock, address, max_frame)
+    await nursery.start(conn.run)
+    if token is not None:
+        try:
+            await conn.call("hello", token)
+        except BaseException:
+            conn.close()
+            raise
+    return conn
+
+
+class Pool:
+    """Connections per server address, opened on demand, replaced when they break.
+
+    A call that fails before its request could be sent is always retried; one whose
+    connection broke after sending is retried only when the caller says it is idempotent.
+    """
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        *,
+        token: str | None = None,
+        default_port: int = 0,
+        max_conns: int = 4,
+        timeout: float = 30.0,
+        max_frame: int = DEFAULT_MAX_FRAME,
+    ) -> None:
+        self.nursery = nursery
+        self.token = token
+        self.default_port = default_port
+        self.max_conns = max_conns
+        self.timeout = timeout
+        self.max_frame = max_frame
+        self._conns: dict[str, list[Connection]] = {}
+        self._locks: dict[str, trio.Lock] = {}
+
+    async def _get(self, address: str) -> Connection:
+        conns = self._conns.setdefault(address, [])
+        if len(conns) > 0:
+            live = [c for c in conns if c.usable]
+            if len(live) != len(conns):
+                conns[:] = live
+        best = min(conns, key=lambda c: c.in_flight, default=None)
+        if best is not None and (best.in_flight == 0 or len(conns) >= self.max_conns):
+            return best
+        lock = self._locks.setdefault(address, trio.Lock())
+        if lock.locked() and best is not None:
+            return best
+        async with lock:
+            conn = await connect(
+                self.nursery,
+                address,
+                token=self.token,
+                default_port=self.default_port,
+                max_frame=self.max_frame,
+            )
+            conns.append(conn)
+            return conn
+
+    async def call(
+        self,
+        address: str,
+        method: str,
+        *args: Any,
+        idempotent: bool = False,
+        time_limit: float | None = None,
+    ) -> Any:
+        """One call with a deadline; RPCUnavailable (with `.sent`) when the server is gone."""
+        deadline = trio.current_time() + (self.timeout if time_limit is None else time_limit)
+        attempt = 0
+        while True:
+            sent = False
+            try:
+                with trio.fail_after(max(0.0, deadline - trio.current_time())):
+                    conn = await self._get(address)
+                    sent = True
+                    return await conn.call(method, *args)
+            except trio.TooSlowError:
+                exc = RPCUnavailable(errno.ETIMEDOUT, f"{method} on {address} timed out")
+                exc.sent = sent
+                raise exc from None
+            except RPCUnavailable as exc:
+                exc.sent = sent
+                if (sent and not idempotent) or attempt >= 1:
+                    raise
+            attempt += 1
+
+    def close(self) -> None:
+        for conns in self._conns.values():
+            for conn in conns:
+                conn.close()
+        self._conns.clear()
+
+
+# ---------------------------------------------------------------- blocking helper
+
+
+def _recv_exact(sock: stdsocket.socket, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(n - got)
+        if not chunk:
+            raise EOFError("connection closed")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def call_sync(
+    address: str, method: str, *args: Any, token: str | None = None, timeout: float = 10.0
+) -> Any:
+    """One call on a fresh blocking connection: readiness probes and scripts outside trio."""
+    if address.startswith("unix:"):
+        path = address[len("unix://") :] if address.startswith("unix://") else address[5:]
+        sock = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        target: Any = path
+    else:
+        host, port = parse_addr(address, 0)
+        sock = stdsocket.socket(stdsocket.AF_INET6 if ":" in host else stdsocket.AF_INET)
+        sock.settimeout(timeout)
+        target = (host, port)
+    try:
+        try:
+            sock.connect(target)
+        except OSError as exc:
+            raise RPCUnavailable(
+                errno.ECONNREFUSED, f"cannot connect to {address}: {exc}"
+            ) from None
+        calls = ([["hello", [token]]] if token is not None else []) + [[method, list(args)]]
+        sock.sendall(b"".join(encode([REQUEST, i + 1, m, a]) for i, (m, a) in enumerate(calls)))
+        result = None
+        for _ in calls:
+            (length,) = HEADER.unpack(_recv_exact(sock, HEADER.size))
+            _, _, err, result = unpack_frame(_recv_exact(sock, length))
+            if err is not None:
+                raise RPCError(str(err[0]), str(err[1]))
+        return result
+    except (TimeoutError, EOFError, ConnectionError) as exc:
+        raise RPCUnavailable(errno.ETIMEDOUT, f"{method} on {address}: {exc}") from None
+    finally:
+        sock.close()

@@ -1,0 +1,71 @@
+"""What the master and worker commands share: token, listening socket, metrics, flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import trio
+
+from fusecsi.cluster.protocol import parse_addr
+
+TOKEN_ENV = "FUSECSI_TOKEN"
+
+
+def load_token(token_file: str | None) -> str | None:
+    """The cluster token from `--token-file` or $FUSECSI_TOKEN; None when neither is set."""
+    if token_file:
+        with open(token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+        if not token:
+            raise ValueError(f"token file {token_file} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def add_common_flags(parser, default_listen: str) -> None:
+    parser.add_argument("--listen", default=default_listen, metavar="HOST:PORT")
+    parser.add_argument("--data-dir", required=True, metavar="DIR")
+    parser.add_argument(
+        "--token-file", metavar="F", help=f"file holding the cluster token (or set {TOKEN_ENV})"
+    )
+    parser.add_argument("--metrics-address", metavar="HOST:PORT", help="serve Prometheus metrics")
+    parser.add_argument("--log-level", default="INFO")
+
+
+async def bind(address: str, default_port: int) -> trio.socket.SocketType:
+    """A bound TCP socket for `HOST:PORT` (the caller listens)."""
+    host, port = parse_addr(address, default_port)
+    sock = trio.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        await sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def serve_metrics(address: str | None) -> None:
+    if not address:
+        return
+    from prometheus_client import start_http_server  # only when asked for
+
+    host, port = parse_addr(address, 0)
+    start_http_server(port, addr=host)
+
+
+def run_role(role: str, args, serve) -> int:
+    """The body of `run(args)` for a server role: logs, token, metrics, then `serve`."""
+    from fusecsi import logs
+
+    logs.setup(role, args.log_level)
+    try:
+        token = load_token(args.token_file)
+    except (OSError, ValueError) as exc:
+        print(f"fusecsi {role}: {exc}", file=sys.stderr)
+        return 2
+    serve_metrics(args.metrics_address)
+    trio.run(serve, args, token)
+    return 0

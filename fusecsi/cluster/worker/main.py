@@ -1,0 +1,73 @@
+"""`fusecsi worker`: stores blocks and serves them straight to clients."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+from pathlib import Path
+
+import trio
+
+from fusecsi.cluster import roles
+from fusecsi.cluster.protocol import DEFAULT_MAX_FRAME, Pool, Server, parse_addr
+from fusecsi.cluster.worker.service import WorkerService
+from fusecsi.cluster.worker.store import BlockStore
+from fusecsi.logs import fields
+
+log = logging.getLogger("fusecsi.worker")
+
+DEFAULT_PORT = 8997
+MASTER_PORT = 8995
+
+
+def configure(parser) -> None:
+    roles.add_common_flags(parser, f"0.0.0.0:{DEFAULT_PORT}")
+    parser.add_argument("--master-addrs", required=True, metavar="A[,B]")
+    parser.add_argument(
+        "--advertise", metavar="HOST:PORT", help="address clients use (default: the listen address)"
+    )
+    parser.add_argument(
+        "--capacity", type=int, metavar="BYTES", help="report at most this much space"
+    )
+
+
+def advertised(listen: str, advertise: str | None, port: int) -> str:
+    if advertise:
+        host, p = parse_addr(advertise, port)
+    else:
+        host, p = parse_addr(listen, DEFAULT_PORT)
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        p = port
+    return f"[{host}]:{p}" if ":" in host else f"{host}:{p}"
+
+
+async def serve(args, token: str | None) -> None:
+    masters = [a.strip() for a in args.master_addrs.split(",") if a.strip()]
+    if not masters:
+        raise ValueError("--master-addrs is empty")
+    store = BlockStore(Path(args.data_dir), args.capacity)
+    sock = await roles.bind(args.listen, DEFAULT_PORT)
+    port = sock.getsockname()[1]
+    advertise = advertised(args.listen, args.advertise, port)
+    max_frame = DEFAULT_MAX_FRAME * 2
+    async with trio.open_nursery() as nursery:
+        pool = Pool(nursery, token=token, default_port=MASTER_PORT, timeout=10)
+        service = WorkerService(store, pool, masters, advertise)
+        server = Server(service.handlers(), token=token, max_frame=max_frame, name="worker")
+        await nursery.start(server.serve, sock)
+        log.info(
+            "worker listening",
+            extra=fields(address=advertise, worker=store.worker_id, blocks_bytes=store.used),
+        )
+        await nursery.start(service.heartbeats)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("stopping", extra=fields(signal=signum))
+                break
+        nursery.cancel_scope.cancel()
+
+
+def run(args) -> int:
+    return roles.run_role("worker", args, serve)

@@ -1,0 +1,153 @@
+"""The worker's RPC methods (block reads and writes for clients) and its link to the master."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections import OrderedDict
+
+import trio
+
+from fusecsi.cluster.master.namespace import check_int
+from fusecsi.cluster.protocol import Pool, RPCError
+from fusecsi.cluster.worker.store import BlockStore
+from fusecsi.logs import fields
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 1.0
+MAX_TOMBSTONES = 100_000
+
+
+class WorkerService:
+    def __init__(self, store: BlockStore, pool: Pool, masters: list[str], advertise: str) -> None:
+        self.store = store
+        self.pool = pool
+        self.masters = masters
+        self.advertise = advertise
+        self.block_size = 1 << 30  # until the master says otherwise
+        self.limiter = trio.CapacityLimiter(8)
+        self._locks: dict[int, trio.Lock] = {}
+        self._users: dict[int, int] = {}
+        # blocks the master freed: a late write from a client with a stale map must not
+        # bring one back to life
+        self.tombstones: OrderedDict[int, None] = OrderedDict()
+        self.registered = trio.Event()
+        self._master = 0
+
+    def handlers(self) -> dict:
+        return {
+            "write_block": self.write_block,
+            "read_block": self.read_block,
+            "truncate_block": self.truncate_block,
+            "delete_blocks": self.delete_blocks,
+            "worker_info": self.worker_info,
+        }
+
+    async def _locked(self, block_id: int, fn, *args):
+        lock = self._locks.get(block_id)
+        if lock is None:
+            lock = self._locks[block_id] = trio.Lock()
+        self._users[block_id] = self._users.get(block_id, 0) + 1
+        try:
+            async with lock:
+                return await trio.to_thread.run_sync(fn, block_id, *args, limiter=self.limiter)
+        finally:
+            left = self._users[block_id] - 1
+            if left:
+                self._users[block_id] = left
+            else:
+                del self._users[block_id]
+                del self._locks[block_id]
+
+    def _check_range(self, block_id, offset, length) -> None:
+        check_int(block_id, "block id", 1)
+        check_int(offset, "offset")
+        if offset + length > self.block_size:
+            raise OSError(errno.EINVAL, f"range ends past the block size {self.block_size}")
+
+    async def write_block(self, block_id, offset, data):
+        if not isinstance(data, bytes):
+            raise OSError(errno.EINVAL, "data must be bytes")
+        self._check_range(block_id, offset, len(data))
+        if block_id in self.tombstones:
+            raise OSError(errno.ENOENT, f"block {block_id} was deleted")
+        await self._locked(block_id, self.store.write, offset, data)
+        return None
+
+    async def read_block(self, block_id, offset, size):
+        self._check_range(block_id, offset, check_int(size, "size"))
+        return await self._locked(block_id, self.store.read, offset, size)
+
+    async def truncate_block(self, block_id, length):
+        self._check_range(block_id, length, 0)
+        await self._locked(block_id, self.store.truncate, length)
+
+    async def delete_blocks(self, block_ids):
+        if not isinstance(block_ids, list):
+            raise OSError(errno.EINVAL, "block ids must be a list")
+        for block_id in block_ids:
+            check_int(block_id, "block id", 1)
+            self.tombstones[block_id] = None
+            await self._locked(block_id, self.store.delete)
+        while len(self.tombstones) > MAX_TOMBSTONES:
+            self.tombstones.popitem(last=False)
+
+    def worker_info(self):
+        capacity, free = self.store.space()
+        return {
+            "id": self.store.worker_id,
+            "address": self.advertise,
+            "capacity": capacity,
+            "free": free,
+            "block_size": self.block_size,
+        }
+
+    # ------------------------------------------------------------ master link
+
+    async def _call_master(self, method: str, *args):
+        """Try the masters in turn, starting with the one that answered last."""
+        last: Exception | None = None
+        for k in range(len(self.masters)):
+            i = (self._master + k) % len(self.masters)
+            try:
+                result = await self.pool.call(self.masters[i], method, *args, idempotent=True)
+            except RPCError as exc:
+                if exc.errno not in (errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT):
+                    raise
+                last = exc
+                continue
+            self._master = i
+            return result
+        raise last or RPCError(errno.ECONNREFUSED, "no master")
+
+    async def _register(self) -> None:
+        capacity, free = await trio.to_thread.run_sync(self.store.space)
+        block_ids = await trio.to_thread.run_sync(self.store.block_ids)
+        reply = await self._call_master(
+            "register", self.store.worker_id, self.advertise, capacity, free, block_ids
+        )
+        self.block_size = reply["block_size"]
+        if reply["delete"]:
+            log.info("deleting orphan blocks", extra=fields(count=len(reply["delete"])))
+            await self.delete_blocks(reply["delete"])
+        self.registered.set()
+        log.info("registered", extra=fields(worker=self.store.worker_id, address=self.advertise))
+
+    async def heartbeats(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        known = False
+        while True:
+            try:
+                if not known:
+                    await self._register()
+                    known = True
+                capacity, free = self.store.space()
+                reply = await self._call_master("heartbeat", self.store.worker_id, capacity, free)
+                known = reply["known"]
+                if reply["delete"]:
+                    await self.delete_blocks(reply["delete"])
+            except RPCError as exc:
+                log.warning("master unreachable", extra=fields(err=str(exc)))
+                known = False
+            await trio.sleep(HEARTBEAT_INTERVAL)
