@@ -4,6 +4,7 @@ and the properties that matter asserted: propagation, privilege, RBAC, update st
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import kubernetes_validate
@@ -414,3 +415,42 @@ def test_notes_tell_the_user_what_to_do(helm_version):
     assert "OnDelete" in notes and "delete its mountd pod" in notes
     defaults = run_helm("install", "rel", str(CHART), "--dry-run=client").stdout
     assert "No StorageClass was created" in defaults.split("NOTES:", 1)[1]
+
+
+def option_paths(schema: dict, node: dict, prefix: str = "") -> set[str]:
+    """Every option the schema names (closed objects, walked through $ref and arrays)."""
+    if "$ref" in node:
+        node = schema["definitions"][node["$ref"].rsplit("/", 1)[1]]
+    if node.get("type") == "array" and "items" in node:
+        return option_paths(schema, node["items"], prefix + "[]")
+    if node.get("additionalProperties") is not False:
+        return set()
+    paths = set()
+    for key, child in node["properties"].items():
+        path = f"{prefix}.{key}" if prefix else key
+        paths |= {path} | option_paths(schema, child, path)
+    return paths
+
+
+def present_paths(value, prefix: str = "") -> set[str]:
+    paths = set()
+    if isinstance(value, dict):
+        for key, child in value.items():
+            path = f"{prefix}.{key}" if prefix else key
+            paths |= {path} | present_paths(child, path)
+    elif isinstance(value, list):
+        for item in value:
+            paths |= present_paths(item, prefix + "[]")
+    return paths
+
+
+def test_values_all_exercises_every_option(values_all):
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    options = {
+        path
+        for path in option_paths(schema, schema)
+        if path != "global" and not path.endswith((".requests", ".limits"))  # Kubernetes' own
+    }
+    missing = options - present_paths(values_all)
+    assert not missing, sorted(missing)
+    assert {"storageClasses[].parameters", "mountd.healthInterval"} <= options
