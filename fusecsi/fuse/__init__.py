@@ -1,0 +1,1 @@
+"""The FUSE daemon (`fusecsi mount`): one pyfuse3 session serving one cluster subtree."""

@@ -1,0 +1,212 @@
+"""`fusecsi mount`: serve one cluster subtree at a mountpoint, in the foreground.
+
+pyfuse3's structure: one FUSE session per process, `init` -> `trio.run(serve)` -> `close`.
+fs-path is checked on the cluster first (a missing path is a clear error, nothing is
+mounted). With `--ready-fd N` the daemon writes READY to fd N once the mount answers a
+stat, so a supervisor can wait for it; on failure it writes nothing and exits non-zero.
+SIGTERM/SIGINT commit buffered writes, unmount and exit 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import stat
+import sys
+
+import pyfuse3
+import trio
+
+from fusecsi import logs, mount_options
+from fusecsi.fuse import kernel
+from fusecsi.fuse.operations import Operations
+from fusecsi.logs import fields
+
+log = logging.getLogger("fusecsi.mount")
+
+TOKEN_ENV = "FUSECSI_TOKEN"
+MAX_TASKS = 64
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def configure(parser) -> None:
+    parser.add_argument("--master-addrs", required=True, help="cluster masters, host:port[,...]")
+    parser.add_argument("--fs-path", required=True, help="cluster directory to serve")
+    parser.add_argument(
+        "--options", default="", help="mount options k=v,... (see fusecsi/mount_options.py)"
+    )
+    parser.add_argument("--token-file", help=f"file holding the cluster token (or set {TOKEN_ENV})")
+    parser.add_argument("--ready-fd", type=int, help="write READY to this fd once mounted")
+    parser.add_argument("--metrics-address", help="serve Prometheus metrics at HOST:PORT")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("mountpoint")
+
+
+class Settings:
+    def __init__(self, args) -> None:
+        self.master_addrs = args.master_addrs.strip()
+        if not self.master_addrs:
+            raise ValueError("--master-addrs is empty")
+        self.fs_path = normalize_fs_path(args.fs_path)
+        self.options = mount_options.parse_arg(args.options)
+        self.mountpoint = os.path.abspath(args.mountpoint)
+        if not os.path.isdir(self.mountpoint):
+            raise ValueError(f"mountpoint {self.mountpoint} is not a directory")
+        self.ready_fd = args.ready_fd
+        self.metrics_address = args.metrics_address
+        self.token = read_token(args.token_file)
+        self.io_timeout = float(self.options["io-timeout"])
+
+
+def normalize_fs_path(text: str) -> str:
+    if not text.startswith("/"):
+        raise ValueError(f"fs-path {text!r} must be absolute")
+    parts = [p for p in text.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise ValueError(f"fs-path {text!r} must not contain . or ..")
+    return "/" + "/".join(parts)
+
+
+def read_token(path: str | None) -> str | None:
+    if path:
+        with open(path) as f:
+            return f.read().strip() or None
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _client(settings: Settings):
+    from fusecsi.cluster.client import ClusterClient
+
+    return ClusterClient(settings.master_addrs, token=settings.token, timeout=settings.io_timeout)
+
+
+async def _preflight(settings: Settings) -> int:
+    """The cluster inode of fs-path (served as the mount's root)."""
+    client = _client(settings)
+    async with client:
+        with trio.fail_after(settings.io_timeout):
+            attr = await client.resolve(settings.fs_path)
+    if not stat.S_ISDIR(attr.mode):
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory")
+    return attr.ino
+
+
+async def _serve(ops: Operations, settings: Settings) -> int:
+    client = _client(settings)
+    async with client, trio.open_nursery() as nursery:
+        ops.client = client
+        ops.spawn = nursery.start_soon
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            nursery.start_soon(_session, nursery.cancel_scope)
+            if not await _answers(settings.mountpoint, settings.io_timeout):
+                log.error("mount does not answer", extra=fields(mountpoint=settings.mountpoint))
+                nursery.cancel_scope.cancel()
+                return 1
+            kernel.set_read_ahead(settings.mountpoint, int(settings.options["read-ahead-kb"]))
+            if settings.metrics_address:
+                _serve_metrics(settings.metrics_address, ops)
+            _signal_ready(settings.ready_fd)
+            log.info(
+                "mounted", extra=fields(mountpoint=settings.mountpoint, fs_path=settings.fs_path)
+            )
+            async for signum in signals:
+                log.info("unmounting", extra=fields(signal=signal.Signals(signum).name))
+                break
+            with trio.CancelScope(shield=True), trio.move_on_after(settings.io_timeout):
+                await ops.drain_all()
+            pyfuse3.terminate()
+    return 0
+
+
+async def _session(cancel_scope: trio.CancelScope) -> None:
+    try:
+        await pyfuse3.main(min_tasks=2, max_tasks=MAX_TASKS)
+    finally:
+        cancel_scope.cancel()  # unmounted (or terminated): stop everything else
+
+
+async def _answers(mountpoint: str, seconds: float) -> bool:
+    with trio.move_on_after(seconds):
+        try:
+            await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+            return True
+        except OSError as exc:
+            log.error("stat of the new mount failed", extra=fields(err=str(exc)))
+            return False
+    return False
+
+
+def _signal_ready(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.write(fd, b"READY\n")
+        finally:
+            os.close(fd)
+
+
+def _serve_metrics(address: str, ops: Operations) -> None:
+    from prometheus_client import Gauge, start_http_server  # only when asked for
+
+    host, _, port = address.rpartition(":")
+    Gauge("fusecsi_mount_known_inodes", "inodes the kernel holds").set_function(
+        lambda: len(ops.lookups)
+    )
+    Gauge("fusecsi_mount_open_files", "open file handles").set_function(
+        lambda: len(ops.handles.files)
+    )
+    start_http_server(int(port), addr=host or "0.0.0.0")
+
+
+def _reuse_freed_memory() -> None:
+    """1 MiB requests and write-back batches are allocated and freed all the time; by default
+    glibc returns each to the kernel and faults it in again (a third of the write path)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 128 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: only slower
+
+
+def run(args) -> int:
+    logs.setup("mount", args.log_level)
+    _reuse_freed_memory()
+    try:
+        settings = Settings(args)
+    except (ValueError, OSError) as exc:
+        log.error("bad arguments", extra=fields(err=str(exc)))
+        print(f"fusecsi mount: {exc}", file=sys.stderr)
+        return 2
+    try:
+        base_ino = trio.run(_preflight, settings)
+    except (OSError, trio.TooSlowError) as exc:
+        what = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+        log.error(
+            "fs-path not usable",
+            extra=fields(fs_path=settings.fs_path, master_addrs=settings.master_addrs, err=what),
+        )
+        print(f"fusecsi mount: fs-path {settings.fs_path}: {what}", file=sys.stderr)
+        return 1
+    ops = Operations(None, base_ino, settings.options)
+    try:
+        pyfuse3.init(
+            ops,
+            settings.mountpoint,
+            kernel.fuse_options(settings.master_addrs, settings.fs_path, settings.options),
+        )
+    except Exception as exc:
+        log.error("mount failed", extra=fields(mountpoint=settings.mountpoint, err=str(exc)))
+        return 1
+    code = 1
+    try:
+        code = trio.run(_serve, ops, settings)
+    except Exception:
+        log.exception("daemon failed")
+    finally:
+        pyfuse3.close(unmount=True)
+        log.info("stopped", extra=fields(known_inodes=len(ops.lookups)))
+    return code

@@ -1,0 +1,527 @@
+"""pyfuse3 Operations over the cluster client: the kernel's requests, one handler each.
+
+Inode numbers are the cluster's (fs-path shows as the root, see inodes.py). Entries and
+attributes go back with the configured kernel cache timeouts, so repeated stats and path
+walks never reach the daemon. Writes are buffered per open inode (writeback.py) and made
+visible to other mounts by `commit` at flush/fsync/close: close-to-open consistency.
+At open the daemon asks the cluster for the file's current length and mtime; when they
+are unchanged since this mount last saw them the kernel keeps its page cache, otherwise
+the kernel's cached attributes are invalidated so the new length is seen.
+
+A file unlinked (or renamed over) while open through this mount is moved into a hidden
+directory at the top of fs-path and removed at its last close, so it stays readable.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from functools import partial
+
+import pyfuse3
+import trio
+from pyfuse3 import EntryAttributes, FileInfo, FUSEError
+
+from fusecsi.fuse import xattrs
+from fusecsi.fuse.calls import ClusterCalls
+from fusecsi.fuse.handles import HandleTable, OpenInode
+from fusecsi.fuse.inodes import ROOT_INODE, InodeMap, LookupCounts
+from fusecsi.fuse.readahead import ReadAhead
+from fusecsi.fuse.writeback import WriteBuffer
+from fusecsi.logs import fields
+
+log = logging.getLogger(__name__)
+
+ORPHANS = b".fusecsi-orphans"  # in fs-path's top directory, hidden from the mount
+READDIR_PAGE = 1000
+READ_AHEAD_DEPTH = 3
+BLKSIZE = 1 << 20  # tools size their I/O by st_blksize: ask for large requests
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+
+    def __init__(self, client, base_ino: int, options) -> None:
+        super().__init__()
+        self.enable_writeback_cache = bool(options["writeback-cache"])
+        self.client = client
+        self.call = ClusterCalls(float(options["io-timeout"]))
+        self.inodes = InodeMap(base_ino)
+        self.base = base_ino
+        self.lookups = LookupCounts()
+        self.dirs: set[int] = {base_ino}  # directories the kernel knows (for listxattr)
+        self.handles = HandleTable()
+        self.read_only = bool(options["read-only"])
+        self.attr_timeout = float(options["attr-timeout"])
+        self.entry_timeout = float(options["entry-timeout"])
+        self.write_limit = int(options["write-buffer-mb"]) << 20
+        self.read_window = int(options["read-ahead-kb"]) << 10
+        self.spawn = None  # nursery.start_soon of the daemon, set before serving
+        self._seen: dict[int, tuple[int, int]] = {}  # ino -> (size, mtime) at last open/commit
+        self._orphan_dir: int | None = None
+
+    # -- helpers
+
+    def _entry(self, attr) -> EntryAttributes:
+        entry = EntryAttributes()
+        ino = attr.ino
+        entry.st_ino = ROOT_INODE if ino == self.base else ino
+        entry.entry_timeout = self.entry_timeout
+        entry.attr_timeout = self.attr_timeout
+        entry.st_mode = attr.mode
+        entry.st_nlink = attr.nlink
+        entry.st_uid = attr.uid
+        entry.st_gid = attr.gid
+        size = attr.size
+        node = self.handles.inodes.get(ino)
+        if node is not None and node.writer is not None and node.writer.dirty:
+            size = node.writer.size
+        entry.st_size = size
+        entry.st_blksize = BLKSIZE
+        entry.st_blocks = (size + 511) // 512
+        entry.st_atime_ns = attr.atime_ns
+        entry.st_mtime_ns = attr.mtime_ns
+        entry.st_ctime_ns = attr.ctime_ns
+        return entry
+
+    def _count(self, attr) -> None:
+        """An entry handed to the kernel: one more reference."""
+        self.lookups.add(attr.ino)
+        if stat.S_ISDIR(attr.mode):
+            self.dirs.add(attr.ino)
+
+    def _learn(self, attr) -> EntryAttributes:
+        self._count(attr)
+        return self._entry(attr)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise FUSEError(errno.EROFS)
+
+    def _hidden(self, parent: int, name: bytes) -> bool:
+        return parent == self.base and name == ORPHANS
+
+    async def _lookup_or_none(self, parent: int, name: bytes):
+        try:
+            return await self.call(self.client.lookup, parent, name)
+        except FUSEError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+
+    def _open_here(self, attr) -> bool:
+        """True when an unlink of this entry would pull a file out from under an open handle."""
+        return (
+            attr is not None
+            and attr.ino in self.handles.inodes
+            and not stat.S_ISDIR(attr.mode)
+            and attr.nlink <= 1
+        )
+
+    async def _orphans(self) -> int:
+        if self._orphan_dir is None:
+            attr = await self._lookup_or_none(self.base, ORPHANS)
+            if attr is None:
+                try:
+                    attr = await self.call(
+                        self.client.mkdir, self.base, ORPHANS, 0o700, 0, 0, idempotent=False
+                    )
+                except FUSEError as exc:
+                    if exc.errno != errno.EEXIST:
+                        raise
+                    attr = await self.call(self.client.lookup, self.base, ORPHANS)
+            self._orphan_dir = attr.ino
+        return self._orphan_dir
+
+    async def _orphan(self, parent: int, name: bytes, ino: int) -> None:
+        where = await self._orphans()
+        hidden = b"%d" % ino
+        await self.call(self.client.rename, parent, name, where, hidden, 0, idempotent=False)
+        node = self.handles.inodes.get(ino)
+        if node is not None:
+            node.orphan = (where, hidden)
+        else:  # closed while we were renaming
+            await self.call(self.client.unlink, where, hidden, idempotent=False)
+
+    async def _fetch(self, ino: int, offset: int, size: int) -> bytes:
+        return await self.call(self.client.read, ino, offset, size)
+
+    async def _send(self, ino: int, offset: int, data: bytes) -> None:
+        await self.call(self.client.write, ino, offset, data)
+
+    async def _commit(self, node: OpenInode) -> None:
+        """Everything written through this mount reaches the workers and its length the master."""
+        writer = node.writer
+        await writer.drain()
+        if not writer.dirty:
+            return
+        writer.dirty = False
+        try:
+            attr = await self.call(self.client.commit, node.ino, writer.size, time.time_ns())
+        except FUSEError:
+            writer.dirty = True
+            raise
+        node.size = attr.size
+        self._seen[node.ino] = (attr.size, attr.mtime_ns)
+
+    async def _invalidate_attrs(self, ino: int) -> None:
+        kernel_ino = self.inodes.to_kernel(ino)
+        try:
+            if self.enable_writeback_cache:  # may block on dirty pages: not on the loop
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, kernel_ino, True)
+            else:
+                pyfuse3.invalidate_inode(kernel_ino, True)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing for it
+                log.warning("attribute invalidation failed", extra=fields(ino=ino, err=str(exc)))
+
+    async def drain_all(self) -> None:
+        """Commit every open file's buffered writes (at shutdown)."""
+        for node in list(self.handles.inodes.values()):
+            if node.writer is not None:
+                try:
+                    await self._commit(node)
+                except FUSEError as exc:
+                    log.error("unwritten data lost", extra=fields(ino=node.ino, errno=exc.errno))
+
+    # -- names
+
+    async def lookup(self, parent_inode, name, ctx):
+        parent = self.inodes.to_cluster(parent_inode)
+        if self._hidden(parent, name):
+            raise FUSEError(errno.ENOENT)
+        attr = await self.call(self.client.lookup, parent, name)
+        return self._learn(attr)
+
+    async def forget(self, inode_list):
+        for kernel_ino, count in inode_list:
+            ino = self.inodes.to_cluster(kernel_ino)
+            if self.lookups.forget(ino, count):
+                self.dirs.discard(ino)
+                if ino not in self.handles.inodes:
+                    self._seen.pop(ino, None)
+
+    async def getattr(self, inode, ctx):
+        return self._entry(await self.call(self.client.getattr, self.inodes.to_cluster(inode)))
+
+    async def setattr(self, inode, attr, fields_, fh, ctx):
+        self._writable()
+        ino = self.inodes.to_cluster(inode)
+        changes = {}
+        node = self.handles.inodes.get(ino)
+        if fields_.update_size:
+            if node is not None and node.writer is not None:
+                await node.writer.drain()
+            changes["size"] = attr.st_size
+        if fields_.update_mode:
+            changes["mode"] = stat.S_IMODE(attr.st_mode)
+        if fields_.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields_.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields_.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields_.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        new = await self.call(self.client.setattr, ino, **changes)
+        if fields_.update_size and node is not None:
+            node.size = new.size
+            node.version += 1
+            if node.writer is not None:
+                node.writer.truncated(new.size)
+                node.writer.dirty = False
+        return self._entry(new)
+
+    async def readlink(self, inode, ctx):
+        return await self.call(self.client.readlink, self.inodes.to_cluster(inode))
+
+    async def _make(self, fn, parent_inode, name, *args):
+        """Create a name (file, directory, symlink) for the caller; the new entry's Attr."""
+        self._writable()
+        parent = self.inodes.to_cluster(parent_inode)
+        if self._hidden(parent, name):
+            raise FUSEError(errno.EEXIST)
+        return await self.call(fn, parent, name, *args, idempotent=False)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        if not stat.S_ISREG(mode):
+            raise FUSEError(errno.EPERM)  # only regular files live on the cluster
+        mode = stat.S_IMODE(mode)
+        return self._learn(
+            await self._make(self.client.create, parent_inode, name, mode, ctx.uid, ctx.gid)
+        )
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        mode = stat.S_IMODE(mode)
+        return self._learn(
+            await self._make(self.client.mkdir, parent_inode, name, mode, ctx.uid, ctx.gid)
+        )
+
+    async def unlink(self, parent_inode, name, ctx):
+        self._writable()
+        parent = self.inodes.to_cluster(parent_inode)
+        if self._hidden(parent, name):
+            raise FUSEError(errno.ENOENT)
+        if self.handles.inodes:  # only then can the name belong to an open file
+            attr = await self._lookup_or_none(parent, name)
+            if self._open_here(attr):
+                await self._orphan(parent, name, attr.ino)
+                return
+        await self.call(self.client.unlink, parent, name, idempotent=False)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        self._writable()
+        parent = self.inodes.to_cluster(parent_inode)
+        if self._hidden(parent, name):
+            raise FUSEError(errno.ENOENT)
+        await self.call(self.client.rmdir, parent, name, idempotent=False)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        return self._learn(
+            await self._make(self.client.symlink, parent_inode, name, target, ctx.uid, ctx.gid)
+        )
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._writable()
+        old = self.inodes.to_cluster(parent_inode_old)
+        new = self.inodes.to_cluster(parent_inode_new)
+        if self._hidden(old, name_old) or self._hidden(new, name_new):
+            raise FUSEError(errno.EPERM)
+        if self.handles.inodes and not flags & pyfuse3.RENAME_EXCHANGE:
+            target = await self._lookup_or_none(new, name_new)
+            if self._open_here(target):
+                if flags & pyfuse3.RENAME_NOREPLACE:
+                    raise FUSEError(errno.EEXIST)
+                # Swap atomically, then move the replaced file (now under the old name) aside.
+                await self.call(
+                    self.client.rename,
+                    old,
+                    name_old,
+                    new,
+                    name_new,
+                    pyfuse3.RENAME_EXCHANGE,
+                    idempotent=False,
+                )
+                await self._orphan(old, name_old, target.ino)
+                return
+        await self.call(self.client.rename, old, name_old, new, name_new, flags, idempotent=False)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        self._writable()
+        parent = self.inodes.to_cluster(new_parent_inode)
+        if self._hidden(parent, new_name):
+            raise FUSEError(errno.EEXIST)
+        ino = self.inodes.to_cluster(inode)
+        attr = await self.call(self.client.link, ino, parent, new_name, idempotent=False)
+        return self._learn(attr)
+
+    # -- files
+
+    async def open(self, inode, flags, ctx):
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        if writable:
+            self._writable()
+        ino = self.inodes.to_cluster(inode)
+        attr = await self.call(self.client.getattr, ino)  # close-to-open: the current length
+        seen = (attr.size, attr.mtime_ns)
+        keep = self._seen.get(ino) == seen
+        if not keep:
+            self._seen[ino] = seen
+            await self._invalidate_attrs(ino)
+        fh, _ = self.handles.open_file(ino, attr.size, writable)
+        return FileInfo(fh=fh, keep_cache=keep)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        mode = stat.S_IMODE(mode)
+        try:
+            attr = await self._make(self.client.create, parent_inode, name, mode, ctx.uid, ctx.gid)
+        except FUSEError as exc:
+            parent = self.inodes.to_cluster(parent_inode)
+            if exc.errno != errno.EEXIST or flags & os.O_EXCL or self._hidden(parent, name):
+                raise
+            # created meanwhile by another mount: plain O_CREAT opens it
+            attr = await self.call(self.client.lookup, parent, name)
+            if stat.S_ISDIR(attr.mode):
+                raise FUSEError(errno.EISDIR) from None
+        entry = self._learn(attr)
+        self._seen[attr.ino] = (attr.size, attr.mtime_ns)
+        fh, _ = self.handles.open_file(attr.ino, attr.size, True)
+        return FileInfo(fh=fh, keep_cache=True), entry
+
+    async def read(self, fh, off, size):
+        handle = self.handles.files[fh]
+        node = handle.node
+        if node.writer is not None and node.writer.dirty:
+            await self._commit(node)  # the cluster serves reads up to the committed length
+        reader = handle.reader
+        if reader is None:
+            reader = handle.reader = ReadAhead(
+                partial(self._fetch, node.ino), self.read_window, READ_AHEAD_DEPTH, self.spawn
+            )
+        return await reader.read(off, size, node.version, node.current_size)
+
+    async def write(self, fh, off, buf):
+        node = self.handles.files[fh].node
+        writer = node.writer
+        if writer is None:
+            writer = node.writer = WriteBuffer(
+                partial(self._send, node.ino), self.write_limit, self.spawn, node.size
+            )
+        node.version += 1
+        await writer.write(off, buf)
+        return len(buf)
+
+    async def flush(self, fh):
+        handle = self.handles.files.get(fh)
+        if handle is not None and handle.node.writer is not None:
+            await self._commit(handle.node)
+
+    async def fsync(self, fh, datasync):
+        await self.flush(fh)
+
+    async def release(self, fh):
+        handle = self.handles.files.get(fh)
+        if handle is None:
+            return
+        node = handle.node
+        try:
+            if node.opens == 1 and node.writer is not None:
+                await self._commit(node)
+        except FUSEError as exc:
+            log.error("write lost at close", extra=fields(ino=node.ino, errno=exc.errno))
+        finally:
+            self.handles.close_file(fh)
+        if node.opens == 0 and node.orphan is not None:
+            where, hidden = node.orphan
+            await self.call(self.client.unlink, where, hidden, idempotent=False)
+
+    # -- directories
+
+    async def opendir(self, inode, ctx):
+        return self.handles.open_dir(self.inodes.to_cluster(inode))
+
+    async def readdir(self, fh, start_id, token):
+        handle = self.handles.dirs[fh]
+        ino = handle.ino
+        cookie = start_id
+        while True:
+            page, start = await self._dir_page(handle, cookie)
+            for name, attr, next_cookie in page[start:]:
+                if not (ino == self.base and name == ORPHANS):
+                    if not pyfuse3.readdir_reply(token, name, self._entry(attr), next_cookie):
+                        return
+                    self._count(attr)  # readdirplus: each entry counts as a lookup
+                cookie = next_cookie
+            if len(page) < READDIR_PAGE:
+                return
+
+    async def _dir_page(self, handle, cookie: int) -> tuple[list, int]:
+        """The cluster page holding the entries after `cookie`, and where they start in it."""
+        page = handle.page
+        if handle.page_cookie == cookie:
+            return page, 0
+        for index, item in enumerate(page):
+            if item[2] == cookie:
+                if index + 1 < len(page) or len(page) < READDIR_PAGE:
+                    return page, index + 1
+                break
+        page = await self.call(self.client.readdir, handle.ino, cookie, READDIR_PAGE)
+        handle.page_cookie, handle.page = cookie, page
+        return page, 0
+
+    async def releasedir(self, fh):
+        self.handles.dirs.pop(fh, None)
+
+    async def fsyncdir(self, fh, datasync):
+        pass  # namespace changes are durable on the master when they return
+
+    async def statfs(self, ctx):
+        info = await self.call(self.client.statfs)
+        out = pyfuse3.StatvfsData()
+        bsize = int(info.get("block_size") or 4096)
+        out.f_bsize = bsize
+        out.f_frsize = bsize
+        out.f_blocks = int(info["total_bytes"]) // bsize
+        out.f_bfree = int(info["free_bytes"]) // bsize
+        out.f_bavail = out.f_bfree
+        out.f_files = int(info["total_inodes"])
+        out.f_ffree = int(info["free_inodes"])
+        out.f_favail = out.f_ffree
+        out.f_namemax = 255
+        return out
+
+    # -- extended attributes
+
+    async def getxattr(self, inode, name, ctx):
+        if name == xattrs.CAPABILITY:
+            raise FUSEError(xattrs.ENOATTR)  # asked before every write: answer without a call
+        xattrs.check_readable(name)
+        ino = self.inodes.to_cluster(inode)
+        if name == xattrs.QUOTA:
+            return xattrs.quota_json(await self.call(self.client.get_quota, ino))
+        return await self.call(self.client.getxattr, ino, name)
+
+    async def setxattr(self, inode, name, value, ctx):
+        xattrs.check_writable(name)
+        self._writable()
+        await self.call(self.client.setxattr, self.inodes.to_cluster(inode), name, value)
+
+    async def listxattr(self, inode, ctx):
+        ino = self.inodes.to_cluster(inode)
+        names = xattrs.visible(await self.call(self.client.listxattr, ino))
+        if ino in self.dirs:  # a directory: show the virtual quota when one applies
+            try:
+                await self.call(self.client.get_quota, ino)
+                names.append(xattrs.QUOTA)
+            except FUSEError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+        return names
+
+    async def removexattr(self, inode, name, ctx):
+        xattrs.check_writable(name)
+        self._writable()
+        await self.call(self.client.removexattr, self.inodes.to_cluster(inode), name)
+
+    async def access(self, inode, mode, ctx):
+        return True  # permission bits are the kernel's job (default_permissions)
+
+
+def _guard(handler):
+    """A bug or an unexpected cluster reply fails the one request with EIO, never the daemon."""
+
+    @functools.wraps(handler)
+    async def guarded(self, *args):
+        try:
+            return await handler(self, *args)
+        except FUSEError:
+            raise
+        except Exception:
+            log.exception("request failed", extra=fields(op=handler.__name__))
+            raise FUSEError(errno.EIO) from None
+
+    return guarded
+
+
+def _guard_forget(handler):
+    @functools.wraps(handler)
+    async def guarded(self, inode_list):
+        try:
+            await handler(self, inode_list)
+        except Exception:
+            log.exception("forget failed")
+
+    return guarded
+
+
+for _name in (
+    "lookup getattr setattr readlink mknod mkdir unlink rmdir symlink rename link open create "
+    "read write flush fsync release opendir readdir releasedir fsyncdir statfs getxattr "
+    "setxattr listxattr removexattr access"
+).split():
+    setattr(Operations, _name, _guard(getattr(Operations, _name)))
+Operations.forget = _guard_forget(Operations.forget)

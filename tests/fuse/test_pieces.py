@@ -1,0 +1,202 @@
+"""The daemon's bookkeeping pieces on their own: lookup counts, the write-back buffer,
+read-ahead, xattr rules, mount option and mountinfo handling. The cluster side is an
+in-memory byte array here (these pieces only see an async send/fetch function); the real
+cluster is exercised by the mount tests."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import trio
+import trio.lowlevel
+from pyfuse3 import FUSEError
+
+from fusecsi import mount_options
+from fusecsi.fuse import kernel, xattrs
+from fusecsi.fuse.inodes import ROOT_INODE, InodeMap, LookupCounts
+from fusecsi.fuse.main import normalize_fs_path
+from fusecsi.fuse.readahead import ReadAhead
+from fusecsi.fuse.writeback import WriteBuffer
+
+MiB = 1 << 20
+
+
+def test_lookup_counts_follow_lookups_and_forgets():
+    counts = LookupCounts()
+    counts.add(5)
+    counts.add(5)
+    counts.add(7, 3)
+    counts.add(ROOT_INODE)  # never counted: the kernel holds the root for the mount's life
+    assert counts.get(5) == 2 and counts.get(7) == 3 and ROOT_INODE not in counts
+    assert counts.forget(5, 1) is False and counts.get(5) == 1
+    assert counts.forget(5, 1) is True and 5 not in counts
+    assert counts.forget(7, 5) is True  # a forget larger than the count clears it
+    assert len(counts) == 0
+    assert counts.forget(ROOT_INODE, 1) is False
+
+
+def test_inode_map_swaps_only_the_base():
+    inodes = InodeMap(42)
+    assert inodes.to_cluster(ROOT_INODE) == 42 and inodes.to_kernel(42) == ROOT_INODE
+    assert inodes.to_cluster(43) == 43 and inodes.to_kernel(43) == 43
+    same = InodeMap(1)
+    assert same.to_cluster(1) == 1 and same.to_kernel(1) == 1
+
+
+class Sink:
+    """Stands in for the cluster's data path: records each send, can fail on demand."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.sends: list[tuple[int, int]] = []
+        self.fail_with: int | None = None
+
+    async def send(self, offset: int, data: bytes) -> None:
+        await trio.sleep(0.001)
+        if self.fail_with is not None:
+            raise FUSEError(self.fail_with)
+        self.sends.append((offset, len(data)))
+        end = offset + len(data)
+        if len(self.data) < end:
+            self.data.extend(bytes(end - len(self.data)))
+        self.data[offset:end] = data
+
+
+async def test_write_buffer_batches_at_aligned_boundaries():
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        buf = WriteBuffer(sink.send, 4 * MiB, nursery.start_soon, 0)
+        payload = bytes(range(256)) * (4096 * 11)  # 11 MiB
+        step = 300_000  # not a divisor of the block: sends must still line up
+        for off in range(0, len(payload), step):
+            await buf.write(off, payload[off : off + step])
+        assert buf.size == len(payload) and buf.dirty
+        await buf.drain()
+    assert bytes(sink.data) == payload
+    assert sink.sends[:2] == [(0, 4 * MiB), (4 * MiB, 4 * MiB)]
+    assert sink.sends[2] == (8 * MiB, 3 * MiB)
+
+
+async def test_write_buffer_non_contiguous_writes_and_holes():
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        buf = WriteBuffer(sink.send, MiB, nursery.start_soon, 0)
+        await buf.write(10, b"abc")
+        await buf.write(5000, b"xyz")  # a jump: the first piece goes out on its own
+        await buf.write(0, b"0")
+        await buf.drain()
+    assert sink.data[10:13] == b"abc" and sink.data[5000:5003] == b"xyz"
+    assert sink.data[0:1] == b"0" and buf.size == 5003
+
+
+async def test_write_buffer_reports_a_failed_send():
+    sink = Sink()
+    sink.fail_with = errno.EDQUOT
+    async with trio.open_nursery() as nursery:
+        buf = WriteBuffer(sink.send, MiB, nursery.start_soon, 0)
+        await buf.write(0, bytes(MiB))  # full block: sent in the background, fails
+        with pytest.raises(FUSEError) as caught:
+            await buf.drain()
+        assert caught.value.errno == errno.EDQUOT
+        await buf.write(0, bytes(MiB))
+        await trio.sleep(0.05)
+        with pytest.raises(FUSEError) as caught:  # the next write reports it
+            await buf.write(MiB, b"x")
+        assert caught.value.errno == errno.EDQUOT
+
+
+class Source:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.fetches: list[tuple[int, int]] = []
+
+    async def fetch(self, offset: int, size: int) -> bytes:
+        self.fetches.append((offset, size))
+        await trio.lowlevel.checkpoint()
+        return self.data[offset : offset + size]
+
+
+async def test_read_ahead_random_reads_fetch_exactly():
+    src = Source(bytes(range(256)) * 40960)
+    async with trio.open_nursery() as nursery:
+        reader = ReadAhead(src.fetch, MiB, 2, nursery.start_soon)
+        for off in (700_000, 12_288, 5_000_000, 4096):
+            got = await reader.read(off, 4096, 0, len(src.data))
+            assert got == src.data[off : off + 4096]
+    assert src.fetches == [(700_000, 4096), (12_288, 4096), (5_000_000, 4096), (4096, 4096)]
+
+
+async def test_read_ahead_sequential_reads_use_windows_and_stop_at_eof():
+    size = 5 * MiB + 123
+    src = Source(bytes(range(251)) * (size // 251 + 1))
+    src.data = src.data[:size]
+    async with trio.open_nursery() as nursery:
+        reader = ReadAhead(src.fetch, MiB, 2, nursery.start_soon)
+        out = bytearray()
+        off = 0
+        while True:
+            chunk = await reader.read(off, 256 * 1024, 0, size)
+            if not chunk:
+                break
+            out += chunk
+            off += len(chunk)
+    assert bytes(out) == src.data
+    windowed = [f for f in src.fetches if f[1] == MiB]
+    assert len(windowed) >= 5 and all(o % MiB == 0 for o, _ in windowed)
+    assert all(o < size for o, _ in windowed)  # nothing fetched past the end
+
+
+async def test_read_ahead_drops_windows_when_the_file_changes():
+    src = Source(b"a" * (3 * MiB))
+    async with trio.open_nursery() as nursery:
+        reader = ReadAhead(src.fetch, MiB, 1, nursery.start_soon)
+        await reader.read(0, 4096, 0, len(src.data))
+        await reader.read(4096, 4096, 0, len(src.data))
+        src.data = b"b" * (3 * MiB)
+        assert await reader.read(8192, 4096, 1, len(src.data)) == b"b" * 4096
+
+
+def test_xattr_rules():
+    for name in (xattrs.QUOTA, b"trusted.fusecsi.volume"):
+        with pytest.raises(FUSEError) as caught:
+            xattrs.check_writable(name)
+        assert caught.value.errno == errno.EPERM
+    with pytest.raises(FUSEError):
+        xattrs.check_readable(b"trusted.fusecsi.volume")
+    xattrs.check_readable(xattrs.QUOTA)
+    xattrs.check_writable(b"user.mine")
+    names = [b"user.a", b"trusted.fusecsi.volume", b"trusted.other"]
+    assert xattrs.visible(names) == [b"user.a", b"trusted.other"]
+
+
+def test_fuse_options_escape_commas_and_follow_mount_options():
+    opts = mount_options.parse_arg("read-only=true,allow-other=false")
+    got = kernel.fuse_options("h1:8995,h2:8995", "/base", opts)
+    assert "fsname=fusecsi:h1:8995\\,h2:8995:/base" in got
+    assert {"subtype=fusecsi", "ro", "default_permissions"} <= got
+    assert "allow_other" not in got
+
+
+def test_mountinfo_lookup(tmp_path):
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "22 1 0:21 / /proc rw - proc proc rw\n"
+        "40 22 0:47 / /mnt/with\\040space rw - fuse.fusecsi fusecsi:h:8995:/b rw\n"
+    )
+    assert kernel.mount_device("/mnt/with space", str(info)) == "0:47"
+    assert kernel.mount_device("/nowhere", str(info)) is None
+
+
+@pytest.mark.parametrize(
+    "text,want",
+    [("/", "/"), ("/a/b/", "/a/b"), ("//a//b", "/a/b")],
+)
+def test_fs_path_normalised(text, want):
+    assert normalize_fs_path(text) == want
+
+
+@pytest.mark.parametrize("text", ["a/b", "/a/../b", "/a/./b", ""])
+def test_fs_path_rejected(text):
+    with pytest.raises(ValueError):
+        normalize_fs_path(text)
