@@ -30,22 +30,30 @@ class MountdClient:
 
     async def call(self, method: str, *args: Any, limit: float | None = None) -> Any:
         limit = self.timeout if limit is None else limit
+        answer: tuple[bool, Any] | None = None
         async with trio.open_nursery() as nursery:
+            with trio.move_on_after(limit):
+                answer = await self._exchange(nursery, method, args)
+            nursery.cancel_scope.cancel()
+        if answer is None:
+            raise RPCUnavailable(
+                errno.ETIMEDOUT, f"mountd did not answer {method} within {limit:g}s"
+            )
+        ok, value = answer
+        if not ok:
+            raise value
+        return value
+
+    async def _exchange(self, nursery: trio.Nursery, method: str, args) -> tuple[bool, Any]:
+        # errors are returned, not raised, so they leave the nursery as themselves
+        try:
+            conn = await connect(nursery, self.endpoint)
             try:
-                conn = await connect(nursery, self.endpoint, timeout=min(limit, 10.0))
-            except trio.TooSlowError:
-                raise RPCUnavailable(
-                    errno.ETIMEDOUT, f"mountd at {self.endpoint} did not accept"
-                ) from None
-            try:
-                with trio.move_on_after(limit) as scope:
-                    return await conn.call(method, *args)
-                if scope.cancelled_caught:
-                    raise RPCUnavailable(
-                        errno.ETIMEDOUT, f"mountd did not answer {method} within {limit:g}s"
-                    )
+                return True, await conn.call(method, *args)
             finally:
                 conn.close()
+        except Exception as exc:
+            return False, exc
 
     async def ping(self) -> str:
         return await self.call("ping")

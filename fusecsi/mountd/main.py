@@ -85,12 +85,12 @@ async def serve(args) -> None:
 
         serve_metrics(args.metrics_address, supervisor)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(supervisor.run)
-                # the socket appears only once the table is reconciled: a caller never
-                # reaches a mountd that does not yet know its mounts
-                listener = unix_socket.bind(path)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)
+            # the socket appears only once the table is reconciled: a caller never
+            # reaches a mountd that does not yet know its mounts
+            listener = unix_socket.bind(path)
+            try:
                 await nursery.start(api.server(supervisor).serve, listener)
                 log.info(
                     "serving",
@@ -98,12 +98,12 @@ async def serve(args) -> None:
                         socket=path,
                         state_dir=supervisor.state_dir,
                         kubelet_dir=supervisor.kubelet_dir,
-                        keys=len(supervisor.table.entries),
+                        daemons=len(supervisor.table.entries),
                     ),
                 )
                 async for signum in signals:
                     log.info("stopping; FUSE daemons keep running", extra=fields(signal=signum))
                     nursery.cancel_scope.cancel()
                     break
-        finally:
-            unix_socket.remove(path)
+            finally:
+                unix_socket.remove(path)

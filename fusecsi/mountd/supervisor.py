@@ -203,7 +203,7 @@ class Supervisor:
                 await self.persist()
         log.info(
             "published",
-            extra=fields(volume_id=volume_id, target=target, key=key.id, readonly=readonly),
+            extra=fields(volume_id=volume_id, target=target, key_id=key.id, readonly=readonly),
         )
         return self._answer(entry, started)
 
@@ -310,7 +310,9 @@ class Supervisor:
                 if not entry.refs:
                     await self._release(entry)
             await self._remove_target(target)
-        log.info("unpublished", extra=fields(volume_id=volume_id, target=target, key=entry.key.id))
+        log.info(
+            "unpublished", extra=fields(volume_id=volume_id, target=target, key_id=entry.key.id)
+        )
         return {"removed": True}
 
     async def _unmount(self, path: str, *, lazy: bool = False) -> None:
@@ -366,7 +368,7 @@ class Supervisor:
         await daemon.exited.wait()
         rt = self.runtime.get(key_id)
         if rt is not None and rt.daemon is daemon and rt.state == "running":
-            log.warning("daemon exited", extra=fields(key=key_id, pid=daemon.pid))
+            log.warning("daemon exited", extra=fields(key_id=key_id, pid=daemon.pid))
             self._wake.set()
 
     async def _release(self, entry: Entry) -> None:
@@ -403,7 +405,7 @@ class Supervisor:
                 os.unlink(self._token_path(key_id))
             with contextlib.suppress(OSError):
                 await self._blocking(os.rmdir, entry.mountpoint)
-        log.info("daemon stopped", extra=fields(key=key_id))
+        log.info("daemon stopped", extra=fields(key_id=key_id))
 
     # ------------------------------------------------------------ recovery
 
@@ -415,7 +417,7 @@ class Supervisor:
         """
         key_id = entry.key.id
         rt = self._rt(key_id)
-        log.warning("recovering", extra=fields(key=key_id, reason=reason))
+        log.warning("recovering", extra=fields(key_id=key_id, reason=reason))
         rt.state, rt.message = "recovering", reason
         old = rt.daemon
         rt.daemon = None
@@ -437,7 +439,7 @@ class Supervisor:
         entry.restarts += 1
         await self._rebind(entry, list(entry.refs.values()))
         await self.persist()
-        log.info("recovered", extra=fields(key=key_id, pid=entry.pid, restarts=entry.restarts))
+        log.info("recovered", extra=fields(key_id=key_id, pid=entry.pid, restarts=entry.restarts))
 
     async def _rebind(self, entry: Entry, refs: list[Ref]) -> None:
         """Swap each target's mount for a fresh bind of the live daemon's mount."""
@@ -451,7 +453,7 @@ class Supervisor:
                 rt.broken_targets.add(ref.target)
                 log.error(
                     "re-bind failed",
-                    extra=fields(target=ref.target, key=entry.key.id, error=str(exc)),
+                    extra=fields(target=ref.target, key_id=entry.key.id, error=str(exc)),
                 )
 
     async def _health_loop(self) -> None:
@@ -461,7 +463,13 @@ class Supervisor:
             self._wake = trio.Event()
             async with trio.open_nursery() as checks:
                 for key_id in list(self.table.entries):
-                    checks.start_soon(self.check, key_id)
+                    checks.start_soon(self._check_logged, key_id)
+
+    async def _check_logged(self, key_id: str) -> None:
+        try:
+            await self.check(key_id)
+        except Exception:
+            log.exception("health check failed", extra=fields(key_id=key_id))
 
     async def check(self, key_id: str) -> None:
         """One health check of a key; recovers it when its daemon or mount is gone."""
@@ -524,7 +532,7 @@ class Supervisor:
             rt = self._rt(entry.key.id)
             if await self._adoptable(entry):
                 self._adopt(entry, Daemon(entry.pid))
-                log.info("adopted daemon", extra=fields(key=entry.key.id, pid=entry.pid))
+                log.info("adopted daemon", extra=fields(key_id=entry.key.id, pid=entry.pid))
             else:
                 # the health loop's first round recovers it (or stops it if unused)
                 rt.daemon, rt.state, rt.message = (

@@ -1,0 +1,181 @@
+"""A real cluster, a real `fusecsi mountd` subprocess and real FUSE daemons under tmp_path.
+
+Import the fixtures into a test module (`from mountd_stack import cluster_fixture,
+mountd_fixture`); tests ask for them as `cluster` and `mountd`. (A conftest.py here would
+shadow the top-level one for `from conftest import ...`.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import FUSECSI, read_log, wait_for_path
+
+from fusecsi.cluster.client import ClusterClient
+from fusecsi.cluster.local import LocalCluster
+from fusecsi.mountd import mounts
+from fusecsi.mountd.client import MountdClient
+
+TOKEN = "mountd-test-token"
+
+
+@pytest.fixture(name="cluster", scope="module")
+def cluster_fixture(tmp_path_factory):
+    with LocalCluster(tmp_path_factory.mktemp("cluster"), workers=1, token=TOKEN) as running:
+        yield running
+
+
+class Mountd:
+    """One `fusecsi mountd` process; it can be killed and started again on the same state."""
+
+    def __init__(self, base: Path, cluster: LocalCluster, **flags) -> None:
+        self.base = base
+        self.cluster = cluster
+        self.state_dir = base / "state"
+        self.kubelet_dir = base / "kubelet"
+        self.socket = base / "mountd.sock"
+        self.kubelet_dir.mkdir(parents=True, exist_ok=True)
+        self.flags = {"linger": "0", "health-interval": "0.5", **flags}
+        self.proc: subprocess.Popen | None = None
+        self.client = MountdClient(f"unix://{self.socket}")
+        self.starts = 0
+
+    def start(self) -> None:
+        args = [
+            *FUSECSI,
+            "mountd",
+            "--state-dir",
+            str(self.state_dir),
+            "--socket",
+            f"unix://{self.socket}",
+            "--kubelet-dir",
+            str(self.kubelet_dir),
+        ]
+        for name, value in self.flags.items():
+            args += [f"--{name}", str(value)]
+        self.starts += 1
+        log = open(self.base / f"mountd-{self.starts}.log", "wb")  # noqa: SIM115
+        env = {k: v for k, v in os.environ.items() if k != "FUSECSI_TOKEN"}
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.proc.log_path = log.name
+        wait_for_path(self.socket, self.proc)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        return read_log(self.proc)
+
+    def target(self, pod: str, pv: str) -> str:
+        return str(self.kubelet_dir / "pods" / pod / "volumes" / "kubernetes.io~csi" / pv / "mount")
+
+    def make_parent(self, target: str) -> str:
+        """kubelet creates the target's parent; the plugin creates the target itself."""
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        return target
+
+    async def publish(self, volume_id, fs_path, subpath, target, *, options="", readonly=False):
+        self.make_parent(target)
+        return await self.client.publish(
+            volume_id, self.cluster.master_addrs, fs_path, subpath, options, target, readonly, TOKEN
+        )
+
+    def daemon_pids(self) -> list[int]:
+        """Live `fusecsi mount` processes serving this mountd's state dir."""
+        marker = os.fsencode(str(self.state_dir / "mounts"))
+        pids = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    state = f.read().rsplit(b")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != b"Z" and b"mount" in args and any(a.startswith(marker) for a in args):
+                pids.append(int(name))
+        return sorted(pids)
+
+    def fuse_mounts(self) -> tuple[list[str], list[str]]:
+        """(daemon mountpoints, bound targets) of fuse.fusecsi in /proc/self/mountinfo."""
+        entries = [e for e in mounts.read_mountinfo() if e.fstype == mounts.FUSE_FSTYPE]
+        state = str(self.state_dir) + "/"
+        kubelet = str(self.kubelet_dir) + "/"
+        return (
+            sorted(e.mountpoint for e in entries if e.mountpoint.startswith(state)),
+            sorted(e.mountpoint for e in entries if e.mountpoint.startswith(kubelet)),
+        )
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        for pid in self.daemon_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for entry in mounts.mounts_under(str(self.base)):
+            subprocess.run(["umount", "-l", entry.mountpoint], check=False)
+
+
+@pytest.fixture(name="mountd")
+def mountd_fixture(tmp_path, cluster):
+    daemon = Mountd(tmp_path, cluster)
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.close()
+
+
+async def make_dirs(cluster: LocalCluster, *paths: str) -> None:
+    async with ClusterClient(cluster.master_addrs, token=TOKEN) as client:
+        for path in paths:
+            await client.mkdirs(path)
+
+
+async def eventually(check, *, deadline: float, what: str):
+    """Poll `check()` (sync, run in a thread) until it returns a truthy value."""
+    end = time.monotonic() + deadline
+    last: BaseException | None = None
+    while time.monotonic() < end:
+        try:
+            value = await trio.to_thread.run_sync(check, abandon_on_cancel=True)
+            if value:
+                return value
+        except OSError as exc:
+            last = exc
+        await trio.sleep(0.05)
+    raise AssertionError(f"{what} not within {deadline}s (last error: {last})")
+
+
+def read_write(target: str, name: str, data: str) -> bool:
+    """Write a file through `target` and read it back."""
+    path = os.path.join(target, name)
+    with open(path, "w") as f:
+        f.write(data)
+    with open(path) as f:
+        return f.read() == data
+
+
+def errno_of(exc: BaseException) -> str:
+    return errno.errorcode.get(getattr(exc, "errno", 0) or 0, "?")
+
+
+def read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def exists(path: str) -> bool:
+    return os.path.lexists(path)

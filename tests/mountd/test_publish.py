@@ -1,0 +1,171 @@
+"""Publishing through a real mountd: sharing daemons per key, references per target, refusals."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import trio
+from mountd_stack import (  # noqa: F401 - fixtures
+    TOKEN,
+    cluster_fixture,
+    errno_of,
+    exists,
+    make_dirs,
+    mountd_fixture,
+    read_text,
+    read_write,
+)
+
+from fusecsi.cluster.client import ClusterClient
+from fusecsi.mountd.client import RPCError
+
+
+async def test_thirty_volumes_over_three_keys_share_three_daemons(mountd, cluster):
+    keys = [("/share-a", ""), ("/share-b", ""), ("/share-a", "attr-timeout=2")]
+    await make_dirs(cluster, *(f"{fs}/pv{i}" for fs in ("/share-a", "/share-b") for i in range(30)))
+    volumes = [
+        (f"vol{i}", *keys[i % 3], f"pv{i}", mountd.target(f"pod{i}", f"pv{i}")) for i in range(30)
+    ]
+    answers = {}
+
+    async def publish(vid, fs_path, options, subpath, target):
+        answers[vid] = await mountd.publish(vid, fs_path, subpath, target, options=options)
+
+    async with trio.open_nursery() as nursery:
+        for volume in volumes:
+            nursery.start_soon(publish, *volume)
+
+    rows = await mountd.client.list()
+    assert len(rows) == 3
+    assert sorted(len(r["refs"]) for r in rows) == [10, 10, 10]
+    assert len({a["key"] for a in answers.values()}) == 3
+    assert sum(a["daemon_started"] for a in answers.values()) == 3
+    assert sorted(r["pid"] for r in rows) == mountd.daemon_pids()
+    daemon_mounts, targets = mountd.fuse_mounts()
+    assert daemon_mounts == sorted(r["mountpoint"] for r in rows)
+    assert targets == sorted(v[4] for v in volumes)
+
+    # each target is its own cluster directory: a file written through it lands there
+    for vid, *_, target in volumes[:6]:
+        assert read_write(target, "owner", vid)
+    async with ClusterClient(cluster.master_addrs, token=TOKEN) as client:
+        for vid, fs_path, _, subpath, _ in volumes[:6]:
+            attr = await client.resolve(f"{fs_path}/{subpath}/owner")
+            assert await client.read(attr.ino, 0, 100) == vid.encode()
+
+    async with trio.open_nursery() as nursery:
+        for vid, *_, target in volumes:
+            nursery.start_soon(mountd.client.unpublish, vid, target)
+    assert await mountd.client.list() == []
+    assert mountd.daemon_pids() == []
+    assert mountd.fuse_mounts() == ([], [])
+    assert not any(exists(v[4]) for v in volumes)  # the plugin removes what it made
+
+
+async def test_two_targets_of_one_volume_hold_their_own_references(mountd, cluster):
+    await make_dirs(cluster, "/rwx/shared")
+    t1, t2, t3 = (mountd.target(pod, "pv-rwx") for pod in ("pod-1", "pod-2", "pod-3"))
+    first = await mountd.publish("vol-rwx", "/rwx", "shared", t1)
+    second = await mountd.publish("vol-rwx", "/rwx", "shared", t2)
+    assert first["daemon_started"] and not second["daemon_started"]
+    assert first["key"] == second["key"]
+    assert read_write(t1, "note", "from pod 1")
+    assert read_text(os.path.join(t2, "note")) == "from pod 1"
+
+    # idempotent: the same volume, target and options again
+    again = await mountd.publish("vol-rwx", "/rwx", "shared", t1)
+    assert again == {**first, "daemon_started": False}
+    # the same target with another volume, read-only flag or options is refused
+    for change in ({"readonly": True}, {"options": "attr-timeout=5"}):
+        with pytest.raises(RPCError) as info:
+            await mountd.publish("vol-rwx", "/rwx", "shared", t1, **change)
+        assert errno_of(info.value) == "EEXIST"
+    with pytest.raises(RPCError) as info:
+        await mountd.publish("vol-other", "/rwx", "shared", t1)
+    assert errno_of(info.value) == "EEXIST"
+
+    # read-only publish of the same volume on a third target
+    await mountd.publish("vol-rwx", "/rwx", "shared", t3, readonly=True)
+    with pytest.raises(OSError) as info:
+        read_write(t3, "denied", "x")
+    assert info.value.errno == errno.EROFS
+
+    pid = (await mountd.client.list())[0]["pid"]
+    assert await mountd.client.unpublish("vol-rwx", t1) == {"removed": True}
+    assert await mountd.client.unpublish("vol-rwx", t1) == {"removed": False}
+    assert read_write(t2, "after", "t1 is gone")
+    rows = await mountd.client.list()
+    assert rows[0]["pid"] == pid and [r["target"] for r in rows[0]["refs"]] == [t2, t3]
+    assert mountd.fuse_mounts()[1] == [t2, t3]
+    for target in (t2, t3):
+        await mountd.client.unpublish("vol-rwx", target)
+    assert mountd.daemon_pids() == [] and mountd.fuse_mounts() == ([], [])
+
+
+async def test_stats_reads_the_volume_quota_through_the_mount(mountd, cluster):
+    await make_dirs(cluster, "/quota/pvq")
+    async with ClusterClient(cluster.master_addrs, token=TOKEN) as client:
+        attr = await client.resolve("/quota/pvq")
+        await client.set_quota(attr.ino, 10 << 20, 1000)
+    target = mountd.target("pod-q", "pvq")
+    await mountd.publish("vol-q", "/quota", "pvq", target)
+    assert read_write(target, "data", "x" * 5000)
+    stats = await mountd.client.stats(target)
+    assert stats["volume_id"] == "vol-q" and stats["healthy"] is True
+    assert stats["max_bytes"] == 10 << 20 and stats["max_inodes"] == 1000
+    assert stats["used_bytes"] >= 5000 and stats["used_inodes"] >= 1
+    with pytest.raises(RPCError) as info:
+        await mountd.client.stats(mountd.target("pod-q", "unpublished"))
+    assert errno_of(info.value) == "ENOENT"
+    await mountd.client.unpublish("vol-q", target)
+
+
+async def test_bad_input_is_refused_and_binds_nothing(mountd, cluster, tmp_path):
+    await make_dirs(cluster, "/bad/pv", "/bad/inner/deeper")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    escape = mountd.kubelet_dir / "pods" / "escape"
+    escape.parent.mkdir(parents=True, exist_ok=True)
+    escape.symlink_to(outside)
+    good = mountd.target("pod-b", "pv")
+
+    async def refused(code, **overrides):
+        args = {"subpath": "pv", "target": good, "fs_path": "/bad", "options": ""}
+        args.update(overrides)
+        if args["target"].startswith(str(mountd.kubelet_dir)):
+            mountd.make_parent(args["target"])
+        with pytest.raises(RPCError) as info:
+            await mountd.client.publish(
+                "vol-bad",
+                args.get("master_addrs", cluster.master_addrs),
+                args["fs_path"],
+                args["subpath"],
+                args["options"],
+                args["target"],
+                False,
+                TOKEN,
+            )
+        assert errno_of(info.value) == code, (overrides, info.value)
+
+    await refused("EPERM", target=str(outside / "mount"))
+    await refused("EPERM", target=str(escape / "mount"))
+    await refused("EPERM", target=f"{mountd.kubelet_dir}/pods/../../outside/mount")
+    await refused("EINVAL", target="relative/mount")
+    for subpath in ("../pv", "inner/../../pv", "/pv", "", "a//b", "inner/./deeper"):
+        await refused("EINVAL", subpath=subpath)
+    await refused("EINVAL", master_addrs="not an address")
+    await refused("EINVAL", options="no-such-option=1")
+    await refused("ENOENT", subpath="missing")
+    await refused("ENOENT", subpath="inner/missing")
+    assert os.listdir(outside) == []
+    assert mountd.fuse_mounts() == ([], [])
+    assert not exists(good)
+    assert await mountd.client.list() == []  # the daemon started for the ENOENT case is gone
+    assert mountd.daemon_pids() == []
+
+    with pytest.raises(RPCError) as info:
+        await mountd.client.unpublish("vol-bad", "relative")
+    assert errno_of(info.value) == "EINVAL"
+    assert await mountd.client.unpublish("vol-bad", good) == {"removed": False}
