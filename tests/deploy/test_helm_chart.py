@@ -23,6 +23,8 @@ from deploy_helpers import (
     validate,
 )
 
+from fusecsi import mount_options
+
 RENDERS = ["defaults", "all-options"]
 # Containers that must be privileged (mount syscalls, Bidirectional propagation); no other.
 PRIVILEGED = {("DaemonSet", "node", "fusecsi"), ("DaemonSet", "mountd", "mountd")}
@@ -388,6 +390,22 @@ def test_schema_rejects_bad_values(bad, complaint):
     proc = render(sets=(bad,), check=False)
     assert proc.returncode != 0
     assert complaint in proc.stderr
+
+
+def test_storage_class_parameters_are_the_fuse_options():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    parameters = schema["definitions"]["storageClass"]["properties"]["parameters"]
+    assert parameters["propertyNames"]["enum"] == list(mount_options.OPTIONS)
+    proc = render(
+        sets=(
+            "storageClasses[0].name=x",
+            "storageClasses[0].masterAddrs=m:8995",
+            "storageClasses[0].fsPath=/k8s",
+            "storageClasses[0].parameters.max-read=4096",
+        ),
+        check=False,
+    )
+    assert proc.returncode != 0 and "'max-read'" in proc.stderr
 
 
 def test_storage_class_parameters_cannot_override_the_named_keys():
