@@ -23,7 +23,7 @@ from deploy_helpers import (
     validate,
 )
 
-from fusecsi import mount_options
+from fusecsi import mount_options, volumes
 
 RENDERS = ["defaults", "all-options"]
 # Containers that must be privileged (mount syscalls, Bidirectional propagation); no other.
@@ -37,7 +37,7 @@ def workloads(docs):
             yield doc, component
 
 
-def volumes(doc) -> dict[str, dict]:
+def pod_volumes(doc) -> dict[str, dict]:
     return {v["name"]: v for v in doc["spec"]["template"]["spec"]["volumes"]}
 
 
@@ -127,7 +127,7 @@ def test_mount_propagation(renders, values_all, which):
     state_dir = "/var/lib/fusecsi" if which == "defaults" else values_all["mountd"]["stateDir"]
     bidirectional = set()
     for doc, component in workloads(renders[which]):
-        vols = volumes(doc)
+        vols = pod_volumes(doc)
         for name, container in containers(doc).items():
             for mount in container.get("volumeMounts", []):
                 mode = mount.get("mountPropagation", "None")
@@ -152,7 +152,7 @@ def test_mountd_daemonset(renders, values_all, which):
     assert mountd["spec"]["updateStrategy"] == {"type": "OnDelete"}
     priority = "system-node-critical" if which == "defaults" else "system-cluster-critical"
     assert spec["priorityClassName"] == priority
-    vols = volumes(mountd)
+    vols = pod_volumes(mountd)
     assert vols["fuse-device"]["hostPath"] == {"path": "/dev/fuse", "type": "CharDevice"}
     container = containers(mountd)["mountd"]
     assert {"name": "fuse-device", "mountPath": "/dev/fuse"} in container["volumeMounts"]
@@ -179,7 +179,7 @@ def test_node_plugin_reaches_mountd_through_a_shared_host_dir(renders, which):
     assert node_args[node_args.index("--mountd") + 1] == socket
     socket_dir = socket.removeprefix("unix://").rsplit("/", 1)[0]
     for doc in (node, mountd):
-        assert volumes(doc)["mountd-socket-dir"]["hostPath"]["path"] == socket_dir
+        assert pod_volumes(doc)["mountd-socket-dir"]["hostPath"]["path"] == socket_dir
     assert node_args[node_args.index("--node-id") + 1] == "$(NODE_NAME)"
     env = containers(node)["fusecsi"]["env"]
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in env
@@ -189,7 +189,7 @@ def test_node_plugin_reaches_mountd_through_a_shared_host_dir(renders, which):
 def test_node_registration_paths(renders, which):
     kubelet_dir = "/var/lib/kubelet" if which == "defaults" else "/var/lib/k0s/kubelet"
     node = find(renders[which], "DaemonSet", "-node")
-    vols = volumes(node)
+    vols = pod_volumes(node)
     assert vols["plugin-dir"]["hostPath"]["path"] == f"{kubelet_dir}/plugins/csi.fusecsi.io"
     assert vols["registration-dir"]["hostPath"]["path"] == f"{kubelet_dir}/plugins_registry"
     registrar = containers(node)["node-driver-registrar"]["args"]
@@ -328,6 +328,8 @@ def test_storage_classes_from_values(all_docs):
         "attr-timeout": "2",
         "writeback-cache": "true",
     }
+    for storage_class in classes.values():  # what CreateVolume accepts
+        volumes.parse_parameters(storage_class["parameters"])
     scratch = classes["fusecsi-scratch"]
     assert "annotations" not in scratch["metadata"]
     assert scratch["reclaimPolicy"] == "Delete"

@@ -6,6 +6,8 @@ import pytest
 import yaml
 from deploy_helpers import EXAMPLES, validate
 
+from fusecsi import volumes
+
 EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
 
 
@@ -28,6 +30,8 @@ def test_example_matches_the_kubernetes_schema(name):
 def test_storage_class_example():
     (storage_class,) = load("storageclass.yaml")
     assert storage_class["provisioner"] == "csi.fusecsi.io"
+    params = volumes.parse_parameters(storage_class["parameters"])  # what CreateVolume accepts
+    assert params.on_delete == "archive"
     assert {"master-addrs", "fs-path", "on-delete"} <= set(storage_class["parameters"])
     assert storage_class["allowVolumeExpansion"] is True
 
