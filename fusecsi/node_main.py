@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-
 import trio
 
-from fusecsi import logs, unix_socket
+from fusecsi import logs
 from fusecsi.csi_server import CsiServer, add_server_flags, run_until_signal
 from fusecsi.identity import IdentityService
+from fusecsi.mountd.client import MountdClient
+from fusecsi.node import NodeService
 
 
 def configure(parser) -> None:
@@ -21,27 +21,10 @@ def configure(parser) -> None:
     )
 
 
-def _mountd_answers(endpoint: str):
-    path = unix_socket.endpoint_path(endpoint)
-
-    def connect() -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(2.0)
-            try:
-                probe.connect(path)
-            except OSError:
-                return False
-            return True
-
-    async def ready() -> bool:
-        return await trio.to_thread.run_sync(connect)
-
-    return ready
-
-
 def build_server(args) -> CsiServer:
-    identity = IdentityService(controller=False, ready=_mountd_answers(args.mountd))
-    return CsiServer({"Identity": identity})
+    node = NodeService(args.node_id, MountdClient(args.mountd))
+    identity = IdentityService(controller=False, ready=node.mountd_ready)
+    return CsiServer({"Identity": identity, "Node": node})
 
 
 def run(args) -> int:

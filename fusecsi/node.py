@@ -1,0 +1,258 @@
+"""CSI Node service: check kubelet's requests, then let mountd do the mounting.
+
+This process holds no state but the try-locks of calls in flight: mountd owns every FUSE
+daemon, bind mount and reference, so the node plugin can be restarted, upgraded or killed
+at any moment without any mount noticing.
+
+There is no NodeStageVolume: one FUSE daemon per (cluster, fs-path, options) is shared by
+every volume on the node and mountd starts it on the first publish, so there is no
+per-volume device to stage; each pod's target is a bind mount of its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from grpclib.const import Status
+
+from fusecsi import mount_options, volumes
+from fusecsi.cluster.protocol import RPCUnavailable
+from fusecsi.csi import csi_pb2 as pb
+from fusecsi.logs import fields
+from fusecsi.mountd.client import MountdClient
+from fusecsi.validation import fail, invalid, require
+
+log = logging.getLogger("fusecsi.node")
+
+_Mode = pb.VolumeCapability.AccessMode
+_Rpc = pb.NodeServiceCapability.RPC
+
+# Every mode of a shared filesystem: the controller offers the same set.
+SUPPORTED_MODES = frozenset(
+    {
+        _Mode.SINGLE_NODE_WRITER,
+        _Mode.SINGLE_NODE_READER_ONLY,
+        _Mode.MULTI_NODE_READER_ONLY,
+        _Mode.MULTI_NODE_SINGLE_WRITER,
+        _Mode.MULTI_NODE_MULTI_WRITER,
+        _Mode.SINGLE_NODE_SINGLE_WRITER,
+        _Mode.SINGLE_NODE_MULTI_WRITER,
+    }
+)
+READ_ONLY_MODES = frozenset({_Mode.SINGLE_NODE_READER_ONLY, _Mode.MULTI_NODE_READER_ONLY})
+
+CAPABILITIES = (_Rpc.GET_VOLUME_STATS, _Rpc.VOLUME_CONDITION, _Rpc.SINGLE_NODE_MULTI_WRITER)
+
+# mountd's errno names -> CSI codes (docs/contracts.md); anything else is INTERNAL
+ERRNO_STATUS = {
+    errno.EINVAL: Status.INVALID_ARGUMENT,
+    errno.EPERM: Status.INVALID_ARGUMENT,
+    errno.EEXIST: Status.ALREADY_EXISTS,
+    errno.ENOENT: Status.NOT_FOUND,
+    errno.ETIMEDOUT: Status.UNAVAILABLE,
+    errno.ECONNREFUSED: Status.UNAVAILABLE,
+}
+PROBE_TIMEOUT = 2.0
+SOURCE_KEYS = (volumes.CTX_MASTER_ADDRS, volumes.CTX_FS_PATH, volumes.CTX_SUBPATH)
+
+
+@dataclass(frozen=True)
+class Source:
+    """What to bind: a directory of one cluster path, served with these FUSE options."""
+
+    master_addrs: str
+    fs_path: str
+    subpath: str
+    options: str
+
+
+def resolve_source(volume_id: str, context: dict[str, str], flags: list[str]) -> Source:
+    """Source from the volume context (dynamic and static PVs), gaps filled from the id.
+
+    `flags` are the capability's mount flags (a PV's mountOptions): FUSE options `k=v` from
+    the allow-list override the context's; `ro`/`rw` are read by the caller.
+    """
+    found = {key: context.get(key, "") for key in SOURCE_KEYS}
+    if not all(found.values()):
+        try:
+            ref = volumes.VolumeRef.from_volume_id(volume_id)
+        except ValueError:
+            ref = None
+        if ref is not None:
+            decoded = ref.context(mount_options.DEFAULTS)
+            found = {key: found[key] or decoded[key] for key in SOURCE_KEYS}
+    missing = [key for key in SOURCE_KEYS if not found[key]]
+    if missing:
+        invalid(
+            f"volume_context lacks {', '.join(missing)} and the volume id does not name them "
+            "(a static PV must set master-addrs, fs-path and subpath in volumeAttributes)"
+        )
+    try:
+        options = mount_options.parse_arg(
+            ",".join([context.get(volumes.CTX_OPTIONS, ""), *(f for f in flags if "=" in f)])
+        )
+        return Source(
+            master_addrs=volumes.normalize_master_addrs(found[volumes.CTX_MASTER_ADDRS]),
+            fs_path=volumes.normalize_fs_path(found[volumes.CTX_FS_PATH]),
+            subpath=volumes.validate_subpath(found[volumes.CTX_SUBPATH]),
+            options=options.to_arg(),
+        )
+    except ValueError as exc:
+        invalid(f"volume {volume_id!r}: {exc}")
+
+
+def check_capability(capability: pb.VolumeCapability) -> bool:
+    """Validate a publish capability; True when it asks for read-only access."""
+    if capability.HasField("block"):
+        invalid("block access is not supported: fusecsi volumes are filesystems")
+    if not capability.HasField("mount"):
+        invalid("volume_capability.mount missing in request")
+    mode = capability.access_mode.mode
+    if mode == _Mode.UNKNOWN:
+        invalid("volume_capability.access_mode missing in request")
+    if mode not in SUPPORTED_MODES:
+        invalid(f"access mode {_Mode.Mode.Name(mode)} is not supported")
+    readonly = mode in READ_ONLY_MODES
+    for flag in capability.mount.mount_flags:
+        if flag == "ro":
+            readonly = True
+        elif flag != "rw" and "=" not in flag:
+            invalid(
+                f"mount flag {flag!r} is not supported (use ro, rw or FUSE options "
+                f"k=v from: {', '.join(mount_options.OPTIONS)})"
+            )
+    return readonly
+
+
+async def ask_mountd(action: str, answer: Awaitable[Any]) -> Any:
+    """Await a mountd call; its errno becomes the CSI status (docs/contracts.md)."""
+    try:
+        return await answer
+    except RPCUnavailable as exc:
+        fail(Status.UNAVAILABLE, f"{action}: mountd unavailable: {exc.strerror or exc}")
+    except OSError as exc:
+        status = ERRNO_STATUS.get(exc.errno or 0, Status.INTERNAL)
+        fail(status, f"{action}: {exc.strerror or exc}")
+
+
+class TryLocks:
+    """At most one call per (volume, target) at a time; a second one is ABORTED at once,
+    as the CSI spec asks, and kubelet retries it later."""
+
+    def __init__(self) -> None:
+        self._held: set[tuple[str, str]] = set()
+
+    @contextmanager
+    def hold(self, volume_id: str, target: str) -> Iterator[None]:
+        key = (volume_id, target)
+        if key in self._held:
+            fail(Status.ABORTED, f"an operation on volume {volume_id!r} at {target} is running")
+        self._held.add(key)
+        try:
+            yield
+        finally:
+            self._held.discard(key)
+
+
+class NodeService:
+    def __init__(self, node_id: str, mountd: MountdClient) -> None:
+        self.node_id = node_id
+        self.mountd = mountd
+        self.locks = TryLocks()
+
+    async def NodeGetCapabilities(
+        self, request: pb.NodeGetCapabilitiesRequest
+    ) -> pb.NodeGetCapabilitiesResponse:
+        return pb.NodeGetCapabilitiesResponse(
+            capabilities=[pb.NodeServiceCapability(rpc=_Rpc(type=t)) for t in CAPABILITIES]
+        )
+
+    async def NodeGetInfo(self, request: pb.NodeGetInfoRequest) -> pb.NodeGetInfoResponse:
+        return pb.NodeGetInfoResponse(node_id=self.node_id, max_volumes_per_node=0)
+
+    async def NodePublishVolume(
+        self, request: pb.NodePublishVolumeRequest
+    ) -> pb.NodePublishVolumeResponse:
+        require(request, "volume_id", "target_path")
+        # not through require(): validation.py reads FieldDescriptor.label, gone in protobuf 7
+        if not request.HasField("volume_capability"):
+            invalid("volume_capability missing in request")
+        readonly = check_capability(request.volume_capability) or request.readonly
+        flags = list(request.volume_capability.mount.mount_flags)
+        source = resolve_source(request.volume_id, dict(request.volume_context), flags)
+        token = request.secrets.get("token") or None
+        with self.locks.hold(request.volume_id, request.target_path):
+            answer = await ask_mountd(
+                f"publish {request.volume_id} at {request.target_path}",
+                self.mountd.publish(
+                    request.volume_id,
+                    source.master_addrs,
+                    source.fs_path,
+                    source.subpath,
+                    source.options,
+                    request.target_path,
+                    readonly,
+                    token,
+                ),
+            )
+        # the server logs every call; this adds which daemon serves it ("key" would be redacted)
+        started = answer.get("daemon_started")
+        details = fields(volume_id=request.volume_id, key_id=answer.get("key"), started=started)
+        log.info("published", extra=details)
+        return pb.NodePublishVolumeResponse()
+
+    async def NodeUnpublishVolume(
+        self, request: pb.NodeUnpublishVolumeRequest
+    ) -> pb.NodeUnpublishVolumeResponse:
+        require(request, "volume_id", "target_path")
+        with self.locks.hold(request.volume_id, request.target_path):
+            await ask_mountd(
+                f"unpublish {request.volume_id} at {request.target_path}",
+                self.mountd.unpublish(request.volume_id, request.target_path),
+            )
+        return pb.NodeUnpublishVolumeResponse()
+
+    async def NodeGetVolumeStats(
+        self, request: pb.NodeGetVolumeStatsRequest
+    ) -> pb.NodeGetVolumeStatsResponse:
+        require(request, "volume_id", "volume_path")
+        stats = await ask_mountd(
+            f"stats of {request.volume_path}", self.mountd.stats(request.volume_path)
+        )
+        if stats.get("volume_id") != request.volume_id:
+            fail(
+                Status.NOT_FOUND,
+                f"volume {request.volume_id!r} is not published at {request.volume_path}",
+            )
+        usage = [
+            _usage(pb.VolumeUsage.BYTES, stats.get("used_bytes"), stats.get("max_bytes")),
+            _usage(pb.VolumeUsage.INODES, stats.get("used_inodes"), stats.get("max_inodes")),
+        ]
+        healthy = bool(stats.get("healthy"))
+        return pb.NodeGetVolumeStatsResponse(
+            usage=[u for u in usage if u is not None],
+            volume_condition=pb.VolumeCondition(
+                abnormal=not healthy, message=stats.get("message") or ("ok" if healthy else "")
+            ),
+        )
+
+    async def mountd_ready(self) -> bool:
+        """Identity's Probe: ready while mountd answers its ping."""
+        try:
+            return await self.mountd.call("ping", limit=PROBE_TIMEOUT) == "ok"
+        except OSError:
+            return False
+
+
+def _usage(unit: int, used: int | None, limit: int | None) -> pb.VolumeUsage | None:
+    """A usage entry; without a quota only `used` is known (0 means unknown in CSI)."""
+    if used is None:
+        return None
+    if limit is None:
+        return pb.VolumeUsage(unit=unit, used=used)
+    return pb.VolumeUsage(unit=unit, used=used, total=limit, available=max(0, limit - used))
