@@ -61,6 +61,7 @@ class Daemon:
         self.popen = popen
         self.exited = trio.Event()
         self.returncode: int | None = None
+        self._watching = False
         try:
             self._pidfd: int | None = os.pidfd_open(pid)
         except ProcessLookupError:
@@ -71,8 +72,13 @@ class Daemon:
     def alive(self) -> bool:
         return not self.exited.is_set()
 
-    async def watch(self) -> None:
-        """Return when the process has exited (reaping it when it is our child)."""
+    def start_watching(self, nursery: trio.Nursery) -> None:
+        """Have `exited` set (and the child reaped) when the process ends."""
+        if not self._watching:
+            self._watching = True
+            nursery.start_soon(self._watch)
+
+    async def _watch(self) -> None:
         if self._pidfd is not None:
             try:
                 await trio.lowlevel.wait_readable(self._pidfd)
@@ -147,7 +153,7 @@ async def spawn(
         os.close(write_fd)
         os.close(log_fd)
     daemon = Daemon(popen.pid, popen)
-    nursery.start_soon(daemon.watch)
+    daemon.start_watching(nursery)
     log.info("daemon started", extra=fields(pid=popen.pid, mountpoint=mountpoint))
     os.set_blocking(read_fd, False)
     stream = trio.lowlevel.FdStream(read_fd)

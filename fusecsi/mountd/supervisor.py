@@ -362,6 +362,7 @@ class Supervisor:
         rt = self._rt(entry.key.id)
         rt.daemon, rt.state, rt.message, rt.sick, rt.backoff = daemon, "running", "", 0, 1.0
         entry.pid = daemon.pid
+        daemon.start_watching(self._nursery)
         self._nursery.start_soon(self._watch, entry.key.id, daemon)
 
     async def _watch(self, key_id: str, daemon: Daemon) -> None:

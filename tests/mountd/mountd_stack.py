@@ -62,6 +62,9 @@ class Mountd:
         for name, value in self.flags.items():
             args += [f"--{name}", str(value)]
         self.starts += 1
+        # a killed mountd leaves its socket file; the new one replaces it once it is ready
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
         log = open(self.base / f"mountd-{self.starts}.log", "wb")  # noqa: SIM115
         env = {k: v for k, v in os.environ.items() if k != "FUSECSI_TOKEN"}
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -1,0 +1,145 @@
+"""Healing: a killed FUSE daemon, a killed mountd, a cluster that is gone while targets are."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+import pytest
+from mountd_stack import (  # noqa: F401 - fixtures
+    TOKEN,
+    Mountd,
+    cluster_fixture,
+    eventually,
+    exists,
+    make_dirs,
+    mountd_fixture,
+    read_text,
+    read_write,
+)
+
+from fusecsi.cluster.local import LocalCluster
+
+RECOVERY_DEADLINE = 5.0
+
+
+def all_serve(targets: dict[str, str], name: str):
+    """A check: every target reads its file and takes a new write."""
+
+    def check() -> bool:
+        for target, data in targets.items():
+            if read_text(os.path.join(target, name)) != data:
+                return False
+            if not read_write(target, "after-recovery", data):
+                return False
+        return True
+
+    return check
+
+
+async def test_killed_daemon_is_replaced_and_every_target_rebound(mountd, cluster):
+    await make_dirs(cluster, "/heal/a", "/heal/b")
+    targets = {
+        mountd.target("pod-1", "a"): "volume a",
+        mountd.target("pod-2", "a"): "volume a",
+        mountd.target("pod-3", "b"): "volume b",
+    }
+    for target, data in targets.items():
+        await mountd.publish(f"vol-{data[-1]}", "/heal", data[-1], target)
+    for target, data in targets.items():
+        assert read_write(target, "before", data)
+    [row] = await mountd.client.list()
+    os.kill(row["pid"], signal.SIGKILL)
+
+    await eventually(all_serve(targets, "before"), deadline=RECOVERY_DEADLINE, what="recovery")
+    [row_after] = await mountd.client.list()
+    assert row_after["restarts"] == 1 and row_after["state"] == "running"
+    assert row_after["pid"] != row["pid"] and mountd.daemon_pids() == [row_after["pid"]]
+    daemon_mounts, bound = mountd.fuse_mounts()
+    assert daemon_mounts == [row["mountpoint"]] and bound == sorted(targets)
+    for target in targets:
+        stats = await mountd.client.stats(target)
+        assert stats["healthy"], stats
+        await mountd.client.unpublish(stats["volume_id"], target)
+    assert mountd.daemon_pids() == [] and mountd.fuse_mounts() == ([], [])
+
+
+async def test_mountd_restart_adopts_live_daemons_and_recovers_dead_ones(mountd, cluster):
+    await make_dirs(cluster, "/restart-live/v", "/restart-dead/v")
+    live = {mountd.target("pod-1", "live"): "live data"}
+    dead = {mountd.target("pod-2", "dead"): "dead data"}
+    await mountd.publish("vol-live", "/restart-live", "v", *live)
+    await mountd.publish("vol-dead", "/restart-dead", "v", *dead)
+    for target, data in {**live, **dead}.items():
+        assert read_write(target, "f", data)
+    before = {row["fs_path"]: row for row in await mountd.client.list()}
+
+    mountd.kill()
+    # the daemons outlive mountd and keep serving
+    assert mountd.daemon_pids() == sorted(row["pid"] for row in before.values())
+    assert all_serve({**live, **dead}, "f")()
+    os.kill(before["/restart-dead"]["pid"], signal.SIGKILL)
+
+    mountd.start()
+    await eventually(all_serve({**live, **dead}, "f"), deadline=RECOVERY_DEADLINE, what="restart")
+    after = {row["fs_path"]: row for row in await mountd.client.list()}
+    assert after["/restart-live"]["pid"] == before["/restart-live"]["pid"]
+    assert after["/restart-live"]["restarts"] == 0
+    assert after["/restart-dead"]["pid"] != before["/restart-dead"]["pid"]
+    assert after["/restart-dead"]["restarts"] == 1
+    assert [r["target"] for r in after["/restart-live"]["refs"]] == list(live)
+    assert mountd.daemon_pids() == sorted(row["pid"] for row in after.values())
+
+    assert await mountd.client.unpublish("vol-live", *live) == {"removed": True}
+    assert await mountd.client.unpublish("vol-dead", *dead) == {"removed": True}
+    assert await mountd.client.list() == []
+    assert mountd.daemon_pids() == [] and mountd.fuse_mounts() == ([], [])
+
+
+async def test_restart_removes_binds_the_table_does_not_know(mountd, cluster):
+    """mountd died after binding but before persisting: the leftover bind goes at restart."""
+    await make_dirs(cluster, "/leftover/v")
+    kept, orphan = mountd.target("pod-1", "kept"), mountd.target("pod-2", "orphan")
+    await mountd.publish("vol-kept", "/leftover", "v", kept)
+    table_before_orphan = (mountd.state_dir / "table.json").read_bytes()
+    await mountd.publish("vol-orphan", "/leftover", "v", orphan)
+    mountd.kill()
+    (mountd.state_dir / "table.json").write_bytes(table_before_orphan)
+    mountd.start()
+    assert mountd.fuse_mounts()[1] == [kept]
+    [row] = await mountd.client.list()
+    assert [r["target"] for r in row["refs"]] == [kept]
+    await mountd.client.unpublish("vol-kept", kept)
+    assert mountd.daemon_pids() == [] and mountd.fuse_mounts() == ([], [])
+
+
+async def test_unpublish_clears_a_broken_target_while_the_cluster_is_down(tmp_path):
+    with LocalCluster(tmp_path / "cluster", workers=1, token=TOKEN) as cluster:
+        await make_dirs(cluster, "/gone/v")
+        node = Mountd(tmp_path / "node", cluster, **{"ready-timeout": "2"})
+        try:
+            node.start()
+            target = node.target("pod-1", "v")
+            await node.publish("vol-gone", "/gone", "v", target)
+            assert read_write(target, "f", "x")
+            [row] = await node.client.list()
+            node.kill()
+            cluster.stop()
+            os.kill(row["pid"], signal.SIGKILL)
+            node.start()
+
+            # the target is a dead mount, never a local directory that silently takes writes
+            with pytest.raises(OSError) as info:
+                os.listdir(target)
+            assert info.value.errno == errno.ENOTCONN
+            stats = await node.client.stats(target)
+            assert stats["healthy"] is False and stats["message"]
+
+            assert await node.client.unpublish("vol-gone", target) == {"removed": True}
+            assert node.fuse_mounts() == ([], [])
+            assert not exists(target)
+            assert await node.client.list() == []
+            assert node.daemon_pids() == []
+        finally:
+            node.close()
