@@ -191,6 +191,11 @@ class Supervisor:
             async with self.key_locks.hold(key.id):
                 try:
                     entry, started = await self._ensure_daemon(key, token)
+                    if found is not None:
+                        if self._bound(entry, ref):  # a recovery re-bound it meanwhile
+                            return self._answer(entry, started)
+                        # published before, but its mount is gone or dead: bind afresh
+                        await self._unmount(target, lazy=True)
                     await self._bind(entry, ref)
                 except BaseException:
                     unused = self.table.entries.get(key.id)

@@ -75,6 +75,11 @@ class Mountd:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
 
+    def status(self, *flags: str) -> str:
+        """The output of `fusecsi mountd status` against this mountd."""
+        args = [*FUSECSI, "mountd", "status", "--socket", f"unix://{self.socket}", *flags]
+        return subprocess.run(args, check=True, capture_output=True, text=True, timeout=30).stdout
+
     def log(self) -> str:
         return read_log(self.proc)
 
@@ -182,3 +187,8 @@ def read_text(path: str) -> str:
 
 def exists(path: str) -> bool:
     return os.path.lexists(path)
+
+
+def read_bytes(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import pytest
 import trio
 from mountd_stack import (  # noqa: F401 - fixtures
     TOKEN,
+    Mountd,
     cluster_fixture,
     errno_of,
+    eventually,
     exists,
     make_dirs,
     mountd_fixture,
+    read_bytes,
     read_text,
     read_write,
 )
@@ -46,6 +50,12 @@ async def test_thirty_volumes_over_three_keys_share_three_daemons(mountd, cluste
     daemon_mounts, targets = mountd.fuse_mounts()
     assert daemon_mounts == sorted(r["mountpoint"] for r in rows)
     assert targets == sorted(v[4] for v in volumes)
+
+    # the token reaches each daemon through its environment, never its arguments or the table
+    for pid in mountd.daemon_pids():
+        assert TOKEN.encode() not in read_bytes(f"/proc/{pid}/cmdline")
+        assert f"FUSECSI_TOKEN={TOKEN}".encode() in read_bytes(f"/proc/{pid}/environ").split(b"\0")
+    assert TOKEN.encode() not in read_bytes(mountd.state_dir / "table.json")
 
     # each target is its own cluster directory: a file written through it lands there
     for vid, *_, target in volumes[:6]:
@@ -169,3 +179,36 @@ async def test_bad_input_is_refused_and_binds_nothing(mountd, cluster, tmp_path)
         await mountd.client.unpublish("vol-bad", "relative")
     assert errno_of(info.value) == "EINVAL"
     assert await mountd.client.unpublish("vol-bad", good) == {"removed": False}
+
+
+async def test_linger_keeps_an_unused_daemon_for_the_next_pod(tmp_path, cluster):
+    await make_dirs(cluster, "/linger/v")
+    node = Mountd(tmp_path / "node", cluster, linger="3")
+    try:
+        node.start()
+        t1, t2 = node.target("pod-1", "v"), node.target("pod-2", "v")
+        first = await node.publish("vol-l", "/linger", "v", t1)
+        await node.client.unpublish("vol-l", t1)
+        [row] = await node.client.list()
+        assert row["refs"] == [] and row["state"] == "running"
+        second = await node.publish("vol-l", "/linger", "v", t2)
+        assert first["daemon_started"] and not second["daemon_started"]
+        assert (await node.client.list())[0]["pid"] == row["pid"]
+        await node.client.unpublish("vol-l", t2)
+        await eventually(lambda: node.daemon_pids() == [], deadline=15, what="linger stop")
+        assert await node.client.list() == [] and node.fuse_mounts() == ([], [])
+    finally:
+        node.close()
+
+
+async def test_status_command_prints_keys_daemons_and_references(mountd, cluster):
+    await make_dirs(cluster, "/status/v")
+    target = mountd.target("pod-s", "v")
+    answer = await mountd.publish("vol-status", "/status", "v", target, readonly=True)
+    [row] = await mountd.client.list()
+    table = await trio.to_thread.run_sync(mountd.status)
+    assert answer["key"] in table and str(row["pid"]) in table and "running" in table
+    assert f"ro  vol-status  {target}" in table
+    listed = json.loads(await trio.to_thread.run_sync(mountd.status, "--json"))
+    assert listed == [row]
+    await mountd.client.unpublish("vol-status", target)
