@@ -1,0 +1,551 @@
+"""CSI Controller service: one directory per volume on the cluster, with a quota.
+
+A volume's directory is tagged `trusted.fusecsi.volume` = its volume id (the FUSE daemon hides
+and refuses that namespace to applications) and `trusted.fusecsi.owner` = the CreateVolume name
+holding it. DeleteVolume touches nothing that does not carry the tag for that very volume, and
+a cluster that does not answer is an error, never "already gone".
+
+Directories are made under a temporary name, tagged and given their quota, then renamed into
+place, so a crash halfway never leaves an untagged directory at a volume's path (which every
+retry would then refuse to adopt).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import secrets
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import trio
+from grpclib.const import Status
+
+from fusecsi.cluster.client import ClusterClient, ClusterError
+from fusecsi.csi import csi_pb2 as pb
+from fusecsi.k8s import KubeApi, KubeError, KubeUnavailable
+from fusecsi.logs import fields
+from fusecsi.mountd.locks import KeyedLocks
+from fusecsi.validation import fail, invalid, require
+from fusecsi.volumes import (
+    PVC_NAME,
+    PVC_NAMESPACE,
+    VolumeParams,
+    VolumeRef,
+    parse_parameters,
+)
+
+log = logging.getLogger("fusecsi.controller")
+
+DEFAULT_CAPACITY = 1 << 30  # CreateVolume without a capacity range gets 1 GiB
+TAG_VOLUME = b"trusted.fusecsi.volume"
+TAG_OWNER = b"trusted.fusecsi.owner"
+VOLUME_MODE = 0o777  # pods run as any user; the volume is theirs alone
+RENAME_NOREPLACE = 1
+TEMP_PREFIX = ".fusecsi-new-"
+UNAVAILABLE_ERRNOS = {
+    errno.ETIMEDOUT,
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.EPIPE,
+}
+
+_Mode = pb.VolumeCapability.AccessMode.Mode
+SUPPORTED_MODES = {
+    _Mode.SINGLE_NODE_WRITER,
+    _Mode.SINGLE_NODE_READER_ONLY,
+    _Mode.SINGLE_NODE_SINGLE_WRITER,
+    _Mode.SINGLE_NODE_MULTI_WRITER,
+    _Mode.MULTI_NODE_READER_ONLY,
+    _Mode.MULTI_NODE_SINGLE_WRITER,
+    _Mode.MULTI_NODE_MULTI_WRITER,
+}
+_Rpc = pb.ControllerServiceCapability.RPC
+CAPABILITIES = (
+    _Rpc.CREATE_DELETE_VOLUME,
+    _Rpc.EXPAND_VOLUME,
+    _Rpc.GET_CAPACITY,
+    _Rpc.SINGLE_NODE_MULTI_WRITER,
+)
+
+
+def require_list(request: Any, name: str) -> None:
+    # validation.require trips over message fields (FieldDescriptor.label is gone in
+    # protobuf 7), so lists and messages are checked here
+    if not getattr(request, name):
+        invalid(f"{name} missing in request")
+
+
+def capability_problem(cap: pb.VolumeCapability) -> str | None:
+    """Why a capability cannot be served, or None."""
+    if cap.HasField("block"):
+        return "block access is not supported (fusecsi volumes are filesystems)"
+    if not cap.HasField("mount"):
+        return "volume capability has no access_type (mount)"
+    mode = cap.access_mode.mode
+    if mode not in SUPPORTED_MODES:
+        return f"access mode {_Mode.Name(mode)} is not supported"
+    return None
+
+
+def capacity_range(request: Any) -> tuple[int, int]:
+    """(required, limit) bytes, 0 meaning unset."""
+    if not request.HasField("capacity_range"):
+        return 0, 0
+    required, limit = request.capacity_range.required_bytes, request.capacity_range.limit_bytes
+    if required < 0 or limit < 0:
+        invalid("capacity_range must not be negative")
+    if limit and required > limit:
+        invalid(f"capacity_range required_bytes {required} exceeds limit_bytes {limit}")
+    return required, limit
+
+
+def fits(size: int, required: int, limit: int) -> bool:
+    return (not required or size >= required) and (not limit or size <= limit)
+
+
+def archive_name(name: str, now: float) -> str:
+    """`<name>.archived-<UTC time>`, the name shortened if it would pass 255 bytes."""
+    suffix = time.strftime(".archived-%Y%m%dT%H%M%SZ", time.gmtime(now))
+    room = 255 - len(suffix)
+    encoded = name.encode()
+    if len(encoded) > room:
+        name = encoded[:room].decode(errors="ignore")
+    return name + suffix
+
+
+@contextmanager
+def cluster_errors(where: str) -> Iterator[None]:
+    """Cluster failures as CSI codes: no answer is UNAVAILABLE, never success."""
+    try:
+        yield
+    except trio.TooSlowError:
+        fail(Status.UNAVAILABLE, f"{where}: the cluster did not answer in time")
+    except OSError as exc:  # ClusterError and ClusterUnavailable are OSErrors
+        code = exc.errno or errno.EIO
+        text = f"{where}: {errno.errorcode.get(code, code)} {exc.strerror or exc}"
+        if code in UNAVAILABLE_ERRNOS:
+            fail(Status.UNAVAILABLE, text)
+        if code in (errno.EACCES, errno.EPERM):
+            fail(Status.PERMISSION_DENIED, text)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            fail(Status.RESOURCE_EXHAUSTED, text)
+        if code in (errno.ENOTDIR, errno.EEXIST):  # a file where a directory should be
+            fail(Status.FAILED_PRECONDITION, text)
+        if code in (errno.EINVAL, errno.ENAMETOOLONG):
+            fail(Status.INVALID_ARGUMENT, text)
+        fail(Status.INTERNAL, text)
+
+
+class ClusterClients:
+    """One open ClusterClient per (master-addrs, token), owned by the task running `run`
+    and closed when it is cancelled."""
+
+    def __init__(self, *, timeout: float) -> None:
+        self.timeout = timeout
+        self._clients: dict[tuple[str, str | None], ClusterClient] = {}
+        self._opening = KeyedLocks()
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self._clients.clear()
+
+    async def get(self, master_addrs: str, token: str | None) -> ClusterClient:
+        key = (master_addrs, token)
+        client = self._clients.get(key)
+        if client is not None:
+            return client
+        async with self._opening.hold(key):
+            if key not in self._clients:
+                if self._nursery is None:
+                    fail(Status.UNAVAILABLE, "the controller is shutting down")
+                client = ClusterClient(master_addrs.split(","), token=token, timeout=self.timeout)
+                await self._nursery.start(self._hold, client)
+                self._clients[key] = client
+        return self._clients[key]
+
+    async def _hold(self, client: ClusterClient, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        # the client owns a nursery: enter and leave it in this one task
+        async with client:
+            task_status.started()
+            await trio.sleep_forever()
+
+
+class ControllerService:
+    def __init__(
+        self,
+        clients: ClusterClients,
+        kube: KubeApi,
+        *,
+        default_token: str | None = None,
+        call_timeout: float = 10.0,
+    ) -> None:
+        self.clients = clients
+        self.kube = kube
+        self.default_token = default_token
+        self.call_timeout = call_timeout
+        self._names = KeyedLocks()
+        self._paths = KeyedLocks()
+        # the last token that worked per cluster, for GetCapacity (whose request has none)
+        self._tokens: dict[str, str | None] = {}
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _token(self, request: Any) -> str | None:
+        return request.secrets.get("token") or self.default_token
+
+    async def _call(self, fn, *args, **kwargs):
+        with trio.fail_after(self.call_timeout):
+            return await fn(*args, **kwargs)
+
+    async def _client(self, ref_addrs: str, token: str | None) -> ClusterClient:
+        client = await self.clients.get(ref_addrs, token)
+        self._tokens[ref_addrs] = token
+        return client
+
+    async def _tag(self, client: ClusterClient, ino: int, name: bytes) -> bytes | None:
+        try:
+            return await self._call(client.getxattr, ino, name)
+        except ClusterError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOENT):
+                return None
+            raise
+
+    async def _quota(self, client: ClusterClient, ino: int) -> int | None:
+        """The directory's own quota limit (get_quota may answer an ancestor's)."""
+        try:
+            quota = await self._call(client.get_quota, ino)
+        except ClusterError as exc:
+            if exc.errno == errno.ENODATA:
+                return None
+            raise
+        return quota.max_bytes if quota.ino == ino else None
+
+    async def _find(self, client: ClusterClient, ref: VolumeRef):
+        """(parent attr, entry attr, tag) of the volume's directory; None where missing."""
+        try:
+            parent = await self._call(client.resolve, ref.parent_path)
+            entry = await self._call(client.lookup, parent.ino, ref.name.encode())
+        except ClusterError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None, None, None
+            raise
+        if not stat.S_ISDIR(entry.mode):
+            return parent, entry, None
+        return parent, entry, await self._tag(client, entry.ino, TAG_VOLUME)
+
+    async def _subpath(self, name: str, params: VolumeParams) -> str:
+        labels = annotations = None
+        if params.pattern is not None and params.pattern.needs_api:
+            namespace, claim = params.metadata.get(PVC_NAMESPACE), params.metadata.get(PVC_NAME)
+            if not namespace or not claim:
+                invalid(
+                    "path-pattern uses PVC labels or annotations but the request has no "
+                    f"{PVC_NAMESPACE}/{PVC_NAME} (run external-provisioner with "
+                    "--extra-create-metadata)"
+                )
+            try:
+                meta = await self.kube.pvc_metadata(namespace, claim)
+            except KubeUnavailable as exc:
+                fail(Status.UNAVAILABLE, f"path-pattern: {exc}")
+            except KubeError as exc:
+                fail(Status.FAILED_PRECONDITION, f"path-pattern: {exc}")
+            labels, annotations = meta.labels, meta.annotations
+        try:
+            return params.subpath_for(name, labels, annotations)
+        except ValueError as exc:
+            invalid(str(exc))
+
+    # -- RPCs ------------------------------------------------------------------------------
+
+    async def ControllerGetCapabilities(self, request) -> pb.ControllerGetCapabilitiesResponse:
+        Cap = pb.ControllerServiceCapability
+        return pb.ControllerGetCapabilitiesResponse(
+            capabilities=[Cap(rpc=Cap.RPC(type=t)) for t in CAPABILITIES]
+        )
+
+    async def CreateVolume(self, request: pb.CreateVolumeRequest) -> pb.CreateVolumeResponse:
+        require(request, "name")
+        require_list(request, "volume_capabilities")
+        for cap in request.volume_capabilities:
+            problem = capability_problem(cap)
+            if problem:
+                invalid(problem)
+        required, limit = capacity_range(request)
+        size = required or limit or DEFAULT_CAPACITY
+        if request.HasField("volume_content_source"):
+            invalid("volume_content_source is not supported (no snapshots or clones)")
+        if request.mutable_parameters:
+            invalid("mutable_parameters are not supported (no volume attributes classes)")
+        try:
+            params = parse_parameters(request.parameters)
+        except ValueError as exc:
+            invalid(str(exc))
+        token = self._token(request)
+        async with self._names.hold(request.name):
+            subpath = await self._subpath(request.name, params)
+            try:
+                ref = params.ref(subpath)
+                volume_id = ref.volume_id()
+            except ValueError as exc:
+                invalid(str(exc))
+            async with self._paths.hold((ref.master_addrs, ref.path)):
+                with cluster_errors(f"creating {ref.path} on {ref.master_addrs}"):
+                    client = await self._client(ref.master_addrs, token)
+                    capacity = await self._ensure(
+                        client, ref, volume_id, request.name, size, required, limit
+                    )
+        return pb.CreateVolumeResponse(
+            volume=pb.Volume(
+                volume_id=volume_id,
+                capacity_bytes=capacity,
+                volume_context=ref.context(params.options),
+            )
+        )
+
+    async def _ensure(self, client, ref, volume_id, name, size, required, limit) -> int:
+        """The volume's directory exists, tagged for `volume_id` and held by `name`; returns
+        its quota."""
+        parent = await self._call(client.mkdirs, ref.parent_path)
+        _, entry, tag = await self._find(client, ref)
+        if entry is None:
+            if await self._create(client, parent.ino, ref, volume_id, name, size):
+                log.info(
+                    "volume created",
+                    extra=fields(volume_id=volume_id, path=ref.path, capacity=size, name=name),
+                )
+                return size
+            _, entry, tag = await self._find(client, ref)  # someone else made it meanwhile
+            if entry is None:
+                fail(Status.ABORTED, f"{ref.path} changed while being created; retry")
+        if not stat.S_ISDIR(entry.mode):
+            fail(Status.ALREADY_EXISTS, f"{ref.path} exists and is not a directory")
+        if tag is None:
+            fail(Status.ALREADY_EXISTS, f"{ref.path} exists and was not created by fusecsi")
+        if tag != volume_id.encode():
+            other = tag.decode(errors="replace")
+            fail(Status.ALREADY_EXISTS, f"{ref.path} belongs to another volume ({other})")
+        owner = await self._tag(client, entry.ino, TAG_OWNER)
+        if owner is None:
+            # a retained volume's directory, released by DeleteVolume: adopt it
+            await self._call(client.setxattr, entry.ino, TAG_OWNER, name.encode())
+            await self._call(client.set_quota, entry.ino, size, None)
+            log.info("volume adopted", extra=fields(volume_id=volume_id, path=ref.path, name=name))
+            return size
+        if owner != name.encode():
+            fail(
+                Status.ALREADY_EXISTS,
+                f"{ref.path} is in use by volume {owner.decode(errors='replace')!r}; "
+                "give path-pattern a placeholder that tells volumes apart",
+            )
+        quota = await self._quota(client, entry.ino)
+        if quota is None:
+            await self._call(client.set_quota, entry.ino, size, None)
+            return size
+        if not fits(quota, required, limit):
+            fail(
+                Status.ALREADY_EXISTS,
+                f"volume {name!r} exists with capacity {quota}, incompatible with "
+                f"required {required} / limit {limit}",
+            )
+        return quota
+
+    async def _create(self, client, parent_ino, ref, volume_id, name, size) -> bool:
+        """Make, tag and size a directory under a temporary name, then rename it into place.
+        False if the name was taken meanwhile."""
+        temp = (TEMP_PREFIX + secrets.token_hex(8)).encode()
+        attr = await self._call(client.mkdir, parent_ino, temp, VOLUME_MODE, 0, 0)
+        placed = False
+        try:
+            await self._call(client.setattr, attr.ino, mode=VOLUME_MODE)  # no umask applies
+            await self._call(client.setxattr, attr.ino, TAG_VOLUME, volume_id.encode())
+            await self._call(client.setxattr, attr.ino, TAG_OWNER, name.encode())
+            await self._call(client.set_quota, attr.ino, size, None)
+            try:
+                await self._call(
+                    client.rename, parent_ino, temp, parent_ino, ref.name.encode(), RENAME_NOREPLACE
+                )
+            except ClusterError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    return False
+                raise
+            placed = True
+            return True
+        finally:
+            if not placed:
+                with trio.CancelScope(shield=True), trio.move_on_after(self.call_timeout):
+                    try:
+                        await client.rmdir(parent_ino, temp)
+                    except OSError as exc:
+                        log.warning(
+                            "could not remove a temporary directory",
+                            extra=fields(path=f"{ref.parent_path}/{temp.decode()}", error=str(exc)),
+                        )
+
+    async def DeleteVolume(self, request: pb.DeleteVolumeRequest) -> pb.DeleteVolumeResponse:
+        require(request, "volume_id")
+        try:
+            ref = VolumeRef.from_volume_id(request.volume_id)
+        except ValueError as exc:
+            # the spec: a volume that does not exist is deleted; this one cannot exist
+            log.info("not a fusecsi volume id", extra=fields(error=str(exc)))
+            return pb.DeleteVolumeResponse()
+        volume_id = ref.volume_id()
+        token = self._token(request)
+        async with self._paths.hold((ref.master_addrs, ref.path)):
+            with cluster_errors(f"deleting {ref.path} on {ref.master_addrs}"):
+                client = await self._client(ref.master_addrs, token)
+                parent, entry, tag = await self._find(client, ref)
+                if entry is None:
+                    log.info("volume already gone", extra=fields(volume_id=volume_id))
+                    return pb.DeleteVolumeResponse()
+                if tag != volume_id.encode():
+                    log.warning(
+                        "refusing to delete",
+                        extra=fields(volume_id=volume_id, path=ref.path, tag=tag),
+                    )
+                    fail(
+                        Status.FAILED_PRECONDITION,
+                        f"refusing to {ref.on_delete} {ref.path}: it is not tagged as "
+                        f"fusecsi volume {volume_id} (found {tag!r}); nothing was changed",
+                    )
+                await self._apply_policy(client, ref, parent, volume_id)
+        return pb.DeleteVolumeResponse()
+
+    async def _apply_policy(self, client, ref: VolumeRef, parent, volume_id: str) -> None:
+        if ref.on_delete == "delete":
+            await self._call(client.remove_tree, ref.path)
+            log.info("volume deleted", extra=fields(volume_id=volume_id, path=ref.path))
+        elif ref.on_delete == "archive":
+            new_name = archive_name(ref.name, time.time())
+            await self._call(
+                client.rename,
+                parent.ino,
+                ref.name.encode(),
+                parent.ino,
+                new_name.encode(),
+                RENAME_NOREPLACE,
+            )
+            log.info(
+                "volume archived",
+                extra=fields(volume_id=volume_id, path=ref.path, archived_as=new_name),
+            )
+        else:  # retain: keep everything, release the directory for a later claim to adopt
+            _, entry, _ = await self._find(client, ref)
+            try:
+                await self._call(client.removexattr, entry.ino, TAG_OWNER)
+            except ClusterError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+            log.info("volume retained", extra=fields(volume_id=volume_id, path=ref.path))
+
+    @staticmethod
+    def _parse_existing(volume_id: str) -> VolumeRef:
+        try:
+            return VolumeRef.from_volume_id(volume_id)
+        except ValueError as exc:
+            fail(Status.NOT_FOUND, f"no such volume: {exc}")
+
+    async def _existing(self, ref: VolumeRef, request: Any) -> tuple[ClusterClient, Any]:
+        """The volume's client and directory; NOT_FOUND unless it exists and is tagged."""
+        volume_id = ref.volume_id()
+        client = await self._client(ref.master_addrs, self._token(request))
+        _, entry, tag = await self._find(client, ref)
+        if entry is None or tag != volume_id.encode():
+            fail(Status.NOT_FOUND, f"volume {volume_id} does not exist")
+        return client, entry
+
+    async def ControllerExpandVolume(
+        self, request: pb.ControllerExpandVolumeRequest
+    ) -> pb.ControllerExpandVolumeResponse:
+        require(request, "volume_id")
+        if not request.HasField("capacity_range"):  # see require_list
+            invalid("capacity_range missing in request")
+        required, limit = capacity_range(request)
+        target = required or limit
+        if not target:
+            invalid("capacity_range has neither required_bytes nor limit_bytes")
+        if request.HasField("volume_capability"):
+            problem = capability_problem(request.volume_capability)
+            if problem:
+                invalid(problem)
+        ref = self._parse_existing(request.volume_id)
+        async with self._paths.hold((ref.master_addrs, ref.path)):
+            with cluster_errors(f"expanding {ref.path} on {ref.master_addrs}"):
+                client, entry = await self._existing(ref, request)
+                current = await self._quota(client, entry.ino)
+                if current is not None and target < current:
+                    invalid(f"cannot shrink volume from {current} to {target} bytes")
+                if current != target:
+                    await self._call(client.set_quota, entry.ino, target, None)
+                    log.info(
+                        "volume expanded",
+                        extra=fields(volume_id=request.volume_id, old=current, new=target),
+                    )
+        return pb.ControllerExpandVolumeResponse(
+            capacity_bytes=target, node_expansion_required=False
+        )
+
+    async def ValidateVolumeCapabilities(
+        self, request: pb.ValidateVolumeCapabilitiesRequest
+    ) -> pb.ValidateVolumeCapabilitiesResponse:
+        require(request, "volume_id")
+        require_list(request, "volume_capabilities")
+        ref = self._parse_existing(request.volume_id)
+        with cluster_errors(f"looking up {ref.path} on {ref.master_addrs}"):
+            await self._existing(ref, request)
+        problems = [p for p in map(capability_problem, request.volume_capabilities) if p]
+        if request.parameters:
+            try:
+                parse_parameters(request.parameters, require_master=False)
+            except ValueError as exc:
+                problems.append(str(exc))
+        if request.mutable_parameters:
+            problems.append("mutable_parameters are not supported")
+        if problems:
+            return pb.ValidateVolumeCapabilitiesResponse(message="; ".join(problems))
+        confirmed = pb.ValidateVolumeCapabilitiesResponse.Confirmed(
+            volume_context=request.volume_context,
+            volume_capabilities=request.volume_capabilities,
+            parameters=request.parameters,
+        )
+        return pb.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
+
+    async def GetCapacity(self, request: pb.GetCapacityRequest) -> pb.GetCapacityResponse:
+        """Free space of the cluster named in the parameters (bounded by a quota on fs-path).
+        Without master-addrs there is no cluster to ask: 0, as the spec allows."""
+        try:
+            params = parse_parameters(request.parameters, require_master=False)
+        except ValueError as exc:
+            invalid(str(exc))
+        if params.master_addrs is None:
+            return pb.GetCapacityResponse(available_capacity=0)
+        if any(map(capability_problem, request.volume_capabilities)):
+            return pb.GetCapacityResponse(available_capacity=0)
+        token = self._tokens.get(params.master_addrs, self.default_token)
+        with cluster_errors(f"asking {params.master_addrs} for free space"):
+            client = await self.clients.get(params.master_addrs, token)
+            free = (await self._call(client.statfs))["free_bytes"]
+            try:
+                base = await self._call(client.resolve, params.fs_path)
+                quota = await self._call(client.get_quota, base.ino)
+            except ClusterError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENODATA):
+                    raise
+            else:
+                if quota.max_bytes is not None:
+                    free = min(free, max(0, quota.max_bytes - quota.used_bytes))
+        return pb.GetCapacityResponse(available_capacity=free)

@@ -1,0 +1,110 @@
+"""The one user of the kubernetes client: reading a PVC's labels and annotations for a
+path-pattern.
+
+The client is blocking and slow to import, so it is imported on first use and every call
+runs in a thread under a deadline. Configuration: a kubeconfig file (--kubeconfig or
+KUBECONFIG) when given, else the in-cluster service account, else "not configured".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import trio
+
+IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+
+class KubeError(Exception):
+    """The API answered with an error or could not be reached."""
+
+
+class KubeNotConfigured(KubeError):
+    """Neither a kubeconfig nor an in-cluster service account is available."""
+
+
+class KubeNotFound(KubeError):
+    pass
+
+
+class KubeUnavailable(KubeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    labels: dict[str, str]
+    annotations: dict[str, str]
+
+
+def _configured(kubeconfig: str | None) -> bool:
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and os.path.exists(
+        IN_CLUSTER_TOKEN
+    )
+    return bool(kubeconfig) or in_cluster
+
+
+class KubeApi:
+    def __init__(self, kubeconfig: str | None = None, *, timeout: float = 10.0) -> None:
+        self.kubeconfig = kubeconfig or os.environ.get("KUBECONFIG") or None
+        self.timeout = timeout
+        self._limiter = trio.CapacityLimiter(4)
+        self._core = None
+
+    @property
+    def configured(self) -> bool:
+        return _configured(self.kubeconfig)
+
+    def _core_api(self):
+        if self._core is None:
+            if not self.configured:
+                raise KubeNotConfigured(
+                    "no Kubernetes API configured: not running in a cluster and neither "
+                    "--kubeconfig nor KUBECONFIG is set"
+                )
+            from kubernetes import client, config
+
+            try:
+                if self.kubeconfig:
+                    api_client = config.new_client_from_config(config_file=self.kubeconfig)
+                else:
+                    configuration = client.Configuration()
+                    config.load_incluster_config(client_configuration=configuration)
+                    api_client = client.ApiClient(configuration)
+            except Exception as exc:
+                raise KubeNotConfigured(f"cannot load Kubernetes configuration: {exc}") from None
+            self._core = client.CoreV1Api(api_client)
+        return self._core
+
+    def _read_pvc(self, namespace: str, name: str) -> ObjectMeta:
+        from kubernetes.client.exceptions import ApiException
+
+        core = self._core_api()
+        try:
+            response = core.read_namespaced_persistent_volume_claim(
+                name, namespace, _preload_content=False, _request_timeout=self.timeout
+            )
+            body = json.loads(response.data)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise KubeNotFound(f"PVC {namespace}/{name} not found") from None
+            raise KubeError(f"reading PVC {namespace}/{name}: {exc.status} {exc.reason}") from None
+        except (OSError, ValueError) as exc:
+            raise KubeUnavailable(f"reading PVC {namespace}/{name}: {exc}") from None
+        except Exception as exc:  # urllib3 errors do not share a base with OSError
+            raise KubeUnavailable(f"reading PVC {namespace}/{name}: {type(exc).__name__}") from None
+        metadata = body.get("metadata") or {}
+        return ObjectMeta(
+            dict(metadata.get("labels") or {}), dict(metadata.get("annotations") or {})
+        )
+
+    async def pvc_metadata(self, namespace: str, name: str) -> ObjectMeta:
+        """Labels and annotations of one PVC."""
+        with trio.move_on_after(self.timeout + 1) as scope:
+            return await trio.to_thread.run_sync(
+                self._read_pvc, namespace, name, limiter=self._limiter, abandon_on_cancel=True
+            )
+        assert scope.cancelled_caught
+        raise KubeUnavailable(f"the Kubernetes API did not answer within {self.timeout:g}s")

@@ -1,0 +1,189 @@
+"""Shared by the controller tests: a real cluster (master + worker on loopback), real
+`fusecsi controller` processes, and a small fake Kubernetes API server.
+
+The fake API server exists because a real kube-apiserver cannot run here: it serves only the
+one call fusecsi makes (GET a PVC) from a dict the test fills in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from conftest import Spawner, read_log, wait_for_path
+
+from fusecsi import grpc_bridge
+from fusecsi.cluster.client import ClusterClient
+from fusecsi.cluster.local import LocalCluster
+from fusecsi.csi import csi_pb2 as pb
+
+GiB = 1 << 30
+
+
+@dataclass
+class FakeKubeApi:
+    """PVCs by (namespace, name); `requests` records every path asked for."""
+
+    pvcs: dict[tuple[str, str], dict] = field(default_factory=dict)
+    requests: list[str] = field(default_factory=list)
+    url: str = ""
+
+    def add_pvc(self, namespace: str, name: str, labels=None, annotations=None) -> None:
+        metadata = {"namespace": namespace, "name": name, "uid": f"uid-{namespace}-{name}"}
+        if labels is not None:
+            metadata["labels"] = labels
+        if annotations is not None:
+            metadata["annotations"] = annotations
+        self.pvcs[namespace, name] = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": metadata,
+            "spec": {"accessModes": ["ReadWriteOnce"]},
+        }
+
+    def write_kubeconfig(self, path: Path) -> Path:
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+                    "users": [{"name": "u", "user": {"token": "kube-token"}}],
+                    "contexts": [{"name": "c", "context": {"cluster": "fake", "user": "u"}}],
+                    "current-context": "c",
+                }
+            )
+        )
+        return path
+
+
+def _handler(api: FakeKubeApi):
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            api.requests.append(self.path)
+            parts = self.path.split("?")[0].strip("/").split("/")
+            # api/v1/namespaces/<ns>/persistentvolumeclaims/<name>
+            pvc = None
+            if len(parts) == 6 and parts[:3] == ["api", "v1", "namespaces"]:
+                if parts[4] == "persistentvolumeclaims":
+                    pvc = api.pvcs.get((parts[3], parts[5]))
+            body, code = (pvc, 200) if pvc else ({"kind": "Status", "code": 404}, 404)
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture(scope="module")
+def kube_api() -> Iterator[FakeKubeApi]:
+    api = FakeKubeApi()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(api))
+    api.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield api
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[LocalCluster]:
+    with LocalCluster(tmp_path_factory.mktemp("cluster"), workers=1) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def module_spawn(tmp_path_factory) -> Iterator[Spawner]:
+    spawner = Spawner(tmp_path_factory.mktemp("logs"))
+    try:
+        yield spawner
+    finally:
+        spawner.close()
+
+
+def start_controller(spawn, directory: Path, *args: str, env: dict | None = None):
+    """A `fusecsi controller` process; returns (process, socket path)."""
+    sock = directory / f"controller-{len(spawn.procs)}.sock"
+    # no kubeconfig unless the test passes one
+    environment = {"KUBECONFIG": "", **(env or {})}
+    proc = spawn(
+        "controller", "--endpoint", f"unix://{sock}", *args, name="controller", env=environment
+    )
+    wait_for_path(sock, proc)
+    # the socket file appears when it is bound, a moment before it listens
+    deadline = time.monotonic() + 15
+    while True:
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(sock))
+                return proc, sock
+            except ConnectionRefusedError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"controller did not listen: {read_log(proc)}") from None
+                time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def controller(module_spawn, kube_api, tmp_path_factory):
+    """The controller most tests share, with the fake Kubernetes API configured."""
+    directory = tmp_path_factory.mktemp("controller")
+    kubeconfig = kube_api.write_kubeconfig(directory / "kubeconfig")
+    proc, sock = start_controller(
+        module_spawn, directory, "--kubeconfig", str(kubeconfig), "--cluster-timeout", "3"
+    )
+    return proc, sock
+
+
+@pytest.fixture
+async def csi(controller):
+    async with grpc_bridge.connect(str(controller[1])) as call:
+
+        async def controller_call(method: str, request):
+            return await call("Controller", method, request)
+
+        yield controller_call
+
+
+@asynccontextmanager
+async def open_client(master_addrs: str, token: str | None = None):
+    async with ClusterClient(master_addrs, token=token, timeout=5) as client:
+        yield client
+
+
+def mount_cap(mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER) -> pb.VolumeCapability:
+    return pb.VolumeCapability(
+        mount=pb.VolumeCapability.MountVolume(),
+        access_mode=pb.VolumeCapability.AccessMode(mode=mode),
+    )
+
+
+def create_request(name: str, parameters: dict, *, required=0, limit=0, **extra):
+    request = pb.CreateVolumeRequest(
+        name=name, parameters=parameters, volume_capabilities=[mount_cap()], **extra
+    )
+    if required or limit:
+        request.capacity_range.required_bytes = required
+        request.capacity_range.limit_bytes = limit
+    return request
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{os.urandom(4).hex()}"

@@ -1,0 +1,560 @@
+"""The CSI controller: a real `fusecsi controller` process creating, deleting and expanding
+volume directories on a real cluster (master + worker on loopback), called over its unix
+socket exactly as external-provisioner and external-resizer would.
+
+csi-sanity (a Go binary) cannot run here; the controller cases it checks are mirrored below
+and named in comments ("sanity: ...").
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import signal
+import stat
+
+import pytest
+import trio
+from conftest import read_log
+from controller_support import (
+    GiB,
+    cluster,
+    controller,
+    create_request,
+    csi,
+    kube_api,
+    module_spawn,
+    mount_cap,
+    open_client,
+    start_controller,
+    unique,
+)
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from fusecsi import grpc_bridge, mount_options
+from fusecsi.cluster.client import ClusterError
+from fusecsi.cluster.local import LocalCluster
+from fusecsi.csi import csi_pb2 as pb
+
+__all__ = ["cluster", "controller", "csi", "kube_api", "module_spawn"]  # fixtures
+
+Mode = pb.VolumeCapability.AccessMode.Mode
+VOLUME_TAG = b"trusted.fusecsi.volume"
+OWNER_TAG = b"trusted.fusecsi.owner"
+
+
+def params(cluster, **extra) -> dict:
+    return {"master-addrs": cluster.master_addrs, **extra}
+
+
+async def expect(code: Status, call, match: str = ""):
+    with pytest.raises(GRPCError) as err:
+        await call
+    assert err.value.status is code, err.value.message
+    assert re.search(match, err.value.message or ""), err.value.message
+    return err.value
+
+
+async def names_in(client, path: str) -> list[bytes]:
+    ino = (await client.resolve(path)).ino
+    return sorted(name for name, _, _ in await client.readdir(ino))
+
+
+async def test_capabilities_and_capacity(csi, cluster):
+    caps = await csi("ControllerGetCapabilities", pb.ControllerGetCapabilitiesRequest())
+    Rpc = pb.ControllerServiceCapability.RPC
+    assert {c.rpc.type for c in caps.capabilities} == {
+        Rpc.CREATE_DELETE_VOLUME,
+        Rpc.EXPAND_VOLUME,
+        Rpc.GET_CAPACITY,
+        Rpc.SINGLE_NODE_MULTI_WRITER,
+    }
+    # sanity: GetCapacity with no optional values succeeds (0: no cluster named)
+    assert (await csi("GetCapacity", pb.GetCapacityRequest())).available_capacity == 0
+    got = await csi("GetCapacity", pb.GetCapacityRequest(parameters=params(cluster)))
+    async with open_client(cluster.master_addrs) as client:
+        free = (await client.statfs())["free_bytes"]
+        assert 0 < got.available_capacity and abs(got.available_capacity - free) < 64 << 20
+        # a quota on fs-path bounds what volumes below it can get
+        base = unique("/capped")
+        await client.set_quota((await client.mkdirs(base)).ino, 5 * GiB, None)
+    capped = await csi(
+        "GetCapacity", pb.GetCapacityRequest(parameters=params(cluster, **{"fs-path": base}))
+    )
+    assert capped.available_capacity == min(5 * GiB, free)
+    block = pb.VolumeCapability(block=pb.VolumeCapability.BlockVolume())
+    request = pb.GetCapacityRequest(parameters=params(cluster), volume_capabilities=[block])
+    assert (await csi("GetCapacity", request)).available_capacity == 0
+    bad = pb.GetCapacityRequest(parameters=params(cluster, bogus="1"))
+    await expect(Status.INVALID_ARGUMENT, csi("GetCapacity", bad), "bogus")
+
+
+async def test_create_with_defaults_tags_and_sizes_the_directory(csi, cluster):
+    name = unique("pvc")
+    reply = await csi("CreateVolume", create_request(name, params(cluster)))
+    volume = reply.volume
+    # sanity: no capacity -> a documented default
+    assert volume.capacity_bytes == GiB
+    assert volume.volume_id == f"1;d;{cluster.master_addrs};/;{name}"
+    assert dict(volume.volume_context) == {
+        "master-addrs": cluster.master_addrs,
+        "fs-path": "/",
+        "subpath": name,
+        "options": mount_options.DEFAULTS.to_arg(),
+    }
+    async with open_client(cluster.master_addrs) as client:
+        attr = await client.resolve(f"/{name}")
+        assert stat.S_ISDIR(attr.mode) and stat.S_IMODE(attr.mode) == 0o777
+        assert await client.getxattr(attr.ino, VOLUME_TAG) == volume.volume_id.encode()
+        assert await client.getxattr(attr.ino, OWNER_TAG) == name.encode()
+        quota = await client.get_quota(attr.ino)
+        assert (quota.ino, quota.max_bytes) == (attr.ino, GiB)
+        # no temporary directories left behind
+        assert not [n for n in await names_in(client, "/") if n.startswith(b".fusecsi")]
+
+
+async def test_capacity_range_rules(csi, cluster):
+    for required, limit, expected in [(5 * GiB, 0, 5 * GiB), (0, 3 * GiB, 3 * GiB), (2, 9, 2)]:
+        request = create_request(unique("cap"), params(cluster), required=required, limit=limit)
+        assert (await csi("CreateVolume", request)).volume.capacity_bytes == expected
+    request = create_request(unique("cap"), params(cluster), required=10, limit=5)
+    await expect(Status.INVALID_ARGUMENT, csi("CreateVolume", request), "exceeds")
+    request = create_request(unique("cap"), params(cluster), required=-1)
+    await expect(Status.INVALID_ARGUMENT, csi("CreateVolume", request), "negative")
+
+
+async def test_create_is_idempotent_and_refuses_another_capacity(csi, cluster):
+    # sanity: already existing name and same capacity / different capacity
+    name = unique("twice")
+    first = create_request(name, params(cluster), required=GiB, limit=GiB)
+    one = await csi("CreateVolume", first)
+    assert await csi("CreateVolume", first) == one
+    # a retry without a range accepts the volume as it is
+    assert (await csi("CreateVolume", create_request(name, params(cluster)))).volume == one.volume
+    bigger = create_request(name, params(cluster), required=2 * GiB, limit=2 * GiB)
+    await expect(Status.ALREADY_EXISTS, csi("CreateVolume", bigger), "incompatible")
+
+
+async def test_twenty_concurrent_identical_creates(csi, cluster):
+    name = unique("burst")
+    replies = []
+
+    async def create():
+        replies.append(await csi("CreateVolume", create_request(name, params(cluster))))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(create)
+    assert len(replies) == 20 and all(r == replies[0] for r in replies)
+    async with open_client(cluster.master_addrs) as client:
+        entries = await names_in(client, "/")
+        assert name.encode() in entries
+        assert not [n for n in entries if n.startswith(b".fusecsi")]
+
+
+async def test_concurrent_create_and_delete_of_one_volume_stay_consistent(csi, cluster):
+    name = unique("race")
+    request = create_request(name, params(cluster))
+    volume_id = (await csi("CreateVolume", request)).volume.volume_id
+    delete = pb.DeleteVolumeRequest(volume_id=volume_id)
+    async with trio.open_nursery() as nursery:
+        for i in range(16):
+            nursery.start_soon(
+                csi, "CreateVolume" if i % 2 else "DeleteVolume", request if i % 2 else delete
+            )
+    async with open_client(cluster.master_addrs) as client:
+        entries = await names_in(client, "/")
+        if name.encode() in entries:
+            attr = await client.resolve(f"/{name}")
+            assert await client.getxattr(attr.ino, VOLUME_TAG) == volume_id.encode()
+        assert not [n for n in entries if n.startswith(b".fusecsi")]
+
+
+BAD_CREATES = [
+    # (what, request changes, message) -- sanity: no name, no capabilities
+    ("no name", {"name": ""}, "name missing"),
+    ("no capabilities", {"volume_capabilities": []}, "volume_capabilities missing"),
+    (
+        "block access",
+        {"volume_capabilities": [pb.VolumeCapability(block=pb.VolumeCapability.BlockVolume())]},
+        "block",
+    ),
+    (
+        "no access type",
+        {
+            "volume_capabilities": [
+                pb.VolumeCapability(access_mode=pb.VolumeCapability.AccessMode(mode=1))
+            ]
+        },
+        "access_type",
+    ),
+    ("unknown access mode", {"volume_capabilities": [mount_cap(Mode.UNKNOWN)]}, "UNKNOWN"),
+    ("no master-addrs", {"parameters": {}}, "master-addrs is required"),
+    ("bad master-addrs", {"parameters": {"master-addrs": "m:99999"}}, "port"),
+    ("relative fs-path", {"fs-path": "base"}, "absolute"),
+    ("fs-path traversal", {"fs-path": "/a/../b"}, r"\.\."),
+    ("bad on-delete", {"on-delete": "shred"}, "on-delete"),
+    ("unknown parameter", {"colour": "blue"}, "unknown parameter 'colour'"),
+    ("bad FUSE option", {"attr-timeout": "forever"}, "attr-timeout"),
+    ("unknown placeholder", {"path-pattern": "${pvc.spec.x}"}, "unknown placeholder"),
+    ("absolute pattern", {"path-pattern": "/etc"}, "relative"),
+    ("traversing pattern", {"path-pattern": "a/../../b"}, r"\.\."),
+    ("empty segment", {"path-pattern": "a//b"}, "empty"),
+    ("over-long name", {"path-pattern": "x" * 256}, "longer than 255"),
+    ("pattern without metadata", {"path-pattern": "${pvc.metadata.name}"}, "extra-create-metadata"),
+    ("name with a slash", {"name": "a/b"}, "'/'"),
+    ("name '..'", {"name": ".."}, "not allowed"),
+    (
+        "content source",
+        {
+            "volume_content_source": pb.VolumeContentSource(
+                volume=pb.VolumeContentSource.VolumeSource(volume_id="x")
+            )
+        },
+        "volume_content_source",
+    ),
+    ("volume too long for an id", {"fs-path": "/" + "f" * 120, "path-pattern": "p"}, "128"),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "change", "message"), BAD_CREATES, ids=[b[0] for b in BAD_CREATES]
+)
+async def test_bad_create_requests_are_invalid_argument(csi, cluster, what, change, message):
+    fields = {
+        "name": unique("bad"),
+        "volume_capabilities": [mount_cap()],
+        "parameters": params(cluster),
+    }
+    for key, value in change.items():
+        if key in fields or key == "volume_content_source":
+            fields[key] = value
+        else:
+            fields["parameters"][key] = value
+    await expect(
+        Status.INVALID_ARGUMENT, csi("CreateVolume", pb.CreateVolumeRequest(**fields)), message
+    )
+
+
+async def test_options_reserved_keys_and_nested_fs_path(csi, cluster):
+    name, base = unique("opts"), unique("/deep") + "/er/base"
+    request = create_request(
+        name,
+        params(
+            cluster,
+            **{
+                "fs-path": base,
+                "attr-timeout": "2.5",
+                "writeback-cache": "yes",
+                "csi.storage.k8s.io/pvc/name": "claim",
+                "csi.storage.k8s.io/pvc/namespace": "ns",
+                "csi.storage.k8s.io/pv/name": name,
+            },
+        ),
+    )
+    volume = (await csi("CreateVolume", request)).volume
+    context = dict(volume.volume_context)
+    assert (
+        context["options"]
+        == mount_options.parse({"attr-timeout": "2.5", "writeback-cache": "yes"}).to_arg()
+    )
+    assert not any(
+        "csi.storage.k8s.io" in k or "csi.storage.k8s.io" in v for k, v in context.items()
+    )
+    assert (context["fs-path"], context["subpath"]) == (base, name)
+    async with open_client(cluster.master_addrs) as client:
+        await client.resolve(f"{base}/{name}")  # fs-path was created
+
+
+async def test_maximum_length_name(csi, cluster):
+    # sanity: creating a volume with a maximum-length (128) name
+    name = "sanity-maxlen-" + "n" * 114
+    volume = (await csi("CreateVolume", create_request(name, params(cluster)))).volume
+    assert len(volume.volume_id.encode()) <= 128
+    again = (await csi("CreateVolume", create_request(name, params(cluster)))).volume
+    assert again.volume_id == volume.volume_id
+    other = (await csi("CreateVolume", create_request(name[:-1] + "m", params(cluster)))).volume
+    assert other.volume_id != volume.volume_id
+    await csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=volume.volume_id))
+
+
+async def test_delete_policies(csi, cluster):
+    base = unique("/policies")
+    ids = {}
+    for policy in ("delete", "retain", "archive"):
+        request = create_request(
+            f"pv-{policy}", params(cluster, **{"fs-path": base, "on-delete": policy})
+        )
+        ids[policy] = (await csi("CreateVolume", request)).volume.volume_id
+    async with open_client(cluster.master_addrs) as client:
+        for policy in ids:  # some data in every volume
+            ino = (await client.resolve(f"{base}/pv-{policy}")).ino
+            f = await client.create(ino, b"data", 0o644, 0, 0)
+            await client.write(f.ino, 0, b"precious")
+            await client.commit(f.ino, 8)
+        for volume_id in ids.values():
+            for _ in range(2):  # the second call finds the work done: still success
+                await csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=volume_id))
+        entries = [n.decode() for n in await names_in(client, base)]
+        assert "pv-delete" not in entries
+        assert "pv-retain" in entries
+        retained = await client.resolve(f"{base}/pv-retain")
+        assert await client.getxattr(retained.ino, VOLUME_TAG) == ids["retain"].encode()
+        with pytest.raises(ClusterError) as err:  # released: a later claim may adopt it
+            await client.getxattr(retained.ino, OWNER_TAG)
+        assert err.value.errno == errno.ENODATA
+        archived = [e for e in entries if e.startswith("pv-archive")]
+        assert len(archived) == 1 and re.fullmatch(
+            r"pv-archive\.archived-\d{8}T\d{6}Z", archived[0]
+        )
+        for kept in ("pv-retain", archived[0]):
+            f = await client.lookup((await client.resolve(f"{base}/{kept}")).ino, b"data")
+            assert await client.read(f.ino, 0, 100) == b"precious"
+        # a retained directory is adopted by a new volume at the same path, data intact
+        request = create_request(
+            "pv-retain-2",
+            params(
+                cluster, **{"fs-path": base, "on-delete": "retain", "path-pattern": "pv-retain"}
+            ),
+        )
+        adopted = (await csi("CreateVolume", request)).volume
+        assert adopted.volume_id == ids["retain"]
+        assert await client.getxattr(retained.ino, OWNER_TAG) == b"pv-retain-2"
+
+
+async def test_delete_never_touches_what_fusecsi_did_not_create(csi, cluster):
+    base = unique("/users")
+    async with open_client(cluster.master_addrs) as client:
+        home = await client.mkdirs(f"{base}/home")
+        f = await client.create(home.ino, b"thesis.tex", 0o644, 0, 0)
+        await client.write(f.ino, 0, b"years of work")
+        await client.commit(f.ino, 13)
+        # CreateVolume does not adopt it ...
+        request = create_request("home", params(cluster, **{"fs-path": base}))
+        await expect(Status.ALREADY_EXISTS, csi("CreateVolume", request), "not created by fusecsi")
+        # ... and a volume id pointing at it (however obtained) deletes and archives nothing
+        for code in "da":
+            forged = f"1;{code};{cluster.master_addrs};{base};home"
+            await expect(
+                Status.FAILED_PRECONDITION,
+                csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=forged)),
+                "not tagged",
+            )
+        # a directory tagged for another volume is refused too
+        await client.setxattr(home.ino, VOLUME_TAG, b"1;d;elsewhere:1;/;x")
+        forged = f"1;d;{cluster.master_addrs};{base};home"
+        await expect(
+            Status.FAILED_PRECONDITION,
+            csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=forged)),
+        )
+        await expect(Status.ALREADY_EXISTS, csi("CreateVolume", request), "another volume")
+        # a file where the volume's directory would be
+        await client.create((await client.resolve(base)).ino, b"afile", 0o644, 0, 0)
+        file_id = f"1;d;{cluster.master_addrs};{base};afile"
+        await expect(
+            Status.FAILED_PRECONDITION,
+            csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=file_id)),
+        )
+        assert sorted(await names_in(client, base)) == [b"afile", b"home"]
+        assert await client.read(f.ino, 0, 100) == b"years of work"
+
+        # deleting a nested volume removes its directory and nothing above it
+        request = create_request(
+            "pv-n", params(cluster, **{"fs-path": base, "path-pattern": "ns/${pv.metadata.name}"})
+        )
+        volume_id = (await csi("CreateVolume", request)).volume.volume_id
+        await csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=volume_id))
+        assert await names_in(client, f"{base}/ns") == []
+
+
+async def test_delete_request_checks(csi, cluster):
+    # sanity: no volume id -> INVALID_ARGUMENT; an invalid volume id -> success
+    await expect(
+        Status.INVALID_ARGUMENT, csi("DeleteVolume", pb.DeleteVolumeRequest()), "volume_id"
+    )
+    for volume_id in [
+        "reallyfakevolumeid",
+        "1;d;m:1;/;../etc",
+        f"1;d;{cluster.master_addrs};/;never-made",
+    ]:
+        await csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=volume_id))
+
+
+async def test_expand(csi, cluster):
+    name = unique("grow")
+    volume = (await csi("CreateVolume", create_request(name, params(cluster), required=GiB))).volume
+
+    def expand(required=0, limit=0, volume_id=volume.volume_id, **extra):
+        request = pb.ControllerExpandVolumeRequest(volume_id=volume_id, **extra)
+        if required or limit:
+            request.capacity_range.required_bytes = required
+            request.capacity_range.limit_bytes = limit
+        return csi("ControllerExpandVolume", request)
+
+    reply = await expand(3 * GiB)
+    assert (reply.capacity_bytes, reply.node_expansion_required) == (3 * GiB, False)
+    async with open_client(cluster.master_addrs) as client:
+        assert (await client.get_quota((await client.resolve(f"/{name}")).ino)).max_bytes == 3 * GiB
+    assert (await expand(3 * GiB)).capacity_bytes == 3 * GiB  # same size: nothing to do
+    assert (await expand(limit=4 * GiB)).capacity_bytes == 4 * GiB
+    await expect(Status.INVALID_ARGUMENT, expand(GiB), "shrink")
+    # sanity: no volume id, no capacity range, volume that does not exist
+    await expect(Status.INVALID_ARGUMENT, expand(GiB, volume_id=""), "volume_id")
+    await expect(Status.INVALID_ARGUMENT, expand(), "capacity_range")
+    await expect(Status.NOT_FOUND, expand(GiB, volume_id="not-a-volume"))
+    await expect(Status.NOT_FOUND, expand(GiB, volume_id=f"1;d;{cluster.master_addrs};/;gone"))
+    block = pb.VolumeCapability(block=pb.VolumeCapability.BlockVolume())
+    await expect(Status.INVALID_ARGUMENT, expand(5 * GiB, volume_capability=block), "block")
+    # the new size is what a retried CreateVolume without a range reports
+    again = await csi("CreateVolume", create_request(name, params(cluster)))
+    assert again.volume.capacity_bytes == 4 * GiB
+
+
+async def test_validate_volume_capabilities(csi, cluster):
+    volume = (await csi("CreateVolume", create_request(unique("val"), params(cluster)))).volume
+
+    def validate(caps, volume_id=volume.volume_id, **extra):
+        request = pb.ValidateVolumeCapabilitiesRequest(
+            volume_id=volume_id, volume_capabilities=caps, **extra
+        )
+        return csi("ValidateVolumeCapabilities", request)
+
+    every_mode = [mount_cap(m) for m in range(1, 8)]
+    reply = await validate(every_mode, volume_context=volume.volume_context)
+    assert list(reply.confirmed.volume_capabilities) == every_mode
+    assert dict(reply.confirmed.volume_context) == dict(volume.volume_context)
+    block = pb.VolumeCapability(block=pb.VolumeCapability.BlockVolume())
+    reply = await validate([mount_cap(), block])
+    assert not reply.HasField("confirmed") and "block" in reply.message
+    reply = await validate([mount_cap()], parameters={"bogus": "1"})
+    assert not reply.HasField("confirmed") and "bogus" in reply.message
+    # sanity: no volume id, no capabilities, volume that does not exist
+    await expect(Status.INVALID_ARGUMENT, validate([mount_cap()], volume_id=""), "volume_id")
+    await expect(Status.INVALID_ARGUMENT, validate([]), "volume_capabilities")
+    await expect(Status.NOT_FOUND, validate([mount_cap()], volume_id="fake-vol-id-123"))
+    missing = f"1;d;{cluster.master_addrs};/;{unique('nope')}"
+    await expect(Status.NOT_FOUND, validate([mount_cap()], volume_id=missing))
+
+
+async def test_path_pattern_from_pvc_labels_and_annotations(csi, cluster, kube_api):
+    """The PVC is served by the fake API server (a real kube-apiserver cannot run here)."""
+    namespace, claim = unique("team"), "data-web-0"
+    kube_api.add_pvc(
+        namespace, claim, labels={"app": "web"}, annotations={"example.com/tier": "gold"}
+    )
+    metadata = {
+        "csi.storage.k8s.io/pvc/namespace": namespace,
+        "csi.storage.k8s.io/pvc/name": claim,
+        "csi.storage.k8s.io/pv/name": "pvc-1234",
+    }
+    pattern = (
+        "${pvc.metadata.namespace}/${pvc.metadata.labels.app}"
+        "/${pvc.metadata.annotations.example.com/tier}-${pvc.metadata.name}"
+    )
+    request = create_request("pvc-1234", params(cluster, **{"path-pattern": pattern, **metadata}))
+    volume = (await csi("CreateVolume", request)).volume
+    assert volume.volume_context["subpath"] == f"{namespace}/web/gold-{claim}"
+    assert f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{claim}" in kube_api.requests
+    async with open_client(cluster.master_addrs) as client:
+        await client.resolve(f"/{namespace}/web/gold-{claim}")
+
+    # a label or annotation that would leave fs-path, or is missing, is refused
+    kube_api.add_pvc(
+        namespace, "evil", labels={"app": "web"}, annotations={"example.com/tier": "../../x"}
+    )
+    kube_api.add_pvc(namespace, "bare")
+    for name, match in [("evil", r"\.\."), ("bare", "no such label")]:
+        meta = {**metadata, "csi.storage.k8s.io/pvc/name": name}
+        request = create_request(unique("pv"), params(cluster, **{"path-pattern": pattern, **meta}))
+        await expect(Status.INVALID_ARGUMENT, csi("CreateVolume", request), match)
+    meta = {**metadata, "csi.storage.k8s.io/pvc/name": "absent"}
+    request = create_request(unique("pv"), params(cluster, **{"path-pattern": pattern, **meta}))
+    await expect(Status.FAILED_PRECONDITION, csi("CreateVolume", request), "not found")
+
+    # two claims mapped onto one directory: the second is refused
+    shared = "${pvc.metadata.namespace}/shared"
+    first = create_request("pv-a", params(cluster, **{"path-pattern": shared, **metadata}))
+    await csi("CreateVolume", first)
+    second = create_request("pv-b", params(cluster, **{"path-pattern": shared, **metadata}))
+    await expect(Status.ALREADY_EXISTS, csi("CreateVolume", second), "in use by volume 'pv-a'")
+
+
+async def test_path_pattern_without_a_kubernetes_api(module_spawn, cluster, tmp_path):
+    _, sock = start_controller(module_spawn, tmp_path)
+    request = create_request(
+        "pv-x",
+        params(
+            cluster,
+            **{
+                "path-pattern": "${pvc.metadata.labels.app}",
+                "csi.storage.k8s.io/pvc/namespace": "ns",
+                "csi.storage.k8s.io/pvc/name": "claim",
+            },
+        ),
+    )
+    async with grpc_bridge.connect(str(sock)) as call:
+        await expect(
+            Status.FAILED_PRECONDITION,
+            call("Controller", "CreateVolume", request),
+            "no Kubernetes API configured",
+        )
+
+
+async def test_cluster_down_is_unavailable_and_loses_nothing(module_spawn, tmp_path):
+    """A master that does not answer is UNAVAILABLE for every RPC, never "already deleted";
+    once it is back, the volume and its data are all there. With a token: requests carry it
+    as the `token` secret, a wrong one is PERMISSION_DENIED, and it never reaches the log."""
+    token = "s3cret-" + unique("tok")
+    with LocalCluster(tmp_path / "cluster", workers=1, token=token) as down:
+        proc, sock = start_controller(module_spawn, tmp_path, "--cluster-timeout", "2")
+        secrets = {"token": token}
+        request = create_request("pv-keep", params(down), secrets=secrets)
+        async with grpc_bridge.connect(str(sock)) as call:
+            volume = (await call("Controller", "CreateVolume", request)).volume
+            async with open_client(down.master_addrs, token) as client:
+                ino = (await client.resolve("/pv-keep")).ino
+                f = await client.create(ino, b"data", 0o644, 0, 0)
+                await client.write(f.ino, 0, b"still here")
+                await client.commit(f.ino, 10)
+
+            wrong = create_request("pv-other", params(down), secrets={"token": "wrong"})
+            await expect(Status.PERMISSION_DENIED, call("Controller", "CreateVolume", wrong))
+
+            down.kill_master()
+            delete = pb.DeleteVolumeRequest(volume_id=volume.volume_id, secrets=secrets)
+            expand = pb.ControllerExpandVolumeRequest(
+                volume_id=volume.volume_id,
+                capacity_range=pb.CapacityRange(required_bytes=2 * GiB),
+                secrets=secrets,
+            )
+            validate = pb.ValidateVolumeCapabilitiesRequest(
+                volume_id=volume.volume_id, volume_capabilities=[mount_cap()], secrets=secrets
+            )
+            capacity = pb.GetCapacityRequest(parameters=params(down))
+            for method, req in [
+                ("DeleteVolume", delete),
+                ("CreateVolume", request),
+                ("CreateVolume", create_request("pv-new", params(down), secrets=secrets)),
+                ("ControllerExpandVolume", expand),
+                ("ValidateVolumeCapabilities", validate),
+                ("GetCapacity", capacity),
+            ]:
+                await expect(Status.UNAVAILABLE, call("Controller", method, req))
+
+            down.restart_master()
+            async with open_client(down.master_addrs, token) as client:
+                assert await names_in(client, "/") == [b"pv-keep"]
+                ino = (await client.resolve("/pv-keep")).ino
+                f = await client.lookup(ino, b"data")
+                assert await client.read(f.ino, 0, 100) == b"still here"
+                assert (await client.get_quota(ino)).max_bytes == GiB
+            # GetCapacity has no secrets: it uses the token that last worked for the cluster
+            got = await call("Controller", "GetCapacity", capacity)
+            assert got.available_capacity > 0
+            await call("Controller", "DeleteVolume", delete)
+            async with open_client(down.master_addrs, token) as client:
+                assert await names_in(client, "/") == []
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    assert token not in read_log(proc)
