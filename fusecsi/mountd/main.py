@@ -53,6 +53,13 @@ def configure(parser) -> None:
         metavar="SECONDS",
         help="how long a new FUSE daemon may take to answer",
     )
+    parser.add_argument(
+        "--probe-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a statfs or getxattr on a mount that takes longer counts as a failed check",
+    )
     parser.add_argument("--metrics-address", metavar="HOST:PORT", help="serve Prometheus metrics")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--json", action="store_true", help="status: print JSON, not a table")
@@ -78,6 +85,7 @@ async def serve(args) -> None:
         linger=args.linger,
         health_interval=args.health_interval,
         ready_timeout=args.ready_timeout,
+        probe_timeout=args.probe_timeout,
     )
     path = unix_socket.endpoint_path(args.socket)
     if args.metrics_address:

@@ -65,6 +65,29 @@ async def test_killed_daemon_is_replaced_and_every_target_rebound(mountd, cluste
     assert mountd.daemon_pids() == [] and mountd.fuse_mounts() == ([], [])
 
 
+async def test_hung_daemon_is_replaced_after_repeated_failed_checks(tmp_path, cluster):
+    """A stopped (not dead) daemon makes statfs hang: after a few timed-out checks it goes."""
+    await make_dirs(cluster, "/hung/v")
+    node = Mountd(tmp_path / "node", cluster, **{"probe-timeout": "0.3"})
+    try:
+        node.start()
+        target = node.target("pod-1", "v")
+        await node.publish("vol-hung", "/hung", "v", target)
+        assert read_write(target, "f", "before the hang")
+        [row] = await node.client.list()
+        os.kill(row["pid"], signal.SIGSTOP)
+        await eventually(
+            all_serve({target: "before the hang"}, "f"), deadline=15, what="hung recovery"
+        )
+        [after] = await node.client.list()
+        assert after["restarts"] == 1 and after["pid"] != row["pid"]
+        assert node.daemon_pids() == [after["pid"]]  # the stopped one was killed
+        await node.client.unpublish("vol-hung", target)
+        assert node.daemon_pids() == [] and node.fuse_mounts() == ([], [])
+    finally:
+        node.close()
+
+
 async def test_mountd_restart_adopts_live_daemons_and_recovers_dead_ones(mountd, cluster):
     await make_dirs(cluster, "/restart-live/v", "/restart-dead/v")
     live = {mountd.target("pod-1", "live"): "live data"}
