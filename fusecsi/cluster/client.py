@@ -93,6 +93,8 @@ class ClusterClient:
         self._layouts: dict[int, dict[int, tuple[int, list[str]]]] = {}
         # ino -> highest end written and not yet committed
         self._pending: dict[int, int] = {}
+        # ino -> length the master said the file may grow to (quota) without asking again
+        self._granted: dict[int, int] = {}
 
     async def __aenter__(self) -> ClusterClient:
         stack = contextlib.AsyncExitStack()
@@ -197,6 +199,7 @@ class ClusterClient:
             if pending is not None:
                 await self.commit(ino, pending)
             self._layouts.pop(ino, None)
+            self._granted.pop(ino, None)
         attr = await self._attr(
             "setattr", ino, mode, uid, gid, size, atime_ns, mtime_ns, idempotent=True
         )
@@ -300,6 +303,7 @@ class ClusterClient:
             except ClusterError as exc:
                 # ENOENT: a block of our cached map was freed (truncate, unlink elsewhere)
                 self._layouts.pop(ino, None)
+                self._granted.pop(ino, None)
                 if exc.errno != errno.ENOENT or attempt:
                     raise
                 continue
@@ -308,14 +312,17 @@ class ClusterClient:
             self._pending[ino] = end
 
     async def _write_layout(self, ino: int, first: int, last: int, end: int) -> dict:
+        """Block locations for a write; asks the master when a block is unknown or the write
+        goes past the length it last allowed (so quotas are checked as the file grows)."""
         layout = self._layouts.setdefault(ino, {})
         missing = [i for i in range(first, last + 1) if i not in layout]
-        if missing:
-            start = missing[0]
+        if missing or end > self._granted.get(ino, 0):
+            start = missing[0] if missing else first
             count = min(last - start + 1 + ALLOCATE_AHEAD, MAX_ALLOCATE)
-            rows = await self._call("allocate", ino, start, count, end, idempotent=True)
-            for index, block_id, addrs in rows:
+            reply = await self._call("allocate", ino, start, count, end, idempotent=True)
+            for index, block_id, addrs in reply["blocks"]:
                 layout[index] = (block_id, addrs)
+            self._granted[ino] = reply["grant"]
             if any(i not in layout for i in missing):
                 raise ClusterError(errno.EIO, f"no placement for inode {ino}")
         return layout

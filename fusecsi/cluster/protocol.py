@@ -172,6 +172,7 @@ class FrameSocket:
             await self._drained.wait()
 
     async def writer(self) -> None:
+        """Send queued frames, joining small ones; a send failure closes the socket."""
         try:
             while True:
                 if not self._out:
@@ -182,21 +183,21 @@ class FrameSocket:
                 self._out_bytes = 0
                 self._busy = True
                 batch: list[bytes] = []
-                size = 0
                 for piece in pieces:
                     if len(piece) > JOIN_LIMIT:
                         if batch:
                             await self._send_all(b"".join(batch))
-                            batch, size = [], 0
+                            batch = []
                         await self._send_all(piece)
                     else:
                         batch.append(piece)
-                        size += len(piece)
                 if batch:
                     await self._send_all(b"".join(batch) if len(batch) > 1 else batch[0])
                 self._busy = False
                 drained, self._drained = self._drained, trio.Event()
                 drained.set()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.close()  # the reader notices and ends the connection
         finally:
             self.closed = True
             self._drained.set()
@@ -246,6 +247,10 @@ class Server:
         if isinstance(listener, stdsocket.socket):
             listener = trio.socket.from_stdlib_socket(listener)
         listener.listen(512)
+        with listener:
+            await self._accept_loop(listener, task_status)
+
+    async def _accept_loop(self, listener, task_status) -> None:
         async with trio.open_nursery() as nursery:
             task_status.started(listener.getsockname())
             while True:
@@ -273,6 +278,8 @@ class Server:
                 except ProtocolError as exc:
                     log.warning("%s: dropping connection: %s", self.name, exc)
                     await self._last_word(conn, 0, ["EPROTO", str(exc)])
+                except Exception:
+                    log.exception("%s: dropping connection after an internal error", self.name)
                 nursery.cancel_scope.cancel()
         finally:
             conn.close()
@@ -424,14 +431,20 @@ class Connection:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         with self.cancel_scope:
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self.frames.writer)
-                    task_status.started()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.frames.writer)
+                task_status.started()
+                try:
                     await self._read_loop()
-                    nursery.cancel_scope.cancel()
-            except (EOFError, OSError, ProtocolError, trio.BrokenResourceError) as exc:
-                self._fail(exc)
+                except (
+                    EOFError,
+                    OSError,
+                    ProtocolError,
+                    trio.BrokenResourceError,
+                    trio.ClosedResourceError,
+                ) as exc:
+                    self._fail(exc)
+                nursery.cancel_scope.cancel()
         self._fail(EOFError("closed"))
 
     async def _read_loop(self) -> None:

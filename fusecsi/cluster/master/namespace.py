@@ -205,7 +205,9 @@ class Namespace:
     # ------------------------------------------------------------ lookups
 
     def get(self, ino: Any) -> Inode:
-        node = self.inodes.get(ino) if isinstance(ino, int) else None
+        if not isinstance(ino, int) or isinstance(ino, bool):
+            raise fail(errno.EINVAL, f"an inode number must be an integer, not {ino!r}")
+        node = self.inodes.get(ino)
         if node is None:
             raise fail(errno.ENOENT, f"no inode {ino!r}")
         return node
@@ -299,6 +301,23 @@ class Namespace:
             if node.ino == ROOT_INO:
                 return
             node = self.inodes[node.parent]
+
+    def headroom(self, node: Inode) -> int | None:
+        """Bytes a file may still grow by under every quota above it (None: no limit)."""
+        if not self.quotas:
+            return None
+        room = None
+        for parent, count in node.links.items():
+            d = self.inodes[parent]
+            while True:
+                q = d.quota
+                if q is not None and q[0] is not None:
+                    left = max(0, q[0] - d.used[0]) // count
+                    room = left if room is None else min(room, left)
+                if d.ino == ROOT_INO:
+                    break
+                d = self.inodes[d.parent]
+        return room
 
     def _check_growth(self, node: Inode, dbytes: int) -> None:
         for parent in node.links:

@@ -65,7 +65,7 @@ class MasterService:
             "lookup getattr setattr mkdir create symlink unlink rmdir rename link readdir "
             "readlink getxattr setxattr listxattr removexattr statfs layout allocate commit "
             "set_quota get_quota resolve mkdirs remove_tree create_batch register heartbeat "
-            "cluster_info"
+            "unregister cluster_info"
         )
         return {name: getattr(self, name) for name in names.split()}
 
@@ -125,9 +125,28 @@ class MasterService:
         return time.time_ns()
 
     def _free_blocks(self, freed: list) -> None:
+        """Queue freed blocks for their workers (delivered with the next heartbeat)."""
         for block_id, workers in freed:
             for wid in workers:
                 self.deletions.setdefault(wid, []).append(block_id)
+
+    async def _delete_now(self, freed: list) -> None:
+        """Tell the workers at once, so a client writing through a stale block map is refused
+        (ENOENT) instead of writing into a freed block; what fails waits for a heartbeat."""
+        by_worker: dict[str, list[int]] = {}
+        for block_id, workers in freed:
+            for wid in workers:
+                by_worker.setdefault(wid, []).append(block_id)
+
+        async def send(wid: str, ids: list[int]) -> None:
+            try:
+                await self.pool.call(self.ns.workers[wid], "delete_blocks", ids, time_limit=5)
+            except (RPCError, KeyError):
+                self.deletions.setdefault(wid, []).extend(ids)
+
+        async with trio.open_nursery() as nursery:
+            for wid, ids in by_worker.items():
+                nursery.start_soon(send, wid, ids)
 
     # ------------------------------------------------------------ reads
 
@@ -263,7 +282,7 @@ class MasterService:
         if size is not None:
             await self._truncate_tail(ino, check_int(size, "size"))
         record = self.ns.plan_attr(ino, mode, uid, gid, size, atime, mtime, self._now())
-        self._free_blocks(await self._commit(record))
+        await self._delete_now(await self._commit(record))
         return self.ns.get(ino).attr()
 
     async def _truncate_tail(self, ino, size: int) -> None:
@@ -345,7 +364,8 @@ class MasterService:
     # ------------------------------------------------------------ data placement
 
     async def allocate(self, ino, first, count, end):
-        """Blocks `first..first+count-1` of a file, allocated where missing."""
+        """Blocks `first..first+count-1` of a file, allocated where missing, and the length
+        the file may grow to before the client must ask again (quota headroom)."""
         node = self.ns.file(ino)
         check_int(first, "first")
         check_int(count, "count", 1, MAX_ALLOC)
@@ -362,7 +382,12 @@ class MasterService:
             blocks = [[index, base + k, targets[k]] for k, index in enumerate(missing)]
             if blocks:
                 await self._commit(["alloc", ino, blocks])
-        return self.layout(ino, first, count)[1]
+        node = self.ns.file(ino)
+        room = self.ns.headroom(node)
+        grant = (first + count) * self.ns.block_size
+        if room is not None:
+            grant = min(grant, node.size + room)
+        return {"blocks": self.layout(ino, first, count)[1], "grant": max(grant, end)}
 
     def _place(self, count: int) -> list[list[str]]:
         bs = self.ns.block_size
@@ -403,6 +428,11 @@ class MasterService:
             ),
         )
         return {"block_size": self.ns.block_size, "delete": orphans}
+
+    def unregister(self, worker_id):
+        """A worker shutting down: place nothing more on it (its blocks stay known)."""
+        if self.live.pop(worker_id, None) is not None:
+            log.info("worker left", extra=fields(worker=worker_id))
 
     def heartbeat(self, worker_id, capacity, free):
         state = self.live.get(worker_id)

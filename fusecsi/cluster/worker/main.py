@@ -66,6 +66,7 @@ async def serve(args, token: str | None) -> None:
             async for signum in signals:
                 log.info("stopping", extra=fields(signal=signum))
                 break
+        await service.leave()
         nursery.cancel_scope.cancel()
 
 

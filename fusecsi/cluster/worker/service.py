@@ -134,6 +134,14 @@ class WorkerService:
         self.registered.set()
         log.info("registered", extra=fields(worker=self.store.worker_id, address=self.advertise))
 
+    async def leave(self) -> None:
+        """Tell the master this worker is going away, so it stops placing blocks here."""
+        with trio.move_on_after(2):
+            try:
+                await self._call_master("unregister", self.store.worker_id)
+            except RPCError:
+                pass
+
     async def heartbeats(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         known = False
