@@ -1,9 +1,10 @@
 """One node for the node plugin's tests: a LocalCluster (master + worker, with a token), a
 real `fusecsi mountd` and a real `fusecsi node`, and kubelet-style target paths.
 
-Import the fixtures into a test module: `from nodestack import cluster_fixture, node_fixture`
-(a conftest.py here would shadow the top-level one for `from conftest import ...`); tests
-ask for them by their names, `cluster` and `node`.
+Import the fixtures into a test module: `from nodestack import cluster_fixture, node_fixture`;
+tests ask for them by their names, `cluster` and `node`. (Nothing is imported from a
+conftest.py: with several of them in the tree, `import conftest` finds whichever pytest
+loaded last.) `spawn` is the top-level conftest's fixture.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import Spawner, read_log, wait_for_path
 
 from fusecsi import volumes
 from fusecsi.cluster.client import ClusterClient
@@ -47,7 +47,7 @@ def cluster_fixture(tmp_path_factory):
 
 
 class NodeStack:
-    def __init__(self, root: Path, spawn: Spawner, cluster: LocalCluster) -> None:
+    def __init__(self, root: Path, spawn, cluster: LocalCluster) -> None:
         self.root = root
         self.spawn = spawn
         self.cluster = cluster
@@ -155,10 +155,13 @@ def unpublish_request(volume: Volume, target: str) -> pb.NodeUnpublishVolumeRequ
     return pb.NodeUnpublishVolumeRequest(volume_id=volume.volume_id, target_path=target)
 
 
+def read_log(proc: subprocess.Popen) -> str:
+    return Path(proc.log_path).read_text(errors="replace")
+
+
 def wait_listening(path: Path, proc: subprocess.Popen, timeout: float = 30.0) -> None:
     """Wait until a server accepts connections on the unix socket `path`."""
     deadline = time.monotonic() + timeout
-    wait_for_path(path, proc, timeout)
     while True:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
             try:
