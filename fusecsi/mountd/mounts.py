@@ -146,6 +146,11 @@ def open_beneath(base: str, subpath: str) -> int:
     return fd
 
 
+def check_beneath(base: str, subpath: str) -> None:
+    """OSError unless `base/subpath` is a directory reached without symlinks."""
+    os.close(open_beneath(base, subpath))
+
+
 def bind_beneath(base: str, subpath: str, target: str) -> None:
     """Bind directory `base/subpath` onto directory `target` (neither through a symlink)."""
     source_fd = open_beneath(base, subpath)

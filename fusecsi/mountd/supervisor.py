@@ -277,6 +277,9 @@ class Supervisor:
         """Create the target directory (CSI: the plugin creates it); True if we made it."""
 
         def make() -> bool:
+            # kubelet makes the parent; making it here too costs nothing and stays inside
+            # the kubelet dir (its existing part was resolved already)
+            os.makedirs(os.path.dirname(target), 0o750, exist_ok=True)
             try:
                 os.mkdir(target, 0o750)
                 return True
@@ -452,6 +455,9 @@ class Supervisor:
         rt = self._rt(entry.key.id)
         for ref in refs:
             try:
+                # the source must exist before the old mount goes: a pod must never be left
+                # looking at the empty local directory underneath
+                await self._blocking(mounts.check_beneath, entry.mountpoint, ref.subpath)
                 await self._unmount(ref.target, lazy=True)
                 await self._bind(entry, ref)
                 rt.broken_targets.discard(ref.target)
@@ -505,8 +511,13 @@ class Supervisor:
             await self._rebind(entry, lost)
 
     def _lost(self, entry: Entry) -> list[Ref]:
-        """References whose target is no mount point at all (someone unmounted it)."""
-        return [r for r in entry.refs.values() if mounts.top_mount(r.target) is None]
+        """References whose target lost its mount, or whose last re-bind failed."""
+        broken = self._rt(entry.key.id).broken_targets
+        return [
+            r
+            for r in entry.refs.values()
+            if r.target in broken or mounts.top_mount(r.target) is None
+        ]
 
     async def _diagnose(self, entry: Entry, rt: Runtime) -> str | None:
         if rt.state in ("broken", "starting") and rt.daemon is None:
@@ -520,14 +531,36 @@ class Supervisor:
         except OSError as exc:
             if exc.errno in DEAD:
                 return f"mount answers {errno.errorcode.get(exc.errno)}"
-            if exc.errno in SICK:
-                rt.sick += 1
-                if rt.sick >= SICK_LIMIT:
-                    return f"mount answered {errno.errorcode.get(exc.errno)} {rt.sick} times"
+            if exc.errno not in SICK:
+                raise
+            rt.sick += 1
+            rt.message = f"mount answered {errno.errorcode.get(exc.errno)} {rt.sick} times"
+            if rt.sick < SICK_LIMIT:
                 return None
-            raise
-        rt.sick = 0
+            if not await self._cluster_answers(entry):
+                # a new daemon cannot do better, and the live one resumes when the cluster does
+                rt.message = "cluster unreachable; keeping the daemon"
+                log.warning("cluster unreachable", extra=fields(key_id=entry.key.id))
+                return None
+            return rt.message
+        rt.sick, rt.message = 0, ""
         return None
+
+    async def _cluster_answers(self, entry: Entry) -> bool:
+        from fusecsi.cluster.client import ClusterClient
+
+        token = self._load_token(entry.key.id)
+        with trio.move_on_after(self.probe_timeout):
+            try:
+                client = ClusterClient(
+                    entry.key.master_addrs, token=token, timeout=self.probe_timeout
+                )
+                async with client:
+                    await client.statfs()
+                return True
+            except Exception:
+                return False
+        return False
 
     # ------------------------------------------------------------ restart
 

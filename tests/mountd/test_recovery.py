@@ -7,6 +7,7 @@ import os
 import signal
 
 import pytest
+import trio
 from mountd_stack import (  # noqa: F401 - fixtures
     TOKEN,
     Mountd,
@@ -86,6 +87,33 @@ async def test_hung_daemon_is_replaced_after_repeated_failed_checks(tmp_path, cl
         assert node.daemon_pids() == [] and node.fuse_mounts() == ([], [])
     finally:
         node.close()
+
+
+async def test_cluster_outage_keeps_the_daemon_that_resumes_afterwards(tmp_path):
+    """Failing checks while the cluster is down must not replace a daemon a new one cannot
+    beat: the old one serves again, same process, once the master is back."""
+    with LocalCluster(tmp_path / "cluster", workers=1, token=TOKEN) as cluster:
+        await make_dirs(cluster, "/outage/v")
+        node = Mountd(tmp_path / "node", cluster, **{"probe-timeout": "0.3"})
+        try:
+            node.start()
+            target = node.target("pod-1", "v")
+            await node.publish("vol-outage", "/outage", "v", target)
+            assert read_write(target, "f", "survives the outage")
+            [row] = await node.client.list()
+            cluster.kill_master()
+            await eventually(
+                lambda: "cluster unreachable" in node.log(), deadline=15, what="outage seen"
+            )
+            await trio.to_thread.run_sync(cluster.restart_master)
+            await eventually(
+                all_serve({target: "survives the outage"}, "f"), deadline=30, what="resume"
+            )
+            [after] = await node.client.list()
+            assert after["pid"] == row["pid"] and after["restarts"] == 0
+            await node.client.unpublish("vol-outage", target)
+        finally:
+            node.close()
 
 
 async def test_mountd_restart_adopts_live_daemons_and_recovers_dead_ones(mountd, cluster):
