@@ -216,6 +216,23 @@ class ControllerService:
         self._tokens[ref_addrs] = token
         return client
 
+    async def _together(self, *calls) -> None:
+        """Independent cluster calls at once (the master commits them in one journal write);
+        the first failure is raised as itself, not as an exception group."""
+        errors: list[Exception] = []
+
+        async def one(fn, *args) -> None:
+            try:
+                await self._call(fn, *args)
+            except Exception as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for call in calls:
+                nursery.start_soon(one, *call)
+        if errors:
+            raise errors[0]
+
     async def _tag(self, client: ClusterClient, ino: int, name: bytes) -> bytes | None:
         try:
             return await self._call(client.getxattr, ino, name)
@@ -234,10 +251,11 @@ class ControllerService:
             raise
         return quota.max_bytes if quota.ino == ino else None
 
-    async def _find(self, client: ClusterClient, ref: VolumeRef):
+    async def _find(self, client: ClusterClient, ref: VolumeRef, parent=None):
         """(parent attr, entry attr, tag) of the volume's directory; None where missing."""
         try:
-            parent = await self._call(client.resolve, ref.parent_path)
+            if parent is None:
+                parent = await self._call(client.resolve, ref.parent_path)
             entry = await self._call(client.lookup, parent.ino, ref.name.encode())
         except ClusterError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
@@ -320,7 +338,7 @@ class ControllerService:
         """The volume's directory exists, tagged for `volume_id` and held by `name`; returns
         its quota."""
         parent = await self._call(client.mkdirs, ref.parent_path)
-        _, entry, tag = await self._find(client, ref)
+        _, entry, tag = await self._find(client, ref, parent)
         if entry is None:
             if await self._create(client, parent.ino, ref, volume_id, name, size):
                 log.info(
@@ -328,7 +346,7 @@ class ControllerService:
                     extra=fields(volume_id=volume_id, path=ref.path, capacity=size, name=name),
                 )
                 return size
-            _, entry, tag = await self._find(client, ref)  # someone else made it meanwhile
+            _, entry, tag = await self._find(client, ref, parent)  # made by someone else
             if entry is None:
                 fail(Status.ABORTED, f"{ref.path} changed while being created; retry")
         if not stat.S_ISDIR(entry.mode):
@@ -370,10 +388,11 @@ class ControllerService:
         attr = await self._call(client.mkdir, parent_ino, temp, VOLUME_MODE, 0, 0)
         placed = False
         try:
-            await self._call(client.setattr, attr.ino, mode=VOLUME_MODE)  # no umask applies
-            await self._call(client.setxattr, attr.ino, TAG_VOLUME, volume_id.encode())
-            await self._call(client.setxattr, attr.ino, TAG_OWNER, name.encode())
-            await self._call(client.set_quota, attr.ino, size, None)
+            await self._together(
+                (client.setxattr, attr.ino, TAG_VOLUME, volume_id.encode()),
+                (client.setxattr, attr.ino, TAG_OWNER, name.encode()),
+                (client.set_quota, attr.ino, size, None),
+            )
             try:
                 await self._call(
                     client.rename, parent_ino, temp, parent_ino, ref.name.encode(), RENAME_NOREPLACE
@@ -422,10 +441,10 @@ class ControllerService:
                         f"refusing to {ref.on_delete} {ref.path}: it is not tagged as "
                         f"fusecsi volume {volume_id} (found {tag!r}); nothing was changed",
                     )
-                await self._apply_policy(client, ref, parent, volume_id)
+                await self._apply_policy(client, ref, parent, entry, volume_id)
         return pb.DeleteVolumeResponse()
 
-    async def _apply_policy(self, client, ref: VolumeRef, parent, volume_id: str) -> None:
+    async def _apply_policy(self, client, ref: VolumeRef, parent, entry, volume_id: str) -> None:
         if ref.on_delete == "delete":
             await self._call(client.remove_tree, ref.path)
             log.info("volume deleted", extra=fields(volume_id=volume_id, path=ref.path))
@@ -444,7 +463,6 @@ class ControllerService:
                 extra=fields(volume_id=volume_id, path=ref.path, archived_as=new_name),
             )
         else:  # retain: keep everything, release the directory for a later claim to adopt
-            _, entry, _ = await self._find(client, ref)
             try:
                 await self._call(client.removexattr, entry.ino, TAG_OWNER)
             except ClusterError as exc:
