@@ -22,6 +22,7 @@ from grpclib.const import Status
 
 from fusecsi import mount_options, volumes
 from fusecsi.cluster.protocol import RPCUnavailable
+from fusecsi.controller import capability_problem
 from fusecsi.csi import csi_pb2 as pb
 from fusecsi.logs import fields
 from fusecsi.mountd.client import MountdClient
@@ -32,20 +33,7 @@ log = logging.getLogger("fusecsi.node")
 _Mode = pb.VolumeCapability.AccessMode
 _Rpc = pb.NodeServiceCapability.RPC
 
-# Every mode of a shared filesystem: the controller offers the same set.
-SUPPORTED_MODES = frozenset(
-    {
-        _Mode.SINGLE_NODE_WRITER,
-        _Mode.SINGLE_NODE_READER_ONLY,
-        _Mode.MULTI_NODE_READER_ONLY,
-        _Mode.MULTI_NODE_SINGLE_WRITER,
-        _Mode.MULTI_NODE_MULTI_WRITER,
-        _Mode.SINGLE_NODE_SINGLE_WRITER,
-        _Mode.SINGLE_NODE_MULTI_WRITER,
-    }
-)
 READ_ONLY_MODES = frozenset({_Mode.SINGLE_NODE_READER_ONLY, _Mode.MULTI_NODE_READER_ONLY})
-
 CAPABILITIES = (_Rpc.GET_VOLUME_STATS, _Rpc.VOLUME_CONDITION, _Rpc.SINGLE_NODE_MULTI_WRITER)
 
 # mountd's errno names -> CSI codes (docs/contracts.md); anything else is INTERNAL
@@ -108,15 +96,15 @@ def resolve_source(volume_id: str, context: dict[str, str], flags: list[str]) ->
 
 def check_capability(capability: pb.VolumeCapability) -> bool:
     """Validate a publish capability; True when it asks for read-only access."""
-    if capability.HasField("block"):
-        invalid("block access is not supported: fusecsi volumes are filesystems")
-    if not capability.HasField("mount"):
-        invalid("volume_capability.mount missing in request")
     mode = capability.access_mode.mode
     if mode == _Mode.UNKNOWN:
         invalid("volume_capability.access_mode missing in request")
-    if mode not in SUPPORTED_MODES:
-        invalid(f"access mode {_Mode.Mode.Name(mode)} is not supported")
+    if mode not in _Mode.Mode.values():
+        invalid(f"access mode {mode} is not a CSI access mode")
+    # the very checks CreateVolume made: a node serves what the controller offers
+    problem = capability_problem(capability)
+    if problem:
+        invalid(problem)
     readonly = mode in READ_ONLY_MODES
     for flag in capability.mount.mount_flags:
         if flag == "ro":

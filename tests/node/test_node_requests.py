@@ -92,9 +92,14 @@ async def test_publish_validation(node):
             "access_mode missing",
         ),
         (
+            variant(volume_capability=capability(access_mode=Cap.AccessMode(mode=99))),
+            Status.INVALID_ARGUMENT,
+            "access mode 99",
+        ),
+        (
             variant(volume_capability=Cap(access_mode=Cap.AccessMode(mode=1))),
             Status.INVALID_ARGUMENT,
-            "mount missing",
+            "access_type",
         ),
         (
             variant(volume_capability=capability(mount=Cap.MountVolume(mount_flags=["noexec"]))),
