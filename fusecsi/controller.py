@@ -211,10 +211,8 @@ class ControllerService:
         with trio.fail_after(self.call_timeout):
             return await fn(*args, **kwargs)
 
-    async def _client(self, ref_addrs: str, token: str | None) -> ClusterClient:
-        client = await self.clients.get(ref_addrs, token)
-        self._tokens[ref_addrs] = token
-        return client
+    async def _client(self, master_addrs: str, token: str | None) -> ClusterClient:
+        return await self.clients.get(master_addrs, token)
 
     async def _together(self, *calls) -> None:
         """Independent cluster calls at once (the master commits them in one journal write);
@@ -258,9 +256,13 @@ class ControllerService:
                 parent = await self._call(client.resolve, ref.parent_path)
             entry = await self._call(client.lookup, parent.ino, ref.name.encode())
         except ClusterError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                return None, None, None
-            raise
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            entry = None
+        # the master accepted this token: GetCapacity (whose request has no secrets) may use it
+        self._tokens[",".join(client.master_addrs)] = client.token
+        if entry is None:
+            return None, None, None
         if not stat.S_ISDIR(entry.mode):
             return parent, entry, None
         return parent, entry, await self._tag(client, entry.ino, TAG_VOLUME)

@@ -558,3 +558,24 @@ async def test_cluster_down_is_unavailable_and_loses_nothing(module_spawn, tmp_p
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
     assert token not in read_log(proc)
+
+
+async def test_several_master_addresses_fail_over(csi, cluster):
+    dead = "127.0.0.1:9"  # nothing listens there: the client moves on to the live master
+    request = create_request(
+        unique("multi"), params(cluster, **{"master-addrs": f"{cluster.master_addrs},{dead}"})
+    )
+    volume = (await csi("CreateVolume", request)).volume
+    expected = ",".join(sorted([cluster.master_addrs, dead]))
+    assert volume.volume_context["master-addrs"] == expected
+    assert volume.volume_id.split(";")[2] == expected
+    await csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=volume.volume_id))
+
+
+def test_archive_names_stay_within_255_bytes():
+    from fusecsi.controller import archive_name
+
+    assert archive_name("pv", 0) == "pv.archived-19700101T000000Z"
+    long = archive_name("é" * 127, 1_795_000_000)
+    assert len(long.encode()) <= 255 and long.endswith(".archived-20261118T110640Z")
+    assert long.startswith("é")
