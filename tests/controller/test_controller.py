@@ -12,6 +12,7 @@ import errno
 import re
 import signal
 import stat
+import urllib.request
 
 import pytest
 import trio
@@ -34,7 +35,7 @@ from grpclib.exceptions import GRPCError
 
 from fusecsi import grpc_bridge, mount_options
 from fusecsi.cluster.client import ClusterError
-from fusecsi.cluster.local import LocalCluster
+from fusecsi.cluster.local import LocalCluster, free_port
 from fusecsi.csi import csi_pb2 as pb
 
 __all__ = ["cluster", "controller", "csi", "kube_api", "module_spawn"]  # fixtures
@@ -507,7 +508,15 @@ async def test_cluster_down_is_unavailable_and_loses_nothing(module_spawn, tmp_p
     as the `token` secret, a wrong one is PERMISSION_DENIED, and it never reaches the log."""
     token = "s3cret-" + unique("tok")
     with LocalCluster(tmp_path / "cluster", workers=1, token=token) as down:
-        proc, sock = start_controller(module_spawn, tmp_path, "--cluster-timeout", "2")
+        metrics_port = free_port()
+        proc, sock = start_controller(
+            module_spawn,
+            tmp_path,
+            "--cluster-timeout",
+            "2",
+            "--metrics-address",
+            f"127.0.0.1:{metrics_port}",
+        )
         secrets = {"token": token}
         request = create_request("pv-keep", params(down), secrets=secrets)
         async with grpc_bridge.connect(str(sock)) as call:
@@ -555,6 +564,13 @@ async def test_cluster_down_is_unavailable_and_loses_nothing(module_spawn, tmp_p
             await call("Controller", "DeleteVolume", delete)
             async with open_client(down.master_addrs, token) as client:
                 assert await names_in(client, "/") == []
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        metrics = await trio.to_thread.run_sync(lambda: urllib.request.urlopen(url).read().decode())
+        assert (
+            'fusecsi_csi_call_seconds_count{code="UNAVAILABLE",method="DeleteVolume"} 1.0'
+            in metrics
+        )
+        assert 'fusecsi_csi_call_seconds_count{code="OK",method="DeleteVolume"} 1.0' in metrics
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
     assert token not in read_log(proc)
