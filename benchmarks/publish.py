@@ -302,6 +302,7 @@ def main() -> int:
         if args.quick
         else {"warm_rounds": 200, "cold_rounds": 20, "volumes": 500, "keys": 5, "concurrency": 16}
     )
+    load_at_start = os.getloadavg()  # the machine is shared: say how busy it was
     work = Path(tempfile.mkdtemp(prefix="fusecsi-publish-"))
     stack = DevStack(work, node_names=("bench",), workers=1)
     try:
@@ -318,6 +319,7 @@ def main() -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "kernel": platform.release(),
+            "loadavg_at_start": load_at_start,
             "loadavg_at_end": os.getloadavg(),
         },
         "params": params,

@@ -216,6 +216,11 @@ async def test_killed_plugin_leaves_mounts_working_and_a_new_one_unpublishes(nod
     assert sorted(p.name for p in await trio.Path(target).iterdir()) == ["after", "before"]
     assert len(await node.refs()) == 1
 
+    # a graceful stop (an upgrade) leaves the mount alone as well
+    node.start_node().send_signal(signal.SIGTERM)
+    assert node.node_proc.wait() == 0
+    assert await trio.Path(target, "before").read_bytes() == b"1"
+
     node.start_node()
     async with grpc_bridge.connect(str(node.csi_socket)) as call:
         await call("Node", "NodeUnpublishVolume", unpublish_request(volume, target))

@@ -12,7 +12,9 @@ from nodestack import (  # noqa: F401 - fixtures
     Mode,
     cluster_fixture,
     node_fixture,
+    pause,
     publish_request,
+    resume,
     unpublish_request,
 )
 
@@ -179,6 +181,12 @@ async def test_mountd_away_is_unavailable_and_not_ready(node):
     async with grpc_bridge.connect(str(node.csi_socket)) as call:
         probe = await call("Identity", "Probe", pb.ProbeRequest())
         assert probe.ready.value is True
+        pause(node.mountd_proc)  # a wedged mountd accepts connections but never answers
+        try:
+            probe = await call("Identity", "Probe", pb.ProbeRequest())
+        finally:
+            resume(node.mountd_proc)
+        assert probe.ready.value is False
         node.mountd_proc.kill()
         node.mountd_proc.wait()
         probe = await call("Identity", "Probe", pb.ProbeRequest())
