@@ -39,12 +39,23 @@ async def outcome(call, method: str, request) -> str:
     return "OK"
 
 
+# what kubelet adds to the volume context with podInfoOnMount: true
+POD_INFO = {
+    "csi.storage.k8s.io/pod.name": "web-0",
+    "csi.storage.k8s.io/pod.namespace": "default",
+    "csi.storage.k8s.io/pod.uid": "6a1f0c52-0000-4000-8000-000000000001",
+    "csi.storage.k8s.io/serviceAccount.name": "default",
+    "csi.storage.k8s.io/ephemeral": "false",
+}
+
+
 async def test_publish_write_unpublish_idempotent(node):
     volume = await node.volume("rw")
     target = node.target()
+    request = publish_request(volume, target, context={**volume.context, **POD_INFO})
     async with grpc_bridge.connect(str(node.csi_socket)) as call:
         for _ in range(2):
-            await call("Node", "NodePublishVolume", publish_request(volume, target))
+            await call("Node", "NodePublishVolume", request)
         assert is_mount_point(target)
         refs = await node.refs()
         assert [(r["volume_id"], r["target"]) for r in refs] == [(volume.volume_id, target)]
