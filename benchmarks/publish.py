@@ -213,6 +213,16 @@ async def scale(bench: Bench, call, volumes: int, keys: int, concurrency: int) -
     daemon_rss = sum(rss_kib(d["pid"]) for d in daemons if d["pid"])
     mountd_rss, node_rss = rss_kib(bench.mountd_pid), rss_kib(bench.plugin_pid)
 
+    # one more pod on a busy node: every volume above is still mounted
+    busy = []
+    for i in range(20):
+        request = bench.publish_request(*layout[i], bench.target())
+        busy.append(await timed(call, "Node", "NodePublishVolume", request))
+        undo = pb.NodeUnpublishVolumeRequest(
+            volume_id=request.volume_id, target_path=request.target_path
+        )
+        await call("Node", "NodeUnpublishVolume", undo)
+
     unpublish_started = time.perf_counter()
 
     async def undo(request) -> None:
@@ -236,6 +246,7 @@ async def scale(bench: Bench, call, volumes: int, keys: int, concurrency: int) -
         "publish_wall_s": round(wall, 2),
         "publish_per_s": round(volumes / wall, 1),
         "publish_latency": summary(latencies),
+        "warm_publish_on_busy_node": summary(busy),
         "unpublish_wall_s": round(unpublish_wall, 2),
         "daemons": len(daemons),
         "references": refs,
@@ -267,6 +278,7 @@ def table(results: dict) -> str:
         ("cold publish via CSI", cold["csi_publish"], "p99 < 1000 ms"),
         ("unpublish of last ref", cold["csi_unpublish_last_ref"], ""),
         ("publish under load", scaled["publish_latency"], ""),
+        ("warm publish, busy node", scaled["warm_publish_on_busy_node"], ""),
     ]
     lines = [f"{'measure':<26}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'n':>6}  target"]
     for name, s, target in rows:
