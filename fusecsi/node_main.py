@@ -29,5 +29,10 @@ def build_server(args) -> CsiServer:
 
 def run(args) -> int:
     logs.setup("node", args.log_level)
-    trio.run(run_until_signal, build_server(args), args.endpoint, args.grace)
+    server = build_server(args)
+    if args.metrics_address:
+        from fusecsi.controller_main import serve_metrics  # the same per-call histogram
+
+        serve_metrics(server, args.metrics_address)
+    trio.run(run_until_signal, server, args.endpoint, args.grace)
     return 0

@@ -73,8 +73,8 @@ class NodeStack:
         wait_listening(self.mountd_socket, self.mountd_proc)
         return self.mountd_proc
 
-    def start_node(self) -> subprocess.Popen:
-        args = ["--endpoint", f"unix://{self.csi_socket}", "--node-id", "node-a"]
+    def start_node(self, *extra: str) -> subprocess.Popen:
+        args = ["--endpoint", f"unix://{self.csi_socket}", "--node-id", "node-a", *extra]
         args += ["--mountd", f"unix://{self.mountd_socket}"]
         self.csi_socket.unlink(missing_ok=True)  # a killed plugin leaves its socket behind
         self.node_proc = self.spawn("node", *args, name="node")

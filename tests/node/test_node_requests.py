@@ -4,7 +4,10 @@ cluster; requests go through the CSI socket as kubelet's would."""
 
 from __future__ import annotations
 
+import urllib.request
+
 import pytest
+import trio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from nodestack import (  # noqa: F401 - fixtures
@@ -19,6 +22,7 @@ from nodestack import (  # noqa: F401 - fixtures
 )
 
 from fusecsi import grpc_bridge
+from fusecsi.cluster.local import free_port
 from fusecsi.csi import csi_pb2 as pb
 
 Cap = pb.VolumeCapability
@@ -204,3 +208,23 @@ async def test_mountd_away_is_unavailable_and_not_ready(node):
         probe = await call("Identity", "Probe", pb.ProbeRequest())
         assert probe.ready.value is True
         await call("Node", "NodePublishVolume", publish_request(volume, target))
+
+
+async def test_metrics_histogram_counts_calls(node):
+    node.node_proc.kill()
+    node.node_proc.wait()
+    port = free_port()
+    node.start_node("--metrics-address", f"127.0.0.1:{port}")
+    async with grpc_bridge.connect(str(node.csi_socket)) as call:
+        await call("Node", "NodeGetInfo", pb.NodeGetInfoRequest())
+        await expect(
+            call, "NodeUnpublishVolume", pb.NodeUnpublishVolumeRequest(), Status.INVALID_ARGUMENT
+        )
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            return reply.read().decode()
+
+    text = await trio.to_thread.run_sync(scrape)
+    assert 'fusecsi_csi_call_seconds_count{code="OK",method="NodeGetInfo"} 1.0' in text
+    assert 'code="INVALID_ARGUMENT",method="NodeUnpublishVolume"} 1.0' in text
