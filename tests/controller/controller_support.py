@@ -34,6 +34,7 @@ class FakeKubeApi:
     """PVCs by (namespace, name); `requests` records every path asked for."""
 
     pvcs: dict[tuple[str, str], dict] = field(default_factory=dict)
+    forbidden: set[str] = field(default_factory=set)  # namespaces answered with 403
     requests: list[str] = field(default_factory=list)
     url: str = ""
 
@@ -77,6 +78,8 @@ def _handler(api: FakeKubeApi):
                 if parts[4] == "persistentvolumeclaims":
                     pvc = api.pvcs.get((parts[3], parts[5]))
             body, code = (pvc, 200) if pvc else ({"kind": "Status", "code": 404}, 404)
+            if len(parts) > 3 and parts[3] in api.forbidden:
+                body, code = {"kind": "Status", "code": 403}, 403
             data = json.dumps(body).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
