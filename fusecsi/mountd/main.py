@@ -70,24 +70,32 @@ def run(args) -> int:
         from fusecsi.mountd.status import print_status
 
         return print_status(args.socket, as_json=args.json)
-    logs.setup("mountd", args.log_level)
-    trio.run(serve, args)
-    return 0
-
-
-async def serve(args) -> None:
-    from fusecsi.mountd import api
     from fusecsi.mountd.supervisor import Supervisor
 
-    supervisor = Supervisor(
-        args.state_dir,
-        args.kubelet_dir,
-        linger=args.linger,
-        health_interval=args.health_interval,
-        ready_timeout=args.ready_timeout,
-        probe_timeout=args.probe_timeout,
-    )
-    path = unix_socket.endpoint_path(args.socket)
+    logs.setup("mountd", args.log_level)
+    failed: list[BaseException] = []
+    try:
+        path = unix_socket.endpoint_path(args.socket)
+        supervisor = Supervisor(
+            args.state_dir,
+            args.kubelet_dir,
+            linger=args.linger,
+            health_interval=args.health_interval,
+            ready_timeout=args.ready_timeout,
+            probe_timeout=args.probe_timeout,
+        )
+        supervisor.lock_state_dir()
+        trio.run(serve, args, supervisor, path)
+    except* (RuntimeError, ValueError, OSError) as group:
+        failed.extend(group.exceptions)
+    for exc in failed:
+        log.error("mountd cannot run", extra=fields(error=str(exc)))
+    return 1 if failed else 0
+
+
+async def serve(args, supervisor, path: str) -> None:
+    from fusecsi.mountd import api
+
     if args.metrics_address:
         from fusecsi.mountd.metrics import serve_metrics
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -88,17 +89,34 @@ class Supervisor:
         self._limiter = trio.CapacityLimiter(64)
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._lock_fd: int | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        for path in (self.state_dir, self.mounts_dir, self.tokens_dir, self.logs_dir):
-            os.makedirs(path, mode=0o700, exist_ok=True)
+        if self._lock_fd is None:
+            self.lock_state_dir()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await self.reconcile()
             nursery.start_soon(self._health_loop)
             task_status.started()
+
+    def lock_state_dir(self) -> None:
+        """Create the state dir and lock it for this process's lifetime.
+
+        A second mountd on the same state would unmount and kill what the first one serves
+        while it reconciles, so it is refused here, before it touches anything.
+        """
+        for path in (self.state_dir, self.mounts_dir, self.tokens_dir, self.logs_dir):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(self.state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"another mountd is running on {self.state_dir}") from None
+        self._lock_fd = fd
 
     def _rt(self, key_id: str) -> Runtime:
         return self.runtime.setdefault(key_id, Runtime())

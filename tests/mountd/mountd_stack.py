@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import os
 import signal
 import subprocess
@@ -153,12 +154,15 @@ async def make_dirs(cluster: LocalCluster, *paths: str) -> None:
 
 
 async def eventually(check, *, deadline: float, what: str):
-    """Poll `check()` (sync, run in a thread) until it returns a truthy value."""
+    """Poll `check()` until it returns a truthy value (a plain function runs in a thread)."""
     end = time.monotonic() + deadline
     last: BaseException | None = None
     while time.monotonic() < end:
         try:
-            value = await trio.to_thread.run_sync(check, abandon_on_cancel=True)
+            if inspect.iscoroutinefunction(check):
+                value = await check()
+            else:
+                value = await trio.to_thread.run_sync(check, abandon_on_cancel=True)
             if value:
                 return value
         except OSError as exc:

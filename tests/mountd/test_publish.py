@@ -8,6 +8,7 @@ import os
 
 import pytest
 import trio
+from conftest import FUSECSI
 from mountd_stack import (  # noqa: F401 - fixtures
     TOKEN,
     Mountd,
@@ -195,8 +196,12 @@ async def test_linger_keeps_an_unused_daemon_for_the_next_pod(tmp_path, cluster)
         assert first["daemon_started"] and not second["daemon_started"]
         assert (await node.client.list())[0]["pid"] == row["pid"]
         await node.client.unpublish("vol-l", t2)
-        await eventually(lambda: node.daemon_pids() == [], deadline=15, what="linger stop")
-        assert await node.client.list() == [] and node.fuse_mounts() == ([], [])
+
+        async def forgotten() -> bool:
+            return await node.client.list() == []
+
+        await eventually(forgotten, deadline=15, what="linger stop")
+        assert node.daemon_pids() == [] and node.fuse_mounts() == ([], [])
     finally:
         node.close()
 
@@ -212,3 +217,25 @@ async def test_status_command_prints_keys_daemons_and_references(mountd, cluster
     listed = json.loads(await trio.to_thread.run_sync(mountd.status, "--json"))
     assert listed == [row]
     await mountd.client.unpublish("vol-status", target)
+
+
+async def test_a_second_mountd_on_the_same_state_is_refused_and_touches_nothing(mountd, cluster):
+    await make_dirs(cluster, "/twice/v")
+    target = mountd.target("pod-1", "v")
+    await mountd.publish("vol-twice", "/twice", "v", target)
+    args = [
+        *FUSECSI,
+        "mountd",
+        "--state-dir",
+        str(mountd.state_dir),
+        "--socket",
+        f"unix://{mountd.base}/second.sock",
+        "--kubelet-dir",
+        str(mountd.kubelet_dir),
+    ]
+    second = await trio.run_process(args, capture_stderr=True, check=False)
+    assert second.returncode == 1
+    assert b"another mountd is running" in second.stderr
+    assert read_write(target, "f", "still served by the first mountd")
+    assert mountd.fuse_mounts()[1] == [target]
+    await mountd.client.unpublish("vol-twice", target)
