@@ -72,9 +72,9 @@ class Mountd:
         self.proc.log_path = log.name
         wait_for_path(self.socket, self.proc)
 
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
+    def kill(self, signum: int = signal.SIGKILL) -> int:
+        self.proc.send_signal(signum)
+        return self.proc.wait(timeout=30)
 
     def status(self, *flags: str) -> str:
         """The output of `fusecsi mountd status` against this mountd."""

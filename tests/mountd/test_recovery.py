@@ -149,13 +149,15 @@ async def test_mountd_restart_adopts_live_daemons_and_recovers_dead_ones(mountd,
 
 
 async def test_restart_removes_binds_the_table_does_not_know(mountd, cluster):
-    """mountd died after binding but before persisting: the leftover bind goes at restart."""
+    """mountd stopped after binding but before persisting: the leftover bind goes at restart."""
     await make_dirs(cluster, "/leftover/v")
     kept, orphan = mountd.target("pod-1", "kept"), mountd.target("pod-2", "orphan")
     await mountd.publish("vol-kept", "/leftover", "v", kept)
     table_before_orphan = (mountd.state_dir / "table.json").read_bytes()
     await mountd.publish("vol-orphan", "/leftover", "v", orphan)
-    mountd.kill()
+    pids = mountd.daemon_pids()
+    assert mountd.kill(signal.SIGTERM) == 0  # a clean stop leaves the daemons serving
+    assert mountd.daemon_pids() == pids and not exists(mountd.socket)
     (mountd.state_dir / "table.json").write_bytes(table_before_orphan)
     mountd.start()
     assert mountd.fuse_mounts()[1] == [kept]
