@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -142,6 +144,7 @@ class Walkthrough:
             ("StatefulSet web-app: one PVC and one directory per replica", self.statefulset),
             ("Pod deleted and recreated keeps its data", self.pod_recreated),
             ("Scale down to 2 and back up to 3 rebinds the old PVC", self.scale_down_up),
+            ("A crashed FUSE daemon is replaced; every pod's mount comes back", self.recovery),
             ("Sharing rule: one FUSE daemon per (cluster, fs-path)", self.sharing_rule),
             ("StatefulSet and PVCs deleted: on-delete policy applied", self.teardown),
             ("podinfo: blobs by SHA1 key across two nodes", self.podinfo),
@@ -151,9 +154,16 @@ class Walkthrough:
 
     # ---- what external-provisioner and kubelet do -----------------------------------------
 
-    def storage_class(self, name: str, fs_path: str, on_delete: str) -> StorageClass:
+    def storage_class(
+        self, name: str, fs_path: str, on_delete: str, path_pattern: str = ""
+    ) -> StorageClass:
         params = {"master-addrs": self.stack.master_addrs, "fs-path": fs_path}
         params["on-delete"] = on_delete
+        if path_pattern:
+            params["path-pattern"] = path_pattern
+        self.show(
+            f"kubectl get storageclass {name} -o jsonpath='{{.parameters}}'", json.dumps(params)
+        )
         return StorageClass(name, params, "Delete")
 
     async def provision(self, claim_name: str, sc: StorageClass, size=GIB) -> Claim:
@@ -277,7 +287,8 @@ class Walkthrough:
         self.show("kubectl get pv", table([*headers, "STORAGECLASS", "SUBPATH"], rows))
 
     def show_pods(self) -> None:
-        rows = [[p.name, "1/1", "Running", p.node.name, p.claim.name] for p in self.pods.values()]
+        pods = sorted(self.pods.values(), key=lambda p: p.name)
+        rows = [[p.name, "1/1", "Running", p.node.name, p.claim.name] for p in pods]
         self.show(
             "kubectl get pods -o wide", table(["NAME", "READY", "STATUS", "NODE", "CLAIM"], rows)
         )
@@ -294,10 +305,11 @@ class Walkthrough:
                         daemon["fs_path"],
                         str(daemon["pid"]),
                         daemon["state"],
+                        str(daemon["restarts"]),
                         str(len(daemon["refs"])),
                     ]
                 )
-        headers = ["NODE", "KEY", "FS-PATH", "PID", "STATE", "REFS"]
+        headers = ["NODE", "KEY", "FS-PATH", "PID", "STATE", "RESTARTS", "REFS"]
         self.show("fusecsi mountd status (every node)", table(headers, rows))
         return everything
 
@@ -327,6 +339,12 @@ class Walkthrough:
                 page == f"Hello from web-app-{i}\nindex.html\n",
                 f"{pod.name} sees only its own data, got {page!r}",
             )
+        pod = self.pods["web-app-0"]
+        self.show(
+            'kubectl exec web-app-0 -- sh -c "mount | grep /usr/share/nginx/html"',
+            mount_line(pod.target),
+        )
+        check("type fuse.fusecsi" in mount_line(pod.target), "the pod's volume is a fusecsi mount")
         daemons = await self.show_daemons()
         check(len(daemons) == 1, f"one shared FUSE daemon for /pvs, found {len(daemons)}")
         check(len(daemons[0]["refs"]) == 3, "the shared daemon holds three references")
@@ -357,14 +375,53 @@ class Walkthrough:
         page = await self.in_pod(pod, 'cat "$DATA/index.html"')
         check(page == "Hello from web-app-2\n", f"the old data is back, got {page!r}")
 
+    async def recovery(self) -> None:
+        node = self.stack.nodes[0]
+        (daemon,) = await self.daemons(node)
+        self.step(f"kill -9 {daemon['pid']}: the FUSE daemon serving /pvs on {node.name} dies")
+        killed_at = trio.current_time()
+        os.kill(daemon["pid"], signal.SIGKILL)
+        pods = [self.pods[f"web-app-{i}"] for i in range(3)]
+        with trio.move_on_after(30):
+            while True:
+                try:
+                    pages = [await self.in_pod(pod, 'cat "$DATA/index.html"') for pod in pods]
+                except ScenarioFailed:
+                    await trio.sleep(0.2)
+                    continue
+                break
+        for i, pod in enumerate(pods):
+            page = await self.in_pod(pod, 'cat "$DATA/index.html"')
+            check(page == f"Hello from web-app-{i}\n", f"{pod.name} reads its data again")
+        await self.in_pod(pods[0], 'echo "written after recovery" > "$DATA/after.txt"')
+        took = trio.current_time() - killed_at
+        self.step(
+            f"mountd replaced it and re-bound all {len(pages)} targets in {took:.1f}s; "
+            "the pods read and write again without restarting"
+        )
+        (replacement,) = await self.show_daemons()
+        check(replacement["pid"] != daemon["pid"], "a new daemon serves the key")
+        check(replacement["restarts"] >= 1, "the replacement is counted as a restart")
+
     async def sharing_rule(self) -> None:
-        self.other = self.storage_class("fusecsi-archive", "/pvs-archive", "archive")
-        self.step("StorageClass fusecsi-archive: fs-path /pvs-archive, on-delete archive")
+        self.step(
+            "StorageClass fusecsi-archive: fs-path /pvs-archive, on-delete archive, "
+            "path-pattern ${pvc.metadata.namespace}/${pvc.metadata.name}"
+        )
+        self.other = self.storage_class(
+            "fusecsi-archive",
+            "/pvs-archive",
+            "archive",
+            "${pvc.metadata.namespace}/${pvc.metadata.name}",
+        )
         node = self.stack.nodes[0]
         for i in range(2):
             claim = await self.provision(f"logs-collector-{i}", self.other)
             pod = await self.start_pod(f"collector-{i}", node, claim)
             await self.in_pod(pod, f'echo "log line {i}" > "$DATA/app.log"')
+        dirs = await self.cluster_ls("/pvs-archive/default")
+        self.show("fusecsi fs ls /pvs-archive/default", "\n".join(dirs))
+        check(dirs == ["logs-collector-0", "logs-collector-1"], "directories follow path-pattern")
         daemons = await self.show_daemons()
         by_path = {d["fs_path"]: len(d["refs"]) for d in daemons}
         check(len(daemons) == 2, f"two FUSE daemons (one per fs-path), found {len(daemons)}")
@@ -377,6 +434,8 @@ class Walkthrough:
         self.show_pods()
         daemons = await self.show_daemons()
         check(daemons == [], f"no FUSE daemon once no pod uses a volume: {daemons}")
+        self.step("the PVCs outlive their StatefulSet (StatefulSet PVC protection)")
+        self.show_pvcs()
         self.step("kubectl delete pvc --all: DeleteVolume (reclaim policy Delete)")
         archive_dirs = {}
         for claim in list(self.claims.values()):
@@ -385,16 +444,15 @@ class Walkthrough:
             archive_dirs.setdefault(fs_path, []).append(subpath)
             await self.delete_claim(claim)
         pvs = await self.cluster_ls("/pvs")
-        archived = await self.cluster_ls("/pvs-archive")
-        self.show(
-            "fusecsi fs ls /pvs /pvs-archive",
-            "\n".join(["/pvs:", *pvs, "/pvs-archive:", *archived]),
-        )
+        archived = await self.cluster_ls("/pvs-archive/default")
+        listing = ["/pvs:", *pvs, "/pvs-archive/default:", *archived]
+        self.show("fusecsi fs ls /pvs /pvs-archive/default", "\n".join(listing))
         check(not set(archive_dirs["/pvs"]) & set(pvs), "on-delete delete removed the directories")
         for subpath in archive_dirs["/pvs-archive"]:
-            check(subpath not in archived, f"{subpath} was moved aside")
+            name = subpath.rsplit("/", 1)[-1]
+            check(name not in archived, f"{subpath} was moved aside")
             check(
-                any(name.startswith(subpath + ".archived-") for name in archived),
+                any(entry.startswith(name + ".archived-") for entry in archived),
                 f"on-delete archive kept {subpath} renamed aside",
             )
 
@@ -462,6 +520,18 @@ class Walkthrough:
         check(daemons == [], f"no FUSE daemon left: {daemons}")
         mounts = leftover_mounts(self.stack.work_dir)
         check(mounts == [], f"no mount left under the work directory: {mounts}")
+
+
+def mount_line(target: Path) -> str:
+    """What `mount | grep <target>` prints, read from /proc/self/mountinfo."""
+    with open("/proc/self/mountinfo") as table:
+        for line in table:
+            before, _, after = line.partition(" - ")
+            mount = before.split()
+            if mount[4] == str(target):
+                fstype, source, _ = after.split(maxsplit=2)
+                return f"{source} on {target} type {fstype} ({mount[5]})"
+    return f"{target} is not a mount point"
 
 
 def _size(capacity: int) -> str:
