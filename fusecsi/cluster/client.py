@@ -14,11 +14,13 @@ import contextlib
 import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
 
 from fusecsi.cluster.protocol import Pool, RPCError, RPCUnavailable
+from fusecsi.cluster.writebehind import WriteBehind
 
 __all__ = [
     "ROOT_INO",
@@ -37,6 +39,7 @@ RENAME_EXCHANGE = 2
 MASTER_PORT = 8995
 WORKER_PORT = 8997
 ALLOCATE_AHEAD = 3
+WRITE_WINDOW = 8  # block-sized pieces in flight per client
 MAX_ALLOCATE = 64
 
 ClusterError = RPCError
@@ -86,6 +89,7 @@ class ClusterClient:
         self.timeout = timeout
         self._current = 0
         self._stack: contextlib.AsyncExitStack | None = None
+        self._behind: WriteBehind | None = None
         self._masters: Pool | None = None
         self._workers: Pool | None = None
         self._block_size: int | None = None
@@ -105,6 +109,7 @@ class ClusterClient:
         self._workers = Pool(
             nursery, token=self.token, default_port=WORKER_PORT, max_conns=4, timeout=self.timeout
         )
+        self._behind = WriteBehind(nursery, WRITE_WINDOW)
         self._stack = stack
         return self
 
@@ -195,6 +200,7 @@ class ClusterClient:
     ) -> Attr:
         if size is not None:
             # a size change discards uncommitted data past the committed length: publish ours
+            await self._behind.drain(ino)
             pending = self._pending.get(ino)
             if pending is not None:
                 await self.commit(ino, pending)
@@ -282,34 +288,49 @@ class ClusterClient:
     # ------------------------------------------------------------ data
 
     async def write(self, ino: int, offset: int, data: bytes) -> None:
+        """Send `data` to the workers; returns once it is on its way (see writebehind.py).
+
+        Allocation and quota errors (EDQUOT, ENOSPC) are raised here; a failure on a worker is
+        raised by the next write, read or commit of the file. `data` must not change after
+        the call (bytes are kept as they are; other buffers are copied)."""
         if offset < 0:
             raise ClusterError(errno.EINVAL, "negative offset")
         if not data:
             return
+        if not isinstance(data, bytes):
+            data = bytes(data)
         bs = self._block_size or await self.block_size()
         end = offset + len(data)
         first, last = offset // bs, (end - 1) // bs
-        for attempt in range(2):
-            layout = await self._write_layout(ino, first, last, end)
-            view = memoryview(data)
-            pieces = []
-            for index in range(first, last + 1):
-                lo = max(offset, index * bs)
-                hi = min(end, (index + 1) * bs)
-                block_id, addrs = layout[index]
-                pieces.append((block_id, addrs, lo - index * bs, view[lo - offset : hi - offset]))
-            try:
-                await self._write_pieces(pieces)
-            except ClusterError as exc:
-                # ENOENT: a block of our cached map was freed (truncate, unlink elsewhere)
-                self._layouts.pop(ino, None)
-                self._granted.pop(ino, None)
-                if exc.errno != errno.ENOENT or attempt:
-                    raise
-                continue
-            break
+        self._behind.check(ino)
+        await self._write_layout(ino, first, last, end)
+        view = memoryview(data)
+        for index in range(first, last + 1):
+            lo = max(offset, index * bs)
+            hi = min(end, (index + 1) * bs)
+            piece = view[lo - offset : hi - offset]
+            await self._behind.submit(
+                ino, lo, hi, partial(self._put, ino, index, lo - index * bs, piece, end)
+            )
         if end > self._pending.get(ino, 0):
             self._pending[ino] = end
+
+    async def _put(self, ino: int, index: int, offset: int, data, end: int) -> None:
+        """Write one piece of one block to its replicas."""
+        for attempt in range(2):
+            layout = self._layouts.get(ino)
+            if layout is None or index not in layout:
+                layout = await self._write_layout(ino, index, index, end)
+            block_id, addrs = layout[index]
+            try:
+                await self._write_block(block_id, addrs, offset, data)
+                return
+            except ClusterError as exc:
+                # ENOENT: the block was freed under a cached map (a truncate elsewhere)
+                if exc.errno != errno.ENOENT or attempt:
+                    raise
+                self._layouts.pop(ino, None)
+                self._granted.pop(ino, None)
 
     async def _write_layout(self, ino: int, first: int, last: int, end: int) -> dict:
         """Block locations for a write; asks the master when a block is unknown or the write
@@ -348,9 +369,6 @@ class ClusterClient:
             # a stale block map (ENOENT) only matters when nothing worse happened
             raise min(errors, key=lambda e: e.errno == errno.ENOENT)
 
-    async def _write_pieces(self, pieces: list) -> None:
-        await self._each(lambda piece: self._write_block(*piece), pieces)
-
     async def _write_block(self, block_id: int, addrs: list[str], offset: int, data) -> None:
         if not addrs:
             raise ClusterError(errno.EIO, f"block {block_id} has no live replica")
@@ -365,6 +383,8 @@ class ClusterClient:
             raise ClusterError(errno.EINVAL, "negative offset or size")
         if size == 0:
             return b""
+        await self._behind.drain(ino)
+        self._behind.check(ino)
         bs = self._block_size or await self.block_size()
         first = offset // bs
         count = (offset + size - 1) // bs - first + 1
@@ -412,6 +432,9 @@ class ClusterClient:
         raise ClusterError(last.errno, f"block {block_id}: no replica readable: {last.strerror}")
 
     async def commit(self, ino: int, size: int, mtime_ns: int | None = None) -> Attr:
+        """Wait for the file's writes, raise a failed one, then publish `size`."""
+        await self._behind.drain(ino)
+        self._behind.check(ino, clear=True)
         attr = await self._attr("commit", ino, size, mtime_ns, idempotent=True)
         if self._pending.get(ino, -1) <= size:
             self._pending.pop(ino, None)

@@ -32,11 +32,13 @@ log = logging.getLogger(__name__)
 
 REQUEST, REPLY = 0, 1
 HEADER = struct.Struct(">I")
+BIN32 = struct.Struct(">BI")
 DEFAULT_MAX_FRAME = 64 << 20
 RECV_SIZE = 256 << 10
 # Frames above this go out on their own instead of being joined with their neighbours.
 JOIN_LIMIT = 64 << 10
 HIGH_WATER = 16 << 20
+KEEP_BUFFER = 16 << 20  # receive buffers up to this size are kept for the next large frame
 
 _pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
@@ -80,6 +82,35 @@ def encode(message: list) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+def _bulk_tail(message: list):
+    """The large bytes-like value that ends `message` (a request's last argument or a reply's
+    result), if any: it is sent from the caller's buffer instead of being copied."""
+    last = message[-1]
+    if message[0] == REQUEST and isinstance(last, list) and last:
+        last = last[-1]
+    if isinstance(last, bytes | bytearray | memoryview):
+        view = memoryview(last)
+        if view.nbytes > JOIN_LIMIT:
+            return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    return None
+
+
+def encode_pieces(message: list) -> tuple[list, int]:
+    """The frame as pieces to send in order, and the body's size."""
+    tail = _bulk_tail(message)
+    if tail is None:
+        body = _pack(message)
+        return [HEADER.pack(len(body)) + body], len(body)
+    if message[0] == REQUEST:
+        stub = [*message[:-1], [*message[-1][:-1], b""]]
+    else:
+        stub = [*message[:-1], b""]
+    # an empty bin packs as c4 00 at the very end: swap it for a bin32 header of the tail
+    head = _pack(stub)[:-2] + BIN32.pack(0xC6, tail.nbytes)
+    size = len(head) + tail.nbytes
+    return [HEADER.pack(size) + head, tail], size
+
+
 class FrameSocket:
     """One connected socket: frame reader plus a writer that coalesces queued frames."""
 
@@ -95,6 +126,7 @@ class FrameSocket:
         self._drained = trio.Event()
         self.closed = False
         self._busy = False
+        self._big = bytearray()
 
     # -- reading
 
@@ -131,33 +163,38 @@ class FrameSocket:
                 raise ProtocolError(f"undecodable frame: {exc}") from None
             finally:
                 view.release()
-        # a large frame: receive it straight into its own buffer
-        frame = bytearray(length)
-        frame[:have] = memoryview(self._buf)[self._start : self._end]
-        self._start = self._end = 0
-        view = memoryview(frame)
-        got = have
-        while got < length:
-            n = await self.sock.recv_into(view[got:], length - got)
-            if n == 0:
-                raise EOFError
-            got += n
-        try:
-            return unpack_frame(frame)
-        except Exception as exc:
-            raise ProtocolError(f"undecodable frame: {exc}") from None
+        # a large frame: receive it straight into a buffer kept for the next one (unpacking
+        # copies `bin` values out, so the buffer is free again once this frame is decoded)
+        if length > KEEP_BUFFER:
+            big = bytearray(length)
+        else:
+            if len(self._big) < length:
+                self._big = bytearray(max(length, 2 * len(self._big)))
+            big = self._big
+        with memoryview(big) as whole, whole[:length] as view:
+            view[:have] = memoryview(self._buf)[self._start : self._end]
+            self._start = self._end = 0
+            got = have
+            while got < length:
+                n = await self.sock.recv_into(view[got:], length - got)
+                if n == 0:
+                    raise EOFError
+                got += n
+            try:
+                return unpack_frame(view)
+            except Exception as exc:
+                raise ProtocolError(f"undecodable frame: {exc}") from None
 
     # -- writing
 
     def queue(self, message: list) -> None:
         if self.closed:
             raise RPCUnavailable(errno.ECONNRESET, "connection closed")
-        body = _pack(message)
-        if len(body) > self.max_frame:
-            raise RPCError(errno.EMSGSIZE, f"message of {len(body)} bytes exceeds the frame limit")
-        self._out.append(HEADER.pack(len(body)))
-        self._out.append(body)
-        self._out_bytes += len(body)
+        pieces, size = encode_pieces(message)
+        if size > self.max_frame:
+            raise RPCError(errno.EMSGSIZE, f"message of {size} bytes exceeds the frame limit")
+        self._out.extend(pieces)
+        self._out_bytes += size
         self._wake.set()
 
     async def send(self, message: list) -> None:
@@ -184,7 +221,7 @@ class FrameSocket:
                 self._busy = True
                 batch: list[bytes] = []
                 for piece in pieces:
-                    if len(piece) > JOIN_LIMIT:
+                    if isinstance(piece, memoryview) or len(piece) > JOIN_LIMIT:
                         if batch:
                             await self._send_all(b"".join(batch))
                             batch = []
@@ -202,12 +239,12 @@ class FrameSocket:
             self.closed = True
             self._drained.set()
 
-    async def _send_all(self, data: bytes) -> None:
-        with memoryview(data) as view:
-            total = len(view)
-            sent = 0
-            while sent < total:
-                sent += await self.sock.send(view[sent:])
+    async def _send_all(self, data) -> None:
+        view = memoryview(data)
+        total = view.nbytes
+        sent = 0
+        while sent < total:
+            sent += await self.sock.send(view[sent:])
 
     def close(self) -> None:
         self.closed = True

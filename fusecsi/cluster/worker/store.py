@@ -84,11 +84,14 @@ class BlockStore:
         except FileNotFoundError:
             return _crc_array()
 
-    def _save_crcs(self, path: Path, crcs: array.array) -> None:
-        tmp = path.with_name(path.name + ".crc.tmp")
-        with open(tmp, "wb") as f:
-            f.write(crcs.tobytes())
-        os.replace(tmp, self._crc_path(path))
+    def _save_crcs(self, path: Path, crcs: array.array, first: int = 0) -> None:
+        """Write the checksums from chunk `first` on, and cut the file to their number."""
+        fd = os.open(self._crc_path(path), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, memoryview(crcs)[first:].cast("B"), first * crcs.itemsize)
+            os.ftruncate(fd, len(crcs) * crcs.itemsize)
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------ operations
 
@@ -110,17 +113,18 @@ class BlockStore:
             end = offset + len(data)
             new_len = max(old_len, end)
             self.used += new_len - old_len
-            crcs = self._load_crcs(path)
+            first = min(old_len, offset) // CHUNK
+            crcs = self._load_crcs(path) if first or end < old_len else _crc_array()
             chunks = (new_len + CHUNK - 1) // CHUNK
             if len(crcs) < chunks:
                 crcs.extend([0] * (chunks - len(crcs)))
-            for i in range(min(old_len, offset) // CHUNK, (end - 1) // CHUNK + 1):
+            for i in range(first, (end - 1) // CHUNK + 1):
                 start, stop = i * CHUNK, min((i + 1) * CHUNK, new_len)
                 if offset <= start and stop <= end:
                     crcs[i] = zlib.crc32(view[start - offset : stop - offset])
                 else:
                     crcs[i] = zlib.crc32(os.pread(fd, stop - start, start))
-            self._save_crcs(path, crcs)
+            self._save_crcs(path, crcs, first)
         finally:
             os.close(fd)
 
