@@ -234,8 +234,15 @@ class Supervisor:
         return {"key": entry.key.id, "mountpoint": entry.mountpoint, "daemon_started": started}
 
     def _bound(self, entry: Entry, ref: Ref) -> bool:
-        top = mounts.top_mount(ref.target)
-        return mounts.is_fuse_mount(top) and top.root == "/" + ref.subpath
+        """The target shows the key's current mount at the ref's subpath."""
+        table = mounts.read_mountinfo()
+        top = mounts.top_mount(ref.target, table)
+        return self._serves(entry, top, table) and top.root == "/" + ref.subpath
+
+    def _serves(self, entry: Entry, top, table) -> bool:
+        """`top` is a bind of the daemon's live mount (same device), not of a dead one."""
+        source = mounts.top_mount(entry.mountpoint, table)
+        return mounts.is_fuse_mount(top) and source is not None and top.device == source.device
 
     def _live_mount(self, entry: Entry) -> bool:
         rt = self.runtime.get(entry.key.id)
@@ -529,12 +536,15 @@ class Supervisor:
             await self._rebind(entry, lost)
 
     def _lost(self, entry: Entry) -> list[Ref]:
-        """References whose target lost its mount, or whose last re-bind failed."""
+        """References whose target lost its mount or still shows a dead one (mountd died
+        in the middle of a recovery), or whose last re-bind failed."""
         broken = self._rt(entry.key.id).broken_targets
+        table = mounts.read_mountinfo()
         return [
             r
             for r in entry.refs.values()
-            if r.target in broken or mounts.top_mount(r.target) is None
+            if r.target in broken
+            or not self._serves(entry, mounts.top_mount(r.target, table), table)
         ]
 
     async def _diagnose(self, entry: Entry, rt: Runtime) -> str | None:
@@ -669,8 +679,9 @@ class Supervisor:
 
     def list(self) -> list[dict]:
         rows = []
-        for key_id, entry in sorted(self.table.entries.items()):
-            rt = self._rt(key_id)
+        # also called from the metrics thread: read only, never create runtime state
+        for key_id, entry in sorted(list(self.table.entries.items())):
+            rt = self.runtime.get(key_id) or Runtime()
             rows.append(
                 {
                     "key": key_id,

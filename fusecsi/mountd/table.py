@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 from fusecsi import mount_options, volumes
 
@@ -32,7 +33,7 @@ class Key:
             mount_options.parse_arg(options or "").to_arg(),
         )
 
-    @property
+    @cached_property
     def id(self) -> str:
         digest = mount_options.parse_arg(self.options).digest()
         text = f"{self.master_addrs}|{self.fs_path}|{digest}"

@@ -76,6 +76,15 @@ class Mountd:
         self.proc.send_signal(signum)
         return self.proc.wait(timeout=30)
 
+    def start_daemon(self, fs_path: str, options: str, mountpoint: str) -> subprocess.Popen:
+        """A `fusecsi mount` started by hand, as a mountd would (close() kills it too)."""
+        args = ["--master-addrs", self.cluster.master_addrs, "--fs-path", fs_path]
+        return subprocess.Popen(
+            [*FUSECSI, "mount", *args, "--options", options, mountpoint],
+            env={**os.environ, "FUSECSI_TOKEN": TOKEN},
+            start_new_session=True,
+        )
+
     def status(self, *flags: str) -> str:
         """The output of `fusecsi mountd status` against this mountd."""
         args = [*FUSECSI, "mountd", "status", "--socket", f"unix://{self.socket}", *flags]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 
@@ -21,6 +22,7 @@ from mountd_stack import (  # noqa: F401 - fixtures
 )
 
 from fusecsi.cluster.local import LocalCluster
+from fusecsi.mountd import mounts
 
 RECOVERY_DEADLINE = 5.0
 
@@ -165,6 +167,38 @@ async def test_restart_removes_binds_the_table_does_not_know(mountd, cluster):
     assert [r["target"] for r in row["refs"]] == [kept]
     await mountd.client.unpublish("vol-kept", kept)
     assert mountd.daemon_pids() == [] and mountd.fuse_mounts() == ([], [])
+
+
+async def test_restart_in_the_middle_of_a_recovery_rebinds_targets_left_on_the_dead_mount(
+    mountd, cluster
+):
+    """mountd died after starting a new daemon but before re-binding: the adopted daemon is
+    healthy, yet the target still shows the dead connection; it must be re-bound."""
+    await make_dirs(cluster, "/midway/v")
+    target = mountd.target("pod-1", "v")
+    await mountd.publish("vol-midway", "/midway", "v", target)
+    assert read_write(target, "f", "kept across the crash")
+    [row] = await mountd.client.list()
+    mountd.kill()
+    os.kill(row["pid"], signal.SIGKILL)
+    # what the dead mountd had done so far: a new daemon on the mountpoint, in the table
+    mounts.umount(row["mountpoint"], lazy=True)
+    daemon = mountd.start_daemon("/midway", row["options"], row["mountpoint"])
+    await eventually(
+        lambda: mounts.is_fuse_mount(mounts.top_mount(row["mountpoint"])), deadline=15, what="mount"
+    )
+    table = json.loads((mountd.state_dir / "table.json").read_text())
+    table["entries"][0]["pid"] = daemon.pid
+    (mountd.state_dir / "table.json").write_text(json.dumps(table))
+    with pytest.raises(OSError):
+        os.listdir(target)  # still the dead connection
+
+    mountd.start()
+    await eventually(all_serve({target: "kept across the crash"}, "f"), deadline=10, what="re-bind")
+    [after] = await mountd.client.list()
+    assert after["pid"] == daemon.pid  # adopted, not replaced
+    await mountd.client.unpublish("vol-midway", target)
+    assert daemon.wait(timeout=10) == 0 and mountd.fuse_mounts() == ([], [])
 
 
 async def test_unpublish_clears_a_broken_target_while_the_cluster_is_down(tmp_path):
