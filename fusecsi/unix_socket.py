@@ -37,9 +37,11 @@ def _answers(path: str) -> bool:
         probe.close()
 
 
-def bind(path: str) -> socket.socket:
-    """A bound (not yet listening) socket at `path`, mode 0600.
+def bind(path: str, backlog: int = 128) -> socket.socket:
+    """A listening socket at `path`, mode 0600.
 
+    The file appears only once the socket listens (it is bound under a temporary name and
+    linked into place), so whoever waits for the path never meets a refused connection.
     A socket file left by a killed server is removed; a live server's socket or a file that
     is not a socket is never touched.
     """
@@ -56,14 +58,24 @@ def bind(path: str) -> socket.socket:
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, mode=0o755, exist_ok=True)
+    staged = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.new")
+    if len(os.fsencode(staged)) > MAX_PATH:
+        raise ValueError(f"socket path {path!r} is too long to be staged")
+    remove(staged)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(path)
-        # nobody can connect before listen(), so tightening the mode here leaves no window
-        os.chmod(path, 0o600)
+        sock.bind(staged)
+        os.chmod(staged, 0o600)
+        sock.listen(backlog)
+        try:
+            os.link(staged, path)  # never replaces a server that started meanwhile
+        except FileExistsError:
+            raise RuntimeError(f"another server took {path} while this one started") from None
     except BaseException:
         sock.close()
         raise
+    finally:
+        remove(staged)
     return sock
 
 

@@ -19,15 +19,14 @@ def invalid(message: str) -> NoReturn:
 def require(request: Any, *names: str) -> None:
     """INVALID_ARGUMENT "<field> missing in request" for the first empty required field."""
     for name in names:
-        present = request.HasField(name) if _is_message(request, name) else getattr(request, name)
-        if not present:
+        if not _present(request, name):
             invalid(f"{name} missing in request")
 
 
-def _is_message(request: Any, name: str) -> bool:
+def _present(request: Any, name: str) -> bool:
     field = request.DESCRIPTOR.fields_by_name[name]
-    return field.message_type is not None and not _is_map_or_repeated(field)
-
-
-def _is_map_or_repeated(field: Any) -> bool:
-    return field.label == field.LABEL_REPEATED
+    if field.is_repeated:  # repeated fields and maps: present when not empty
+        return len(getattr(request, name)) > 0
+    if field.message_type is not None:
+        return request.HasField(name)
+    return bool(getattr(request, name))

@@ -58,14 +58,19 @@ async def test_identity_rpcs(spawn, tmp_path, role):
         else:
             # the node plugin is ready only while mountd answers
             assert probe.ready.value is False
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(str(mountd))
-            listener.listen()
-            try:
-                probe = await call("Identity", "Probe", pb.ProbeRequest())
-                assert probe.ready.value is True
-            finally:
-                listener.close()
+            mountd_proc = spawn(
+                "mountd",
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--socket",
+                f"unix://{mountd}",
+                "--kubelet-dir",
+                str(tmp_path / "kubelet"),
+                name="mountd",
+            )
+            wait_for_path(mountd, mountd_proc)
+            probe = await call("Identity", "Probe", pb.ProbeRequest())
+            assert probe.ready.value is True
 
 
 async def test_unserved_rpcs_answer_unimplemented(spawn, tmp_path):
@@ -199,3 +204,37 @@ async def test_drain_lets_running_calls_finish_and_refuses_new_ones():
         assert err.value.status is Status.UNAVAILABLE
         release.set()
     assert len(results) == 1
+
+
+def test_require_names_the_first_missing_field():
+    from fusecsi.validation import require
+
+    full = pb.CreateVolumeRequest(
+        name="v",
+        capacity_range=pb.CapacityRange(required_bytes=1),
+        volume_capabilities=[pb.VolumeCapability()],
+        parameters={"a": "b"},
+    )
+    require(full, "name", "capacity_range", "volume_capabilities", "parameters")
+    for missing in ("name", "capacity_range", "volume_capabilities", "parameters"):
+        request = pb.CreateVolumeRequest()
+        request.CopyFrom(full)
+        request.ClearField(missing)
+        with pytest.raises(GRPCError) as err:
+            require(request, "name", "capacity_range", "volume_capabilities", "parameters")
+        assert err.value.status is Status.INVALID_ARGUMENT
+        assert err.value.message == f"{missing} missing in request"
+
+
+def test_socket_path_appears_only_when_listening(tmp_path):
+    from fusecsi import unix_socket
+
+    path = str(tmp_path / "s.sock")
+    sock = unix_socket.bind(path)
+    try:
+        assert os.listdir(tmp_path) == ["s.sock"]  # no staged name left behind
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(path)  # accepted into the backlog: it listens already
+        client.close()
+    finally:
+        sock.close()
