@@ -38,6 +38,9 @@ DEAD = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
 SICK = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT})
 SICK_LIMIT = 3
 MAX_BACKOFF = 30.0
+# A daemon that dies sooner than this after starting is crash-looping: its next
+# replacement waits (with growing backoff) instead of following at once.
+CRASH_WINDOW = 10.0
 
 
 def _err(code: int, message: str) -> OSError:
@@ -55,6 +58,7 @@ class Runtime:
     retry_at: float = 0.0
     backoff: float = 1.0
     linger_gen: int = 0
+    started_at: float = 0.0
     broken_targets: set[str] = field(default_factory=set)
 
 
@@ -393,7 +397,8 @@ class Supervisor:
 
     def _adopt(self, entry: Entry, daemon: Daemon) -> None:
         rt = self._rt(entry.key.id)
-        rt.daemon, rt.state, rt.message, rt.sick, rt.backoff = daemon, "running", "", 0, 1.0
+        rt.daemon, rt.state, rt.message, rt.sick = daemon, "running", "", 0
+        rt.started_at = time.monotonic()
         entry.pid = daemon.pid
         daemon.start_watching(self._nursery)
         self._nursery.start_soon(self._watch, entry.key.id, daemon)
@@ -453,6 +458,7 @@ class Supervisor:
         rt = self._rt(key_id)
         log.warning("recovering", extra=fields(key_id=key_id, reason=reason))
         rt.state, rt.message = "recovering", reason
+        crashed_fast = time.monotonic() - rt.started_at < CRASH_WINDOW
         old = rt.daemon
         rt.daemon = None
         if old is not None and old.alive:
@@ -467,17 +473,19 @@ class Supervisor:
             await self._start_daemon(entry)
         except OSError as exc:
             rt.state, rt.message = "broken", f"{reason}; restart failed: {exc.strerror or exc}"
-            rt.retry_at = time.monotonic() + rt.backoff
-            rt.backoff = min(rt.backoff * 2, MAX_BACKOFF)
+            self._backoff(rt, True)
             raise
         entry.restarts += 1
         await self._rebind(entry, list(entry.refs.values()))
+        if crashed_fast:
+            self._backoff(rt, True)
         await self.persist()
         log.info("recovered", extra=fields(key_id=key_id, pid=entry.pid, restarts=entry.restarts))
 
     async def _rebind(self, entry: Entry, refs: list[Ref]) -> None:
         """Swap each target's mount for a fresh bind of the live daemon's mount."""
         rt = self._rt(entry.key.id)
+        failed = False
         for ref in refs:
             try:
                 # the source must exist before the old mount goes: a pod must never be left
@@ -487,11 +495,21 @@ class Supervisor:
                 await self._bind(entry, ref)
                 rt.broken_targets.discard(ref.target)
             except OSError as exc:
+                failed = True
                 rt.broken_targets.add(ref.target)
                 log.error(
                     "re-bind failed",
                     extra=fields(target=ref.target, key_id=entry.key.id, error=str(exc)),
                 )
+        self._backoff(rt, failed)
+
+    def _backoff(self, rt: Runtime, failed: bool) -> None:
+        """Space out retries of what keeps failing; a success resets the pace."""
+        if failed:
+            rt.retry_at = time.monotonic() + rt.backoff
+            rt.backoff = min(rt.backoff * 2, MAX_BACKOFF)
+        else:
+            rt.retry_at, rt.backoff = 0.0, 1.0
 
     async def _health_loop(self) -> None:
         while True:
@@ -514,15 +532,18 @@ class Supervisor:
         rt = self.runtime.get(key_id)
         if entry is None or rt is None or self.key_locks.busy(key_id):
             return
+        daemon = rt.daemon
         problem = await self._diagnose(entry, rt)
         lost = [] if problem else self._lost(entry)
         if problem is None and not lost:
             return
-        if problem and rt.state == "broken" and time.monotonic() < rt.retry_at:
-            return
+        if time.monotonic() < rt.retry_at:
+            return  # backing off after a failed restart or re-bind
         async with self.key_locks.hold(key_id):
-            if self.table.entries.get(key_id) is not entry:
+            if self.table.entries.get(key_id) is not entry or self.runtime.get(key_id) is not rt:
                 return
+            if problem and rt.daemon is not daemon:
+                return  # replaced meanwhile (a publish found it dead too)
             if not entry.refs:
                 await self._stop(entry)
                 return
