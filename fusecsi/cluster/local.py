@@ -109,13 +109,22 @@ class LocalCluster:
             args += ["--capacity", str(self.worker_capacity)]
         self.workers[i] = self._spawn(f"worker{i}", args)
         address = f"127.0.0.1:{self.worker_ports[i]}"
-        self._wait(lambda: address in self.live_workers(), f"worker{i}", self.workers[i])
+        proc = self.workers[i]
+        # the worker answers, and the master has heard from this very process
+        self._wait(lambda: self._registered(address, proc.pid), f"worker{i}", proc)
 
     def _info(self) -> dict | None:
         try:
             return call_sync(self.master_addrs, "cluster_info", token=self.token, timeout=2)
         except (RPCError, OSError):
             return None
+
+    def _registered(self, address: str, pid: int) -> bool:
+        try:
+            info = call_sync(address, "worker_info", token=self.token, timeout=2)
+        except (RPCError, OSError):
+            return False
+        return info.get("pid") == pid and info.get("registered") and address in self.live_workers()
 
     def live_workers(self) -> list[str]:
         info = self._info()

@@ -19,6 +19,7 @@ import errno
 import hmac
 import inspect
 import logging
+import math
 import socket as stdsocket
 import struct
 from collections.abc import Callable, Mapping
@@ -38,6 +39,7 @@ RECV_SIZE = 256 << 10
 # Frames above this go out on their own instead of being joined with their neighbours.
 JOIN_LIMIT = 64 << 10
 HIGH_WATER = 16 << 20
+EXPIRE_INTERVAL = 0.25
 KEEP_BUFFER = 16 << 20  # receive buffers up to this size are kept for the next large frame
 
 _pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
@@ -453,8 +455,9 @@ class Connection:
         self.address = address
         self.frames = FrameSocket(sock, max_frame)
         self._next_id = 0
-        self._waiting: dict[int, trio.lowlevel.Task] = {}
-        self._results: dict[int, outcome.Outcome] = {}
+        # request id -> (waiting task, deadline, method)
+        self._waiting: dict[int, tuple[trio.lowlevel.Task, float, str]] = {}
+        self._calls_waiting = trio.Event()
         self.broken: BaseException | None = None
         self.cancel_scope = trio.CancelScope()
 
@@ -470,6 +473,7 @@ class Connection:
         with self.cancel_scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.frames.writer)
+                nursery.start_soon(self._expire)
                 task_status.started()
                 try:
                     await self._read_loop()
@@ -490,8 +494,8 @@ class Connection:
             if not isinstance(msg, list) or len(msg) != 4 or msg[0] != REPLY:
                 raise ProtocolError("expected a reply [1, id, error, result]")
             _, req_id, err, result = msg
-            task = self._waiting.pop(req_id, None)
-            if task is None:
+            waiter = self._waiting.pop(req_id, None)
+            if waiter is None:
                 if req_id == 0 and err:
                     # the server's last word before it hangs up
                     raise RPCError(str(err[0]), str(err[1]))
@@ -500,14 +504,29 @@ class Connection:
                 value = outcome.Value(result)
             else:
                 value = outcome.Error(RPCError(str(err[0]), str(err[1])))
-            trio.lowlevel.reschedule(task, value)
+            trio.lowlevel.reschedule(waiter[0], value)
+
+    async def _expire(self) -> None:
+        """Fail calls whose deadline passed (cheaper than a cancel scope around every call;
+        deadlines are kept to within EXPIRE_INTERVAL)."""
+        while True:
+            if not self._waiting:
+                self._calls_waiting = trio.Event()
+                await self._calls_waiting.wait()
+            await trio.sleep(EXPIRE_INTERVAL)
+            now = trio.current_time()
+            late = [rid for rid, (_, deadline, _) in self._waiting.items() if deadline <= now]
+            for rid in late:
+                task, _, method = self._waiting.pop(rid)
+                exc = RPCUnavailable(errno.ETIMEDOUT, f"{method} on {self.address} timed out")
+                trio.lowlevel.reschedule(task, outcome.Error(exc))
 
     def _fail(self, exc: BaseException) -> None:
         if self.broken is None:
             self.broken = exc
         self.frames.close()
         waiting, self._waiting = self._waiting, {}
-        for task in waiting.values():
+        for task, _, _ in waiting.values():
             trio.lowlevel.reschedule(task, outcome.Error(self._unavailable()))
 
     def _unavailable(self) -> RPCError:
@@ -516,14 +535,17 @@ class Connection:
             return exc
         return RPCUnavailable(errno.ECONNRESET, f"connection to {self.address} lost: {exc}")
 
-    async def call(self, method: str, *args: Any) -> Any:
+    async def call(self, method: str, *args: Any, deadline: float = math.inf) -> Any:
+        """Send a request and wait for its reply; RPCUnavailable(ETIMEDOUT) after `deadline`
+        (trio clock)."""
         if not self.usable:
             raise self._unavailable()
         self._next_id += 1
         req_id = self._next_id
         self.frames.queue([REQUEST, req_id, method, list(args)])
-        task = trio.lowlevel.current_task()
-        self._waiting[req_id] = task
+        if not self._waiting:
+            self._calls_waiting.set()
+        self._waiting[req_id] = (trio.lowlevel.current_task(), deadline, method)
 
         def abort(_raise_cancel):
             self._waiting.pop(req_id, None)
@@ -560,6 +582,9 @@ async def connect(
     return conn
 
 
+_UNLOCKED = trio.Lock()
+
+
 class Pool:
     """Connections per server address, opened on demand, replaced when they break.
 
@@ -586,19 +611,30 @@ class Pool:
         self._conns: dict[str, list[Connection]] = {}
         self._locks: dict[str, trio.Lock] = {}
 
-    async def _get(self, address: str) -> Connection:
-        conns = self._conns.setdefault(address, [])
-        if len(conns) > 0:
-            live = [c for c in conns if c.usable]
-            if len(live) != len(conns):
-                conns[:] = live
-        best = min(conns, key=lambda c: c.in_flight, default=None)
-        if best is not None and (best.in_flight == 0 or len(conns) >= self.max_conns):
+    def _pick(self, address: str) -> Connection | None:
+        """An open connection to use now, or None when a new one should be opened."""
+        conns = self._conns.get(address)
+        if not conns:
+            return None
+        best = None
+        for conn in conns:
+            if not conn.usable:
+                conns[:] = [c for c in conns if c.usable]
+                return self._pick(address)
+            if conn.in_flight == 0:
+                return conn
+            if best is None or conn.in_flight < best.in_flight:
+                best = conn
+        if len(conns) >= self.max_conns or self._locks.get(address, _UNLOCKED).locked():
             return best
+        return None
+
+    async def _open(self, address: str) -> Connection:
         lock = self._locks.setdefault(address, trio.Lock())
-        if lock.locked() and best is not None:
-            return best
         async with lock:
+            conn = self._pick(address)
+            if conn is not None and conn.in_flight == 0:
+                return conn
             conn = await connect(
                 self.nursery,
                 address,
@@ -606,7 +642,7 @@ class Pool:
                 default_port=self.default_port,
                 max_frame=self.max_frame,
             )
-            conns.append(conn)
+            self._conns.setdefault(address, []).append(conn)
             return conn
 
     async def call(
@@ -623,17 +659,19 @@ class Pool:
         while True:
             sent = False
             try:
-                with trio.fail_after(max(0.0, deadline - trio.current_time())):
-                    conn = await self._get(address)
-                    sent = True
-                    return await conn.call(method, *args)
+                conn = self._pick(address)
+                if conn is None:
+                    with trio.fail_after(max(0.0, deadline - trio.current_time())):
+                        conn = await self._open(address)
+                sent = True
+                return await conn.call(method, *args, deadline=deadline)
             except trio.TooSlowError:
                 exc = RPCUnavailable(errno.ETIMEDOUT, f"{method} on {address} timed out")
                 exc.sent = sent
                 raise exc from None
             except RPCUnavailable as exc:
                 exc.sent = sent
-                if (sent and not idempotent) or attempt >= 1:
+                if (sent and not idempotent) or attempt >= 1 or exc.errno == errno.ETIMEDOUT:
                     raise
             attempt += 1
 

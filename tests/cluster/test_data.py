@@ -136,3 +136,15 @@ async def test_concurrent_writers_to_distinct_files(client, top):
     for i, blob in blobs.items():
         attr = await client.lookup(top.ino, b"c%d" % i)
         assert await client.read(attr.ino, 0, len(blob) + 1) == blob
+
+
+async def test_overlapping_writes_in_flight_keep_their_order(client, top):
+    f = await client.create(top.ino, b"f", 0o644, 0, 0)
+    expect = bytearray(2 * BLOCK)
+    for i in range(40):
+        offset = (i * 77_777) % (BLOCK + BLOCK // 2)
+        piece = bytes([i + 1]) * (BLOCK // 2 + i)
+        await client.write(f.ino, offset, piece)  # returns before the worker has it
+        expect[offset : offset + len(piece)] = piece
+    await client.commit(f.ino, len(expect))
+    assert await client.read(f.ino, 0, len(expect)) == bytes(expect)

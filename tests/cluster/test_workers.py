@@ -105,3 +105,25 @@ async def test_deleted_files_free_their_blocks(cluster):
                 break
             await trio.sleep(0.1)
         assert not mine & (_blocks(cluster, 0) | _blocks(cluster, 1))
+
+
+async def test_worker_failure_surfaces_at_commit(cluster):
+    async with ClusterClient(cluster.master_addrs, timeout=5) as client:
+        f = await client.create(ROOT_INO, b"lost-write", 0o644, 0, 0)
+        await client.write(f.ino, 0, b"a" * 10)  # blocks allocated while both workers live
+        await client.commit(f.ino, 10)
+        for i in range(2):
+            await trio.to_thread.run_sync(cluster.kill_worker, i)
+        try:
+            await client.write(f.ino, 10, b"b" * 10)
+            with pytest.raises(ClusterError) as info:
+                await client.commit(f.ino, 20)
+            assert info.value.errno in (errno.ECONNREFUSED, errno.ETIMEDOUT, errno.ECONNRESET)
+            assert (await client.getattr(f.ino)).size == 10
+        finally:
+            for i in range(2):
+                await trio.to_thread.run_sync(cluster.start_worker, i)
+        # the failure was reported once; the file works again
+        await client.write(f.ino, 10, b"c" * 10)
+        await client.commit(f.ino, 20)
+        assert await client.read(f.ino, 0, 20) == b"a" * 10 + b"c" * 10

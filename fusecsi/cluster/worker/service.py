@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from collections import OrderedDict
 
 import trio
@@ -101,6 +102,8 @@ class WorkerService:
             "capacity": capacity,
             "free": free,
             "block_size": self.block_size,
+            "pid": os.getpid(),
+            "registered": self.registered.is_set(),
         }
 
     # ------------------------------------------------------------ master link
