@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import urllib.request
 
 import pytest
 import trio
@@ -24,6 +25,7 @@ from mountd_stack import (  # noqa: F401 - fixtures
 )
 
 from fusecsi.cluster.client import ClusterClient
+from fusecsi.cluster.local import free_port
 from fusecsi.mountd.client import RPCError
 
 
@@ -179,16 +181,26 @@ async def test_bad_input_is_refused_and_binds_nothing(mountd, cluster, tmp_path)
     with pytest.raises(RPCError) as info:
         await mountd.client.unpublish("vol-bad", "relative")
     assert errno_of(info.value) == "EINVAL"
+    for method, args in (("publish", ("vol-bad",)), ("unpublish", ("vol-bad", good, "extra"))):
+        with pytest.raises(RPCError) as info:
+            await mountd.client.call(method, *args)
+        assert errno_of(info.value) == "EINVAL", method
     assert await mountd.client.unpublish("vol-bad", good) == {"removed": False}
 
 
 async def test_linger_keeps_an_unused_daemon_for_the_next_pod(tmp_path, cluster):
     await make_dirs(cluster, "/linger/v")
-    node = Mountd(tmp_path / "node", cluster, linger="3")
+    port = free_port()
+    node = Mountd(
+        tmp_path / "node", cluster, linger="3", **{"metrics-address": f"127.0.0.1:{port}"}
+    )
     try:
         node.start()
         t1, t2 = node.target("pod-1", "v"), node.target("pod-2", "v")
         first = await node.publish("vol-l", "/linger", "v", t1)
+        metrics = await trio.to_thread.run_sync(scrape, port)
+        assert "fusecsi_mountd_references 1.0" in metrics
+        assert 'fusecsi_mountd_daemons{state="running"} 1.0' in metrics
         await node.client.unpublish("vol-l", t1)
         [row] = await node.client.list()
         assert row["refs"] == [] and row["state"] == "running"
@@ -239,3 +251,8 @@ async def test_a_second_mountd_on_the_same_state_is_refused_and_touches_nothing(
     assert read_write(target, "f", "still served by the first mountd")
     assert mountd.fuse_mounts()[1] == [target]
     await mountd.client.unpublish("vol-twice", target)
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        return answer.read().decode()
