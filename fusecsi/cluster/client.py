@@ -39,6 +39,7 @@ RENAME_EXCHANGE = 2
 MASTER_PORT = 8995
 WORKER_PORT = 8997
 ALLOCATE_AHEAD = 3
+MAX_CACHED_FILES = 4096
 WRITE_WINDOW = 8  # block-sized pieces in flight per client
 MAX_ALLOCATE = 64
 
@@ -335,7 +336,14 @@ class ClusterClient:
     async def _write_layout(self, ino: int, first: int, last: int, end: int) -> dict:
         """Block locations for a write; asks the master when a block is unknown or the write
         goes past the length it last allowed (so quotas are checked as the file grows)."""
-        layout = self._layouts.setdefault(ino, {})
+        layout = self._layouts.get(ino)
+        if layout is None:
+            if len(self._layouts) >= MAX_CACHED_FILES:
+                # forget the oldest file's map (it is only a cache)
+                oldest = next(iter(self._layouts))
+                del self._layouts[oldest]
+                self._granted.pop(oldest, None)
+            layout = self._layouts[ino] = {}
         missing = [i for i in range(first, last + 1) if i not in layout]
         if missing or end > self._granted.get(ino, 0):
             start = missing[0] if missing else first

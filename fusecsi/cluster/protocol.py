@@ -389,7 +389,7 @@ class Server:
             return
         try:
             conn.queue([REPLY, req_id, None, result])
-        except RPCError as exc:
+        except Exception as exc:  # too large, or not serialisable
             self._reply_error(conn, req_id, method, exc)
 
     def _reply_error(self, conn: FrameSocket, req_id, method: str, exc: Exception) -> None:
