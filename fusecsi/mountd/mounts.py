@@ -82,15 +82,33 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
     return entries
 
 
-def read_mountinfo() -> list[MountEntry]:
+def _mountinfo_text() -> str:
     with open("/proc/self/mountinfo") as f:
-        return parse_mountinfo(f.read())
+        return f.read()
+
+
+def read_mountinfo() -> list[MountEntry]:
+    return parse_mountinfo(_mountinfo_text())
+
+
+def _escape(path: str) -> str:
+    return (
+        path.replace("\\", "\\134")
+        .replace(" ", "\\040")
+        .replace("\t", "\\011")
+        .replace("\n", "\\012")
+    )
 
 
 def top_mount(path: str, entries: list[MountEntry] | None = None) -> MountEntry | None:
     """The visible (last stacked) mount at exactly `path`, or None when it is no mount point."""
+    if entries is None:
+        # a node can hold thousands of mounts: parse only the lines that can match
+        needle = f" {_escape(path)} "
+        lines = [line for line in _mountinfo_text().splitlines() if needle in line]
+        entries = parse_mountinfo("\n".join(lines))
     found = None
-    for entry in read_mountinfo() if entries is None else entries:
+    for entry in entries:
         if entry.mountpoint == path:
             found = entry
     return found

@@ -239,11 +239,10 @@ class Supervisor:
 
     def _bound(self, entry: Entry, ref: Ref) -> bool:
         """The target shows the key's current mount at the ref's subpath."""
-        table = mounts.read_mountinfo()
-        top = mounts.top_mount(ref.target, table)
-        return self._serves(entry, top, table) and top.root == "/" + ref.subpath
+        top = mounts.top_mount(ref.target)
+        return self._serves(entry, top) and top.root == "/" + ref.subpath
 
-    def _serves(self, entry: Entry, top, table) -> bool:
+    def _serves(self, entry: Entry, top, table=None) -> bool:
         """`top` is a bind of the daemon's live mount (same device), not of a dead one."""
         source = mounts.top_mount(entry.mountpoint, table)
         return mounts.is_fuse_mount(top) and source is not None and top.device == source.device

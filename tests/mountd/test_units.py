@@ -160,3 +160,15 @@ async def test_keyed_locks_serialise_one_name_and_let_others_run():
     assert order.index("a-") < order.index("b+")
     assert order.index("c+") < order.index("a-")
     assert not locks.busy("k") and not locks.busy("other")
+
+
+def test_top_mount_finds_paths_that_mountinfo_escapes(tmpfs, tmp_path):
+    (tmpfs / "v").mkdir()
+    odd = tmp_path / "a b\\c\td"
+    odd.mkdir()
+    assert mounts.top_mount(str(odd)) is None
+    mounts.bind_beneath(str(tmpfs), "v", str(odd))
+    found = mounts.top_mount(str(odd))
+    assert found is not None and found.root == "/v" and found.mountpoint == str(odd)
+    assert mounts.top_mount(str(tmp_path / "a b")) is None
+    assert mounts.unmount_all(str(odd)) == 1
