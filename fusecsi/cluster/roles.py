@@ -47,17 +47,21 @@ async def bind(address: str, default_port: int) -> trio.socket.SocketType:
     return sock
 
 
-def serve_metrics(address: str | None) -> None:
+def serve_metrics(address: str | None, gauges: dict | None = None) -> None:
+    """Serve Prometheus metrics at `address` (off when None): process metrics plus `gauges`,
+    {name: (help, callable returning a number)}."""
     if not address:
         return
-    from prometheus_client import start_http_server  # only when asked for
+    from prometheus_client import Gauge, start_http_server  # only when asked for
 
+    for name, (text, read) in (gauges or {}).items():
+        Gauge(name, text).set_function(read)
     host, port = parse_addr(address, 0)
     start_http_server(port, addr=host)
 
 
 def run_role(role: str, args, serve) -> int:
-    """The body of `run(args)` for a server role: logs, token, metrics, then `serve`."""
+    """The body of `run(args)` for a server role: logs, token, then `serve(args, token)`."""
     from fusecsi import logs
 
     logs.setup(role, args.log_level)
@@ -66,6 +70,5 @@ def run_role(role: str, args, serve) -> int:
     except (OSError, ValueError) as exc:
         print(f"fusecsi {role}: {exc}", file=sys.stderr)
         return 2
-    serve_metrics(args.metrics_address)
     trio.run(serve, args, token)
     return 0

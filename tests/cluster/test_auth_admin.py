@@ -7,20 +7,33 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 import trio
 
 from fusecsi.cluster.client import ROOT_INO, ClusterClient, ClusterError
-from fusecsi.cluster.local import LocalCluster
+from fusecsi.cluster.local import LocalCluster, free_port
 
 TOKEN = "tok-4f1a9c"
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
-    with LocalCluster(tmp_path_factory.mktemp("secured"), workers=1, token=TOKEN) as cluster:
+    base = tmp_path_factory.mktemp("secured")
+    metrics = ("--metrics-address", f"127.0.0.1:{METRICS_PORT}")
+    with LocalCluster(base, workers=1, token=TOKEN, master_args=metrics) as cluster:
         yield cluster
+
+
+def test_master_metrics(secured):
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert "fusecsi_master_live_workers 1.0" in text
+    assert "fusecsi_master_inodes" in text
 
 
 async def test_token_required_and_checked(secured):

@@ -90,6 +90,20 @@ async def serve(args, token: str | None) -> None:
                 replication=max(1, args.replication),
                 checkpoint_records=max(1, args.checkpoint_records),
             )
+            roles.serve_metrics(
+                args.metrics_address,
+                {
+                    "fusecsi_master_inodes": ("inodes in the namespace", lambda: len(ns.inodes)),
+                    "fusecsi_master_live_workers": (
+                        "workers heard from recently",
+                        lambda: len(service.live_workers()),
+                    ),
+                    "fusecsi_master_journal_records": (
+                        "records in the current journal segment",
+                        lambda: journal.records_in_segment,
+                    ),
+                },
+            )
             await nursery.start(journal.run)
             await nursery.start(service.run)
             if replayed:

@@ -179,7 +179,7 @@ class MasterService:
         return self.ns.quota_info(self.ns.nearest_quota(ino))
 
     def statfs(self):
-        workers = self._live_workers()
+        workers = self.live_workers()
         total_inodes = 1 << 32
         return {
             "total_bytes": sum(w.capacity for w in workers),
@@ -190,7 +190,7 @@ class MasterService:
         }
 
     def cluster_info(self):
-        now = trio.current_time()
+        now = time.monotonic()
         return {
             "block_size": self.ns.block_size,
             "replication": self.replication,
@@ -222,7 +222,7 @@ class MasterService:
         return [node.size, out]
 
     def _addresses(self, worker_ids: list[str]) -> list[str]:
-        now = trio.current_time()
+        now = time.monotonic()
         live, dead = [], []
         for wid in worker_ids:
             addr = self.ns.workers.get(wid)
@@ -232,8 +232,8 @@ class MasterService:
             (live if state and now - state.seen < WORKER_DEAD_AFTER else dead).append(addr)
         return live + dead
 
-    def _live_workers(self) -> list[WorkerState]:
-        now = trio.current_time()
+    def live_workers(self) -> list[WorkerState]:
+        now = time.monotonic()
         return [w for w in self.live.values() if now - w.seen < WORKER_DEAD_AFTER]
 
     # ------------------------------------------------------------ namespace mutations
@@ -304,7 +304,7 @@ class MasterService:
                     addr, "truncate_block", block_id, keep % bs, idempotent=True, time_limit=10
                 )
             except RPCError as exc:
-                if wid in {w.worker_id for w in self._live_workers()}:
+                if wid in {w.worker_id for w in self.live_workers()}:
                     raise fail(
                         errno.EIO, f"cannot truncate block {block_id} on {addr}: {exc}"
                     ) from None
@@ -391,7 +391,7 @@ class MasterService:
 
     def _place(self, count: int) -> list[list[str]]:
         bs = self.ns.block_size
-        workers = [w for w in self._live_workers() if w.free - w.planned >= bs]
+        workers = [w for w in self.live_workers() if w.free - w.planned >= bs]
         if not workers:
             raise fail(errno.ENOSPC, "no live worker has free space")
         copies = min(self.replication, len(workers))
@@ -413,7 +413,7 @@ class MasterService:
         check_int(free, "free")
         if self.ns.workers.get(worker_id) != address:
             await self._commit(["worker", worker_id, address])
-        self.live[worker_id] = WorkerState(worker_id, address, capacity, free, trio.current_time())
+        self.live[worker_id] = WorkerState(worker_id, address, capacity, free, time.monotonic())
         known = set()
         for node in self.ns.inodes.values():
             if node.blocks:
@@ -441,5 +441,5 @@ class MasterService:
         state.capacity = opt_int(capacity, "capacity") or 0
         state.free = opt_int(free, "free") or 0
         state.planned = 0
-        state.seen = trio.current_time()
+        state.seen = time.monotonic()
         return {"known": True, "delete": self.deletions.pop(worker_id, [])}

@@ -56,6 +56,13 @@ async def serve(args, token: str | None) -> None:
         pool = Pool(nursery, token=token, default_port=MASTER_PORT, timeout=10)
         service = WorkerService(store, pool, masters, advertise)
         server = Server(service.handlers(), token=token, max_frame=max_frame, name="worker")
+        roles.serve_metrics(
+            args.metrics_address,
+            {
+                "fusecsi_worker_used_bytes": ("bytes held in blocks", lambda: store.used),
+                "fusecsi_worker_free_bytes": ("free bytes reported", lambda: store.space()[1]),
+            },
+        )
         await nursery.start(server.serve, sock)
         log.info(
             "worker listening",
