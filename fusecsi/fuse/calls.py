@@ -50,7 +50,10 @@ class ClusterCalls:
             while True:
                 try:
                     return await fn(*args, **kwargs)
-                except OSError as exc:
+                except (OSError, ExceptionGroup) as raised:
+                    exc = unwrap(raised)
+                    if not isinstance(exc, OSError):
+                        raise
                     code = exc.errno or errno.EIO
                     if code not in TRANSIENT:
                         raise FUSEError(code) from None
@@ -62,6 +65,13 @@ class ClusterCalls:
                 delay = min(delay * 2, MAX_BACKOFF)
         log.warning("cluster call timed out", extra=fields(call=_name(fn)))
         raise FUSEError(errno.EIO)
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) single-member groups that nurseries wrap it in."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _name(fn) -> str:

@@ -44,7 +44,9 @@ def _unescape(field: str) -> str:
 
 def mount_device(mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
     """`major:minor` of the last mount at `mountpoint` (read without touching the mount)."""
-    target = os.path.realpath(mountpoint)
+    # realpath of the mountpoint itself would stat the mount: a deadlock from inside the daemon
+    parent, name = os.path.split(os.path.abspath(mountpoint))
+    target = os.path.join(os.path.realpath(parent), name)
     found = None
     with open(mountinfo) as f:
         for line in f:

@@ -21,6 +21,7 @@ import trio
 
 from fusecsi import logs, mount_options
 from fusecsi.fuse import kernel
+from fusecsi.fuse.calls import unwrap
 from fusecsi.fuse.operations import Operations
 from fusecsi.logs import fields
 
@@ -183,7 +184,10 @@ def run(args) -> int:
         return 2
     try:
         base_ino = trio.run(_preflight, settings)
-    except (OSError, trio.TooSlowError) as exc:
+    except Exception as raised:
+        exc = unwrap(raised)
+        if not isinstance(exc, OSError | trio.TooSlowError):
+            raise
         what = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
         log.error(
             "fs-path not usable",

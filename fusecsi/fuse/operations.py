@@ -28,6 +28,7 @@ from pyfuse3 import EntryAttributes, FileInfo, FUSEError
 
 from fusecsi.fuse import xattrs
 from fusecsi.fuse.calls import ClusterCalls
+from fusecsi.fuse.dircache import DirAttrs
 from fusecsi.fuse.handles import HandleTable, OpenInode
 from fusecsi.fuse.inodes import ROOT_INODE, InodeMap, LookupCounts
 from fusecsi.fuse.readahead import ReadAhead
@@ -58,6 +59,7 @@ class Operations(pyfuse3.Operations):
         self.read_only = bool(options["read-only"])
         self.attr_timeout = float(options["attr-timeout"])
         self.entry_timeout = float(options["entry-timeout"])
+        self.dir_attrs = DirAttrs(self.attr_timeout)
         self.write_limit = int(options["write-buffer-mb"]) << 20
         self.read_window = int(options["read-ahead-kb"]) << 10
         self.spawn = None  # nursery.start_soon of the daemon, set before serving
@@ -93,6 +95,7 @@ class Operations(pyfuse3.Operations):
         self.lookups.add(attr.ino)
         if stat.S_ISDIR(attr.mode):
             self.dirs.add(attr.ino)
+            self.dir_attrs.put(attr)
 
     def _learn(self, attr) -> EntryAttributes:
         self._count(attr)
@@ -141,6 +144,7 @@ class Operations(pyfuse3.Operations):
         where = await self._orphans()
         hidden = b"%d" % ino
         await self.call(self.client.rename, parent, name, where, hidden, 0, idempotent=False)
+        self.dir_attrs.changed(parent)
         node = self.handles.inodes.get(ino)
         if node is not None:
             node.orphan = (where, hidden)
@@ -202,11 +206,18 @@ class Operations(pyfuse3.Operations):
             ino = self.inodes.to_cluster(kernel_ino)
             if self.lookups.forget(ino, count):
                 self.dirs.discard(ino)
+                self.dir_attrs.drop(ino)
                 if ino not in self.handles.inodes:
                     self._seen.pop(ino, None)
 
     async def getattr(self, inode, ctx):
-        return self._entry(await self.call(self.client.getattr, self.inodes.to_cluster(inode)))
+        ino = self.inodes.to_cluster(inode)
+        attr = self.dir_attrs.get(ino)
+        if attr is None:
+            attr = await self.call(self.client.getattr, ino)
+            if stat.S_ISDIR(attr.mode):
+                self.dir_attrs.put(attr)
+        return self._entry(attr)
 
     async def setattr(self, inode, attr, fields_, fh, ctx):
         self._writable()
@@ -228,6 +239,8 @@ class Operations(pyfuse3.Operations):
         if fields_.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
         new = await self.call(self.client.setattr, ino, **changes)
+        if stat.S_ISDIR(new.mode):
+            self.dir_attrs.put(new)
         if fields_.update_size and node is not None:
             node.size = new.size
             node.version += 1
@@ -239,13 +252,15 @@ class Operations(pyfuse3.Operations):
     async def readlink(self, inode, ctx):
         return await self.call(self.client.readlink, self.inodes.to_cluster(inode))
 
-    async def _make(self, fn, parent_inode, name, *args):
+    async def _make(self, fn, parent_inode, name, *args, subdirs: int = 0):
         """Create a name (file, directory, symlink) for the caller; the new entry's Attr."""
         self._writable()
         parent = self.inodes.to_cluster(parent_inode)
         if self._hidden(parent, name):
             raise FUSEError(errno.EEXIST)
-        return await self.call(fn, parent, name, *args, idempotent=False)
+        attr = await self.call(fn, parent, name, *args, idempotent=False)
+        self.dir_attrs.changed(parent, subdirs)
+        return attr
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         if not stat.S_ISREG(mode):
@@ -258,7 +273,9 @@ class Operations(pyfuse3.Operations):
     async def mkdir(self, parent_inode, name, mode, ctx):
         mode = stat.S_IMODE(mode)
         return self._learn(
-            await self._make(self.client.mkdir, parent_inode, name, mode, ctx.uid, ctx.gid)
+            await self._make(
+                self.client.mkdir, parent_inode, name, mode, ctx.uid, ctx.gid, subdirs=1
+            )
         )
 
     async def unlink(self, parent_inode, name, ctx):
@@ -272,6 +289,7 @@ class Operations(pyfuse3.Operations):
                 await self._orphan(parent, name, attr.ino)
                 return
         await self.call(self.client.unlink, parent, name, idempotent=False)
+        self.dir_attrs.changed(parent)
 
     async def rmdir(self, parent_inode, name, ctx):
         self._writable()
@@ -279,6 +297,7 @@ class Operations(pyfuse3.Operations):
         if self._hidden(parent, name):
             raise FUSEError(errno.ENOENT)
         await self.call(self.client.rmdir, parent, name, idempotent=False)
+        self.dir_attrs.changed(parent, -1)
 
     async def symlink(self, parent_inode, name, target, ctx):
         return self._learn(
@@ -289,6 +308,8 @@ class Operations(pyfuse3.Operations):
         self._writable()
         old = self.inodes.to_cluster(parent_inode_old)
         new = self.inodes.to_cluster(parent_inode_new)
+        self.dir_attrs.drop(old)  # link counts may move between the two: ask again
+        self.dir_attrs.drop(new)
         if self._hidden(old, name_old) or self._hidden(new, name_new):
             raise FUSEError(errno.EPERM)
         if self.handles.inodes and not flags & pyfuse3.RENAME_EXCHANGE:
@@ -317,6 +338,7 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EEXIST)
         ino = self.inodes.to_cluster(inode)
         attr = await self.call(self.client.link, ino, parent, new_name, idempotent=False)
+        self.dir_attrs.changed(parent)
         return self._learn(attr)
 
     # -- files
@@ -326,7 +348,16 @@ class Operations(pyfuse3.Operations):
         if writable:
             self._writable()
         ino = self.inodes.to_cluster(inode)
-        attr = await self.call(self.client.getattr, ino)  # close-to-open: the current length
+        if writable and flags & os.O_TRUNC:  # libfuse asks for atomic O_TRUNC: it comes here
+            node = self.handles.inodes.get(ino)
+            if node is not None and node.writer is not None:
+                await node.writer.drain()
+                node.writer.truncated(0)
+                node.writer.dirty = False
+                node.version += 1
+            attr = await self.call(self.client.setattr, ino, size=0)
+        else:
+            attr = await self.call(self.client.getattr, ino)  # close-to-open: current length
         seen = (attr.size, attr.mtime_ns)
         keep = self._seen.get(ino) == seen
         if not keep:

@@ -1,0 +1,76 @@
+"""Real mounts over a real cluster: LocalCluster (master + workers as subprocesses on
+loopback) and `fusecsi mount` daemons as subprocesses. Every mount is torn down in the
+fixture, lazily unmounted if the daemon left anything behind."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from fusemounts import Mount, cleanup_mount, run_cluster
+
+from fusecsi.cluster.local import LocalCluster
+
+_names = itertools.count()
+
+
+async def _mkdirs(client, path):
+    return await client.mkdirs(path)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    with LocalCluster(tmp_path_factory.mktemp("cluster"), workers=1) as running:
+        yield running
+
+
+@pytest.fixture
+def on_cluster(cluster):
+    """`on_cluster(fn, *args)` runs `await fn(client, *args)` against the test cluster."""
+    return lambda fn, *args: run_cluster(fn, cluster.master_addrs, *args)
+
+
+@pytest.fixture
+def fs_path(cluster) -> str:
+    """A fresh directory on the cluster for one test."""
+    path = f"/t/{os.getpid()}-{next(_names)}"
+    run_cluster(_mkdirs, cluster.master_addrs, path)
+    return path
+
+
+@pytest.fixture
+def make_mount(cluster, tmp_path):
+    mounts: list[Mount] = []
+
+    def make(fs_path: str, options: str = "", name: str | None = None, where=None, **kw):
+        where = where or tmp_path / (name or f"mnt{len(mounts)}")
+        m = Mount(kw.pop("master_addrs", cluster.master_addrs), fs_path, where, options, **kw)
+        mounts.append(m)
+        return m.start()
+
+    try:
+        yield make
+    finally:
+        for m in mounts:
+            m.stop()
+
+
+@pytest.fixture
+def public_dir():
+    """A directory every user can reach (pytest's own temp tree is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="fusecsi-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        cleanup_mount(path / "mnt")
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def mnt(make_mount, fs_path) -> Mount:
+    return make_mount(fs_path)

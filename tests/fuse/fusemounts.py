@@ -1,0 +1,113 @@
+"""Helpers for the FUSE tests: a `fusecsi mount` daemon as a subprocess, mount checks,
+and cluster calls from synchronous test code."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from fusecsi.cluster.client import ClusterClient
+
+READY_TIMEOUT = 30
+
+
+def mounted(path: str) -> bool:
+    parent, name = os.path.split(os.path.abspath(path))  # never stat the mount itself
+    target = os.path.join(os.path.realpath(parent), name)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+class Mount:
+    """One `fusecsi mount` daemon."""
+
+    def __init__(
+        self, master_addrs: str, fs_path: str, mountpoint: Path, options: str = "", env=None
+    ):
+        self.master_addrs = master_addrs
+        self.fs_path = fs_path
+        self.path = mountpoint
+        self.options = options
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.log = mountpoint.parent / f"{mountpoint.name}.log"
+
+    def start(self) -> Mount:
+        self.path.mkdir(parents=True, exist_ok=True)
+        read_end, write_end = os.pipe()
+        cmd = [sys.executable, "-m", "fusecsi", "mount", "--master-addrs", self.master_addrs]
+        cmd += ["--fs-path", self.fs_path, "--ready-fd", str(write_end), str(self.path)]
+        if self.options:
+            cmd[4:4] = ["--options", self.options]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, pass_fds=(write_end,), stderr=log, stdout=log, env=self.env
+            )
+        os.close(write_end)
+        try:
+            self.ready = _read_all(read_end, READY_TIMEOUT)
+        finally:
+            os.close(read_end)
+        if self.ready != b"READY\n":
+            self.stop()
+            raise RuntimeError(f"mount did not come up: {self.ready!r}\n{self.log_text()}")
+        return self
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        code = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                code = self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                code = self.proc.wait()
+        elif self.proc is not None:
+            code = self.proc.returncode
+        cleanup_mount(self.path)
+        return code
+
+    def __truediv__(self, other: str) -> Path:
+        return self.path / other
+
+
+def _read_all(fd: int, timeout: float) -> bytes:
+    """Everything written to the pipe until it closes (or the time runs out)."""
+    import select
+
+    data = b""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            break
+        chunk = os.read(fd, 100)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def cleanup_mount(path: Path) -> None:
+    if mounted(str(path)):
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+def run_cluster(coro_fn, master_addrs: str, *args):
+    """Run `await coro_fn(client, *args)` with a fresh client, from synchronous code."""
+
+    async def main():
+        client = ClusterClient(master_addrs)
+        async with client:
+            return await coro_fn(client, *args)
+
+    return trio.run(main)
