@@ -11,15 +11,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from fusemounts import Mount, cleanup_mount, run_cluster
+from fusemounts import Mount, MountSet, cleanup_mount, mkdirs, run_cluster
 
 from fusecsi.cluster.local import LocalCluster
 
 _names = itertools.count()
-
-
-async def _mkdirs(client, path):
-    return await client.mkdirs(path)
 
 
 @pytest.fixture(scope="session")
@@ -38,25 +34,17 @@ def on_cluster(cluster):
 def fs_path(cluster) -> str:
     """A fresh directory on the cluster for one test."""
     path = f"/t/{os.getpid()}-{next(_names)}"
-    run_cluster(_mkdirs, cluster.master_addrs, path)
+    run_cluster(mkdirs, cluster.master_addrs, path)
     return path
 
 
 @pytest.fixture
 def make_mount(cluster, tmp_path):
-    mounts: list[Mount] = []
-
-    def make(fs_path: str, options: str = "", name: str | None = None, where=None, **kw):
-        where = where or tmp_path / (name or f"mnt{len(mounts)}")
-        m = Mount(kw.pop("master_addrs", cluster.master_addrs), fs_path, where, options, **kw)
-        mounts.append(m)
-        return m.start()
-
+    mounts = MountSet(cluster.master_addrs, tmp_path)
     try:
-        yield make
+        yield mounts
     finally:
-        for m in mounts:
-            m.stop()
+        mounts.close()
 
 
 @pytest.fixture

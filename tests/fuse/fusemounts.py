@@ -80,6 +80,29 @@ class Mount:
         return self.path / other
 
 
+class MountSet:
+    """The mounts one test makes: `mounts(fs_path, options, name=...)`; `close()` stops all."""
+
+    def __init__(self, master_addrs: str, base_dir: Path) -> None:
+        self.master_addrs = master_addrs
+        self.base_dir = base_dir
+        self.mounts: list[Mount] = []
+
+    def __call__(self, fs_path: str, options: str = "", name=None, where=None, env=None):
+        where = where or self.base_dir / (name or f"mnt{len(self.mounts)}")
+        m = Mount(self.master_addrs, fs_path, where, options, env=env)
+        self.mounts.append(m)
+        return m.start()
+
+    def close(self) -> None:
+        for m in self.mounts:
+            m.stop()
+
+
+async def mkdirs(client, path):
+    return await client.mkdirs(path)
+
+
 def _read_all(fd: int, timeout: float) -> bytes:
     """Everything written to the pipe until it closes (or the time runs out)."""
     import select

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from fusemounts import Mount, run_cluster
+from fusemounts import MountSet, mkdirs, run_cluster
 
 from fusecsi.cluster.local import LocalCluster
 
@@ -29,22 +29,13 @@ def own_cluster(tmp_path):
 
 @pytest.fixture
 def own_mount(own_cluster, tmp_path):
-    mounts: list[Mount] = []
-
-    async def mkdirs(client, path):
-        return await client.mkdirs(path)
-
-    def make(options: str = "", name: str = "m") -> Mount:
-        run_cluster(mkdirs, own_cluster.master_addrs, "/vol")
-        m = Mount(own_cluster.master_addrs, "/vol", tmp_path / name, options)
-        mounts.append(m)
-        return m.start()
-
+    """`own_mount(options, name)` mounts /vol of the test's own cluster."""
+    mounts = MountSet(own_cluster.master_addrs, tmp_path)
+    run_cluster(mkdirs, own_cluster.master_addrs, "/vol")
     try:
-        yield make
+        yield lambda options="", name="m": mounts("/vol", options, name)
     finally:
-        for m in mounts:
-            m.stop()
+        mounts.close()
 
 
 def test_master_killed_and_restarted_during_writes_loses_no_fsynced_data(own_cluster, own_mount):
