@@ -174,6 +174,8 @@ class Journal:
                     await self._wake.wait()
                     self._wake = trio.Event()
                     continue
+                # let mutations that are already runnable append first: bigger batches
+                await trio.lowlevel.checkpoint()
                 items, self._pending = self._pending, []
                 upto = self._appended
                 await trio.to_thread.run_sync(self._write_batch, items, limiter=limiter)
