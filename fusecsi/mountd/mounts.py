@@ -103,15 +103,21 @@ def _escape(path: str) -> str:
 def top_mount(path: str, entries: list[MountEntry] | None = None) -> MountEntry | None:
     """The visible (last stacked) mount at exactly `path`, or None when it is no mount point."""
     if entries is None:
-        # a node can hold thousands of mounts: parse only the lines that can match
-        needle = f" {_escape(path)} "
-        lines = [line for line in _mountinfo_text().splitlines() if needle in line]
-        entries = parse_mountinfo("\n".join(lines))
+        return top_mounts(path)[0]
     found = None
     for entry in entries:
         if entry.mountpoint == path:
             found = entry
     return found
+
+
+def top_mounts(*paths: str) -> list[MountEntry | None]:
+    """`top_mount` of several paths from one read of mountinfo."""
+    # a node can hold thousands of mounts: parse only the lines that can match
+    needles = [f" {_escape(path)} " for path in paths]
+    lines = [line for line in _mountinfo_text().splitlines() if any(n in line for n in needles)]
+    entries = parse_mountinfo("\n".join(lines))
+    return [top_mount(path, entries) for path in paths]
 
 
 def mounts_under(base: str, entries: list[MountEntry] | None = None) -> list[MountEntry]:

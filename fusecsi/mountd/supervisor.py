@@ -89,6 +89,7 @@ class Supervisor:
         self.key_locks = KeyedLocks()
         self.target_locks = KeyedLocks()
         self._persist_lock = trio.Lock()
+        self._changes = self._persisted = 0
         # threads that may hang on a dead mount keep their token until they return
         self._limiter = trio.CapacityLimiter(64)
         self._wake = trio.Event()
@@ -136,9 +137,16 @@ class Supervisor:
         raise _err(errno.ETIMEDOUT, f"{name} did not return within {seconds:g}s")
 
     async def persist(self) -> None:
+        """Write the table; callers that queue up behind one write share the next one."""
+        self._changes += 1
+        wanted = self._changes
         async with self._persist_lock:
+            if self._persisted >= wanted:
+                return
+            covered = self._changes
             data = self.table.snapshot()
             await trio.to_thread.run_sync(write_atomic, self.table.path, data)
+            self._persisted = covered
 
     # ------------------------------------------------------------ inputs
 
@@ -239,12 +247,12 @@ class Supervisor:
 
     def _bound(self, entry: Entry, ref: Ref) -> bool:
         """The target shows the key's current mount at the ref's subpath."""
-        top = mounts.top_mount(ref.target)
-        return self._serves(entry, top) and top.root == "/" + ref.subpath
+        top, source = mounts.top_mounts(ref.target, entry.mountpoint)
+        return self._serves(top, source) and top.root == "/" + ref.subpath
 
-    def _serves(self, entry: Entry, top, table=None) -> bool:
-        """`top` is a bind of the daemon's live mount (same device), not of a dead one."""
-        source = mounts.top_mount(entry.mountpoint, table)
+    @staticmethod
+    def _serves(top, source) -> bool:
+        """`top` is a bind of the daemon's live mount `source` (same device), not a dead one."""
         return mounts.is_fuse_mount(top) and source is not None and top.device == source.device
 
     def _live_mount(self, entry: Entry) -> bool:
@@ -560,11 +568,11 @@ class Supervisor:
         in the middle of a recovery), or whose last re-bind failed."""
         broken = self._rt(entry.key.id).broken_targets
         table = mounts.read_mountinfo()
+        source = mounts.top_mount(entry.mountpoint, table)
         return [
             r
             for r in entry.refs.values()
-            if r.target in broken
-            or not self._serves(entry, mounts.top_mount(r.target, table), table)
+            if r.target in broken or not self._serves(mounts.top_mount(r.target, table), source)
         ]
 
     async def _diagnose(self, entry: Entry, rt: Runtime) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from fusecsi import mount_options, volumes
@@ -57,12 +57,25 @@ class Entry:
     refs: dict[str, Ref] = field(default_factory=dict)  # by target
 
     def to_json(self) -> dict:
+        key = self.key
         return {
-            "key": asdict(self.key),
+            "key": {
+                "master_addrs": key.master_addrs,
+                "fs_path": key.fs_path,
+                "options": key.options,
+            },
             "mountpoint": self.mountpoint,
             "pid": self.pid,
             "restarts": self.restarts,
-            "refs": [asdict(r) for r in self.refs.values()],
+            "refs": [
+                {
+                    "volume_id": r.volume_id,
+                    "target": r.target,
+                    "subpath": r.subpath,
+                    "readonly": r.readonly,
+                }
+                for r in self.refs.values()
+            ],
         }
 
     @classmethod
@@ -96,7 +109,9 @@ class Table:
             "version": TABLE_VERSION,
             "entries": [e.to_json() for e in self.entries.values()],
         }
-        return json.dumps(data, indent=1, sort_keys=True).encode()
+        # compact on purpose: json's C encoder does not indent, and a node with hundreds of
+        # references persists after every change
+        return json.dumps(data, separators=(",", ":")).encode()
 
     def load(self) -> None:
         try:
