@@ -40,6 +40,7 @@ MASTER_PORT = 8995
 WORKER_PORT = 8997
 ALLOCATE_AHEAD = 3
 MAX_CACHED_FILES = 4096
+MAX_UNSYNCED = 65536
 WRITE_WINDOW = 8  # block-sized pieces in flight per client
 MAX_ALLOCATE = 64
 
@@ -98,6 +99,8 @@ class ClusterClient:
         self._layouts: dict[int, dict[int, tuple[int, list[str]]]] = {}
         # ino -> highest end written and not yet committed
         self._pending: dict[int, int] = {}
+        # ino -> {(block id, worker addresses)} written since the last durable commit
+        self._unsynced: dict[int, set[tuple[int, tuple[str, ...]]]] = {}
         # ino -> length the master said the file may grow to (quota) without asking again
         self._granted: dict[int, int] = {}
 
@@ -325,6 +328,7 @@ class ClusterClient:
             block_id, addrs = layout[index]
             try:
                 await self._write_block(block_id, addrs, offset, data)
+                self._unsynced.setdefault(ino, set()).add((block_id, tuple(addrs)))
                 return
             except ClusterError as exc:
                 # ENOENT: the block was freed under a cached map (a truncate elsewhere)
@@ -386,6 +390,22 @@ class ClusterClient:
             addrs,
         )
 
+    async def _sync_blocks(self, ino: int) -> None:
+        blocks = self._unsynced.pop(ino, set())
+        by_worker: dict[str, list[int]] = {}
+        for block_id, addrs in blocks:
+            for addr in addrs:
+                by_worker.setdefault(addr, []).append(block_id)
+        pool = self._workers
+        try:
+            await self._each(
+                lambda addr: pool.call(addr, "sync_blocks", by_worker[addr], idempotent=True),
+                list(by_worker),
+            )
+        except BaseException:
+            self._unsynced.setdefault(ino, set()).update(blocks)
+            raise
+
     async def read(self, ino: int, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0:
             raise ClusterError(errno.EINVAL, "negative offset or size")
@@ -439,10 +459,19 @@ class ClusterClient:
             return bytes(size)
         raise ClusterError(last.errno, f"block {block_id}: no replica readable: {last.strerror}")
 
-    async def commit(self, ino: int, size: int, mtime_ns: int | None = None) -> Attr:
-        """Wait for the file's writes, raise a failed one, then publish `size`."""
+    async def commit(
+        self, ino: int, size: int, mtime_ns: int | None = None, *, durable: bool = False
+    ) -> Attr:
+        """Wait for the file's writes, raise a failed one, then publish `size`.
+
+        With `durable` (fsync), the workers first flush the blocks written since the last
+        durable commit to their disks; otherwise the data may sit in their page cache."""
         await self._behind.drain(ino)
         self._behind.check(ino, clear=True)
+        if durable:
+            await self._sync_blocks(ino)
+        elif len(self._unsynced.get(ino, ())) > MAX_UNSYNCED:
+            self._unsynced.pop(ino, None)  # nobody asked; do not grow without bound
         attr = await self._attr("commit", ino, size, mtime_ns, idempotent=True)
         if self._pending.get(ino, -1) <= size:
             self._pending.pop(ino, None)

@@ -23,7 +23,7 @@ async def test_write_read_across_blocks(client, top):
         await client.write(f.ino, pos, piece)
         pos += len(piece)
     assert pos == len(data)
-    await client.commit(f.ino, len(data))
+    await client.commit(f.ino, len(data), durable=True)  # workers flush the blocks (fsync)
     assert (await client.getattr(f.ino)).size == len(data)
     assert await client.read(f.ino, 0, len(data)) == data
     assert await client.read(f.ino, BLOCK - 10, 20) == data[BLOCK - 10 : BLOCK + 10]

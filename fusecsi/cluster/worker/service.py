@@ -42,6 +42,7 @@ class WorkerService:
             "read_block": self.read_block,
             "truncate_block": self.truncate_block,
             "delete_blocks": self.delete_blocks,
+            "sync_blocks": self.sync_blocks,
             "worker_info": self.worker_info,
         }
 
@@ -93,6 +94,14 @@ class WorkerService:
             await self._locked(block_id, self.store.delete)
         while len(self.tombstones) > MAX_TOMBSTONES:
             self.tombstones.popitem(last=False)
+
+    async def sync_blocks(self, block_ids):
+        """Flush blocks to disk (a client's fsync); a block that no longer exists is skipped."""
+        if not isinstance(block_ids, list):
+            raise OSError(errno.EINVAL, "block ids must be a list")
+        for block_id in block_ids:
+            check_int(block_id, "block id", 1)
+        await trio.to_thread.run_sync(self.store.sync, block_ids, limiter=self.limiter)
 
     def worker_info(self):
         capacity, free = self.store.space()

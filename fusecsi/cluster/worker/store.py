@@ -177,6 +177,28 @@ class BlockStore:
         finally:
             os.close(fd)
 
+    def sync(self, block_ids: list[int]) -> None:
+        for block_id in block_ids:
+            path = self.path(block_id)
+            for p in (path, self._crc_path(path)):
+                try:
+                    fd = os.open(p, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+        for parent in {self.path(b).parent for b in block_ids}:
+            try:
+                fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)  # new block files' directory entries
+            finally:
+                os.close(fd)
+
     def delete(self, block_id: int) -> None:
         path = self.path(block_id)
         self.used -= self._size(path)
