@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import subprocess
 
 import pytest
 import trio
 
+from fusecsi import mount_options
 from fusecsi.mountd import mounts
 from fusecsi.mountd.locks import KeyedLocks
 from fusecsi.mountd.table import Entry, Key, Ref, Table, write_atomic
@@ -42,6 +44,8 @@ def test_keys_share_across_spellings_and_split_on_path_or_options():
     b = Key.normalized("127.0.0.1", "/base", "attr-timeout=1.0")
     assert a == b and a.id == b.id and len(a.id) == 16
     assert Key.normalized("127.0.0.1", "/other", "").id != a.id
+    digest = mount_options.parse_arg("").digest()  # the contract's key id, spelled out
+    assert a.id == hashlib.sha256(f"127.0.0.1:8995|/base|{digest}".encode()).hexdigest()[:16]
     assert Key.normalized("127.0.0.1", "/base", "attr-timeout=2").id != a.id
     for bad in (("", "/base", ""), ("127.0.0.1", "rel", ""), ("127.0.0.1", "/b", "nope=1")):
         with pytest.raises(ValueError):
