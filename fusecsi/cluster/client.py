@@ -92,6 +92,7 @@ class ClusterClient:
         self._current = 0
         self._stack: contextlib.AsyncExitStack | None = None
         self._behind: WriteBehind | None = None
+        self._nursery: trio.Nursery | None = None
         self._masters: Pool | None = None
         self._workers: Pool | None = None
         self._block_size: int | None = None
@@ -114,11 +115,14 @@ class ClusterClient:
             nursery, token=self.token, default_port=WORKER_PORT, max_conns=4, timeout=self.timeout
         )
         self._behind = WriteBehind(nursery, WRITE_WINDOW)
+        self._nursery = nursery
         self._stack = stack
         return self
 
     async def __aexit__(self, *exc_info) -> bool | None:
+        """Close every connection; writes never committed are dropped (they were invisible)."""
         stack, self._stack = self._stack, None
+        self._nursery.cancel_scope.cancel()
         self._masters.close()
         self._workers.close()
         return await stack.__aexit__(*exc_info)
@@ -130,6 +134,7 @@ class ClusterClient:
         pool = self._masters
         if pool is None:
             raise RuntimeError("use the client inside `async with`")
+        deadline = trio.current_time() + self.timeout
         try:
             # fast path: the current master answers
             return await pool.call(
@@ -139,7 +144,6 @@ class ClusterClient:
             if exc.sent and not idempotent:
                 raise ClusterUnavailable(errno.ETIMEDOUT, f"{method}: {exc.strerror}") from None
             last = exc
-        deadline = trio.current_time() + self.timeout
         delay = 0.05
         n = len(self.master_addrs)
         while True:

@@ -309,6 +309,8 @@ class MasterService:
                         errno.EIO, f"cannot truncate block {block_id} on {addr}: {exc}"
                     ) from None
                 lost.append(wid)
+        if lost and len(lost) == len(workers):
+            raise fail(errno.EIO, f"no replica of block {block_id} is reachable to truncate")
         if lost:
             await self._commit(["drop", ino, keep // bs, lost])
 
