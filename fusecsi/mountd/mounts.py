@@ -190,8 +190,26 @@ def bind_beneath(base: str, subpath: str, target: str) -> None:
         os.close(source_fd)
 
 
+# Per-mount flags a bind remount would otherwise clear (the call sets them all at once).
+KEPT_FLAGS = {
+    "nosuid": 0x2,
+    "nodev": 0x4,
+    "noexec": 0x8,
+    "noatime": 0x400,
+    "nodiratime": 0x800,
+    "relatime": 0x200000,
+    "strictatime": 0x1000000,
+}
+
+
 def remount_readonly(target: str) -> None:
+    """Make the bind at `target` read-only, keeping nosuid, nodev and the other flags."""
+    entry = top_mount(target)
+    if entry is None:
+        raise OSError(errno.EINVAL, f"remount ro {target}: not a mount point")
     flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+    for name in entry.options.split(","):
+        flags |= KEPT_FLAGS.get(name, 0)
     _check(_libc.mount(None, os.fsencode(target), None, flags, None), "remount ro", target)
 
 

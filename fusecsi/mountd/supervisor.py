@@ -166,6 +166,8 @@ class Supervisor:
         real = os.path.join(real_parent, name)
         if not real.startswith(self.kubelet_dir.rstrip("/") + "/"):
             raise _err(code, f"target {target!r} is outside the kubelet dir {self.kubelet_dir}")
+        if real == self.state_dir or real.startswith(self.state_dir + "/"):
+            raise _err(code, f"target {target!r} is inside mountd's state dir")
         return real
 
     def _token_path(self, key_id: str) -> str:

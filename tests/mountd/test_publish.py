@@ -26,6 +26,7 @@ from mountd_stack import (  # noqa: F401 - fixtures
 
 from fusecsi.cluster.client import ClusterClient
 from fusecsi.cluster.local import free_port
+from fusecsi.mountd import mounts
 from fusecsi.mountd.client import RPCError
 
 
@@ -101,6 +102,8 @@ async def test_two_targets_of_one_volume_hold_their_own_references(mountd, clust
 
     # read-only publish of the same volume on a third target
     await mountd.publish("vol-rwx", "/rwx", "shared", t3, readonly=True)
+    options = set(mounts.top_mount(t3).options.split(","))
+    assert {"ro", "nosuid", "nodev"} <= options  # read-only must not drop the safety flags
     with pytest.raises(OSError) as info:
         read_write(t3, "denied", "x")
     assert info.value.errno == errno.EROFS

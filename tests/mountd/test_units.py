@@ -131,13 +131,16 @@ def test_bind_beneath_refuses_symlinks_and_reports_missing_paths(tmpfs, tmp_path
     assert mounts.top_mount(str(target)) is None
 
 
-def test_remount_readonly_makes_only_the_bind_read_only(tmpfs, tmp_path):
+def test_remount_readonly_makes_only_the_bind_read_only_and_keeps_its_flags(tmpfs, tmp_path):
     (tmpfs / "v").mkdir()
+    subprocess.run(["mount", "-o", "remount,nosuid,nodev,noexec", str(tmpfs)], check=True)
     target = tmp_path / "target"
     target.mkdir()
     mounts.bind_beneath(str(tmpfs), "v", str(target))
     mounts.remount_readonly(str(target))
-    assert mounts.top_mount(str(target)).readonly
+    entry = mounts.top_mount(str(target))
+    assert entry.readonly
+    assert {"nosuid", "nodev", "noexec"} <= set(entry.options.split(","))
     with pytest.raises(OSError) as info:
         (target / "f").write_text("x")
     assert info.value.errno == errno.EROFS
