@@ -82,14 +82,17 @@ class Daemon:
         if self._pidfd is not None:
             try:
                 await trio.lowlevel.wait_readable(self._pidfd)
-            finally:
-                self._reap()
+            except BaseException:
+                self._close()  # mountd is stopping; the daemon lives on
+                raise
+            if self.popen is not None:
+                # it has exited (the pidfd said so), so this returns at once
+                with contextlib.suppress(Exception):
+                    self.returncode = self.popen.wait(timeout=1)
+            self._close()
         self.exited.set()
 
-    def _reap(self) -> None:
-        if self.popen is not None:
-            with contextlib.suppress(Exception):
-                self.returncode = self.popen.wait(timeout=1)
+    def _close(self) -> None:
         if self._pidfd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._pidfd)
