@@ -12,8 +12,11 @@ from fusecsi.cluster.client import (
     RENAME_NOREPLACE,
     ROOT_INO,
     Attr,
+    ClusterClient,
     ClusterError,
+    ClusterUnavailable,
 )
+from fusecsi.cluster.local import free_port
 
 
 def raises(code):
@@ -310,3 +313,15 @@ async def test_paths_statfs_and_remove_tree(client, top):
     fs = await client.statfs()
     assert set(fs) == {"total_bytes", "free_bytes", "total_inodes", "free_inodes", "block_size"}
     assert 0 < fs["free_bytes"] <= fs["total_bytes"] and fs["free_inodes"] < fs["total_inodes"]
+
+
+async def test_client_fails_over_to_a_listed_master(cluster):
+    dead = f"127.0.0.1:{free_port()}"
+    async with ClusterClient([dead, cluster.master_addrs], timeout=10) as client:
+        assert (await client.getattr(ROOT_INO)).ino == ROOT_INO
+        await client.mkdir(ROOT_INO, b"failover", 0o755, 0, 0)  # not sent to `dead`: safe
+        await client.rmdir(ROOT_INO, b"failover")
+    async with ClusterClient(dead, timeout=1) as client:
+        with pytest.raises(ClusterUnavailable) as info:
+            await client.getattr(ROOT_INO)
+        assert info.value.errno == errno.ECONNREFUSED
