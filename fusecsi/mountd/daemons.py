@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import signal
@@ -183,12 +184,29 @@ async def spawn(
     else:
         with trio.move_on_after(2):
             await daemon.exited.wait()
-        message = f"FUSE daemon failed to mount (exit {daemon.returncode}); see {log_path}"
+        message = f"FUSE daemon failed to mount (exit {daemon.returncode}): {last_words(log_path)}"
         code = errno.EIO
     with trio.CancelScope(shield=True):
         await daemon.stop(grace=2)
     log.warning("daemon failed", extra=fields(mountpoint=mountpoint, error=message))
     raise DaemonFailed(code, message)
+
+
+def last_words(log_path: str, limit: int = 300) -> str:
+    """The daemon's last log line, for the error a caller sees (logs are redacted already)."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    if not lines:
+        return "no output"
+    line = lines[-1]
+    with contextlib.suppress(ValueError, AttributeError):
+        record = json.loads(line)
+        line = ": ".join(str(record[k]) for k in ("msg", "err") if record.get(k))
+    return line[:limit] + f" (log: {log_path})"
 
 
 def cmdline_matches(pid: int, mountpoint: str) -> bool:

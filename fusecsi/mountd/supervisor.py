@@ -268,19 +268,28 @@ class Supervisor:
         )
 
     async def _ensure_daemon(self, key: Key, token: str | None) -> tuple[Entry, bool]:
-        """The key's entry with a running daemon (caller holds the key lock)."""
-        await self._save_token(key.id, token)
+        """The key's entry with a running daemon (caller holds the key lock).
+
+        The stored token (used to restart the daemon later) is replaced only by one that is
+        known to work, so one request with a stale secret cannot break later recoveries.
+        """
         rt = self._rt(key.id)
         rt.linger_gen += 1  # a pending linger stop no longer applies
         entry = self.table.entries.get(key.id)
         if entry is not None and self._live_mount(entry):
+            if (
+                token
+                and token != self._load_token(key.id)
+                and await self._cluster_answers(entry, token)
+            ):
+                await self._save_token(key.id, token)
             return entry, False
         if entry is None:
             entry = Entry(key, os.path.join(self.mounts_dir, key.id))
             self.table.entries[key.id] = entry
-            await self._start_daemon(entry)
+            await self._start_daemon(entry, token)
         else:
-            await self._recover(entry, "daemon not running at publish")
+            await self._recover(entry, "daemon not running at publish", token)
         return entry, True
 
     async def _bind(self, entry: Entry, ref: Ref) -> None:
@@ -373,8 +382,9 @@ class Supervisor:
 
     # ------------------------------------------------------------ daemons
 
-    async def _start_daemon(self, entry: Entry) -> None:
+    async def _start_daemon(self, entry: Entry, token: str | None = None) -> None:
         key, rt = entry.key, self._rt(entry.key.id)
+        token = token or self._load_token(key.id)
         rt.state = "starting"
         os.makedirs(entry.mountpoint, mode=0o755, exist_ok=True)
         if mounts.top_mount(entry.mountpoint) is not None:
@@ -385,7 +395,7 @@ class Supervisor:
                 fs_path=key.fs_path,
                 options=key.options,
                 mountpoint=entry.mountpoint,
-                token=self._load_token(key.id),
+                token=token,
                 log_path=os.path.join(self.logs_dir, f"{key.id}.log"),
                 deadline=self.ready_timeout,
                 nursery=self._nursery,
@@ -402,6 +412,7 @@ class Supervisor:
             rt.message = f"daemon reported ready but {entry.mountpoint} is no {mounts.FUSE_FSTYPE}"
             raise _err(errno.EIO, rt.message)
         self._adopt(entry, daemon)
+        await self._save_token(key.id, token)
         await self.persist()
 
     def _adopt(self, entry: Entry, daemon: Daemon) -> None:
@@ -457,7 +468,7 @@ class Supervisor:
 
     # ------------------------------------------------------------ recovery
 
-    async def _recover(self, entry: Entry, reason: str) -> None:
+    async def _recover(self, entry: Entry, reason: str, token: str | None = None) -> None:
         """Replace the key's daemon and re-bind every target (caller holds the key lock).
 
         Targets stay on the dead mount (applications see ENOTCONN, an honest error) until a
@@ -479,7 +490,7 @@ class Supervisor:
                 os.kill(entry.pid, signal.SIGKILL)
         await self._unmount(entry.mountpoint, lazy=True)
         try:
-            await self._start_daemon(entry)
+            await self._start_daemon(entry, token)
         except OSError as exc:
             rt.state, rt.message = "broken", f"{reason}; restart failed: {exc.strerror or exc}"
             self._backoff(rt, True)
@@ -604,10 +615,11 @@ class Supervisor:
         rt.sick, rt.message = 0, ""
         return None
 
-    async def _cluster_answers(self, entry: Entry) -> bool:
+    async def _cluster_answers(self, entry: Entry, token: str | None = None) -> bool:
+        """Whether the key's cluster answers (with `token`, else the stored one)."""
         from fusecsi.cluster.client import ClusterClient
 
-        token = self._load_token(entry.key.id)
+        token = token or self._load_token(entry.key.id)
         with trio.move_on_after(self.probe_timeout):
             try:
                 client = ClusterClient(

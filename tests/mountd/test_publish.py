@@ -173,6 +173,7 @@ async def test_bad_input_is_refused_and_binds_nothing(mountd, cluster, tmp_path)
         await refused("EINVAL", subpath=subpath)
     await refused("EINVAL", master_addrs="not an address")
     await refused("EINVAL", options="no-such-option=1")
+    await refused("EIO", fs_path="/no-such-base")
     await refused("ENOENT", subpath="missing")
     await refused("ENOENT", subpath="inner/missing")
     assert os.listdir(outside) == []
@@ -180,6 +181,15 @@ async def test_bad_input_is_refused_and_binds_nothing(mountd, cluster, tmp_path)
     assert not exists(good)
     assert await mountd.client.list() == []  # the daemon started for the ENOENT case is gone
     assert mountd.daemon_pids() == []
+
+    # a daemon that cannot start says why, through mountd, without echoing the token
+    with pytest.raises(RPCError) as info:
+        await mountd.client.publish(
+            "vol-bad", cluster.master_addrs, "/bad", "pv", "", good, False, "wrong-token"
+        )
+    assert errno_of(info.value) == "EIO" and "wrong-token" not in str(info.value)
+    assert "auth" in str(info.value).lower(), info.value
+    assert mountd.fuse_mounts() == ([], []) and mountd.daemon_pids() == []
 
     with pytest.raises(RPCError) as info:
         await mountd.client.unpublish("vol-bad", "relative")

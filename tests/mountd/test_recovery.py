@@ -50,6 +50,13 @@ async def test_killed_daemon_is_replaced_and_every_target_rebound(mountd, cluste
     }
     for target, data in targets.items():
         await mountd.publish(f"vol-{data[-1]}", "/heal", data[-1], target)
+    # a later request with a stale secret binds (the daemon is up) but must not become the
+    # token the replacement daemon starts with
+    stale = mountd.make_parent(mountd.target("pod-4", "b"))
+    await mountd.client.publish(
+        "vol-b", cluster.master_addrs, "/heal", "b", "", stale, False, "stale-token"
+    )
+    targets[stale] = "volume b"
     for target, data in targets.items():
         assert read_write(target, "before", data)
     [row] = await mountd.client.list()
