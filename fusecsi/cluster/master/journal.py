@@ -13,11 +13,14 @@ A new segment is started at every open, so a torn tail is never appended to.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
+import signal
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from fusecsi.logs import fields
 log = logging.getLogger(__name__)
 
 RECORD = struct.Struct(">II")
+PR_SET_PDEATHSIG = 1
 SEGMENT_RE = re.compile(r"journal-(\d+)\.log$")
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)\.mp$")
 _pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
@@ -59,6 +63,37 @@ def read_segment(path: Path, last: bool) -> list:
             raise JournalCorrupt(f"{path}: bad record at offset {pos} in a sealed segment")
         log.warning("dropping torn journal tail", extra=fields(path=str(path), offset=pos))
     return records
+
+
+def write_file(tmp: Path, final: Path, body: bytes) -> None:
+    """Replace `final` with `body` atomically and durably."""
+    with open(tmp, "wb") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
+def fork_writer(work: Callable[[], None]) -> int | None:
+    """Run `work` in a forked child that dies with its parent; the child's pid, or None
+    when fork is not possible. The child touches nothing but `work` and exits."""
+    parent = os.getpid()
+    try:
+        pid = os.fork()
+    except OSError:
+        return None
+    if pid:
+        return pid
+    code = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == parent:
+            work()
+            code = 0
+    finally:
+        os._exit(code)
 
 
 def fsync_dir(path: Path) -> None:
@@ -194,26 +229,30 @@ class Journal:
 
     # ------------------------------------------------------------ checkpoints
 
-    async def checkpoint(self, state: dict) -> None:
-        """Write `state` (taken right after `rotate()`) and delete what it supersedes."""
-        number = self.segment
-        body = _pack(state)
+    async def checkpoint(self, dump: Callable[[], Any]) -> None:
+        """Write `dump()` (called right after `rotate()`) and delete what it supersedes.
 
-        def write() -> None:
-            tmp = self.dir / f"checkpoint-{number}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, self.dir / f"checkpoint-{number}.mp")
-            fsync_dir(self.dir)
+        A forked child builds and writes the snapshot from its copy-on-write view of the
+        namespace, so the master keeps serving while a large namespace is written out."""
+        number = self.segment
+        tmp = self.dir / f"checkpoint-{number}.tmp"
+        final = self.dir / f"checkpoint-{number}.mp"
+        pid = fork_writer(lambda: write_file(tmp, final, _pack(dump())))
+        if pid is None:  # no fork here: do it in line
+            await trio.to_thread.run_sync(write_file, tmp, final, _pack(dump()))
+        else:
+            _, status = await trio.to_thread.run_sync(os.waitpid, pid, 0)
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise RuntimeError(f"checkpoint writer exited with status {status}")
+
+        def prune() -> None:
             for p in self.dir.iterdir():
                 m = SEGMENT_RE.match(p.name) or CHECKPOINT_RE.match(p.name)
-                if m and int(m.group(1)) < number:
-                    p.unlink()
+                if (m and int(m.group(1)) < number) or p.name.endswith(".tmp"):
+                    p.unlink(missing_ok=True)
 
-        await trio.to_thread.run_sync(write)
-        log.info("checkpoint written", extra=fields(segment=number, bytes=len(body)))
+        await trio.to_thread.run_sync(prune)
+        log.info("checkpoint written", extra=fields(segment=number, bytes=final.stat().st_size))
 
     def close(self) -> None:
         if self._fd >= 0:

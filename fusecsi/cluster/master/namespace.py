@@ -742,21 +742,26 @@ class Namespace:
         ns.id_limit = data["id_limit"]
         ns.workers = dict(data["workers"])
         ns.inodes.clear()
+        new = Inode.__new__
         for ino, mode, nlink, uid, gid, size, atime, mtime, ctime, xattrs, extra in data["inodes"]:
-            n = Inode(ino, mode, uid, gid, 0)
-            n.nlink, n.size, n.atime, n.mtime, n.ctime = nlink, size, atime, mtime, ctime
+            n = new(Inode)
+            n.ino, n.mode, n.nlink, n.uid, n.gid, n.size = ino, mode, nlink, uid, gid, size
+            n.atime, n.mtime, n.ctime = atime, mtime, ctime
             n.xattrs = None if xattrs is None else dict(xattrs)
-            if n.order is not None:
+            n.target = n.blocks = None
+            if stat.S_ISDIR(mode):
                 n.parent, listing, next_seq, n.used, n.quota = extra
-                for name, child, seq in listing:
-                    n.entries[name] = child
-                    n.order.seqs.append(seq)
-                    n.order.names.append(name)
-                    n.order.seq_of[name] = seq
-                n.order.next_seq = next_seq
+                n.links = None
+                order = n.order = DirOrder()
+                order.seqs = [row[2] for row in listing]
+                order.names = [row[0] for row in listing]
+                order.seq_of = dict(zip(order.names, order.seqs, strict=True))
+                order.next_seq = next_seq
+                n.entries = {row[0]: row[1] for row in listing}
                 ns.quotas += n.quota is not None
             else:
                 links, n.target, blocks = extra
+                n.parent, n.entries, n.order, n.used, n.quota = 0, None, None, None, None
                 n.links = dict(links)
                 if blocks is not None:
                     n.blocks = {i: [b, w] for i, b, w in blocks}

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 ID_RESERVE = 1 << 16
 WORKER_DEAD_AFTER = 5.0
 MAX_ALLOC = 64
+CHECKPOINT_INTERVAL = 300.0  # seconds; a checkpoint also follows every `checkpoint_records`
 
 
 @dataclass
@@ -74,7 +75,7 @@ class MasterService:
             self._nursery = nursery
             task_status.started()
             while True:
-                await trio.sleep(60)
+                await trio.sleep(CHECKPOINT_INTERVAL)
                 if self.journal.records_in_segment:
                     await self.checkpoint()
 
@@ -101,8 +102,7 @@ class MasterService:
         self._checkpointing = True
         try:
             self.journal.rotate()
-            state = self.ns.dump()
-            await self.journal.checkpoint(state)
+            await self.journal.checkpoint(self.ns.dump)
         finally:
             self._checkpointing = False
 
