@@ -209,15 +209,19 @@ def last_words(log_path: str, limit: int = 300) -> str:
     return line[:limit] + f" (log: {log_path})"
 
 
-def cmdline_matches(pid: int, mountpoint: str) -> bool:
-    """Whether `pid` is (still) a `fusecsi mount` serving `mountpoint`, not a reused pid."""
+def process_args(pid: int) -> list[bytes] | None:
+    """The command line of a live process; None when it is gone or a zombie."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             args = f.read().split(b"\0")
         with open(f"/proc/{pid}/stat", "rb") as f:
             state = f.read().rsplit(b")", 1)[1].split()[0]
-    except OSError:
-        return False
-    if state in (b"Z", b"X"):
-        return False
-    return b"mount" in args and os.fsencode(mountpoint) in args
+    except (OSError, IndexError):
+        return None
+    return None if state in (b"Z", b"X") else args
+
+
+def cmdline_matches(pid: int, mountpoint: str) -> bool:
+    """Whether `pid` is (still) a `fusecsi mount` serving `mountpoint`, not a reused pid."""
+    args = process_args(pid)
+    return args is not None and b"mount" in args and os.fsencode(mountpoint) in args

@@ -24,6 +24,7 @@ from fusecsi.cluster.client import ClusterClient
 from fusecsi.cluster.local import LocalCluster
 from fusecsi.mountd import mounts
 from fusecsi.mountd.client import MountdClient
+from fusecsi.mountd.daemons import process_args
 
 TOKEN = "mountd-test-token"
 
@@ -111,17 +112,9 @@ class Mountd:
         """Live `fusecsi mount` processes serving this mountd's state dir."""
         marker = os.fsencode(str(self.state_dir / "mounts"))
         pids = []
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    args = f.read().split(b"\0")
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    state = f.read().rsplit(b")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if state != b"Z" and b"mount" in args and any(a.startswith(marker) for a in args):
+        for name in filter(str.isdigit, os.listdir("/proc")):
+            args = process_args(int(name))
+            if args and b"mount" in args and any(a.startswith(marker) for a in args):
                 pids.append(int(name))
         return sorted(pids)
 
@@ -144,6 +137,17 @@ class Mountd:
                 os.kill(pid, signal.SIGKILL)
         for entry in mounts.mounts_under(str(self.base)):
             subprocess.run(["umount", "-l", entry.mountpoint], check=False)
+
+
+@contextlib.contextmanager
+def another_mountd(base: Path, cluster: LocalCluster, **flags):
+    """A started mountd with its own flags (and state), closed afterwards."""
+    node = Mountd(base, cluster, **flags)
+    try:
+        node.start()
+        yield node
+    finally:
+        node.close()
 
 
 @pytest.fixture(name="mountd")

@@ -12,7 +12,7 @@ import trio
 from conftest import FUSECSI
 from mountd_stack import (  # noqa: F401 - fixtures
     TOKEN,
-    Mountd,
+    another_mountd,
     cluster_fixture,
     errno_of,
     eventually,
@@ -204,11 +204,9 @@ async def test_bad_input_is_refused_and_binds_nothing(mountd, cluster, tmp_path)
 async def test_linger_keeps_an_unused_daemon_for_the_next_pod(tmp_path, cluster):
     await make_dirs(cluster, "/linger/v")
     port = free_port()
-    node = Mountd(
+    with another_mountd(
         tmp_path / "node", cluster, linger="3", **{"metrics-address": f"127.0.0.1:{port}"}
-    )
-    try:
-        node.start()
+    ) as node:
         t1, t2 = node.target("pod-1", "v"), node.target("pod-2", "v")
         first = await node.publish("vol-l", "/linger", "v", t1)
         metrics = await trio.to_thread.run_sync(scrape, port)
@@ -227,8 +225,6 @@ async def test_linger_keeps_an_unused_daemon_for_the_next_pod(tmp_path, cluster)
 
         await eventually(forgotten, deadline=15, what="linger stop")
         assert node.daemon_pids() == [] and node.fuse_mounts() == ([], [])
-    finally:
-        node.close()
 
 
 async def test_status_command_prints_keys_daemons_and_references(mountd, cluster):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -11,7 +12,7 @@ import pytest
 import trio
 from mountd_stack import (  # noqa: F401 - fixtures
     TOKEN,
-    Mountd,
+    another_mountd,
     cluster_fixture,
     eventually,
     exists,
@@ -39,6 +40,19 @@ def all_serve(targets: dict[str, str], name: str):
         return True
 
     return check
+
+
+@contextlib.asynccontextmanager
+async def lone_volume(tmp_path, data: str, **flags):
+    """Its own cluster (the test may stop it) and mountd, one volume published and written."""
+    with LocalCluster(tmp_path / "cluster", workers=1, token=TOKEN) as cluster:
+        await make_dirs(cluster, "/lone/v")
+        with another_mountd(tmp_path / "node", cluster, **flags) as node:
+            target = node.target("pod-1", "v")
+            await node.publish("vol-lone", "/lone", "v", target)
+            assert read_write(target, "f", data)
+            [row] = await node.client.list()
+            yield cluster, node, target, row
 
 
 async def test_killed_daemon_is_replaced_and_every_target_rebound(mountd, cluster):
@@ -78,9 +92,7 @@ async def test_killed_daemon_is_replaced_and_every_target_rebound(mountd, cluste
 async def test_hung_daemon_is_replaced_after_repeated_failed_checks(tmp_path, cluster):
     """A stopped (not dead) daemon makes statfs hang: after a few timed-out checks it goes."""
     await make_dirs(cluster, "/hung/v")
-    node = Mountd(tmp_path / "node", cluster, **{"probe-timeout": "0.3"})
-    try:
-        node.start()
+    with another_mountd(tmp_path / "node", cluster, **{"probe-timeout": "0.3"}) as node:
         target = node.target("pod-1", "v")
         await node.publish("vol-hung", "/hung", "v", target)
         assert read_write(target, "f", "before the hang")
@@ -94,35 +106,29 @@ async def test_hung_daemon_is_replaced_after_repeated_failed_checks(tmp_path, cl
         assert node.daemon_pids() == [after["pid"]]  # the stopped one was killed
         await node.client.unpublish("vol-hung", target)
         assert node.daemon_pids() == [] and node.fuse_mounts() == ([], [])
-    finally:
-        node.close()
 
 
 async def test_cluster_outage_keeps_the_daemon_that_resumes_afterwards(tmp_path):
     """Failing checks while the cluster is down must not replace a daemon a new one cannot
     beat: the old one serves again, same process, once the master is back."""
-    with LocalCluster(tmp_path / "cluster", workers=1, token=TOKEN) as cluster:
-        await make_dirs(cluster, "/outage/v")
-        node = Mountd(tmp_path / "node", cluster, **{"probe-timeout": "0.3"})
-        try:
-            node.start()
-            target = node.target("pod-1", "v")
-            await node.publish("vol-outage", "/outage", "v", target)
-            assert read_write(target, "f", "survives the outage")
-            [row] = await node.client.list()
-            cluster.kill_master()
-            await eventually(
-                lambda: "cluster unreachable" in node.log(), deadline=15, what="outage seen"
-            )
-            await trio.to_thread.run_sync(cluster.restart_master)
-            await eventually(
-                all_serve({target: "survives the outage"}, "f"), deadline=30, what="resume"
-            )
-            [after] = await node.client.list()
-            assert after["pid"] == row["pid"] and after["restarts"] == 0
-            await node.client.unpublish("vol-outage", target)
-        finally:
-            node.close()
+    flags = {"probe-timeout": "0.3"}
+    async with lone_volume(tmp_path, "survives the outage", **flags) as (
+        cluster,
+        node,
+        target,
+        row,
+    ):
+        cluster.kill_master()
+        await eventually(
+            lambda: "cluster unreachable" in node.log(), deadline=15, what="outage seen"
+        )
+        await trio.to_thread.run_sync(cluster.restart_master)
+        await eventually(
+            all_serve({target: "survives the outage"}, "f"), deadline=30, what="resume"
+        )
+        [after] = await node.client.list()
+        assert after["pid"] == row["pid"] and after["restarts"] == 0
+        await node.client.unpublish("vol-lone", target)
 
 
 async def test_mountd_restart_adopts_live_daemons_and_recovers_dead_ones(mountd, cluster):
@@ -209,31 +215,21 @@ async def test_restart_in_the_middle_of_a_recovery_rebinds_targets_left_on_the_d
 
 
 async def test_unpublish_clears_a_broken_target_while_the_cluster_is_down(tmp_path):
-    with LocalCluster(tmp_path / "cluster", workers=1, token=TOKEN) as cluster:
-        await make_dirs(cluster, "/gone/v")
-        node = Mountd(tmp_path / "node", cluster, **{"ready-timeout": "2"})
-        try:
-            node.start()
-            target = node.target("pod-1", "v")
-            await node.publish("vol-gone", "/gone", "v", target)
-            assert read_write(target, "f", "x")
-            [row] = await node.client.list()
-            node.kill()
-            cluster.stop()
-            os.kill(row["pid"], signal.SIGKILL)
-            node.start()
+    async with lone_volume(tmp_path, "x", **{"ready-timeout": "2"}) as (cluster, node, target, row):
+        node.kill()
+        cluster.stop()
+        os.kill(row["pid"], signal.SIGKILL)
+        node.start()
 
-            # the target is a dead mount, never a local directory that silently takes writes
-            with pytest.raises(OSError) as info:
-                os.listdir(target)
-            assert info.value.errno == errno.ENOTCONN
-            stats = await node.client.stats(target)
-            assert stats["healthy"] is False and stats["message"]
+        # the target is a dead mount, never a local directory that silently takes writes
+        with pytest.raises(OSError) as info:
+            os.listdir(target)
+        assert info.value.errno == errno.ENOTCONN
+        stats = await node.client.stats(target)
+        assert stats["healthy"] is False and stats["message"]
 
-            assert await node.client.unpublish("vol-gone", target) == {"removed": True}
-            assert node.fuse_mounts() == ([], [])
-            assert not exists(target)
-            assert await node.client.list() == []
-            assert node.daemon_pids() == []
-        finally:
-            node.close()
+        assert await node.client.unpublish("vol-lone", target) == {"removed": True}
+        assert node.fuse_mounts() == ([], [])
+        assert not exists(target)
+        assert await node.client.list() == []
+        assert node.daemon_pids() == []
