@@ -265,3 +265,29 @@ async def test_a_second_mountd_on_the_same_state_is_refused_and_touches_nothing(
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
         return answer.read().decode()
+
+
+async def test_racing_publishes_onto_one_target_bind_exactly_one_volume(mountd, cluster):
+    await make_dirs(cluster, *(f"/race/v{i}" for i in range(8)))
+    target = mountd.target("pod-race", "pv")
+    outcomes = []
+
+    async def publish(i):
+        try:
+            await mountd.publish(f"vol{i}", "/race", f"v{i}", target)
+            outcomes.append(f"vol{i}")
+        except RPCError as exc:
+            outcomes.append(errno_of(exc))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(8):
+            nursery.start_soon(publish, i)
+    winners = [o for o in outcomes if o.startswith("vol")]
+    assert len(winners) == 1 and outcomes.count("EEXIST") == 7
+    [row] = await mountd.client.list()
+    assert [r["volume_id"] for r in row["refs"]] == winners
+    assert (
+        mountd.fuse_mounts()[1] == [target]
+        and mounts.top_mount(target).root == f"/v{winners[0][3:]}"
+    )
+    await mountd.client.unpublish(winners[0], target)
