@@ -61,7 +61,7 @@ class HandleTable:
         node = self.inodes.get(ino)
         if node is None:
             node = self.inodes[ino] = OpenInode(ino, size)
-        elif node.writer is None or not node.writer.pending:
+        elif node.writer is None or not node.writer.dirty:
             node.size = size if node.writer is None else max(size, node.writer.size)
         node.opens += 1
         fh = self._fh()

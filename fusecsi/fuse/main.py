@@ -99,6 +99,11 @@ async def _serve(ops: Operations, settings: Settings) -> int:
     async with client, trio.open_nursery() as nursery:
         ops.client = client
         ops.spawn = nursery.start_soon
+        with trio.move_on_after(settings.io_timeout):
+            try:
+                ops.set_block_size(int((await client.statfs())["block_size"]))
+            except Exception as exc:  # keep the default; the first requests will tell
+                log.warning("cluster block size unknown", extra=fields(err=str(unwrap(exc))))
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             nursery.start_soon(_session, nursery.cancel_scope)
             if not await _answers(settings.mountpoint, settings.io_timeout):

@@ -1,63 +1,37 @@
-"""Write-back buffering: many FUSE writes become few large writes to the workers.
+"""Write-back buffering: many FUSE writes become few block-sized writes to the workers.
 
-One buffer per open inode collects contiguous writes and sends them once `limit` bytes
-have gathered (cut at multiples of `limit`, so sends line up with cluster blocks when the
-block size is a multiple of it). One send is in flight while the next buffer fills, which
-overlaps the network with the kernel's next request. A failed send (EDQUOT, ENOSPC, EIO)
-is remembered and reported by the next write, flush or fsync: data the application was
-told is written may then be lost, exactly as with any write-back cache, which is why
-fsync and close wait for everything.
+One buffer per open inode collects contiguous writes and hands them to the cluster client
+once a piece reaches `limit` bytes, cut at multiples of `limit` (the cluster block size or
+less), so every piece lands inside one block. The client sends pieces in the background
+(a bounded window per client) and reports a failed one at the file's next write, read or
+commit, so the kernel's next request is not held up by the network; this buffer adds no
+second layer of background sends. A refused piece (EDQUOT, ENOSPC) fails the write that
+completed it, or the flush/fsync/close that sends the remainder.
 """
 
 from __future__ import annotations
 
-import errno
-import logging
 from collections.abc import Awaitable, Callable
 
 import trio
-from pyfuse3 import FUSEError
-
-log = logging.getLogger(__name__)
 
 SendFn = Callable[[int, bytes], Awaitable[None]]
 
 
 class WriteBuffer:
-    __slots__ = (
-        "size",
-        "dirty",
-        "_send_fn",
-        "_limit",
-        "_spawn",
-        "_start",
-        "_chunks",
-        "_len",
-        "_inflight",
-        "_error",
-        "_lock",
-    )
+    __slots__ = ("size", "dirty", "_send", "_limit", "_start", "_chunks", "_len", "_lock")
 
-    def __init__(self, send: SendFn, limit: int, spawn, size: int) -> None:
+    def __init__(self, send: SendFn, limit: int, size: int) -> None:
         self.size = size  # the file's length as this mount sees it
         self.dirty = False  # written since the last commit
-        self._send_fn = send
+        self._send = send
         self._limit = limit
-        self._spawn = spawn  # nursery.start_soon of the daemon
         self._start = 0
         self._chunks: list[bytes] = []
         self._len = 0
-        self._inflight: trio.Event | None = None
-        self._error: FUSEError | None = None
-        self._lock = trio.Lock()
-
-    @property
-    def pending(self) -> bool:
-        return bool(self._len) or self._inflight is not None
+        self._lock = trio.Lock()  # pieces of one file go out in order
 
     async def write(self, offset: int, data: bytes) -> None:
-        if self._error is not None:
-            raise self._error
         async with self._lock:
             if self._len and offset != self._start + self._len:
                 await self._send_buffered()
@@ -76,25 +50,18 @@ class WriteBuffer:
                 await self._send_buffered(boundary)
 
     async def drain(self) -> None:
-        """Send everything buffered and wait for it; raise (once) the first failure."""
+        """Hand everything buffered to the cluster client."""
         async with self._lock:
             if self._len:
                 await self._send_buffered()
-            await self._wait_inflight()
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
 
     def truncated(self, size: int) -> None:
         """The file was cut or extended to `size` (only after `drain`)."""
         self.size = size
-
-    async def _wait_inflight(self) -> None:
-        if self._inflight is not None:
-            await self._inflight.wait()
+        self.dirty = False
 
     async def _send_buffered(self, cut: int | None = None) -> None:
-        """Hand the buffer (up to offset `cut`) to a background send."""
+        """Send the buffer up to offset `cut` (all of it when None); keep the rest."""
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         start = self._start
         keep = b""
@@ -104,20 +71,4 @@ class WriteBuffer:
         self._chunks = [keep] if keep else []
         self._len = len(keep)
         self._start = start + len(data)
-        await self._wait_inflight()
-        done = self._inflight = trio.Event()
-        self._spawn(self._send, start, data, done)
-
-    async def _send(self, start: int, data: bytes, done: trio.Event) -> None:
-        try:
-            await self._send_fn(start, data)
-        except Exception as exc:
-            if not isinstance(exc, FUSEError):
-                log.exception("write to the cluster failed")
-                exc = FUSEError(errno.EIO)
-            if self._error is None:
-                self._error = exc
-        finally:
-            if self._inflight is done:
-                self._inflight = None
-            done.set()
+        await self._send(start, data)

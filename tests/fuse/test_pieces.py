@@ -65,45 +65,42 @@ class Sink:
 
 async def test_write_buffer_batches_at_aligned_boundaries():
     sink = Sink()
-    async with trio.open_nursery() as nursery:
-        buf = WriteBuffer(sink.send, 4 * MiB, nursery.start_soon, 0)
-        payload = bytes(range(256)) * (4096 * 11)  # 11 MiB
-        step = 300_000  # not a divisor of the block: sends must still line up
-        for off in range(0, len(payload), step):
-            await buf.write(off, payload[off : off + step])
-        assert buf.size == len(payload) and buf.dirty
-        await buf.drain()
+    buf = WriteBuffer(sink.send, 4 * MiB, 0)
+    payload = bytes(range(256)) * (4096 * 11)  # 11 MiB
+    step = 300_000  # not a divisor of the block: pieces must still line up
+    for off in range(0, len(payload), step):
+        await buf.write(off, payload[off : off + step])
+    assert buf.size == len(payload) and buf.dirty
+    assert sink.sends == [(0, 4 * MiB), (4 * MiB, 4 * MiB)]  # the tail is still buffered
+    await buf.drain()
     assert bytes(sink.data) == payload
-    assert sink.sends[:2] == [(0, 4 * MiB), (4 * MiB, 4 * MiB)]
     assert sink.sends[2] == (8 * MiB, 3 * MiB)
 
 
 async def test_write_buffer_non_contiguous_writes_and_holes():
     sink = Sink()
-    async with trio.open_nursery() as nursery:
-        buf = WriteBuffer(sink.send, MiB, nursery.start_soon, 0)
-        await buf.write(10, b"abc")
-        await buf.write(5000, b"xyz")  # a jump: the first piece goes out on its own
-        await buf.write(0, b"0")
-        await buf.drain()
+    buf = WriteBuffer(sink.send, MiB, 0)
+    await buf.write(10, b"abc")
+    await buf.write(5000, b"xyz")  # a jump: the first piece goes out on its own
+    assert sink.sends == [(10, 3)]
+    await buf.write(0, b"0")
+    await buf.drain()
     assert sink.data[10:13] == b"abc" and sink.data[5000:5003] == b"xyz"
     assert sink.data[0:1] == b"0" and buf.size == 5003
 
 
-async def test_write_buffer_reports_a_failed_send():
+async def test_write_buffer_refused_piece_fails_the_write_that_sends_it():
     sink = Sink()
     sink.fail_with = errno.EDQUOT
-    async with trio.open_nursery() as nursery:
-        buf = WriteBuffer(sink.send, MiB, nursery.start_soon, 0)
-        await buf.write(0, bytes(MiB))  # full block: sent in the background, fails
-        with pytest.raises(FUSEError) as caught:
-            await buf.drain()
-        assert caught.value.errno == errno.EDQUOT
-        await buf.write(0, bytes(MiB))
-        await trio.sleep(0.05)
-        with pytest.raises(FUSEError) as caught:  # the next write reports it
-            await buf.write(MiB, b"x")
-        assert caught.value.errno == errno.EDQUOT
+    buf = WriteBuffer(sink.send, MiB, 0)
+    await buf.write(0, bytes(MiB // 2))  # buffered: nothing sent yet
+    with pytest.raises(FUSEError) as caught:
+        await buf.write(MiB // 2, bytes(MiB // 2))  # completes a block: sent, refused
+    assert caught.value.errno == errno.EDQUOT
+    await buf.write(MiB, b"x")
+    with pytest.raises(FUSEError) as caught:  # and the remainder at flush/close
+        await buf.drain()
+    assert caught.value.errno == errno.EDQUOT
 
 
 class Source:
