@@ -60,6 +60,11 @@ async def test_thirty_volumes_over_three_keys_share_three_daemons(mountd, cluste
         assert TOKEN.encode() not in read_bytes(f"/proc/{pid}/cmdline")
         assert f"FUSECSI_TOKEN={TOKEN}".encode() in read_bytes(f"/proc/{pid}/environ").split(b"\0")
     assert TOKEN.encode() not in read_bytes(mountd.state_dir / "table.json")
+    token_files = sorted((mountd.state_dir / "tokens").iterdir())  # kept for restarts
+    assert [f.name for f in token_files] == sorted(r["key"] for r in rows)
+    for token_file in token_files:
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        assert read_bytes(token_file) == TOKEN.encode()
 
     # each target is its own cluster directory: a file written through it lands there
     for vid, *_, target in volumes[:6]:
