@@ -127,3 +127,29 @@ async def test_worker_failure_surfaces_at_commit(cluster):
         await client.write(f.ino, 10, b"c" * 10)
         await client.commit(f.ino, 20)
         assert await client.read(f.ino, 0, 20) == b"a" * 10 + b"c" * 10
+
+
+async def test_full_workers_give_enospc(tmp_path):
+    with LocalCluster(tmp_path, workers=1, block_size=BLOCK, worker_capacity=3 * BLOCK) as cluster:
+        async with ClusterClient(cluster.master_addrs, timeout=10) as client:
+            fs = await client.statfs()
+            assert fs["total_bytes"] == 3 * BLOCK
+            f = await client.create(ROOT_INO, b"fill", 0o644, 0, 0)
+            await client.write(f.ino, 0, b"x" * (3 * BLOCK))
+            await client.commit(f.ino, 3 * BLOCK)
+            with pytest.raises(ClusterError) as info:
+                await client.write(f.ino, 3 * BLOCK, b"y")
+            assert info.value.errno == errno.ENOSPC
+            assert await client.read(f.ino, 0, 3 * BLOCK) == b"x" * (3 * BLOCK)
+            # freeing space makes room again (once the worker reports it)
+            await client.setattr(f.ino, size=BLOCK)
+            g = await client.create(ROOT_INO, b"after", 0o644, 0, 0)
+            for _ in range(50):
+                try:
+                    await client.write(g.ino, 0, b"z" * BLOCK)
+                    break
+                except ClusterError as exc:
+                    assert exc.errno == errno.ENOSPC
+                    await trio.sleep(0.1)
+            await client.commit(g.ino, BLOCK)
+            assert await client.read(g.ino, 0, BLOCK) == b"z" * BLOCK

@@ -380,8 +380,10 @@ class MasterService:
             # the file may have changed while the ids were reserved: decide now
             node = self.ns.file(ino)
             missing = [i for i in range(first, first + count) if i not in node.blocks]
-            targets = self._place(len(missing))
-            blocks = [[index, base + k, targets[k]] for k, index in enumerate(missing)]
+            needed = sum(1 for i in missing if i * self.ns.block_size < end)
+            targets = self._place(len(missing), needed)
+            placed = zip(missing, targets, strict=False)
+            blocks = [[index, base + k, t] for k, (index, t) in enumerate(placed)]
             if blocks:
                 await self._commit(["alloc", ino, blocks])
         node = self.ns.file(ino)
@@ -391,14 +393,22 @@ class MasterService:
             grant = min(grant, node.size + room)
         return {"blocks": self.layout(ino, first, count)[1], "grant": max(grant, end)}
 
-    def _place(self, count: int) -> list[list[str]]:
+    def _place(self, count: int, required: int | None = None) -> list[list[str]]:
+        """Workers for `count` new blocks: the first `required` (default all) must fit, the
+        rest are placed only while there is room (allocation ahead of the writer)."""
         bs = self.ns.block_size
-        workers = [w for w in self.live_workers() if w.free - w.planned >= bs]
-        if not workers:
+        required = count if required is None else required
+        live = self.live_workers()
+        if not any(w.free - w.planned >= bs for w in live):
             raise fail(errno.ENOSPC, "no live worker has free space")
-        copies = min(self.replication, len(workers))
+        copies = min(self.replication, len(live))
         out = []
-        for _ in range(count):
+        for k in range(count):
+            workers = [w for w in live if w.free - w.planned >= bs]
+            if not workers:
+                if k < required:
+                    raise fail(errno.ENOSPC, "no live worker has free space")
+                break
             workers.sort(key=lambda w: w.free - w.planned, reverse=True)
             chosen = workers[:copies]
             for w in chosen:
