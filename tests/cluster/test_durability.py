@@ -27,6 +27,7 @@ async def test_acknowledged_mutations_survive_sigkill(tmp_path):
         async with ClusterClient(cluster.master_addrs, timeout=2) as client:
             top = await client.mkdir(ROOT_INO, b"stream", 0o755, 0, 0)
             await client.set_quota(top.ino, 1 << 40, 1 << 20)
+            enough = trio.Event()
 
             async def writer(w: int) -> None:
                 i = 0
@@ -55,14 +56,17 @@ async def test_acknowledged_mutations_survive_sigkill(tmp_path):
                             uncertain.add(b"r" + name)
                         return
                     i += 1
+                    if len(expected) >= 600:
+                        enough.set()
 
             async with trio.open_nursery() as nursery:
                 for w in range(WRITERS):
                     nursery.start_soon(writer, w)
-                await trio.sleep(1.5)
+                # kill once enough has been acknowledged to span a few checkpoints
+                with trio.fail_after(120):
+                    await enough.wait()
                 await trio.to_thread.run_sync(cluster.kill_master)
 
-        assert len(expected) > 200, "too few mutations before the kill to prove anything"
         journal_dir = tmp_path / "master"
         assert list(journal_dir.glob("checkpoint-*.mp")), "no checkpoint was taken"
         # a record torn by the crash (length says more than was written) is dropped on replay
