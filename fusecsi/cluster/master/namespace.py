@@ -18,6 +18,8 @@ import stat
 from bisect import bisect_left
 from typing import Any
 
+from fusecsi.cluster.checks import check_int, fail, opt_int
+
 ROOT_INO = 1
 MAX_NAME = 255
 MAX_SYMLINK = 4096
@@ -31,10 +33,6 @@ XATTR_CREATE = 1
 XATTR_REPLACE = 2
 
 
-def fail(code: int, message: str) -> OSError:
-    return OSError(code, message)
-
-
 def check_name(name: Any) -> bytes:
     if not isinstance(name, bytes):
         raise fail(errno.EINVAL, "a name must be bytes")
@@ -43,16 +41,6 @@ def check_name(name: Any) -> bytes:
     if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
         raise fail(errno.EINVAL, f"invalid name {name!r}")
     return name
-
-
-def check_int(value: Any, what: str = "value", lo: int = 0, hi: int = (1 << 63) - 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise fail(errno.EINVAL, f"{what} must be an integer in [{lo}, {hi}]")
-    return value
-
-
-def opt_int(value: Any, what: str, lo: int = 0) -> int | None:
-    return None if value is None else check_int(value, what, lo)
 
 
 class Inode:

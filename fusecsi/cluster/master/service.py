@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import trio
 
+from fusecsi.cluster.checks import check_int, fail, opt_int
 from fusecsi.cluster.master.journal import Journal
-from fusecsi.cluster.master.namespace import Namespace, check_int, fail, opt_int
+from fusecsi.cluster.master.namespace import Namespace
 from fusecsi.cluster.protocol import Pool, RPCError
 from fusecsi.logs import fields
 

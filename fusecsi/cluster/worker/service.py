@@ -9,7 +9,7 @@ from collections import OrderedDict
 
 import trio
 
-from fusecsi.cluster.master.namespace import check_int
+from fusecsi.cluster.checks import check_int
 from fusecsi.cluster.protocol import Pool, RPCError
 from fusecsi.cluster.worker.store import BlockStore
 from fusecsi.logs import fields
