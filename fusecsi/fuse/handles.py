@@ -17,6 +17,7 @@ class OpenInode:
     ino: int  # cluster inode number
     size: int  # length as this mount sees it (when nothing is buffered)
     opens: int = 0
+    writers: int = 0  # handles open for writing
     writer: WriteBuffer | None = None
     version: int = 0  # bumped on every local change, to drop stale read-ahead
     # Where the file was moved when it was unlinked while open: (directory, name).
@@ -64,6 +65,7 @@ class HandleTable:
         elif node.writer is None or not node.writer.dirty:
             node.size = size if node.writer is None else max(size, node.writer.size)
         node.opens += 1
+        node.writers += writable
         fh = self._fh()
         handle = self.files[fh] = Handle(node, writable)
         return fh, handle
@@ -73,6 +75,7 @@ class HandleTable:
         handle = self.files.pop(fh, None)
         if handle is not None:
             handle.node.opens -= 1
+            handle.node.writers -= handle.writable
             if handle.node.opens == 0:
                 del self.inodes[handle.node.ino]
         return handle

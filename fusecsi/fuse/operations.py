@@ -44,6 +44,10 @@ MIN_READ_AHEAD_WINDOWS = 2
 # the kernel consumes it: 2 MiB pieces cost no throughput against 4 MiB and keep the
 # daemon's peak memory near 60 MiB instead of 90.
 MAX_PIECE = 2 << 20
+# A small random read brings the aligned 128 KiB around it (the kernel's default read-ahead)
+# into the page cache: one round trip then serves later reads nearby.
+READ_AROUND = 128 << 10
+PAGE = 4096
 BLKSIZE = 1 << 20  # tools size their I/O by st_blksize: ask for large requests
 
 
@@ -70,6 +74,7 @@ class Operations(pyfuse3.Operations):
         self.spawn = None  # nursery.start_soon of the daemon, set before serving
         self._seen: dict[int, tuple[int, int]] = {}  # ino -> (size, mtime) at last open/commit
         self._orphan_dir: int | None = None
+        self._store_limiter = trio.CapacityLimiter(1)
 
     def set_block_size(self, block_size: int) -> None:
         """Size write pieces and read-ahead windows so each stays inside one cluster block."""
@@ -401,9 +406,38 @@ class Operations(pyfuse3.Operations):
         reader = handle.reader
         if reader is None:
             reader = handle.reader = ReadAhead(
-                partial(self._fetch, node.ino), self.read_window, self.read_depth, self.spawn
+                partial(self._fetch, node.ino),
+                self.read_window,
+                self.read_depth,
+                self.spawn,
+                READ_AROUND,
+                partial(self._store_around, node),
             )
-        return await reader.read(off, size, node.version, node.current_size)
+        # pages pushed into the kernel must not race a write made through this mount
+        around = node.writers == 0 and node.writer is None
+        return await reader.read(off, size, node.version, node.current_size, around)
+
+    def _store_around(self, node: OpenInode, start: int, data: bytes, lo: int, hi: int) -> None:
+        """Put `data` (read at `start`) into the kernel's page cache, except the pages of
+        [lo, hi): the kernel holds those locked until this read is answered."""
+        skip_from = lo - lo % PAGE - start
+        skip_to = min(len(data), -(-(hi - start) // PAGE) * PAGE)
+        pieces = [(start, data[:skip_from]), (start + skip_to, data[skip_to:])]
+        pieces = [(off, piece) for off, piece in pieces if piece]
+        if pieces:
+            self.spawn(self._notify_store, node, node.version, pieces)
+
+    async def _notify_store(self, node: OpenInode, version: int, pieces) -> None:
+        kernel_ino = self.inodes.to_kernel(node.ino)
+        for offset, piece in pieces:
+            if node.version != version or node.writers:
+                return  # changed meanwhile: never publish stale pages
+            try:  # in a thread: it waits for page locks held by reads in flight
+                await trio.to_thread.run_sync(
+                    pyfuse3.notify_store, kernel_ino, offset, piece, limiter=self._store_limiter
+                )
+            except OSError:
+                return  # the kernel dropped the inode: nothing to fill
 
     async def write(self, fh, off, buf):
         node = self.handles.files[fh].node

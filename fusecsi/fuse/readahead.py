@@ -1,7 +1,9 @@
 """Read-ahead for one open file: sequential readers are served from windows fetched ahead.
 
-Random reads go straight to the cluster for exactly the bytes asked (a 4 KiB read costs
-one small request). Once two reads in a row continue where the previous one ended, the
+Random reads go straight to the cluster. When the caller allows it (no writer on this
+mount), a small random read fetches the aligned `around` bytes that hold it and hands the
+surrounding pages to `store`, which puts them into the kernel's page cache: the same
+round trip then answers later reads nearby without reaching the daemon at all. Once two reads in a row continue where the previous one ended, the
 file is read in aligned windows of `window` bytes and the next `depth` windows are fetched
 in the background, so the worker round trip overlaps with the kernel consuming data.
 The kernel may deliver its own read-ahead requests out of order; any read that falls in a
@@ -41,9 +43,15 @@ class ReadAhead:
         "_expect",
         "_streak",
         "_version",
+        "_around",
+        "_store",
     )
 
-    def __init__(self, fetch: FetchFn, window: int, depth: int, spawn) -> None:
+    def __init__(
+        self, fetch: FetchFn, window: int, depth: int, spawn, around: int = 0, store=None
+    ) -> None:
+        self._around = around if store is not None else 0
+        self._store = store  # store(offset, data, skip_from, skip_to)
         self._fetch = fetch
         self._window = window
         self._depth = depth
@@ -53,8 +61,11 @@ class ReadAhead:
         self._streak = 0
         self._version = 0
 
-    async def read(self, offset: int, size: int, version: int, file_size: int) -> bytes:
-        """`size` bytes at `offset`; `version` changes whenever this mount modified the file."""
+    async def read(
+        self, offset: int, size: int, version: int, file_size: int, around: bool = False
+    ) -> bytes:
+        """`size` bytes at `offset`; `version` changes whenever this mount modified the file;
+        `around`: nobody can be writing the file through this mount right now."""
         if version != self._version:
             self._windows.clear()
             self._version = version
@@ -66,6 +77,11 @@ class ReadAhead:
         if self._streak < 1:
             if self._windows:
                 self._windows.clear()
+            if around and size < self._around:
+                start = offset - offset % self._around
+                data = await self._fetch(start, self._around)
+                self._store(start, data, offset, offset + size)
+                return data[offset - start : offset - start + size]
             return await self._fetch(offset, size)
         last = (offset + size - 1) // window
         for index in range(first, last + 1 + self._depth):

@@ -59,6 +59,7 @@ def public_dir():
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def mnt(make_mount, fs_path) -> Mount:
-    return make_mount(fs_path)
+@pytest.fixture(params=["", "writeback-cache=true"], ids=["default", "writeback"])
+def mnt(request, make_mount, fs_path) -> Mount:
+    """A mount of a fresh cluster directory, with and without the kernel writeback cache."""
+    return make_mount(fs_path, request.param)

@@ -74,3 +74,27 @@ def test_written_on_one_mount_read_complete_on_another(make_mount, fs_path):
         assert f.read() == data + b"tail"
     (b / "from-b").write_bytes(b"hello a")
     assert (a / "from-b").read_bytes() == b"hello a"
+
+
+def test_random_reads_stay_right_around_local_writes(mnt):
+    """Small random reads pull the pages around them into the kernel's cache; a write made
+    through the same mount, and a truncate, must never be hidden by such pages."""
+    path = mnt / "around"
+    data = bytearray(b"".join(pattern(3, i) for i in range(4)))
+    path.write_bytes(data)
+    offsets = [(i * 37 % 1000) * 4096 for i in range(200)]
+    with open(path, "rb") as r:
+        for off in offsets:
+            assert os.pread(r.fileno(), 4096, off) == data[off : off + 4096]
+        with open(path, "r+b") as w:
+            for page in (3, 500, 777):
+                w.seek(page * 4096 + 100)
+                w.write(b"Z" * 5000)
+                w.flush()
+                data[page * 4096 + 100 : page * 4096 + 5100] = b"Z" * 5000
+                assert os.pread(r.fileno(), 4096, page * 4096) == data[page * 4096 :][:4096]
+        for off in offsets:
+            assert os.pread(r.fileno(), 4096, off) == data[off : off + 4096]
+        os.truncate(path, 8192)
+        assert os.pread(r.fileno(), 4096, 3 * 4096) == b""
+    assert path.read_bytes() == data[:8192]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -83,3 +84,22 @@ def test_token_comes_from_the_environment_not_argv(make_mount, fs_path):
     with open(f"/proc/{m.proc.pid}/cmdline", "rb") as f:
         assert b"not-on-the-command-line" not in f.read()
     assert "not-on-the-command-line" not in m.log_text()
+
+
+def test_lookup_counts_return_to_zero_when_the_kernel_forgets(make_mount, fs_path):
+    """Every entry handed to the kernel (lookup, create, mkdir, readdirplus) is counted and
+    every forget taken away: once the kernel drops its caches the daemon knows no inode."""
+    m = make_mount(fs_path)
+    (m / "d").mkdir()
+    for i in range(40):
+        (m / "d" / f"f{i}").write_bytes(b"x")
+    os.symlink("f0", m / "d" / "link")
+    os.link(m / "d" / "f1", m / "d" / "hard")
+    with os.scandir(m / "d") as entries:  # readdirplus hands over every entry
+        assert len([e.stat() for e in entries]) == 42
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")  # dentries and inodes: the kernel sends FORGET for each
+    os.statvfs(m.path)  # one more request: queued forgets are delivered before it
+    assert m.stop() == 0
+    stopped = [json.loads(line) for line in m.log_text().splitlines() if '"stopped"' in line]
+    assert stopped and stopped[-1]["known_inodes"] == 0
