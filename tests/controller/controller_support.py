@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import Spawner, read_log, wait_for_path
+from spawning import Spawner, read_log, wait_for_path
 
 from fusecsi import grpc_bridge
 from fusecsi.cluster.client import ClusterClient

@@ -16,7 +16,6 @@ import urllib.request
 
 import pytest
 import trio
-from conftest import read_log
 from controller_support import (
     GiB,
     cluster,
@@ -32,6 +31,7 @@ from controller_support import (
 )
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from spawning import read_log
 
 from fusecsi import grpc_bridge, mount_options
 from fusecsi.cluster.client import ClusterError

@@ -12,10 +12,10 @@ import stat
 import pytest
 import trio
 import trio_asyncio
-from conftest import read_log, wait_for_path
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
+from spawning import read_log, wait_for_path
 
 from fusecsi import DRIVER_NAME, __version__, grpc_bridge
 from fusecsi.csi import csi_pb2 as pb

@@ -1,8 +1,7 @@
 """A real cluster, a real `fusecsi mountd` subprocess and real FUSE daemons under tmp_path.
 
 Import the fixtures into a test module (`from mountd_stack import cluster_fixture,
-mountd_fixture`); tests ask for them as `cluster` and `mountd`. (A conftest.py here would
-shadow the top-level one for `from conftest import ...`.)
+mountd_fixture`); tests ask for them as `cluster` and `mountd`.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import FUSECSI, read_log, wait_for_path
+from spawning import FUSECSI, read_log, wait_for_path
 
 from fusecsi.cluster.client import ClusterClient
 from fusecsi.cluster.local import LocalCluster

@@ -9,7 +9,6 @@ import urllib.request
 
 import pytest
 import trio
-from conftest import FUSECSI
 from mountd_stack import (  # noqa: F401 - fixtures
     TOKEN,
     another_mountd,
@@ -23,6 +22,7 @@ from mountd_stack import (  # noqa: F401 - fixtures
     read_text,
     read_write,
 )
+from spawning import FUSECSI
 
 from fusecsi.cluster.client import ClusterClient
 from fusecsi.cluster.local import free_port
