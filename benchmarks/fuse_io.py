@@ -12,8 +12,9 @@ measures on each of the three:
 - each FUSE daemon's resident memory (peak, VmHWM; JuiceFS: all its processes).
 
 Prints min/median/max over the runs and fusecsi's ratio to the others, and writes
-benchmarks/results/fuse_io.json. The machine has 2 cores shared with other work: figures
-move with the load, so compare columns measured in the same run.
+benchmarks/results/fuse_io.json. All three stay mounted and the runs are interleaved
+(local, fusecsi, JuiceFS, then again), because the machine has 2 cores shared with other
+work: figures move with the load, so compare columns measured in the same round.
 
     python benchmarks/fuse_io.py              # 3 runs, 1 GiB file, 10,000 files
     python benchmarks/fuse_io.py --quick      # 1 short run (128 MiB, 2,000 files)
@@ -23,6 +24,7 @@ move with the load, so compare columns measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -316,9 +318,11 @@ def main() -> int:
         targets.append(JuiceFS(work))
     runs: dict[str, list[dict]] = {t.name: [] for t in targets}
     try:
-        for target in targets:
-            with target:
-                for run in range(args.runs):
+        with contextlib.ExitStack() as stack:
+            for target in targets:
+                stack.enter_context(target)
+            for run in range(args.runs):  # interleaved: each round sees similar load
+                for target in targets:
                     result = measure(target, args)
                     runs[target.name].append(result)
                     shown = ", ".join(f"{k}={v:.0f}" for k, v in result.items())
