@@ -2,9 +2,8 @@
 real `fusecsi mountd` and a real `fusecsi node`, and kubelet-style target paths.
 
 Import the fixtures into a test module: `from nodestack import cluster_fixture, node_fixture`;
-tests ask for them by their names, `cluster` and `node`. (Nothing is imported from a
-conftest.py: with several of them in the tree, `import conftest` finds whichever pytest
-loaded last.) `spawn` is the top-level conftest's fixture.
+tests ask for them by their names, `cluster` and `node`. `spawn` is the top-level
+conftest's fixture.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from spawning import read_log
 
 from fusecsi import volumes
 from fusecsi.cluster.client import ClusterClient
@@ -153,10 +153,6 @@ def publish_request(
 
 def unpublish_request(volume: Volume, target: str) -> pb.NodeUnpublishVolumeRequest:
     return pb.NodeUnpublishVolumeRequest(volume_id=volume.volume_id, target_path=target)
-
-
-def read_log(proc: subprocess.Popen) -> str:
-    return Path(proc.log_path).read_text(errors="replace")
 
 
 def wait_listening(path: Path, proc: subprocess.Popen, timeout: float = 30.0) -> None:
