@@ -26,8 +26,10 @@ from grpclib.const import Status
 
 from fusecsi.cluster.client import ClusterClient, ClusterError
 from fusecsi.csi import csi_pb2 as pb
+from fusecsi.events import Events
 from fusecsi.k8s import KubeApi, KubeError, KubeUnavailable
 from fusecsi.logs import fields
+from fusecsi.metrics import Tally
 from fusecsi.mountd.locks import KeyedLocks
 from fusecsi.validation import fail, invalid, require
 from fusecsi.volumes import (
@@ -55,6 +57,27 @@ UNAVAILABLE_ERRNOS = {
     errno.ENETUNREACH,
     errno.EPIPE,
 }
+
+VOLUMES_CREATED = Tally(
+    "fusecsi_controller_volumes_created_total",
+    "volume directories created (or adopted) by CreateVolume, by on-delete policy",
+    ["on_delete"],
+)
+VOLUMES_DELETED = Tally(
+    "fusecsi_controller_volumes_deleted_total",
+    "volumes DeleteVolume released, by on-delete policy (delete, archive, retain)",
+    ["on_delete"],
+)
+QUOTA_UPDATES = Tally(
+    "fusecsi_controller_quota_updates_total",
+    "quota changes by ControllerExpandVolume, by result (ok, failed)",
+    ["result"],
+)
+DELETE_REFUSALS = Tally(
+    "fusecsi_controller_delete_refusals_total",
+    "DeleteVolume calls refused because the directory is not tagged for the volume",
+)
+METRICS = (VOLUMES_CREATED, VOLUMES_DELETED, QUOTA_UPDATES, DELETE_REFUSALS)
 
 _Mode = pb.VolumeCapability.AccessMode.Mode
 SUPPORTED_MODES = {
@@ -192,9 +215,11 @@ class ControllerService:
         *,
         default_token: str | None = None,
         call_timeout: float = 10.0,
+        events: Events | None = None,
     ) -> None:
         self.clients = clients
         self.kube = kube
+        self.events = events or Events(None, "fusecsi-controller")
         self.default_token = default_token
         self.call_timeout = call_timeout
         self._names = KeyedLocks()
@@ -347,6 +372,7 @@ class ControllerService:
                     "volume created",
                     extra=fields(volume_id=volume_id, path=ref.path, capacity=size, name=name),
                 )
+                VOLUMES_CREATED.add(ref.on_delete)
                 return size
             _, entry, tag = await self._find(client, ref, parent)  # made by someone else
             if entry is None:
@@ -364,6 +390,7 @@ class ControllerService:
             await self._call(client.setxattr, entry.ino, TAG_OWNER, name.encode())
             await self._call(client.set_quota, entry.ino, size, None)
             log.info("volume adopted", extra=fields(volume_id=volume_id, path=ref.path, name=name))
+            VOLUMES_CREATED.add(ref.on_delete)
             return size
         if owner != name.encode():
             fail(
@@ -438,12 +465,15 @@ class ControllerService:
                         "refusing to delete",
                         extra=fields(volume_id=volume_id, path=ref.path, tag=tag),
                     )
-                    fail(
-                        Status.FAILED_PRECONDITION,
+                    message = (
                         f"refusing to {ref.on_delete} {ref.path}: it is not tagged as "
-                        f"fusecsi volume {volume_id} (found {tag!r}); nothing was changed",
+                        f"fusecsi volume {volume_id} (found {tag!r}); nothing was changed"
                     )
+                    DELETE_REFUSALS.add()
+                    self.events.post_on_volume(volume_id, "DeleteRefused", message)
+                    fail(Status.FAILED_PRECONDITION, message)
                 await self._apply_policy(client, ref, parent, entry, volume_id)
+                VOLUMES_DELETED.add(ref.on_delete)
         return pb.DeleteVolumeResponse()
 
     async def _apply_policy(self, client, ref: VolumeRef, parent, entry, volume_id: str) -> None:
@@ -510,7 +540,7 @@ class ControllerService:
                 if current is not None and target < current:
                     invalid(f"cannot shrink volume from {current} to {target} bytes")
                 if current != target:
-                    await self._call(client.set_quota, entry.ino, target, None)
+                    await self._set_quota(client, entry.ino, target, request.volume_id)
                     log.info(
                         "volume expanded",
                         extra=fields(volume_id=request.volume_id, old=current, new=target),
@@ -518,6 +548,20 @@ class ControllerService:
         return pb.ControllerExpandVolumeResponse(
             capacity_bytes=target, node_expansion_required=False
         )
+
+    async def _set_quota(self, client, ino: int, size: int, volume_id: str) -> None:
+        try:
+            await self._call(client.set_quota, ino, size, None)
+        except Exception as exc:
+            QUOTA_UPDATES.add("failed")
+            self.events.post_on_volume(
+                volume_id,
+                "QuotaUpdateFailed",
+                f"setting the quota of volume {volume_id} to {size} bytes failed: "
+                f"{type(exc).__name__}: {exc}",
+            )
+            raise
+        QUOTA_UPDATES.add("ok")
 
     async def ValidateVolumeCapabilities(
         self, request: pb.ValidateVolumeCapabilitiesRequest

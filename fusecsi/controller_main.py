@@ -6,7 +6,7 @@ import os
 
 import trio
 
-from fusecsi import logs
+from fusecsi import logs, metrics
 from fusecsi.csi_server import CsiServer, add_server_flags, run_until_signal
 from fusecsi.identity import IdentityService
 
@@ -39,37 +39,31 @@ def default_token(args) -> str | None:
 
 
 def serve_metrics(server: CsiServer, address: str) -> None:
-    """Prometheus metrics over HTTP (a thread of prometheus_client's own)."""
-    import prometheus_client
-
-    host, _, port = address.rpartition(":")
-    calls = prometheus_client.Histogram(
-        "fusecsi_csi_call_seconds",
-        "CSI calls served, by method and status code",
-        ["method", "code"],
-        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-    )
-    server.observers.append(lambda method, status, s: calls.labels(method, status.name).observe(s))
-    prometheus_client.start_http_server(int(port), addr=host or "0.0.0.0")
+    """The CSI call metrics alone (kept for callers that predate fusecsi.metrics)."""
+    metrics.serve_csi(server, address)
 
 
 async def serve(args) -> None:
-    from fusecsi.controller import ClusterClients, ControllerService
+    from fusecsi import controller as service
+    from fusecsi.events import Events
     from fusecsi.k8s import KubeApi
 
     # the client gives up a little before our deadline, so its clearer error wins
-    clients = ClusterClients(timeout=args.cluster_timeout * 0.8)
+    clients = service.ClusterClients(timeout=args.cluster_timeout * 0.8)
+    kube = KubeApi(args.kubeconfig, timeout=args.cluster_timeout)
+    events = Events(kube, "fusecsi-controller")
     async with trio.open_nursery() as nursery:
         await nursery.start(clients.run)
-        controller = ControllerService(
+        await nursery.start(events.run)
+        controller = service.ControllerService(
             clients,
-            KubeApi(args.kubeconfig, timeout=args.cluster_timeout),
+            kube,
             default_token=default_token(args),
             call_timeout=args.cluster_timeout,
+            events=events,
         )
         server = CsiServer({"Identity": IdentityService(controller=True), "Controller": controller})
-        if args.metrics_address:
-            serve_metrics(server, args.metrics_address)
+        metrics.serve_csi(server, args.metrics_address, *service.METRICS)
         await run_until_signal(server, args.endpoint, args.grace)
         nursery.cancel_scope.cancel()  # closes every cluster client
 

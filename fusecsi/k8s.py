@@ -1,5 +1,6 @@
 """The one user of the kubernetes client: reading a PVC's labels and annotations for a
-path-pattern.
+path-pattern, finding the objects a volume or pod belongs to, and posting Events
+(`fusecsi/events.py` decides when).
 
 The client is blocking and slow to import, so it is imported on first use and every call
 runs in a thread under a deadline. Configuration: a kubeconfig file (--kubeconfig or
@@ -78,33 +79,69 @@ class KubeApi:
             self._core = client.CoreV1Api(api_client)
         return self._core
 
-    def _read_pvc(self, namespace: str, name: str) -> ObjectMeta:
+    def _json(self, what: str, call, *args, **kwargs) -> dict:
+        """One API call's JSON answer, its failures mapped onto KubeError and subclasses."""
         from kubernetes.client.exceptions import ApiException
 
-        core = self._core_api()
         try:
-            response = core.read_namespaced_persistent_volume_claim(
-                name, namespace, _preload_content=False, _request_timeout=self.timeout
-            )
-            body = json.loads(response.data)
+            response = call(*args, _preload_content=False, _request_timeout=self.timeout, **kwargs)
+            return json.loads(response.data)
         except ApiException as exc:
             if exc.status == 404:
-                raise KubeNotFound(f"PVC {namespace}/{name} not found") from None
-            raise KubeError(f"reading PVC {namespace}/{name}: {exc.status} {exc.reason}") from None
+                raise KubeNotFound(f"{what} not found") from None
+            raise KubeError(f"{what}: {exc.status} {exc.reason}") from None
         except (OSError, ValueError) as exc:
-            raise KubeUnavailable(f"reading PVC {namespace}/{name}: {exc}") from None
+            raise KubeUnavailable(f"{what}: {exc}") from None
         except Exception as exc:  # urllib3 errors do not share a base with OSError
-            raise KubeUnavailable(f"reading PVC {namespace}/{name}: {type(exc).__name__}") from None
+            raise KubeUnavailable(f"{what}: {type(exc).__name__}") from None
+
+    def _read_pvc(self, namespace: str, name: str) -> ObjectMeta:
+        core = self._core_api()
+        body = self._json(
+            f"PVC {namespace}/{name}",
+            core.read_namespaced_persistent_volume_claim,
+            name,
+            namespace,
+        )
         metadata = body.get("metadata") or {}
         return ObjectMeta(
             dict(metadata.get("labels") or {}), dict(metadata.get("annotations") or {})
         )
 
-    async def pvc_metadata(self, namespace: str, name: str) -> ObjectMeta:
-        """Labels and annotations of one PVC."""
+    def read_object(self, kind: str, namespace: str, name: str) -> dict:
+        """A Pod or PersistentVolumeClaim (blocking: call through `run`)."""
+        core = self._core_api()
+        call = {
+            "Pod": core.read_namespaced_pod,
+            "PersistentVolumeClaim": core.read_namespaced_persistent_volume_claim,
+        }[kind]
+        return self._json(f"{kind} {namespace}/{name}", call, name, namespace)
+
+    def volume_pv(self, volume_handle: str) -> dict | None:
+        """The PersistentVolume whose CSI volume handle is `volume_handle` (blocking)."""
+        core = self._core_api()
+        listing = self._json("listing PersistentVolumes", core.list_persistent_volume)
+        for pv in listing.get("items") or []:
+            if ((pv.get("spec") or {}).get("csi") or {}).get("volumeHandle") == volume_handle:
+                return pv
+        return None
+
+    def create_event(self, namespace: str, body: dict) -> dict:
+        """POST one Event (blocking)."""
+        core = self._core_api()
+        return self._json(
+            f"posting an event in {namespace}", core.create_namespaced_event, namespace, body
+        )
+
+    async def run(self, fn, *args):
+        """A blocking call of this class in a thread, under the API deadline."""
         with trio.move_on_after(self.timeout + 1) as scope:
             return await trio.to_thread.run_sync(
-                self._read_pvc, namespace, name, limiter=self._limiter, abandon_on_cancel=True
+                fn, *args, limiter=self._limiter, abandon_on_cancel=True
             )
         assert scope.cancelled_caught
         raise KubeUnavailable(f"the Kubernetes API did not answer within {self.timeout:g}s")
+
+    async def pvc_metadata(self, namespace: str, name: str) -> ObjectMeta:
+        """Labels and annotations of one PVC."""
+        return await self.run(self._read_pvc, namespace, name)

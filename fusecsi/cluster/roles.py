@@ -8,6 +8,7 @@ import sys
 
 import trio
 
+from fusecsi import metrics
 from fusecsi.cluster.protocol import parse_addr
 
 TOKEN_ENV = "FUSECSI_TOKEN"
@@ -30,7 +31,7 @@ def add_common_flags(parser, default_listen: str) -> None:
     parser.add_argument(
         "--token-file", metavar="F", help=f"file holding the cluster token (or set {TOKEN_ENV})"
     )
-    parser.add_argument("--metrics-address", metavar="HOST:PORT", help="serve Prometheus metrics")
+    metrics.add_flag(parser)
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -47,17 +48,10 @@ async def bind(address: str, default_port: int) -> trio.socket.SocketType:
     return sock
 
 
-def serve_metrics(address: str | None, gauges: dict | None = None) -> None:
-    """Serve Prometheus metrics at `address` (off when None): process metrics plus `gauges`,
-    {name: (help, callable returning a number)}."""
-    if not address:
-        return
-    from prometheus_client import Gauge, start_http_server  # only when asked for
-
-    for name, (text, read) in (gauges or {}).items():
-        Gauge(name, text).set_function(read)
-    host, port = parse_addr(address, 0)
-    start_http_server(port, addr=host)
+def serve_metrics(address: str | None, server, *sources) -> None:
+    """Serve Prometheus metrics at `address` (off when None): process metrics, the requests
+    `server` answered by method and errno, and `sources` (see fusecsi.metrics)."""
+    metrics.serve(address, server.calls, *sources)
 
 
 def run_role(role: str, args, serve) -> int:

@@ -2,7 +2,8 @@
 `fusecsi controller` processes, and a small fake Kubernetes API server.
 
 The fake API server exists because a real kube-apiserver cannot run here: it serves only the
-one call fusecsi makes (GET a PVC) from a dict the test fills in.
+calls fusecsi makes (GET a PVC or a pod, list PVs, POST an Event) from dicts the test fills
+in, and records every Event POSTed so tests can assert on them.
 """
 
 from __future__ import annotations
@@ -31,12 +32,35 @@ GiB = 1 << 30
 
 @dataclass
 class FakeKubeApi:
-    """PVCs by (namespace, name); `requests` records every path asked for."""
+    """PVCs and pods by (namespace, name), PVs by name; `requests` records every path asked
+    for, `events` every Event posted."""
 
     pvcs: dict[tuple[str, str], dict] = field(default_factory=dict)
+    pods: dict[tuple[str, str], dict] = field(default_factory=dict)
+    pvs: dict[str, dict] = field(default_factory=dict)
     forbidden: set[str] = field(default_factory=set)  # namespaces answered with 403
     requests: list[str] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
     url: str = ""
+
+    def add_pod(self, namespace: str, name: str) -> None:
+        metadata = {"namespace": namespace, "name": name, "uid": f"uid-{namespace}-{name}"}
+        self.pods[namespace, name] = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata}
+
+    def add_pv(self, name: str, volume_handle: str, claim: tuple[str, str] | None = None) -> None:
+        spec: dict = {"csi": {"driver": "fusecsi.io", "volumeHandle": volume_handle}}
+        if claim is not None:
+            namespace, claim_name = claim
+            spec["claimRef"] = {"namespace": namespace, "name": claim_name}
+        self.pvs[name] = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": name, "uid": f"uid-pv-{name}"},
+            "spec": spec,
+        }
+
+    def events_about(self, name: str) -> list[dict]:
+        return [e for e in list(self.events) if e["involvedObject"]["name"] == name]
 
     def add_pvc(self, namespace: str, name: str, labels=None, annotations=None) -> None:
         metadata = {"namespace": namespace, "name": name, "uid": f"uid-{namespace}-{name}"}
@@ -72,14 +96,32 @@ def _handler(api: FakeKubeApi):
         def do_GET(self) -> None:
             api.requests.append(self.path)
             parts = self.path.split("?")[0].strip("/").split("/")
-            # api/v1/namespaces/<ns>/persistentvolumeclaims/<name>
-            pvc = None
+            # api/v1/namespaces/<ns>/persistentvolumeclaims/<name>, .../pods/<name>
+            found = None
             if len(parts) == 6 and parts[:3] == ["api", "v1", "namespaces"]:
                 if parts[4] == "persistentvolumeclaims":
-                    pvc = api.pvcs.get((parts[3], parts[5]))
-            body, code = (pvc, 200) if pvc else ({"kind": "Status", "code": 404}, 404)
+                    found = api.pvcs.get((parts[3], parts[5]))
+                elif parts[4] == "pods":
+                    found = api.pods.get((parts[3], parts[5]))
+            elif parts == ["api", "v1", "persistentvolumes"]:
+                found = {"kind": "PersistentVolumeList", "items": list(api.pvs.values())}
+            body, code = (found, 200) if found else ({"kind": "Status", "code": 404}, 404)
             if len(parts) > 3 and parts[3] in api.forbidden:
                 body, code = {"kind": "Status", "code": 403}, 403
+            self._answer(code, body)
+
+        def do_POST(self) -> None:
+            api.requests.append(self.path)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            parts = self.path.split("?")[0].strip("/").split("/")
+            if len(parts) == 5 and parts[4] == "events":
+                body["metadata"]["name"] = body["metadata"]["generateName"] + os.urandom(4).hex()
+                api.events.append(body)
+                self._answer(201, body)
+            else:
+                self._answer(404, {"kind": "Status", "code": 404})
+
+        def _answer(self, code: int, body: dict) -> None:
             data = json.dumps(body).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")

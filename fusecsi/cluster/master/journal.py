@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ import msgpack
 import trio
 
 from fusecsi.logs import fields
+from fusecsi.metrics import Distribution
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,14 @@ class Journal:
         self._synced_event = trio.Event()
         self.failed: BaseException | None = None
         self.records_in_segment = 0
+        self.fsync_seconds = Distribution(
+            "fusecsi_master_journal_fsync_seconds", "time one journal write + fdatasync takes"
+        )
+        self.group_size = Distribution(
+            "fusecsi_master_journal_group_records",
+            "records committed together by one journal fdatasync",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+        )
 
     # ------------------------------------------------------------ recovery
 
@@ -193,11 +203,14 @@ class Journal:
     def _flush(self, chunk: list[bytes]) -> None:
         if not chunk:
             return
+        started = time.monotonic()
         data = b"".join(chunk)
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]
         os.fdatasync(self._fd)
+        self.fsync_seconds.observe(time.monotonic() - started)
+        self.group_size.observe(len(chunk))
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The writer task: one write + fdatasync per batch of queued records."""

@@ -16,6 +16,7 @@ from fusecsi.cluster.master.namespace import Namespace
 from fusecsi.cluster.master.service import MasterService
 from fusecsi.cluster.protocol import DEFAULT_MAX_FRAME, Pool, Server
 from fusecsi.logs import fields
+from fusecsi.metrics import gauge
 
 log = logging.getLogger("fusecsi.master")
 
@@ -90,25 +91,28 @@ async def serve(args, token: str | None) -> None:
                 replication=max(1, args.replication),
                 checkpoint_records=max(1, args.checkpoint_records),
             )
-            roles.serve_metrics(
-                args.metrics_address,
-                {
-                    "fusecsi_master_inodes": ("inodes in the namespace", lambda: len(ns.inodes)),
-                    "fusecsi_master_live_workers": (
-                        "workers heard from recently",
-                        lambda: len(service.live_workers()),
-                    ),
-                    "fusecsi_master_journal_records": (
-                        "records in the current journal segment",
-                        lambda: journal.records_in_segment,
-                    ),
-                },
-            )
             await nursery.start(journal.run)
             await nursery.start(service.run)
             if replayed:
                 await service.checkpoint()
             server = Server(service.handlers(), token=token, max_frame=max_frame, name="master")
+            roles.serve_metrics(
+                args.metrics_address,
+                server,
+                journal.fsync_seconds,
+                journal.group_size,
+                gauge("fusecsi_master_inodes", "inodes in the namespace", lambda: len(ns.inodes)),
+                gauge(
+                    "fusecsi_master_live_workers",
+                    "workers heard from recently",
+                    lambda: len(service.live_workers()),
+                ),
+                gauge(
+                    "fusecsi_master_journal_records",
+                    "records in the current journal segment",
+                    lambda: journal.records_in_segment,
+                ),
+            )
             address = await nursery.start(server.serve, sock)
             log.info("master listening", extra=fields(address=f"{address[0]}:{address[1]}"))
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -14,6 +14,7 @@ from fusecsi.cluster.protocol import DEFAULT_MAX_FRAME, Pool, Server, parse_addr
 from fusecsi.cluster.worker.service import WorkerService
 from fusecsi.cluster.worker.store import BlockStore
 from fusecsi.logs import fields
+from fusecsi.metrics import gauge
 
 log = logging.getLogger("fusecsi.worker")
 
@@ -58,10 +59,10 @@ async def serve(args, token: str | None) -> None:
         server = Server(service.handlers(), token=token, max_frame=max_frame, name="worker")
         roles.serve_metrics(
             args.metrics_address,
-            {
-                "fusecsi_worker_used_bytes": ("bytes held in blocks", lambda: store.used),
-                "fusecsi_worker_free_bytes": ("free bytes reported", lambda: store.space()[1]),
-            },
+            server,
+            gauge("fusecsi_worker_used_bytes", "bytes held in blocks", lambda: store.used),
+            gauge("fusecsi_worker_free_bytes", "free bytes reported", lambda: store.space()[1]),
+            gauge("fusecsi_worker_blocks", "blocks stored", store.count_blocks),
         )
         await nursery.start(server.serve, sock)
         log.info(

@@ -56,6 +56,11 @@ class BlockStore:
                 if p.name.isdigit():
                     yield p
 
+    def count_blocks(self) -> int:
+        """Counted on the disk (at scrape time, on the metrics thread): no bookkeeping in the
+        write path."""
+        return sum(1 for _ in self._block_paths())
+
     def block_ids(self) -> list[int]:
         return [int(p.name) for p in self._block_paths()]
 
