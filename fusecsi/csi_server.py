@@ -18,13 +18,13 @@ import trio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from fusecsi import grpc_bridge, unix_socket
+from fusecsi import grpc_bridge, metrics, unix_socket
 from fusecsi.csi import csi_grpc
 from fusecsi.logs import fields
 
 log = logging.getLogger("fusecsi.csi")
 
-# observer(method, status, seconds): metrics hook for every finished call
+# observer(method, status, seconds): metrics hook for every finished call (fusecsi.metrics)
 Observer = Callable[[str, Status, float], None]
 
 
@@ -139,9 +139,7 @@ def add_server_flags(parser, default_endpoint: str) -> None:
     parser.add_argument(
         "--endpoint", default=default_endpoint, help="CSI socket, unix:///path/csi.sock"
     )
-    parser.add_argument(
-        "--metrics-address", default=None, metavar="HOST:PORT", help="serve Prometheus metrics"
-    )
+    metrics.add_flag(parser)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument(
         "--grace", type=float, default=10.0, help="seconds running calls get to finish on SIGTERM"

@@ -68,20 +68,22 @@ class MountdClient:
         target: str,
         readonly: bool,
         token: str | None = None,
+        pod_namespace: str | None = None,
+        pod_name: str | None = None,
     ) -> dict:
-        """{"key", "mountpoint", "daemon_started"}; EEXIST, ENOENT, EPERM, EINVAL, ETIMEDOUT."""
-        return await self.call(
-            "publish",
-            volume_id,
-            master_addrs,
-            fs_path,
-            subpath,
-            options,
-            target,
-            bool(readonly),
-            token,
-            limit=max(self.timeout, PUBLISH_TIMEOUT),
-        )
+        """{"key", "mountpoint", "daemon_started"}; EEXIST, ENOENT, EPERM, EINVAL, ETIMEDOUT.
+        The pod (from podInfoOnMount) is told through Events when its mount breaks."""
+        args = [volume_id, master_addrs, fs_path, subpath, options, target, bool(readonly), token]
+        limit = max(self.timeout, PUBLISH_TIMEOUT)
+        if not (pod_namespace and pod_name):
+            return await self.call("publish", *args, limit=limit)
+        try:
+            return await self.call("publish", *args, pod_namespace, pod_name, limit=limit)
+        except RPCError as exc:
+            # a mountd older than the pod arguments (it is upgraded on its own schedule)
+            if exc.errno != errno.EINVAL or not exc.strerror.startswith("bad arguments"):
+                raise
+        return await self.call("publish", *args, limit=limit)
 
     async def unpublish(self, volume_id: str, target: str) -> dict:
         """{"removed": bool}; idempotent."""

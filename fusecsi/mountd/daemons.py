@@ -29,7 +29,15 @@ class DaemonFailed(OSError):
     pass
 
 
-def mount_command(master_addrs: str, fs_path: str, options: str, ready_fd: int, mountpoint: str):
+def mount_command(
+    master_addrs: str,
+    fs_path: str,
+    options: str,
+    ready_fd: int,
+    mountpoint: str,
+    metrics_file: str | None = None,
+):
+    metrics = ["--metrics-file", metrics_file] if metrics_file else []
     return [
         sys.executable,
         "-m",
@@ -43,6 +51,7 @@ def mount_command(master_addrs: str, fs_path: str, options: str, ready_fd: int, 
         options,
         "--ready-fd",
         str(ready_fd),
+        *metrics,
         mountpoint,
     ]
 
@@ -125,6 +134,7 @@ async def spawn(
     log_path: str,
     deadline: float,
     nursery: trio.Nursery,
+    metrics_file: str | None = None,
 ) -> Daemon:
     """Start a daemon and wait for its READY line; DaemonFailed (ETIMEDOUT/EIO) otherwise.
 
@@ -137,7 +147,7 @@ async def spawn(
     read_fd, write_fd = os.pipe()
     log_fd = _open_log(log_path)
     try:
-        cmd = mount_command(master_addrs, fs_path, options, write_fd, mountpoint)
+        cmd = mount_command(master_addrs, fs_path, options, write_fd, mountpoint, metrics_file)
         popen = await trio.to_thread.run_sync(
             lambda: subprocess.Popen(
                 cmd,

@@ -11,7 +11,7 @@ import signal
 
 import trio
 
-from fusecsi import logs, unix_socket
+from fusecsi import logs, metrics, unix_socket
 from fusecsi.logs import fields
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,14 @@ def configure(parser) -> None:
         metavar="SECONDS",
         help="a statfs or getxattr on a mount that takes longer counts as a failed check",
     )
-    parser.add_argument("--metrics-address", metavar="HOST:PORT", help="serve Prometheus metrics")
+    parser.add_argument(
+        "--kubeconfig",
+        default=None,
+        metavar="F",
+        help="kubeconfig for posting Events on pods (else $KUBECONFIG, else in-cluster; "
+        "without any, events are only logged)",
+    )
+    metrics.add_flag(parser)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--json", action="store_true", help="status: print JSON, not a table")
 
@@ -70,6 +77,8 @@ def run(args) -> int:
         from fusecsi.mountd.status import print_status
 
         return print_status(args.socket, as_json=args.json)
+    from fusecsi.events import Events
+    from fusecsi.k8s import KubeApi
     from fusecsi.mountd.supervisor import Supervisor
 
     logs.setup("mountd", args.log_level)
@@ -83,6 +92,7 @@ def run(args) -> int:
             health_interval=args.health_interval,
             ready_timeout=args.ready_timeout,
             probe_timeout=args.probe_timeout,
+            events=Events(KubeApi(args.kubeconfig), "fusecsi-mountd"),
         )
         supervisor.lock_state_dir()
         trio.run(serve, args, supervisor, path)
@@ -96,10 +106,11 @@ def run(args) -> int:
 async def serve(args, supervisor, path: str) -> None:
     from fusecsi.mountd import api
 
+    server = api.server(supervisor)
     if args.metrics_address:
         from fusecsi.mountd.metrics import serve_metrics
 
-        serve_metrics(args.metrics_address, supervisor)
+        serve_metrics(args.metrics_address, supervisor, server)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(supervisor.run)
@@ -107,7 +118,7 @@ async def serve(args, supervisor, path: str) -> None:
             # reaches a mountd that does not yet know its mounts
             listener = unix_socket.bind(path)
             try:
-                await nursery.start(api.server(supervisor).serve, listener)
+                await nursery.start(server.serve, listener)
                 log.info(
                     "serving",
                     extra=fields(

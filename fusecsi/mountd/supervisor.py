@@ -22,7 +22,9 @@ from functools import partial
 
 import trio
 
+from fusecsi.events import Events
 from fusecsi.logs import fields
+from fusecsi.metrics import Distribution, Tally
 from fusecsi.mountd import mounts
 from fusecsi.mountd.daemons import Daemon, DaemonFailed, cmdline_matches, spawn
 from fusecsi.mountd.locks import KeyedLocks
@@ -60,6 +62,10 @@ class Runtime:
     linger_gen: int = 0
     started_at: float = 0.0
     broken_targets: set[str] = field(default_factory=set)
+    # why the current outage began (daemon_exited, mount_broken) and when
+    cause: str = ""
+    broken_since: float = 0.0
+    told_broken: set[str] = field(default_factory=set)  # targets whose pod heard it
 
 
 class Supervisor:
@@ -73,12 +79,31 @@ class Supervisor:
         ready_timeout: float = 30.0,
         probe_timeout: float = 10.0,
         stop_grace: float = 5.0,
+        events: Events | None = None,
+        daemon_metrics: bool = False,
     ) -> None:
         self.state_dir = os.path.realpath(state_dir)
         self.kubelet_dir = os.path.realpath(kubelet_dir)
         self.mounts_dir = os.path.join(self.state_dir, "mounts")
         self.tokens_dir = os.path.join(self.state_dir, "tokens")
         self.logs_dir = os.path.join(self.state_dir, "logs")
+        # each daemon writes its metrics to <key id>.prom here; mountd re-exports them
+        self.metrics_dir = os.path.join(self.state_dir, "metrics")
+        self.daemon_metrics = daemon_metrics
+        self.events = events or Events(None, "fusecsi-mountd")
+        self.publishes = Tally("fusecsi_mountd_publishes_total", "publishes that succeeded")
+        self.unpublishes = Tally("fusecsi_mountd_unpublishes_total", "targets unpublished")
+        self.recoveries = Tally(
+            "fusecsi_mountd_recoveries_total",
+            "daemon replacements and re-binds, by cause (daemon_exited, mount_broken, "
+            "target_lost) and result (ok, failed)",
+            ["cause", "result"],
+        )
+        self.recovery_seconds = Distribution(
+            "fusecsi_mountd_recovery_seconds",
+            "from noticing a broken mount to serving it again, by cause",
+            ["cause"],
+        )
         self.table = Table(os.path.join(self.state_dir, "table.json"))
         self.runtime: dict[str, Runtime] = {}
         self.linger = linger
@@ -103,6 +128,7 @@ class Supervisor:
             self.lock_state_dir()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.events.run)
             await self.reconcile()
             nursery.start_soon(self._health_loop)
             task_status.started()
@@ -113,7 +139,13 @@ class Supervisor:
         A second mountd on the same state would unmount and kill what the first one serves
         while it reconciles, so it is refused here, before it touches anything.
         """
-        for path in (self.state_dir, self.mounts_dir, self.tokens_dir, self.logs_dir):
+        for path in (
+            self.state_dir,
+            self.mounts_dir,
+            self.tokens_dir,
+            self.logs_dir,
+            self.metrics_dir,
+        ):
             os.makedirs(path, mode=0o700, exist_ok=True)
         fd = os.open(os.path.join(self.state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -170,6 +202,9 @@ class Supervisor:
             raise _err(code, f"target {target!r} is inside mountd's state dir")
         return real
 
+    def _metrics_file(self, key_id: str) -> str:
+        return os.path.join(self.metrics_dir, f"{key_id}.prom")
+
     def _token_path(self, key_id: str) -> str:
         return os.path.join(self.tokens_dir, key_id)
 
@@ -189,7 +224,17 @@ class Supervisor:
     # ------------------------------------------------------------ publish
 
     async def publish(
-        self, volume_id, master_addrs, fs_path, subpath, options, target, readonly, token
+        self,
+        volume_id,
+        master_addrs,
+        fs_path,
+        subpath,
+        options,
+        target,
+        readonly,
+        token,
+        pod_namespace=None,
+        pod_name=None,
     ) -> dict:
         from fusecsi import volumes
 
@@ -199,13 +244,16 @@ class Supervisor:
             raise _err(errno.EINVAL, "readonly must be a boolean")
         if token is not None and not isinstance(token, str):
             raise _err(errno.EINVAL, "token must be a string or None")
+        for value in (pod_namespace, pod_name):
+            if value is not None and not (isinstance(value, str) and 0 < len(value) <= 253):
+                raise _err(errno.EINVAL, "pod namespace and name must be short strings or None")
         try:
             key = Key.normalized(master_addrs, fs_path, options)
             subpath = volumes.validate_subpath(subpath)
         except (ValueError, TypeError, AttributeError) as exc:
             raise _err(errno.EINVAL, str(exc)) from None
         target = await self.resolve_target(target, errno.EPERM)
-        ref = Ref(volume_id, target, subpath, readonly)
+        ref = Ref(volume_id, target, subpath, readonly, pod_namespace, pod_name)
         async with self.target_locks.hold(target):
             found = self.table.by_target(target)
             if found is not None:
@@ -217,6 +265,7 @@ class Supervisor:
                         f"(subpath {old.subpath}, readonly {old.readonly}, key {entry.key.id})",
                     )
                 if self._bound(entry, ref):
+                    self.publishes.add()
                     return self._answer(entry, False)
             elif mounts.top_mount(target) is not None:
                 raise _err(errno.EEXIST, f"target {target} is already a mount point")
@@ -225,6 +274,7 @@ class Supervisor:
                     entry, started = await self._ensure_daemon(key, token)
                     if found is not None:
                         if self._bound(entry, ref):  # a recovery re-bound it meanwhile
+                            self.publishes.add()
                             return self._answer(entry, started)
                         # published before, but its mount is gone or dead: bind afresh
                         await self._unmount(target, lazy=True)
@@ -238,6 +288,7 @@ class Supervisor:
                 entry.refs[target] = ref
                 self._rt(key.id).broken_targets.discard(target)
                 await self.persist()
+        self.publishes.add()
         log.info(
             "published",
             extra=fields(volume_id=volume_id, target=target, key_id=key.id, readonly=readonly),
@@ -361,10 +412,12 @@ class Supervisor:
                 await self._unmount(target)
                 del entry.refs[target]
                 self._rt(entry.key.id).broken_targets.discard(target)
+                self._rt(entry.key.id).told_broken.discard(target)
                 await self.persist()
                 if not entry.refs:
                     await self._release(entry)
             await self._remove_target(target)
+        self.unpublishes.add()
         log.info(
             "unpublished", extra=fields(volume_id=volume_id, target=target, key_id=entry.key.id)
         )
@@ -397,6 +450,7 @@ class Supervisor:
                 mountpoint=entry.mountpoint,
                 token=token,
                 log_path=os.path.join(self.logs_dir, f"{key.id}.log"),
+                metrics_file=self._metrics_file(key.id) if self.daemon_metrics else None,
                 deadline=self.ready_timeout,
                 nursery=self._nursery,
             )
@@ -460,15 +514,18 @@ class Supervisor:
             self.table.entries.pop(key_id, None)
             self.runtime.pop(key_id, None)
             await self.persist()
-            with contextlib.suppress(OSError):
-                os.unlink(self._token_path(key_id))
+            for path in (self._token_path(key_id), self._metrics_file(key_id)):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
             with contextlib.suppress(OSError):
                 await self._blocking(os.rmdir, entry.mountpoint)
         log.info("daemon stopped", extra=fields(key_id=key_id))
 
     # ------------------------------------------------------------ recovery
 
-    async def _recover(self, entry: Entry, reason: str, token: str | None = None) -> None:
+    async def _recover(
+        self, entry: Entry, reason: str, token: str | None = None, cause: str = ""
+    ) -> None:
         """Replace the key's daemon and re-bind every target (caller holds the key lock).
 
         Targets stay on the dead mount (applications see ENOTCONN, an honest error) until a
@@ -476,7 +533,8 @@ class Supervisor:
         """
         key_id = entry.key.id
         rt = self._rt(key_id)
-        log.warning("recovering", extra=fields(key_id=key_id, reason=reason))
+        cause = self._outage(rt, cause)
+        log.warning("recovering", extra=fields(key_id=key_id, reason=reason, cause=cause))
         rt.state, rt.message = "recovering", reason
         crashed_fast = time.monotonic() - rt.started_at < CRASH_WINDOW
         old = rt.daemon
@@ -494,18 +552,20 @@ class Supervisor:
         except OSError as exc:
             rt.state, rt.message = "broken", f"{reason}; restart failed: {exc.strerror or exc}"
             self._backoff(rt, True)
+            self.recoveries.add(cause, "failed")
+            self._tell_broken(entry, list(entry.refs.values()), rt.message)
             raise
         entry.restarts += 1
-        await self._rebind(entry, list(entry.refs.values()))
+        await self._rebind(entry, list(entry.refs.values()), cause)
         if crashed_fast:
             self._backoff(rt, True)
         await self.persist()
         log.info("recovered", extra=fields(key_id=key_id, pid=entry.pid, restarts=entry.restarts))
 
-    async def _rebind(self, entry: Entry, refs: list[Ref]) -> None:
+    async def _rebind(self, entry: Entry, refs: list[Ref], cause: str) -> None:
         """Swap each target's mount for a fresh bind of the live daemon's mount."""
         rt = self._rt(entry.key.id)
-        failed = False
+        failed: list[tuple[Ref, str]] = []
         for ref in refs:
             try:
                 # the source must exist before the old mount goes: a pod must never be left
@@ -515,13 +575,52 @@ class Supervisor:
                 await self._bind(entry, ref)
                 rt.broken_targets.discard(ref.target)
             except OSError as exc:
-                failed = True
+                failed.append((ref, str(exc)))
                 rt.broken_targets.add(ref.target)
                 log.error(
                     "re-bind failed",
                     extra=fields(target=ref.target, key_id=entry.key.id, error=str(exc)),
                 )
-        self._backoff(rt, failed)
+        self._backoff(rt, bool(failed))
+        self.recoveries.add(cause, "failed" if failed else "ok")
+        for ref, error in failed:
+            self._tell_broken(entry, [ref], f"re-binding the volume failed: {error}")
+        rebound = [r for r in refs if r.target not in rt.broken_targets]
+        if not failed:
+            self.recovery_seconds.observe(time.monotonic() - rt.broken_since, cause)
+            rt.cause, rt.broken_since = "", 0.0
+        for ref in rebound:
+            rt.told_broken.discard(ref.target)
+            self._tell(
+                ref,
+                "MountRecovered",
+                f"the FUSE mount of volume {ref.volume_id} at {ref.target} broke ({cause}) and "
+                "was restored; files opened before that must be reopened",
+            )
+
+    def _outage(self, rt: Runtime, cause: str) -> str:
+        """The cause of the current outage (the first one seen), started now if none was."""
+        if not rt.broken_since:
+            rt.broken_since = time.monotonic()
+        rt.cause = rt.cause or cause or "daemon_exited"
+        return rt.cause
+
+    def _tell(self, ref: Ref, reason: str, message: str) -> None:
+        if ref.pod_namespace and ref.pod_name:
+            self.events.post_on_pod(ref.pod_namespace, ref.pod_name, reason, message)
+
+    def _tell_broken(self, entry: Entry, refs: list[Ref], why: str) -> None:
+        """Once per outage and target: its pod learns the mount could not be restored."""
+        told = self._rt(entry.key.id).told_broken
+        for ref in refs:
+            if ref.target not in told:
+                told.add(ref.target)
+                self._tell(
+                    ref,
+                    "MountBroken",
+                    f"the FUSE mount of volume {ref.volume_id} at {ref.target} is broken and "
+                    f"could not be restored yet (retrying): {why}",
+                )
 
     def _backoff(self, rt: Runtime, failed: bool) -> None:
         """Space out retries of what keeps failing; a success resets the pace."""
@@ -574,7 +673,7 @@ class Supervisor:
             lost = self._lost(entry)
             for ref in lost:
                 log.warning("target lost its mount", extra=fields(target=ref.target))
-            await self._rebind(entry, lost)
+            await self._rebind(entry, lost, self._outage(rt, "target_lost"))
 
     def _lost(self, entry: Entry) -> list[Ref]:
         """References whose target lost its mount or still shows a dead one (mountd died
@@ -590,15 +689,19 @@ class Supervisor:
 
     async def _diagnose(self, entry: Entry, rt: Runtime) -> str | None:
         if rt.state in ("broken", "starting") and rt.daemon is None:
+            self._outage(rt, "daemon_exited")
             return rt.message or "daemon not running"
         if rt.daemon is None or not rt.daemon.alive:
+            self._outage(rt, "daemon_exited")
             return "daemon exited"
         if not mounts.is_fuse_mount(mounts.top_mount(entry.mountpoint)):
+            self._outage(rt, "mount_broken")
             return f"{entry.mountpoint} is no longer mounted"
         try:
             await self._blocking(os.statvfs, entry.mountpoint)
         except OSError as exc:
             if exc.errno in DEAD:
+                self._outage(rt, "mount_broken")
                 return f"mount answers {errno.errorcode.get(exc.errno)}"
             if exc.errno not in SICK:
                 raise
@@ -611,6 +714,7 @@ class Supervisor:
                 rt.message = "cluster unreachable; keeping the daemon"
                 log.warning("cluster unreachable", extra=fields(key_id=entry.key.id))
                 return None
+            self._outage(rt, "mount_broken")
             return rt.message
         rt.sick, rt.message = 0, ""
         return None

@@ -48,6 +48,10 @@ class Ref:
     target: str
     subpath: str
     readonly: bool
+    # the pod kubelet published for (podInfoOnMount), told about its mount through Events;
+    # not part of what makes two publishes of a target the same
+    pod_namespace: str | None = field(default=None, compare=False)
+    pod_name: str | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -75,6 +79,8 @@ class Entry:
                     "target": r.target,
                     "subpath": r.subpath,
                     "readonly": r.readonly,
+                    "pod_namespace": r.pod_namespace,
+                    "pod_name": r.pod_name,
                 }
                 for r in self.refs.values()
             ],

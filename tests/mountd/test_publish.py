@@ -215,7 +215,8 @@ async def test_linger_keeps_an_unused_daemon_for_the_next_pod(tmp_path, cluster)
         t1, t2 = node.target("pod-1", "v"), node.target("pod-2", "v")
         first = await node.publish("vol-l", "/linger", "v", t1)
         metrics = await trio.to_thread.run_sync(scrape, port)
-        assert "fusecsi_mountd_references 1.0" in metrics
+        assert f'fusecsi_mountd_references{{key="{first["key"]}"}} 1.0' in metrics
+        assert "fusecsi_mountd_publishes_total 1.0" in metrics
         assert 'fusecsi_mountd_daemons{state="running"} 1.0' in metrics
         await node.client.unpublish("vol-l", t1)
         [row] = await node.client.list()
