@@ -47,6 +47,9 @@ ERRNO_STATUS = {
 }
 PROBE_TIMEOUT = 2.0
 SOURCE_KEYS = (volumes.CTX_MASTER_ADDRS, volumes.CTX_FS_PATH, volumes.CTX_SUBPATH)
+# kubelet adds these with podInfoOnMount; mountd tells that pod (Events) if its mount breaks
+POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
+POD_NAME = "csi.storage.k8s.io/pod.name"
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,8 @@ class NodeService:
             invalid("volume_capability missing in request")
         readonly = check_capability(request.volume_capability) or request.readonly
         flags = list(request.volume_capability.mount.mount_flags)
-        source = resolve_source(request.volume_id, dict(request.volume_context), flags)
+        context = dict(request.volume_context)
+        source = resolve_source(request.volume_id, context, flags)
         token = request.secrets.get("token") or None
         with self.locks.hold(request.volume_id, request.target_path):
             answer = await ask_mountd(
@@ -186,6 +190,8 @@ class NodeService:
                     request.target_path,
                     readonly,
                     token,
+                    pod_namespace=context.get(POD_NAMESPACE) or None,
+                    pod_name=context.get(POD_NAME) or None,
                 ),
             )
         # the server logs every call; this adds which daemon serves it ("key" would be redacted)

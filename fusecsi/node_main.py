@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from fusecsi import logs
+from fusecsi import logs, metrics
 from fusecsi.csi_server import CsiServer, add_server_flags, run_until_signal
 from fusecsi.identity import IdentityService
 from fusecsi.mountd.client import MountdClient
@@ -30,9 +30,6 @@ def build_server(args) -> CsiServer:
 def run(args) -> int:
     logs.setup("node", args.log_level)
     server = build_server(args)
-    if args.metrics_address:
-        from fusecsi.controller_main import serve_metrics  # the same per-call histogram
-
-        serve_metrics(server, args.metrics_address)
+    metrics.serve_csi(server, args.metrics_address)
     trio.run(run_until_signal, server, args.endpoint, args.grace)
     return 0

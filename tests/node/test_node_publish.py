@@ -59,6 +59,9 @@ async def test_publish_write_unpublish_idempotent(node):
         assert is_mount_point(target)
         refs = await node.refs()
         assert [(r["volume_id"], r["target"]) for r in refs] == [(volume.volume_id, target)]
+        # the pod reached mountd, which tells it through Events if its mount breaks
+        table = await trio.Path(node.state, "table.json").read_text()
+        assert POD_INFO["csi.storage.k8s.io/pod.name"] in table
 
         await trio.Path(target, "hello.txt").write_bytes(b"through the pod's target")
         async with ClusterClient(node.master_addrs, token=TOKEN) as client:
