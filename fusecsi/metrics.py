@@ -185,13 +185,35 @@ def serve_csi(server, address: str | None, *sources) -> int | None:
 # ------------------------------------------------------------------ per-daemon files
 
 
-def write_file(path: str, *sources) -> None:
-    """Write `sources` in the text format, atomically (a reader sees old or new, never half)."""
-    from prometheus_client import CollectorRegistry, write_to_textfile
+def render(*sources) -> bytes:
+    """`sources` in the text exposition format."""
+    from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
     register(*sources, registry=registry)
-    write_to_textfile(path, registry)
+    return generate_latest(registry)
+
+
+def write_file(path: str, data: bytes) -> None:
+    """Replace `path` with `data` atomically: a reader sees the old file or the new one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+async def write_every(path: str, sources, interval: float = 5.0) -> None:
+    """Rewrite `path` from `sources` every `interval` seconds until cancelled. The families
+    are built here, on the loop that updates the counters; only the file write is threaded."""
+    import trio
+
+    while True:
+        data = render(*sources)
+        try:
+            await trio.to_thread.run_sync(write_file, path, data)
+        except OSError:
+            pass  # mountd removed the directory, or the disk is full: try again next time
+        await trio.sleep(interval)
 
 
 class FileFamilies:

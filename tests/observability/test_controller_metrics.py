@@ -1,0 +1,113 @@
+"""The controller's and the master's /metrics move as volumes are created and deleted, and a
+refused delete becomes a Kubernetes Event: real `fusecsi controller` and cluster processes.
+
+The Kubernetes API is the small fake of tests/controller (a real kube-apiserver cannot run
+here); it records every Event POSTed to it.
+"""
+
+from __future__ import annotations
+
+import obs_support  # noqa: F401  (puts the controller helpers on the path)
+import pytest
+from controller_support import create_request, kube_api, module_spawn, open_client, start_controller
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from obs_support import poll, sample, scrape
+
+from fusecsi import grpc_bridge
+from fusecsi.cluster.local import LocalCluster, free_port
+from fusecsi.csi import csi_pb2 as pb
+from fusecsi.volumes import VolumeRef
+
+__all__ = ["kube_api", "module_spawn"]  # fixtures
+REFUSED = "FAILED_PRECONDITION"
+
+
+@pytest.fixture(scope="module")
+def metered_cluster(tmp_path_factory):
+    port = free_port()
+    args = ("--metrics-address", f"127.0.0.1:{port}")
+    with LocalCluster(tmp_path_factory.mktemp("cluster"), workers=1, master_args=args) as c:
+        c.metrics_port = port
+        yield c
+
+
+async def test_counters_and_a_refused_delete_event(
+    metered_cluster, kube_api, module_spawn, tmp_path
+):
+    cluster = metered_cluster
+    port = free_port()
+    kubeconfig = kube_api.write_kubeconfig(tmp_path / "kubeconfig")
+    _, sock = start_controller(
+        module_spawn,
+        tmp_path,
+        "--kubeconfig",
+        str(kubeconfig),
+        "--metrics-address",
+        f"127.0.0.1:{port}",
+    )
+    master_before = scrape(cluster.metrics_port)
+    params = {"master-addrs": cluster.master_addrs, "fs-path": "/", "on-delete": "retain"}
+    async with grpc_bridge.connect(str(sock)) as call:
+        volume = (await call("Controller", "CreateVolume", create_request("pv-obs", params))).volume
+        after_create = scrape(port)
+        assert (
+            sample(after_create, "fusecsi_csi_calls_total", method="CreateVolume", code="OK") == 1
+        )
+        latency = sample(
+            after_create, "fusecsi_csi_call_seconds_count", method="CreateVolume", code="OK"
+        )
+        assert latency == 1
+        created = sample(
+            after_create, "fusecsi_controller_volumes_created_total", on_delete="retain"
+        )
+        assert created == 1
+
+        # a directory fusecsi did not make, at the path a volume id names
+        foreign = VolumeRef(cluster.master_addrs, "/", "not-ours", "delete").volume_id()
+        async with open_client(cluster.master_addrs) as client:
+            await client.mkdirs("/not-ours")
+        kube_api.add_pvc("team", "claim-obs")
+        kube_api.add_pv("pv-foreign", foreign, claim=("team", "claim-obs"))
+        with pytest.raises(GRPCError) as refused:
+            await call("Controller", "DeleteVolume", pb.DeleteVolumeRequest(volume_id=foreign))
+        assert refused.value.status is Status.FAILED_PRECONDITION
+
+        await call("Controller", "DeleteVolume", pb.DeleteVolumeRequest(volume_id=volume.volume_id))
+
+        [on_claim] = await poll(
+            lambda: kube_api.events_about("claim-obs"), deadline=20, what="event on the PVC"
+        )
+        # the PVC is gone by the time of the second attempt: the PV carries the event
+        del kube_api.pvcs["team", "claim-obs"]
+        with pytest.raises(GRPCError):
+            await call("Controller", "DeleteVolume", pb.DeleteVolumeRequest(volume_id=foreign))
+
+        [on_pv] = await poll(
+            lambda: kube_api.events_about("pv-foreign"), deadline=20, what="event on the PV"
+        )
+        assert on_pv["involvedObject"]["kind"] == "PersistentVolume"
+        assert on_pv["metadata"]["namespace"] == "default"
+
+    assert on_claim["reason"] == "DeleteRefused" and on_claim["type"] == "Warning"
+    assert on_claim["involvedObject"] == {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "namespace": "team",
+        "name": "claim-obs",
+        "uid": "uid-team-claim-obs",
+    }
+    assert on_claim["metadata"]["namespace"] == "team"
+    assert "/not-ours" in on_claim["message"] and "nothing was changed" in on_claim["message"]
+    after = scrape(port)
+    assert sample(after, "fusecsi_controller_delete_refusals_total") == 2
+    assert sample(after, "fusecsi_controller_volumes_deleted_total", on_delete="retain") == 1
+    refusals = sample(after, "fusecsi_csi_calls_total", method="DeleteVolume", code=REFUSED)
+    assert refusals == 2
+    master_after = scrape(cluster.metrics_port)
+    for method in ("mkdir", "setxattr", "rename"):
+        name, labels = "fusecsi_master_rpcs_total", {"method": method, "code": "OK"}
+        assert sample(master_after, name, **labels) > sample(master_before, name, **labels)
+    assert sample(master_after, "fusecsi_master_journal_fsync_seconds_count") > sample(
+        master_before, "fusecsi_master_journal_fsync_seconds_count"
+    )
