@@ -75,6 +75,7 @@ class Operations(pyfuse3.Operations):
         self._seen: dict[int, tuple[int, int]] = {}  # ino -> (size, mtime) at last open/commit
         self._orphan_dir: int | None = None
         self._store_limiter = trio.CapacityLimiter(1)
+        self.idle = lambda: None  # called when no file with data I/O is open any more
 
     def set_block_size(self, block_size: int) -> None:
         """Size write pieces and read-ahead windows so each stays inside one cluster block."""
@@ -470,6 +471,8 @@ class Operations(pyfuse3.Operations):
             log.error("write lost at close", extra=fields(ino=node.ino, errno=exc.errno))
         finally:
             self.handles.close_file(fh)
+        if not self.handles.files and (handle.reader is not None or node.writer is not None):
+            self.idle()  # the last file that moved data closed
         if node.opens == 0 and node.orphan is not None:
             where, hidden = node.orphan
             await self.call(self.client.unlink, where, hidden, idempotent=False)
