@@ -38,11 +38,6 @@ def default_token(args) -> str | None:
     return os.environ.get("FUSECSI_TOKEN") or None
 
 
-def serve_metrics(server: CsiServer, address: str) -> None:
-    """The CSI call metrics alone (kept for callers that predate fusecsi.metrics)."""
-    metrics.serve_csi(server, address)
-
-
 async def serve(args) -> None:
     from fusecsi import controller as service
     from fusecsi.events import Events
