@@ -37,6 +37,7 @@ class LocalCluster:
         replication: int = 1,
         block_size: int | None = None,
         master_args: tuple[str, ...] = (),
+        worker_args: tuple[str, ...] = (),
         worker_capacity: int | None = None,
         log_level: str = "INFO",
     ) -> None:
@@ -45,6 +46,7 @@ class LocalCluster:
         self.replication = replication
         self.block_size = block_size
         self.master_args = tuple(master_args)
+        self.worker_args = tuple(worker_args)  # given to every worker
         self.worker_capacity = worker_capacity
         self.log_level = log_level
         self.master_port = free_port()
@@ -107,6 +109,7 @@ class LocalCluster:
         ]
         if self.worker_capacity:
             args += ["--capacity", str(self.worker_capacity)]
+        args += self.worker_args
         self.workers[i] = self._spawn(f"worker{i}", args)
         address = f"127.0.0.1:{self.worker_ports[i]}"
         proc = self.workers[i]

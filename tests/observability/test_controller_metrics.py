@@ -25,11 +25,32 @@ REFUSED = "FAILED_PRECONDITION"
 
 @pytest.fixture(scope="module")
 def metered_cluster(tmp_path_factory):
-    port = free_port()
-    args = ("--metrics-address", f"127.0.0.1:{port}")
-    with LocalCluster(tmp_path_factory.mktemp("cluster"), workers=1, master_args=args) as c:
-        c.metrics_port = port
+    port, worker_port = free_port(), free_port()
+    with LocalCluster(
+        tmp_path_factory.mktemp("cluster"),
+        workers=1,
+        master_args=("--metrics-address", f"127.0.0.1:{port}"),
+        worker_args=("--metrics-address", f"127.0.0.1:{worker_port}"),
+    ) as c:
+        c.metrics_port, c.worker_metrics_port = port, worker_port
         yield c
+
+
+async def test_worker_counts_blocks_and_requests(metered_cluster):
+    cluster = metered_cluster
+    before = scrape(cluster.worker_metrics_port)
+    async with open_client(cluster.master_addrs) as client:
+        f = await client.create(1, b"worker-metrics", 0o644, 0, 0)
+        await client.write(f.ino, 0, b"x" * (1 << 20))
+        await client.commit(f.ino, 1 << 20)
+        assert await client.read(f.ino, 0, 10) == b"x" * 10
+    after = scrape(cluster.worker_metrics_port)
+    for method in ("write_block", "read_block"):
+        name, labels = "fusecsi_worker_rpcs_total", {"method": method, "code": "OK"}
+        assert sample(after, name, **labels) > sample(before, name, **labels)
+    assert sample(after, "fusecsi_worker_blocks") == sample(before, "fusecsi_worker_blocks") + 1
+    assert sample(after, "fusecsi_worker_used_bytes") >= (1 << 20)
+    assert sample(after, "fusecsi_worker_free_bytes") > 0
 
 
 async def test_counters_and_a_refused_delete_event(
