@@ -79,7 +79,8 @@ class ReadAhead:
                 self._windows.clear()
             if around and size < self._around:
                 start = offset - offset % self._around
-                data = await self._fetch(start, self._around)
+                # a read may cross the aligned boundary: a short answer would read as EOF
+                data = await self._fetch(start, max(self._around, offset + size - start))
                 self._store(start, data, offset, offset + size)
                 return data[offset - start : offset - start + size]
             return await self._fetch(offset, size)

@@ -197,3 +197,22 @@ def test_fs_path_normalised(text, want):
 def test_fs_path_rejected(text):
     with pytest.raises(ValueError):
         normalize_fs_path(text)
+
+
+async def test_read_around_covers_a_read_that_crosses_its_boundary():
+    """A short answer reads as EOF (and as zeros under the writeback cache): the fetch
+    must reach the end of the request even past the aligned read-around block."""
+    src = Source(bytes(range(256)) * 4096)  # 1 MiB
+    stored: list[tuple[int, int]] = []
+    async with trio.open_nursery() as nursery:
+        reader = ReadAhead(
+            src.fetch, MiB, 1, nursery.start_soon, 128 * 1024,
+            lambda start, data, lo, hi: stored.append((start, len(data))),
+        )  # fmt: skip
+        off = 128 * 1024 - 4096
+        got = await reader.read(off, 16384, 0, len(src.data), around=True)
+        assert got == src.data[off : off + 16384]
+        got = await reader.read(300_000, 4096, 0, len(src.data), around=False)
+        assert got == src.data[300_000:304_096]
+    assert src.fetches == [(0, 128 * 1024 + 12288), (300_000, 4096)]
+    assert stored == [(0, 128 * 1024 + 12288)]
