@@ -169,10 +169,7 @@ class NodeService:
     async def NodePublishVolume(
         self, request: pb.NodePublishVolumeRequest
     ) -> pb.NodePublishVolumeResponse:
-        require(request, "volume_id", "target_path")
-        # not through require(): validation.py reads FieldDescriptor.label, gone in protobuf 7
-        if not request.HasField("volume_capability"):
-            invalid("volume_capability missing in request")
+        require(request, "volume_id", "target_path", "volume_capability")
         readonly = check_capability(request.volume_capability) or request.readonly
         flags = list(request.volume_capability.mount.mount_flags)
         context = dict(request.volume_context)
