@@ -120,14 +120,17 @@ def check_capability(capability: pb.VolumeCapability) -> bool:
     return readonly
 
 
-async def ask_mountd(action: str, answer: Awaitable[Any]) -> Any:
-    """Await a mountd call; its errno becomes the CSI status (docs/contracts.md)."""
+async def ask_mountd(
+    action: str, answer: Awaitable[Any], overrides: dict[int, Status] | None = None
+) -> Any:
+    """Await a mountd call; its errno becomes the CSI status (docs/contracts.md), unless
+    `overrides` says otherwise for this RPC."""
     try:
         return await answer
     except RPCUnavailable as exc:
         fail(Status.UNAVAILABLE, f"{action}: mountd unavailable: {exc.strerror or exc}")
     except OSError as exc:
-        status = ERRNO_STATUS.get(exc.errno or 0, Status.INTERNAL)
+        status = {**ERRNO_STATUS, **(overrides or {})}.get(exc.errno or 0, Status.INTERNAL)
         fail(status, f"{action}: {exc.strerror or exc}")
 
 
@@ -176,6 +179,8 @@ class NodeService:
         source = resolve_source(request.volume_id, context, flags)
         token = request.secrets.get("token") or None
         with self.locks.hold(request.volume_id, request.target_path):
+            if request.volume_capability.access_mode.mode == _Mode.SINGLE_NODE_SINGLE_WRITER:
+                await self._refuse_second_target(request.volume_id, request.target_path)
             answer = await ask_mountd(
                 f"publish {request.volume_id} at {request.target_path}",
                 self.mountd.publish(
@@ -197,6 +202,17 @@ class NodeService:
         log.info("published", extra=details)
         return pb.NodePublishVolumeResponse()
 
+    async def _refuse_second_target(self, volume_id: str, target: str) -> None:
+        """SINGLE_NODE_SINGLE_WRITER: one target per node; a second is FAILED_PRECONDITION."""
+        daemons = await ask_mountd("list", self.mountd.list())
+        for ref in (ref for daemon in daemons for ref in daemon["refs"]):
+            if ref["volume_id"] == volume_id and ref["target"] != target:
+                fail(
+                    Status.FAILED_PRECONDITION,
+                    f"volume {volume_id!r} is single-writer and already published at "
+                    f"{ref['target']}",
+                )
+
     async def NodeUnpublishVolume(
         self, request: pb.NodeUnpublishVolumeRequest
     ) -> pb.NodeUnpublishVolumeResponse:
@@ -212,8 +228,11 @@ class NodeService:
         self, request: pb.NodeGetVolumeStatsRequest
     ) -> pb.NodeGetVolumeStatsResponse:
         require(request, "volume_id", "volume_path")
+        # a path mountd refuses (relative, outside the kubelet dir) is simply not published
         stats = await ask_mountd(
-            f"stats of {request.volume_path}", self.mountd.stats(request.volume_path)
+            f"stats of {request.volume_path}",
+            self.mountd.stats(request.volume_path),
+            {errno.EINVAL: Status.NOT_FOUND, errno.EPERM: Status.NOT_FOUND},
         )
         if stats.get("volume_id") != request.volume_id:
             fail(

@@ -240,3 +240,24 @@ async def test_killed_plugin_leaves_mounts_working_and_a_new_one_unpublishes(nod
         await call("Node", "NodeUnpublishVolume", unpublish_request(volume, target))
     assert not is_mount_point(target)
     assert await node.refs() == []
+
+
+async def test_single_node_single_writer_refuses_a_second_target(node):
+    """csi-sanity: a SINGLE_NODE_SINGLE_WRITER volume already published at one target is
+    FAILED_PRECONDITION at another; the same target again is still idempotent."""
+    volume = await node.volume("snsw")
+    first, second = node.target("pv-a"), node.target("pv-b")
+    mode = Mode.SINGLE_NODE_SINGLE_WRITER
+    async with grpc_bridge.connect(str(node.csi_socket)) as call:
+        await call("Node", "NodePublishVolume", publish_request(volume, first, mode=mode))
+        await call("Node", "NodePublishVolume", publish_request(volume, first, mode=mode))
+        with pytest.raises(GRPCError) as err:
+            await call("Node", "NodePublishVolume", publish_request(volume, second, mode=mode))
+        assert err.value.status is Status.FAILED_PRECONDITION
+        assert first in err.value.message
+        assert not is_mount_point(second)
+        # a multi-writer mode may share the volume between targets
+        multi = Mode.SINGLE_NODE_MULTI_WRITER
+        await call("Node", "NodePublishVolume", publish_request(volume, second, mode=multi))
+        for target in (first, second):
+            await call("Node", "NodeUnpublishVolume", unpublish_request(volume, target))

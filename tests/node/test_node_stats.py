@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
 import trio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -91,3 +92,18 @@ async def test_usage_and_condition_across_a_daemon_death(node):
             assert exc.status is Status.NOT_FOUND
         else:
             raise AssertionError("stats of an unpublished path must be NOT_FOUND")
+
+
+async def test_stats_of_paths_never_published_are_not_found(node):
+    """csi-sanity: a relative path, a path outside the kubelet dir and an unknown volume
+    on a path that is not published are all NOT_FOUND."""
+    async with grpc_bridge.connect(str(node.csi_socket)) as call:
+        for volume_id, path in [
+            ("vol-x", "some/path"),
+            ("vol-x", "/etc"),
+            ("vol-x", node.target("never-published")),
+        ]:
+            request = pb.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=path)
+            with pytest.raises(GRPCError) as err:
+                await call("Node", "NodeGetVolumeStats", request)
+            assert err.value.status is Status.NOT_FOUND, (path, err.value.message)
