@@ -125,7 +125,7 @@ class DevStack:
         self._procs.clear()
         for mountpoint in leftover_mounts(self.work_dir):
             subprocess.run(["umount", "-l", mountpoint], check=False, capture_output=True)
-        _kill_daemons_under(self.work_dir)
+        kill_daemons_under(self.work_dir)
         if self.cluster is not None:
             self.cluster.__exit__(None, None, None)
             self.cluster = None
@@ -143,7 +143,7 @@ def leftover_mounts(under: Path) -> list[str]:
     return sorted(found, key=len, reverse=True)
 
 
-def _kill_daemons_under(under: Path) -> None:
+def kill_daemons_under(under: Path) -> None:
     needle = str(under.resolve()).encode()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):

@@ -25,7 +25,7 @@ from fusecsi import volumes
 from fusecsi.cluster.client import ClusterClient
 from fusecsi.cluster.local import LocalCluster
 from fusecsi.csi import csi_pb2 as pb
-from fusecsi.devstack import _kill_daemons_under, leftover_mounts
+from fusecsi.devstack import kill_daemons_under, leftover_mounts
 from fusecsi.mountd.client import MountdClient
 
 TOKEN = "node-test-token-7f3a"
@@ -110,7 +110,7 @@ class NodeStack:
 
     def close(self) -> None:
         self.spawn.close()  # mountd first, so nothing restarts what is cleaned up below
-        _kill_daemons_under(self.root)
+        kill_daemons_under(self.root)
         for mountpoint in leftover_mounts(self.root):
             subprocess.run(["umount", "-l", mountpoint], check=False, capture_output=True)
 
