@@ -25,6 +25,10 @@ def scripts() -> list[Path]:
     return sorted(p for p in HERE.glob("*.py") if p.name != Path(__file__).name)
 
 
+# setup facts, sample counts and the spread around a median are not what a chart shows
+SKIP = {"min", "max", "mean", "n", "target", "unit", "setup", "machine", "params", "config"}
+
+
 def numeric_leaves(value, path=()):
     """(path, number) for every number in a JSON document, skipping raw sample lists."""
     if isinstance(value, bool):
@@ -47,16 +51,18 @@ def chart(result: Path) -> Path:
     import matplotlib.pyplot as plt
 
     data = json.loads(result.read_text())
+    # the summary (or results) section; medians stand for their min/median/max triples
+    section = data.get("summary") or data.get("results") or data
     leaves = [
-        ("/".join(p), v)
-        for p, v in numeric_leaves(data.get("results", data))
-        if not any(part in ("machine", "config", "params") for part in p)
+        ("/".join(p[:-1] if p[-1] == "median" else p), v)
+        for p, v in numeric_leaves(section)
+        if p and not set(p) & SKIP
     ][:40]
     fig, ax = plt.subplots(figsize=(10, max(3, 0.3 * len(leaves) + 1)))
     ax.barh([k for k, _ in leaves], [v for _, v in leaves], color="#3b7dd8")
     ax.set_xscale("log")
     ax.invert_yaxis()
-    ax.set_title(f"{result.stem} (log scale; units in the JSON)")
+    ax.set_title(f"{result.stem}: medians, log scale (units and spread in the JSON)")
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     out = result.with_suffix(".png")
