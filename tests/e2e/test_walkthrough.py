@@ -9,15 +9,19 @@ import sys
 SCENARIOS = 9
 
 
-def test_walkthrough_passes_every_scenario(tmp_path):
-    work = tmp_path / "dev"
-    result = subprocess.run(
-        [sys.executable, "-m", "fusecsi", "dev", "--work-dir", str(work)],
+def run_dev(work_dir, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fusecsi", "dev", "--work-dir", str(work_dir)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         check=False,
     )
+
+
+def test_walkthrough_passes_every_scenario(tmp_path):
+    work = tmp_path / "dev"
+    result = run_dev(work, timeout=600)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     assert out.count("  PASS  ") == SCENARIOS, out
@@ -38,11 +42,5 @@ def test_walkthrough_fails_loudly_when_the_cluster_cannot_start(tmp_path):
     # a work dir that is a file: nothing can start, and the command must say so and exit 1
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
-    result = subprocess.run(
-        [sys.executable, "-m", "fusecsi", "dev", "--work-dir", str(blocker)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_dev(blocker, timeout=120)
     assert result.returncode != 0
