@@ -19,7 +19,7 @@ import sys
 import pyfuse3
 import trio
 
-from fusecsi import logs, mount_options
+from fusecsi import logs, metrics, mount_options
 from fusecsi.fuse import kernel
 from fusecsi.fuse.calls import unwrap
 from fusecsi.fuse.operations import Operations
@@ -29,6 +29,7 @@ log = logging.getLogger("fusecsi.mount")
 
 TOKEN_ENV = "FUSECSI_TOKEN"
 MAX_TASKS = 64
+WRITE_EVERY = 2.0  # seconds between rewrites of the metrics file
 
 
 def configure(parser) -> None:
@@ -39,7 +40,12 @@ def configure(parser) -> None:
     )
     parser.add_argument("--token-file", help=f"file holding the cluster token (or set {TOKEN_ENV})")
     parser.add_argument("--ready-fd", type=int, help="write READY to this fd once mounted")
-    parser.add_argument("--metrics-address", help="serve Prometheus metrics at HOST:PORT")
+    metrics.add_flag(parser)
+    parser.add_argument(
+        "--metrics-file",
+        metavar="F",
+        help="rewrite this file with the daemon's metrics every few seconds (mountd re-exports it)",
+    )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("mountpoint")
 
@@ -56,6 +62,7 @@ class Settings:
             raise ValueError(f"mountpoint {self.mountpoint} is not a directory")
         self.ready_fd = args.ready_fd
         self.metrics_address = args.metrics_address
+        self.metrics_file = args.metrics_file
         self.token = read_token(args.token_file)
         self.io_timeout = float(self.options["io-timeout"])
 
@@ -110,9 +117,12 @@ async def _serve(ops: Operations, settings: Settings) -> int:
                 nursery.cancel_scope.cancel()
                 return 1
             kernel.set_read_ahead(settings.mountpoint, int(settings.options["read-ahead-kb"]))
-            if settings.metrics_address:
-                _serve_metrics(settings.metrics_address, ops)
             _signal_ready(settings.ready_fd)
+            # after READY: prometheus_client is imported only now, off the start-up path
+            metrics.serve(settings.metrics_address, *ops.stats.sources(ops))
+            if settings.metrics_file:
+                sources = ops.stats.sources(ops)
+                nursery.start_soon(metrics.write_every, settings.metrics_file, sources, WRITE_EVERY)
             log.info(
                 "mounted", extra=fields(mountpoint=settings.mountpoint, fs_path=settings.fs_path)
             )
@@ -149,19 +159,6 @@ def _signal_ready(fd: int | None) -> None:
             os.write(fd, b"READY\n")
         finally:
             os.close(fd)
-
-
-def _serve_metrics(address: str, ops: Operations) -> None:
-    from prometheus_client import Gauge, start_http_server  # only when asked for
-
-    host, _, port = address.rpartition(":")
-    Gauge("fusecsi_mount_known_inodes", "inodes the kernel holds").set_function(
-        lambda: len(ops.lookups)
-    )
-    Gauge("fusecsi_mount_open_files", "open file handles").set_function(
-        lambda: len(ops.handles.files)
-    )
-    start_http_server(int(port), addr=host or "0.0.0.0")
 
 
 def _memory_trimmer():

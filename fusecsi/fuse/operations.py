@@ -32,6 +32,7 @@ from fusecsi.fuse.dircache import DirAttrs
 from fusecsi.fuse.handles import HandleTable, OpenInode
 from fusecsi.fuse.inodes import ROOT_INODE, InodeMap, LookupCounts
 from fusecsi.fuse.readahead import ReadAhead
+from fusecsi.fuse.stats import OpStats
 from fusecsi.fuse.writeback import WriteBuffer
 from fusecsi.logs import fields
 
@@ -75,6 +76,7 @@ class Operations(pyfuse3.Operations):
         self._seen: dict[int, tuple[int, int]] = {}  # ino -> (size, mtime) at last open/commit
         self._orphan_dir: int | None = None
         self._store_limiter = trio.CapacityLimiter(1)
+        self.stats = OpStats()
         self.idle = lambda: None  # called when no file with data I/O is open any more
 
     def set_block_size(self, block_size: int) -> None:
@@ -416,7 +418,9 @@ class Operations(pyfuse3.Operations):
             )
         # pages pushed into the kernel must not race a write made through this mount
         around = node.writers == 0 and node.writer is None
-        return await reader.read(off, size, node.version, node.current_size, around)
+        data = await reader.read(off, size, node.version, node.current_size, around)
+        self.stats.read_bytes.add(amount=len(data))
+        return data
 
     def _store_around(self, node: OpenInode, start: int, data: bytes, lo: int, hi: int) -> None:
         """Put `data` (read at `start`) into the kernel's page cache, except the pages of
@@ -449,6 +453,7 @@ class Operations(pyfuse3.Operations):
             )
         node.version += 1
         await writer.write(off, buf)
+        self.stats.written_bytes.add(amount=len(buf))
         return len(buf)
 
     async def flush(self, fh):
@@ -570,17 +575,27 @@ class Operations(pyfuse3.Operations):
 
 
 def _guard(handler):
-    """A bug or an unexpected cluster reply fails the one request with EIO, never the daemon."""
+    """A bug or an unexpected cluster reply fails the one request with EIO, never the daemon.
+    Every request is counted by operation and result (plain ints, see stats.py)."""
+    op = handler.__name__
 
     @functools.wraps(handler)
     async def guarded(self, *args):
+        stats = self.stats
+        stats.in_flight += 1
+        result = "OK"
         try:
             return await handler(self, *args)
-        except FUSEError:
+        except FUSEError as exc:
+            result = errno.errorcode.get(exc.errno, "EIO")
             raise
         except Exception:
-            log.exception("request failed", extra=fields(op=handler.__name__))
+            result = "EIO"
+            log.exception("request failed", extra=fields(op=op))
             raise FUSEError(errno.EIO) from None
+        finally:
+            stats.in_flight -= 1
+            stats.ops.add(op, result)
 
     return guarded
 

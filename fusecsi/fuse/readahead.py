@@ -19,9 +19,17 @@ from collections.abc import Awaitable, Callable
 import trio
 from pyfuse3 import FUSEError
 
+from fusecsi.metrics import Tally
+
 log = logging.getLogger(__name__)
 
 FetchFn = Callable[[int, int], Awaitable[bytes]]
+# every reader in the daemon: served from a window already fetched or in flight, or not
+COUNTS = Tally(
+    "fusecsi_mount_readahead_total",
+    "reads served from read-ahead windows (hit) or sent to the cluster (miss)",
+    ["result"],
+)
 
 
 class _Window:
@@ -75,6 +83,7 @@ class ReadAhead:
         self._expect = offset + size
         self._streak = self._streak + 1 if sequential else 0
         if self._streak < 1:
+            COUNTS.add("miss")
             if self._windows:
                 self._windows.clear()
             if around and size < self._around:
@@ -84,6 +93,7 @@ class ReadAhead:
                 self._store(start, data, offset, offset + size)
                 return data[offset - start : offset - start + size]
             return await self._fetch(offset, size)
+        COUNTS.add("hit" if first in self._windows else "miss")
         last = (offset + size - 1) // window
         for index in range(first, last + 1 + self._depth):
             if index * window < file_size or index == first:

@@ -80,7 +80,7 @@ class Supervisor:
         probe_timeout: float = 10.0,
         stop_grace: float = 5.0,
         events: Events | None = None,
-        daemon_metrics: bool = False,
+        daemon_metrics: bool = True,
     ) -> None:
         self.state_dir = os.path.realpath(state_dir)
         self.kubelet_dir = os.path.realpath(kubelet_dir)

@@ -1,7 +1,8 @@
 """mountd's /metrics and Events during a real recovery: a real cluster, a real mountd, real
 FUSE daemons and bind mounts. A SIGKILLed daemon that cannot come back at once (the master is
 down too) leaves its volume unhealthy and its pod told so; once the master is back the volume
-recovers, the counters say why, and the pod hears it.
+recovers, the counters say why, and the pod hears it. The FUSE daemon's own counters reach
+mountd's endpoint through its metrics file.
 
 The Kubernetes API is the small fake of tests/controller (a real kube-apiserver cannot run
 here); it records every Event POSTed to it.
@@ -14,13 +15,21 @@ import signal
 
 import obs_support  # noqa: F401  (puts the controller and mountd helpers on the path)
 import pytest
+import trio
 from controller_support import kube_api
 from mountd_stack import TOKEN, Mountd, make_dirs, read_text, read_write
-from obs_support import poll, sample, scrape
+from obs_support import matching, poll, sample, scrape
 
 from fusecsi.cluster.local import LocalCluster, free_port
 
 __all__ = ["kube_api"]  # fixture
+
+
+def write_and_read(path: str, data: bytes) -> bool:
+    with open(path, "wb") as f:
+        f.write(data)
+    with open(path, "rb") as f:
+        return f.read() == data
 
 
 @pytest.fixture
@@ -60,6 +69,26 @@ async def test_publish_recovery_health_and_pod_events(node, cluster, kube_api):
     assert sample(samples, "fusecsi_mountd_volume_healthy", volume_id="vol-obs") == 1
     assert sample(samples, "fusecsi_mountd_rpcs_total", method="publish", code="OK") == 1
     assert read_write(target, "kept", "written before the crash")
+    data = os.urandom(3 << 20)
+    assert await trio.to_thread.run_sync(write_and_read, os.path.join(target, "big"), data)
+
+    def daemon_counted():
+        # the daemon rewrites its metrics file every 2 s; mountd re-exports it with `key`
+        s = scrape(node.metrics_port)
+        return (
+            sample(s, "fusecsi_mount_written_bytes_total", key=key) >= len(data)
+            and sample(s, "fusecsi_mount_read_bytes_total", key=key) >= len(data)
+            and s
+        )
+
+    counted = await poll(daemon_counted, deadline=20, what="the daemon's counters")
+    assert sample(counted, "fusecsi_mount_ops_total", key=key, op="write", errno="OK") >= 3
+    assert sample(counted, "fusecsi_mount_ops_total", key=key, op="create", errno="OK") == 2
+    assert sample(counted, "fusecsi_mount_ops_total", key=key, op="lookup", errno="ENOENT") >= 1
+    assert matching(counted, "fusecsi_mount_readahead_total", key=key) >= 1
+    calls = matching(counted, "fusecsi_cluster_call_seconds_count", key=key, method="write_block")
+    assert calls >= 1
+    assert sample(counted, "fusecsi_mount_in_flight", key=key) == 0
 
     [row] = await node.client.list()
     cluster.kill_master()
