@@ -24,13 +24,14 @@ from typing import Any
 import trio
 from grpclib.const import Status
 
+from fusecsi.capabilities import capability_problem
 from fusecsi.cluster.client import ClusterClient, ClusterError
 from fusecsi.csi import csi_pb2 as pb
 from fusecsi.events import Events
 from fusecsi.k8s import KubeApi, KubeError, KubeUnavailable
+from fusecsi.locks import KeyedLocks
 from fusecsi.logs import fields
 from fusecsi.metrics import Tally
-from fusecsi.mountd.locks import KeyedLocks
 from fusecsi.validation import fail, invalid, require
 from fusecsi.volumes import (
     PVC_NAME,
@@ -79,16 +80,6 @@ DELETE_REFUSALS = Tally(
 )
 METRICS = (VOLUMES_CREATED, VOLUMES_DELETED, QUOTA_UPDATES, DELETE_REFUSALS)
 
-_Mode = pb.VolumeCapability.AccessMode.Mode
-SUPPORTED_MODES = {
-    _Mode.SINGLE_NODE_WRITER,
-    _Mode.SINGLE_NODE_READER_ONLY,
-    _Mode.SINGLE_NODE_SINGLE_WRITER,
-    _Mode.SINGLE_NODE_MULTI_WRITER,
-    _Mode.MULTI_NODE_READER_ONLY,
-    _Mode.MULTI_NODE_SINGLE_WRITER,
-    _Mode.MULTI_NODE_MULTI_WRITER,
-}
 _Rpc = pb.ControllerServiceCapability.RPC
 CAPABILITIES = (
     _Rpc.CREATE_DELETE_VOLUME,
@@ -103,18 +94,6 @@ def require_list(request: Any, name: str) -> None:
     # protobuf 7), so lists and messages are checked here
     if not getattr(request, name):
         invalid(f"{name} missing in request")
-
-
-def capability_problem(cap: pb.VolumeCapability) -> str | None:
-    """Why a capability cannot be served, or None."""
-    if cap.HasField("block"):
-        return "block access is not supported (fusecsi volumes are filesystems)"
-    if not cap.HasField("mount"):
-        return "volume capability has no access_type (mount)"
-    mode = cap.access_mode.mode
-    if mode not in SUPPORTED_MODES:
-        return f"access mode {_Mode.Name(mode)} is not supported"
-    return None
 
 
 def capacity_range(request: Any) -> tuple[int, int]:

@@ -21,8 +21,8 @@ from typing import Any
 from grpclib.const import Status
 
 from fusecsi import mount_options, volumes
+from fusecsi.capabilities import capability_problem
 from fusecsi.cluster.protocol import RPCUnavailable
-from fusecsi.controller import capability_problem
 from fusecsi.csi import csi_pb2 as pb
 from fusecsi.logs import fields
 from fusecsi.mountd.client import MountdClient

@@ -23,11 +23,11 @@ from functools import partial
 import trio
 
 from fusecsi.events import Events
+from fusecsi.locks import KeyedLocks
 from fusecsi.logs import fields
 from fusecsi.metrics import Distribution, Tally
 from fusecsi.mountd import mounts
 from fusecsi.mountd.daemons import Daemon, DaemonFailed, cmdline_matches, spawn
-from fusecsi.mountd.locks import KeyedLocks
 from fusecsi.mountd.table import Entry, Key, Ref, Table, write_atomic
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ import pytest
 import trio
 
 from fusecsi import mount_options
+from fusecsi.locks import KeyedLocks
 from fusecsi.mountd import mounts
-from fusecsi.mountd.locks import KeyedLocks
 from fusecsi.mountd.table import Entry, Key, Ref, Table, write_atomic
 
 SAMPLE = (
