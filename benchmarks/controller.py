@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -76,17 +75,11 @@ def start_controller(work: Path) -> tuple[subprocess.Popen, Path]:
         env={**os.environ, "KUBECONFIG": ""},
     )
     deadline = time.monotonic() + 30
-    while True:
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(str(sock))
-                return proc, sock
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(  # noqa: B904 (the log says why)
-                        f"controller did not start: {(work / 'controller.log').read_text()}"
-                    )
-                time.sleep(0.05)
+    while not sock.exists():  # the path appears only once the controller listens
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"controller did not start: {(work / 'controller.log').read_text()}")
+        time.sleep(0.05)
+    return proc, sock
 
 
 async def run_calls(call, method: str, requests: list, concurrency: int) -> tuple:

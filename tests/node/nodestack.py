@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
-from spawning import read_log
+from spawning import read_log, wait_for_path
 
 from fusecsi import volumes
 from fusecsi.cluster.client import ClusterClient
@@ -70,7 +68,7 @@ class NodeStack:
         args += ["--kubelet-dir", str(self.kubelet), "--linger", "0", *extra]
         self.mountd_socket.unlink(missing_ok=True)
         self.mountd_proc = self.spawn("mountd", *args, name="mountd")
-        wait_listening(self.mountd_socket, self.mountd_proc)
+        wait_for_path(self.mountd_socket, self.mountd_proc, timeout=30)
         return self.mountd_proc
 
     def start_node(self, *extra: str) -> subprocess.Popen:
@@ -78,7 +76,7 @@ class NodeStack:
         args += ["--mountd", f"unix://{self.mountd_socket}"]
         self.csi_socket.unlink(missing_ok=True)  # a killed plugin leaves its socket behind
         self.node_proc = self.spawn("node", *args, name="node")
-        wait_listening(self.csi_socket, self.node_proc)
+        wait_for_path(self.csi_socket, self.node_proc, timeout=30)
         return self.node_proc
 
     def node_log(self) -> str:
@@ -153,20 +151,6 @@ def publish_request(
 
 def unpublish_request(volume: Volume, target: str) -> pb.NodeUnpublishVolumeRequest:
     return pb.NodeUnpublishVolumeRequest(volume_id=volume.volume_id, target_path=target)
-
-
-def wait_listening(path: Path, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Wait until a server accepts connections on the unix socket `path`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(path))
-                return
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"{path} does not answer: {read_log(proc)}") from None
-        time.sleep(0.02)
 
 
 def is_mount_point(path: str) -> bool:
