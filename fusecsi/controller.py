@@ -89,13 +89,6 @@ CAPABILITIES = (
 )
 
 
-def require_list(request: Any, name: str) -> None:
-    # validation.require trips over message fields (FieldDescriptor.label is gone in
-    # protobuf 7), so lists and messages are checked here
-    if not getattr(request, name):
-        invalid(f"{name} missing in request")
-
-
 def capacity_range(request: Any) -> tuple[int, int]:
     """(required, limit) bytes, 0 meaning unset."""
     if not request.HasField("capacity_range"):
@@ -302,8 +295,7 @@ class ControllerService:
         )
 
     async def CreateVolume(self, request: pb.CreateVolumeRequest) -> pb.CreateVolumeResponse:
-        require(request, "name")
-        require_list(request, "volume_capabilities")
+        require(request, "name", "volume_capabilities")
         for cap in request.volume_capabilities:
             problem = capability_problem(cap)
             if problem:
@@ -500,9 +492,7 @@ class ControllerService:
     async def ControllerExpandVolume(
         self, request: pb.ControllerExpandVolumeRequest
     ) -> pb.ControllerExpandVolumeResponse:
-        require(request, "volume_id")
-        if not request.HasField("capacity_range"):  # see require_list
-            invalid("capacity_range missing in request")
+        require(request, "volume_id", "capacity_range")
         required, limit = capacity_range(request)
         target = required or limit
         if not target:
@@ -545,8 +535,7 @@ class ControllerService:
     async def ValidateVolumeCapabilities(
         self, request: pb.ValidateVolumeCapabilitiesRequest
     ) -> pb.ValidateVolumeCapabilitiesResponse:
-        require(request, "volume_id")
-        require_list(request, "volume_capabilities")
+        require(request, "volume_id", "volume_capabilities")
         ref = self._parse_existing(request.volume_id)
         with cluster_errors(f"looking up {ref.path} on {ref.master_addrs}"):
             await self._existing(ref, request)
