@@ -26,16 +26,18 @@ from fusecsi.csi import csi_grpc
 Dispatch = Callable[[str, Any], Awaitable[Any]]
 
 
+class _Names:
+    """Stands in for a servicer: the generated __mapping__ reads self.<Method>, and only the
+    paths and message types it returns are used."""
+
+    def __getattr__(self, name: str) -> str:
+        return name
+
+
 def _mapping(bases: Iterable[type], dispatch: Dispatch) -> dict[str, Handler]:
     """Handlers for every method of the generated service bases, all routed to dispatch."""
     mapping: dict[str, Handler] = {}
     for base in bases:
-
-        class _Names:
-            # the generated __mapping__ reads self.<Method>; hand it a placeholder per name
-            def __getattr__(self, name: str) -> str:
-                return name
-
         for path, handler in base.__mapping__(_Names()).items():
             mapping[path] = Handler(
                 _unary(path, dispatch),
