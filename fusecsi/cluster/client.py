@@ -289,6 +289,17 @@ class ClusterClient:
     async def mkdirs(self, path: str, mode: int = 0o755) -> Attr:
         return await self._attr("mkdirs", path, mode, 0, 0, idempotent=True)
 
+    async def mkvolume(
+        self, parent: int, name: bytes, mode: int, xattrs: dict[bytes, bytes], max_bytes: int
+    ) -> Attr:
+        """A directory born with its xattrs and byte quota in one durable journal record
+        (EEXIST when the name is taken): nobody ever sees it untagged or unlimited."""
+        return await self._attr("mkvolume", parent, name, mode, xattrs, max_bytes)
+
+    async def sync_journal(self) -> None:
+        """Return once every namespace change acknowledged so far is on the master's disk."""
+        await self._call("sync_journal", idempotent=True)
+
     async def remove_tree(self, path: str) -> None:
         """Remove `path` and everything below it; nothing to do when it does not exist."""
         await self._call("remove_tree", path, idempotent=True)
