@@ -20,6 +20,7 @@ import hmac
 import inspect
 import logging
 import math
+import os
 import socket as stdsocket
 import struct
 from collections.abc import Callable, Mapping
@@ -120,6 +121,7 @@ class FrameSocket:
 
     def __init__(self, sock: trio.socket.SocketType, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.sock = sock
+        self._fd = sock.fileno()
         self.max_frame = max_frame
         self._buf = bytearray(RECV_SIZE)
         self._start = 0
@@ -197,6 +199,20 @@ class FrameSocket:
         pieces, size = encode_pieces(message)
         if size > self.max_frame:
             raise RPCError(errno.EMSGSIZE, f"message of {size} bytes exceeds the frame limit")
+        if not self._out and not self._busy and len(pieces) == 1:
+            # nothing queued ahead of it: hand it to the kernel now, without waking the
+            # writer task (a small frame nearly always fits the socket buffer)
+            piece = pieces[0]
+            try:
+                sent = os.write(self._fd, piece)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.close()  # the reader notices and ends the connection
+                raise RPCUnavailable(errno.ECONNRESET, "connection closed") from None
+            if sent == len(piece):
+                return
+            pieces = [memoryview(piece)[sent:]]
         self._out.extend(pieces)
         self._out_bytes += size
         self._wake.set()
