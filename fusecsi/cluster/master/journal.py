@@ -1,24 +1,36 @@
-"""Write-ahead journal with group commit, plus checkpoints that let it be truncated.
+"""Write-ahead journal, synced in the background, plus checkpoints that let it be truncated.
 
 Layout of the data directory:
   journal-<N>.log       records [u32 length][u32 crc32][msgpack record], appended in order
   checkpoint-<N>.mp     the namespace after every record of the segments before N
 
-A record is acknowledged only after `sync(ticket)` returns, i.e. after the writer task has
-written and fdatasync'd it; concurrent mutations queue behind one write + fsync and share
-it. Opening replays the newest checkpoint and the segments after it; a torn record at the
-end of the last segment (a crash mid-write) was never acknowledged and is dropped.
+Durability model (what a local filesystem gives: creat() is durable only after fsync):
+- `append(record)` writes the record to the segment with write(2) in the event loop, with no
+  thread hop; once it returns the record survives a crash of the master process (the page
+  cache keeps it), and the master acknowledges the mutation.
+- A syncer thread fdatasyncs continuously: as soon as one fdatasync ends it starts the next
+  if records were written meanwhile, so an unsynced record is at most about one fdatasync
+  old. `sync(ticket)` returns once every record up to that ticket is on disk; callers that
+  promise durability (sync_journal, mkvolume, id reservations, block deletions) wait for it.
+- `synced` only ever covers a prefix of the journal: a segment's records count as synced once
+  it and every older segment were fdatasync'd (and the directory, for a new segment).
+- After a power loss the disk holds a prefix of the journal plus perhaps a few later pages.
+  Recovery replays records up to the first torn or missing one, truncates that segment
+  there and sets the later segments aside (`*.log.dropped`): none of their records was ever
+  reported synced, so what is replayed is always a consistent prefix.
 A new segment is started at every open, so a torn tail is never appended to.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import re
 import signal
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -44,27 +56,21 @@ def _unpack(data) -> Any:
     return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
 
 
-class JournalCorrupt(RuntimeError):
-    pass
-
-
-def read_segment(path: Path, last: bool) -> list:
+def read_segment(path: Path) -> tuple[list, int, bool]:
+    """(records, bytes they take, whether anything follows them that is not a record)."""
     data = path.read_bytes()
     records, pos = [], 0
-    while pos < len(data):
-        if pos + RECORD.size > len(data):
-            break
+    while pos + RECORD.size <= len(data):
         length, crc = RECORD.unpack_from(data, pos)
         body = data[pos + RECORD.size : pos + RECORD.size + length]
-        if len(body) < length or zlib.crc32(body) != crc:
+        if not length or len(body) < length or zlib.crc32(body) != crc:
             break
-        records.append(_unpack(body))
+        try:
+            records.append(_unpack(body))
+        except ValueError:
+            break
         pos += RECORD.size + length
-    if pos < len(data):
-        if not last:
-            raise JournalCorrupt(f"{path}: bad record at offset {pos} in a sealed segment")
-        log.warning("dropping torn journal tail", extra=fields(path=str(path), offset=pos))
-    return records
+    return records, pos, pos < len(data)
 
 
 def write_file(tmp: Path, final: Path, body: bytes) -> None:
@@ -111,19 +117,27 @@ class Journal:
         self.dir = data_dir
         self.segment = 0
         self._fd = -1
-        self._pending: list[Any] = []  # bytes, or ("rotate", segment number)
-        self._appended = 0
-        self._synced = 0
-        self._wake = trio.Event()
-        self._synced_event = trio.Event()
-        self.failed: BaseException | None = None
+        self.written = 0  # tickets: records written so far
+        self.synced = 0  # records known to be on disk (always a prefix)
         self.records_in_segment = 0
+        self.failed: BaseException | None = None
+        # shared with the syncer thread, under _cond
+        self._cond = threading.Condition()
+        self._sealed: list[int] = []  # older segments' fds, still to fdatasync and close
+        self._dir_dirty = False  # a new segment's directory entry is not synced yet
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # event-loop side of waiting for the syncer
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._waiters = 0
+        self._synced_event = trio.Event()
+        self._failed_event = trio.Event()
         self.fsync_seconds = Distribution(
-            "fusecsi_master_journal_fsync_seconds", "time one journal write + fdatasync takes"
+            "fusecsi_master_journal_fsync_seconds", "time one journal fdatasync takes"
         )
         self.group_size = Distribution(
             "fusecsi_master_journal_group_records",
-            "records committed together by one journal fdatasync",
+            "records made durable together by one journal fdatasync",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
         )
 
@@ -143,102 +157,165 @@ class Journal:
             start, path = checkpoints[-1]
             state = _unpack(path.read_bytes())
         records: list = []
-        replay = [(n, p) for n, p in segments if n >= start]
-        for i, (_, path) in enumerate(replay):
-            records.extend(read_segment(path, last=i == len(replay) - 1))
+        replay = [p for n, p in segments if n >= start]
+        for i, path in enumerate(replay):
+            found, good, torn = read_segment(path)
+            records.extend(found)
+            if torn:
+                self._cut(path, good, replay[i + 1 :])
+                break
         newest = max([start - 1] + [n for n, _ in segments])
         self.segment = newest + 1
         self._fd = self._open_segment(self.segment)
+        fsync_dir(self.dir)
         return state, records
 
+    def _cut(self, path: Path, good: int, later: list[Path]) -> None:
+        """A crash left `path` torn at `good`: keep the prefix, set later segments aside."""
+        log.warning(
+            "dropping a torn journal tail",
+            extra=fields(path=str(path), offset=good, later_segments=len(later)),
+        )
+        with open(path, "r+b") as f:
+            f.truncate(good)
+            os.fsync(f.fileno())
+        for other in later:
+            other.rename(other.with_name(other.name + ".dropped"))
+        fsync_dir(self.dir)
+
     def _open_segment(self, number: int) -> int:
-        fd = os.open(
+        return os.open(
             self.dir / f"journal-{number}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
         )
-        fsync_dir(self.dir)
-        return fd
 
     # ------------------------------------------------------------ appending
 
     def append(self, record: list) -> int:
-        """Queue a record; returns the ticket to pass to `sync`."""
+        """Write a record (it now survives a crash of this process); returns the ticket to
+        pass to `sync` for durability."""
         if self.failed is not None:
-            raise OSError(5, "journal failed; the master must restart")
+            raise OSError(errno.EIO, "journal failed; the master must restart")
         body = _pack(record)
-        self._pending.append(RECORD.pack(len(body), zlib.crc32(body)) + body)
-        self._appended += 1
+        data = RECORD.pack(len(body), zlib.crc32(body)) + body
+        try:
+            done = os.write(self._fd, data)
+            while done < len(data):  # short writes: a full disk, a signal
+                done += os.write(self._fd, data[done:])
+        except OSError as exc:
+            # a partial record may be on disk: nothing more may follow it in this segment
+            self._fail(exc)
+            raise OSError(errno.EIO, f"journal write failed: {exc}") from None
+        with self._cond:
+            self.written += 1
+            self._cond.notify()
         self.records_in_segment += 1
-        self._wake.set()
-        return self._appended
+        return self.written
 
     async def sync(self, ticket: int) -> None:
-        while self._synced < ticket:
+        """Return once every record up to `ticket` is on disk."""
+        while self.synced < ticket:
             if self.failed is not None:
-                raise OSError(5, "journal write failed")
-            await self._synced_event.wait()
+                raise OSError(errno.EIO, "journal sync failed; the master must restart")
+            # counted before the check, so the syncer either sees us or we see its progress
+            self._waiters += 1
+            try:
+                if self.synced >= ticket:
+                    return
+                await self._synced_event.wait()
+            finally:
+                self._waiters -= 1
+
+    async def sync_all(self) -> None:
+        await self.sync(self.written)
 
     async def write(self, record: list) -> None:
         await self.sync(self.append(record))
 
     def rotate(self) -> int:
         """Start a new segment with the next record; returns the new segment's number."""
+        fd = self._open_segment(self.segment + 1)
         self.segment += 1
         self.records_in_segment = 0
-        self._pending.append(("rotate", self.segment))
-        self._wake.set()
+        with self._cond:
+            self._sealed.append(self._fd)
+            self._fd = fd
+            self._dir_dirty = True
+            self._cond.notify()
         return self.segment
 
-    def _write_batch(self, items: list) -> None:
-        chunk: list[bytes] = []
-        for item in items:
-            if isinstance(item, tuple):
-                self._flush(chunk)
-                chunk = []
-                os.close(self._fd)
-                self._fd = self._open_segment(item[1])
-            else:
-                chunk.append(item)
-        self._flush(chunk)
+    def _fail(self, exc: BaseException) -> None:
+        if self.failed is None:
+            self.failed = exc
+            log.error("journal failed", extra=fields(error=str(exc)))
+        self._synced_event.set()
+        self._failed_event.set()
 
-    def _flush(self, chunk: list[bytes]) -> None:
-        if not chunk:
+    # ------------------------------------------------------------ the syncer
+
+    def _sync_loop(self) -> None:
+        """The syncer thread: fdatasync whenever records were written since the last one."""
+        while True:
+            with self._cond:
+                while self.written == self.synced and not self._sealed and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and self.written == self.synced and not self._sealed:
+                    return
+                upto, sealed, fd, new_dir = self.written, self._sealed, self._fd, self._dir_dirty
+                self._sealed, self._dir_dirty = [], False
+            started = time.monotonic()
+            try:
+                for old in sealed:
+                    os.fdatasync(old)
+                    os.close(old)
+                os.fdatasync(fd)
+                if new_dir:
+                    fsync_dir(self.dir)
+            except OSError as exc:
+                self._notify(self._fail, exc)
+                return
+            self.fsync_seconds.observe(time.monotonic() - started)
+            if upto > self.synced:
+                self.group_size.observe(upto - self.synced)
+                self.synced = upto
+            if self._waiters:
+                self._notify(self._release)
+
+    def _notify(self, fn, *args) -> None:
+        if self._token is None:
+            fn(*args)
             return
-        started = time.monotonic()
-        data = b"".join(chunk)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        os.fdatasync(self._fd)
-        self.fsync_seconds.observe(time.monotonic() - started)
-        self.group_size.observe(len(chunk))
+        try:
+            self._token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            pass
+
+    def _release(self) -> None:
+        event, self._synced_event = self._synced_event, trio.Event()
+        event.set()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """The writer task: one write + fdatasync per batch of queued records."""
-        limiter = trio.CapacityLimiter(1)
+        """Owns the syncer thread; raises (stopping the master) if the journal fails."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._sync_loop, name="journal-sync", daemon=True)
+        self._thread.start()
         task_status.started()
         try:
-            while True:
-                if not self._pending:
-                    await self._wake.wait()
-                    self._wake = trio.Event()
-                    continue
-                # let mutations that are already runnable append first: bigger batches
-                await trio.lowlevel.checkpoint()
-                items, self._pending = self._pending, []
-                upto = self._appended
-                await trio.to_thread.run_sync(self._write_batch, items, limiter=limiter)
-                self._synced = upto
-                event, self._synced_event = self._synced_event, trio.Event()
-                event.set()
-        except BaseException as exc:
-            self.failed = exc
-            self._synced_event.set()
-            raise
+            await self._failed_event.wait()
+            raise OSError(errno.EIO, f"journal failed: {self.failed}")
         finally:
             with trio.CancelScope(shield=True):
-                if self._pending and self.failed is None:
-                    await trio.to_thread.run_sync(self._write_batch, self._pending, limiter=limiter)
-                    self._pending = []
+                await trio.to_thread.run_sync(self._stop_syncer)
+            self._token = None
+
+    def _stop_syncer(self) -> None:
+        """Let the syncer write out what is left, then end it."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
     # ------------------------------------------------------------ checkpoints
 
@@ -268,6 +345,7 @@ class Journal:
         log.info("checkpoint written", extra=fields(segment=number, bytes=final.stat().st_size))
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for fd in [*self._sealed, self._fd]:
+            if fd >= 0:
+                os.close(fd)
+        self._sealed, self._fd = [], -1

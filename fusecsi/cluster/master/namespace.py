@@ -174,6 +174,7 @@ class Namespace:
         self.inodes[ROOT_INO] = root
         self._apply = {
             "mk": self._apply_mk,
+            "mkvol": self._apply_mkvol,
             "batch": self._apply_batch,
             "rm": self._apply_rm,
             "rmtree": self._apply_rmtree,
@@ -332,6 +333,18 @@ class Namespace:
         self._check(d.ino, 0, 1)
         return ["mk", d.ino, name, ino, mode, uid, gid, ts, target]
 
+    def plan_mkvol(self, parent, name, ino, mode, ts, xattrs, max_bytes) -> list:
+        """A directory born with xattrs and a byte quota (the controller's volumes)."""
+        if not stat.S_ISDIR(mode):
+            raise fail(errno.EINVAL, "a volume is a directory")
+        if not isinstance(xattrs, dict):
+            raise fail(errno.EINVAL, "xattrs must be a map of names to values")
+        for xname, value in xattrs.items():
+            self._check_xattr(xname, value)
+        opt_int(max_bytes, "max_bytes")
+        record = self.plan_mk(parent, name, ino, mode, 0, 0, ts)
+        return ["mkvol", *record[1:8], list(xattrs.items()), max_bytes]
+
     def plan_batch(self, parent, names, first_ino, mode, uid, gid, ts) -> list:
         d = self.dir(parent)
         if not isinstance(names, list):
@@ -431,11 +444,7 @@ class Namespace:
 
     def plan_xset(self, ino, name, value, flags, ts) -> list:
         node = self.get(ino)
-        self._check_xattr_name(name)
-        if not isinstance(value, bytes):
-            raise fail(errno.EINVAL, "an xattr value must be bytes")
-        if len(value) > MAX_XATTR_VALUE:
-            raise fail(errno.E2BIG, "xattr value too large")
+        self._check_xattr(name, value)
         check_int(flags, "flags")
         present = node.xattrs is not None and name in node.xattrs
         if flags & XATTR_CREATE and present:
@@ -450,6 +459,14 @@ class Namespace:
         if node.xattrs is None or name not in node.xattrs:
             raise fail(errno.ENODATA, f"no xattr {name!r}")
         return ["xrm", node.ino, name, ts]
+
+    @classmethod
+    def _check_xattr(cls, name, value) -> None:
+        cls._check_xattr_name(name)
+        if not isinstance(value, bytes):
+            raise fail(errno.EINVAL, "an xattr value must be bytes")
+        if len(value) > MAX_XATTR_VALUE:
+            raise fail(errno.E2BIG, "xattr value too large")
 
     @staticmethod
     def _check_xattr_name(name) -> None:
@@ -546,6 +563,14 @@ class Namespace:
         self._take(ino)
         self._link(d, name, node)
         self._touch(d, ts)
+        return node.attr()
+
+    def _apply_mkvol(self, parent, name, ino, mode, uid, gid, ts, xattrs, max_bytes) -> list:
+        self._apply_mk(parent, name, ino, mode, uid, gid, ts, None)
+        node = self.inodes[ino]
+        node.xattrs = dict(xattrs) if xattrs else None
+        if max_bytes is not None:
+            self._apply_quota(ino, max_bytes, None)
         return node.attr()
 
     def _apply_batch(self, parent, names, first_ino, mode, uid, gid, ts) -> int:

@@ -1,8 +1,18 @@
 """The master's RPC methods: namespace calls, block placement, quotas, the worker registry.
 
-Reads are plain functions (answered inline by the protocol's reader); mutations are async:
-plan (validate) -> apply in memory -> journal -> wait for the group-committed fsync -> reply.
-Nothing awaits between plan and apply, so each mutation is atomic against the others.
+Reads and most mutations are plain functions, answered inline by the protocol's reader: plan
+(validate) -> apply in memory -> write the journal record -> reply. Nothing awaits between
+plan and apply, so each mutation is atomic against the others. The reply comes once the record
+is written, not synced (see journal.py): an acknowledged change survives a crash of the master
+process; `sync_journal` waits until everything before it is on disk. What must never be
+undone by a power loss waits for the sync itself:
+- `mkvolume` and `sync_journal` answer only then;
+- id ranges are reserved (and synced) ahead, so an inode or block id handed out is never
+  handed out again;
+- blocks freed by unlink/rename/rmdir/truncate are deleted on workers only once the freeing
+  record is synced (a lost record would otherwise bring back a file whose data is gone);
+- a registering worker is told to delete unknown blocks only once the state that does not
+  know them is synced.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ import errno
 import logging
 import stat
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import trio
@@ -23,7 +34,7 @@ from fusecsi.logs import fields
 
 log = logging.getLogger(__name__)
 
-ID_RESERVE = 1 << 16
+ID_RESERVE = 1 << 20  # ids reserved per journal record; more are reserved at half used
 WORKER_DEAD_AFTER = 5.0
 MAX_ALLOC = 64
 CHECKPOINT_INTERVAL = 300.0  # seconds; a checkpoint also follows every `checkpoint_records`
@@ -57,8 +68,10 @@ class MasterService:
         self.durable_limit = ns.id_limit
         ns.next_id = max(ns.next_id, ns.id_limit)  # ids handed out before a crash stay unused
         self._reserve_lock = trio.Lock()
+        self._reserving = False
         self.live: dict[str, WorkerState] = {}
-        self.deletions: dict[str, list[int]] = {}
+        self.deletions: dict[str, list[int]] = {}  # synced: handed out with heartbeats
+        self._unsynced_frees: deque[tuple[int, list]] = deque()  # (journal ticket, blocks)
         self._checkpointing = False
         self._nursery: trio.Nursery | None = None
 
@@ -67,13 +80,14 @@ class MasterService:
             "lookup getattr setattr mkdir create symlink unlink rmdir rename link readdir "
             "readlink getxattr setxattr listxattr removexattr statfs layout allocate commit "
             "set_quota get_quota resolve mkdirs remove_tree create_batch register heartbeat "
-            "unregister cluster_info"
+            "unregister cluster_info mkvolume sync_journal"
         )
         return {name: getattr(self, name) for name in names.split()}
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await self._reserve(0)
             task_status.started()
             while True:
                 await trio.sleep(CHECKPOINT_INTERVAL)
@@ -82,11 +96,16 @@ class MasterService:
 
     # ------------------------------------------------------------ plumbing
 
-    async def _commit(self, record: list):
+    def _commit(self, record: list):
+        """Apply and journal a planned record (written, not yet synced)."""
         result = self.ns.apply(record)
-        ticket = self.journal.append(record)
+        self.journal.append(record)
         self._maybe_checkpoint()
-        await self.journal.sync(ticket)
+        return result
+
+    async def _commit_durable(self, record: list):
+        result = self._commit(record)
+        await self.journal.sync(self.journal.written)
         return result
 
     def _maybe_checkpoint(self) -> None:
@@ -107,29 +126,58 @@ class MasterService:
         finally:
             self._checkpointing = False
 
-    async def _ids(self, count: int) -> int:
-        """`count` fresh ids; the range they come from is durably reserved first."""
+    def _ids(self, count: int) -> int:
+        """`count` fresh ids from the durably reserved range; the next range is reserved in
+        the background once half of this one is used."""
         ns = self.ns
-        while ns.next_id + count > self.durable_limit:
-            async with self._reserve_lock:
-                if ns.next_id + count <= self.durable_limit:
-                    break
-                limit = ns.next_id + count + ID_RESERVE
-                await self._commit(["ids", limit])
-                self.durable_limit = max(self.durable_limit, limit)
+        if ns.next_id + count > self.durable_limit:
+            self._reserve_soon()
+            # only if a sync has stalled for ~half a million ids: the disk is in trouble
+            raise fail(errno.EAGAIN, "inode numbers are being reserved; retry")
         first = ns.next_id
         ns.next_id += count
+        if self.durable_limit - ns.next_id < ID_RESERVE // 2:
+            self._reserve_soon()
         return first
+
+    async def _ids_waiting(self, count: int) -> int:
+        while self.ns.next_id + count > self.durable_limit:
+            await self._reserve(count)
+        return self._ids(count)
+
+    def _reserve_soon(self) -> None:
+        if not self._reserving and self._nursery is not None:
+            self._reserving = True
+            self._nursery.start_soon(self._reserve, 0)
+
+    async def _reserve(self, count: int) -> None:
+        """Durably reserve room for `count` ids plus ID_RESERVE of headroom."""
+        try:
+            async with self._reserve_lock:
+                if self.ns.next_id + count + ID_RESERVE // 2 <= self.durable_limit:
+                    return
+                limit = self.ns.next_id + count + ID_RESERVE
+                await self._commit_durable(["ids", limit])
+                self.durable_limit = max(self.durable_limit, limit)
+        finally:
+            self._reserving = False
 
     @staticmethod
     def _now() -> int:
         return time.time_ns()
 
     def _free_blocks(self, freed: list) -> None:
-        """Queue freed blocks for their workers (delivered with the next heartbeat)."""
-        for block_id, workers in freed:
-            for wid in workers:
-                self.deletions.setdefault(wid, []).append(block_id)
+        """Queue blocks freed by the last record; their workers get them with a heartbeat
+        once that record is synced."""
+        if freed:
+            self._unsynced_frees.append((self.journal.written, freed))
+
+    def _release_frees(self) -> None:
+        synced, pending = self.journal.synced, self._unsynced_frees
+        while pending and pending[0][0] <= synced:
+            for block_id, workers in pending.popleft()[1]:
+                for wid in workers:
+                    self.deletions.setdefault(wid, []).append(block_id)
 
     async def _delete_now(self, freed: list) -> None:
         """Tell the workers at once, so a client writing through a stale block map is refused
@@ -239,52 +287,70 @@ class MasterService:
 
     # ------------------------------------------------------------ namespace mutations
 
-    async def _make(self, parent, name, mode, uid, gid, target=None):
-        ino = await self._ids(1)
-        record = self.ns.plan_mk(parent, name, ino, mode, uid, gid, self._now(), target)
-        return await self._commit(record)
+    def _make(self, parent, name, mode, uid, gid, target=None):
+        ino = self._ids(1)
+        return self._commit(self.ns.plan_mk(parent, name, ino, mode, uid, gid, self._now(), target))
 
-    async def mkdir(self, parent, name, mode, uid, gid):
+    def mkdir(self, parent, name, mode, uid, gid):
         check_int(mode, "mode")
-        return await self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+        return self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
 
-    async def create(self, parent, name, mode, uid, gid):
+    def create(self, parent, name, mode, uid, gid):
         check_int(mode, "mode")
-        return await self._make(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+        return self._make(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
 
-    async def symlink(self, parent, name, target, uid, gid):
-        return await self._make(parent, name, stat.S_IFLNK | 0o777, uid, gid, target)
+    def symlink(self, parent, name, target, uid, gid):
+        return self._make(parent, name, stat.S_IFLNK | 0o777, uid, gid, target)
+
+    async def mkvolume(self, parent, name, mode, xattrs, max_bytes):
+        """A directory (uid/gid 0) born with `xattrs` and a byte quota, in one record that is
+        synced before the reply."""
+        check_int(mode, "mode")
+        ino = self._ids(1)
+        mode = stat.S_IFDIR | (mode & 0o7777)
+        record = self.ns.plan_mkvol(parent, name, ino, mode, self._now(), xattrs, max_bytes)
+        return await self._commit_durable(record)
+
+    async def sync_journal(self):
+        """Answers once every change acknowledged before it is on the master's disk."""
+        await self.journal.sync_all()
 
     async def create_batch(self, parent, names, mode, uid, gid):
         """Create many empty files in one record (bulk loads and tests)."""
         if not isinstance(names, list) or not names:
             raise fail(errno.EINVAL, "names must be a non-empty list")
         check_int(mode, "mode")
-        first = await self._ids(len(names))
+        first = await self._ids_waiting(len(names))
         record = self.ns.plan_batch(
             parent, names, first, stat.S_IFREG | (mode & 0o7777), uid, gid, self._now()
         )
-        return await self._commit(record)
+        return self._commit(record)
 
-    async def unlink(self, parent, name):
-        self._free_blocks(await self._commit(self.ns.plan_rm(parent, name, False, self._now())))
+    def unlink(self, parent, name):
+        self._free_blocks(self._commit(self.ns.plan_rm(parent, name, False, self._now())))
 
-    async def rmdir(self, parent, name):
-        await self._commit(self.ns.plan_rm(parent, name, True, self._now()))
+    def rmdir(self, parent, name):
+        self._commit(self.ns.plan_rm(parent, name, True, self._now()))
 
-    async def rename(self, parent, name, new_parent, new_name, flags=0):
+    def rename(self, parent, name, new_parent, new_name, flags=0):
         record = self.ns.plan_mv(parent, name, new_parent, new_name, flags, self._now())
-        self._free_blocks(await self._commit(record))
+        self._free_blocks(self._commit(record))
 
-    async def link(self, ino, new_parent, new_name):
-        return await self._commit(self.ns.plan_ln(ino, new_parent, new_name, self._now()))
+    def link(self, ino, new_parent, new_name):
+        return self._commit(self.ns.plan_ln(ino, new_parent, new_name, self._now()))
 
     async def setattr(self, ino, mode=None, uid=None, gid=None, size=None, atime=None, mtime=None):
         if size is not None:
             await self._truncate_tail(ino, check_int(size, "size"))
         record = self.ns.plan_attr(ino, mode, uid, gid, size, atime, mtime, self._now())
-        await self._delete_now(await self._commit(record))
-        return self.ns.get(ino).attr()
+        freed = self._commit(record)
+        attr = self.ns.get(ino).attr()
+        if freed:
+            # delete at once (a writer with a stale block map is refused), but only once
+            # the truncation can no longer be undone by a power loss
+            await self.journal.sync(self.journal.written)
+            await self._delete_now(freed)
+        return attr
 
     async def _truncate_tail(self, ino, size: int) -> None:
         """Cut the block that will hold the new end, so bytes past it read as zeros later."""
@@ -313,21 +379,21 @@ class MasterService:
         if lost and len(lost) == len(workers):
             raise fail(errno.EIO, f"no replica of block {block_id} is reachable to truncate")
         if lost:
-            await self._commit(["drop", ino, keep // bs, lost])
+            self._commit(["drop", ino, keep // bs, lost])
 
-    async def setxattr(self, ino, name, value, flags=0):
-        await self._commit(self.ns.plan_xset(ino, name, value, flags, self._now()))
+    def setxattr(self, ino, name, value, flags=0):
+        self._commit(self.ns.plan_xset(ino, name, value, flags, self._now()))
 
-    async def removexattr(self, ino, name):
-        await self._commit(self.ns.plan_xrm(ino, name, self._now()))
+    def removexattr(self, ino, name):
+        self._commit(self.ns.plan_xrm(ino, name, self._now()))
 
-    async def set_quota(self, ino, max_bytes, max_inodes):
-        return await self._commit(self.ns.plan_quota(ino, max_bytes, max_inodes))
+    def set_quota(self, ino, max_bytes, max_inodes):
+        return self._commit(self.ns.plan_quota(ino, max_bytes, max_inodes))
 
-    async def commit(self, ino, size, mtime=None):
-        return await self._commit(self.ns.plan_commit(ino, size, mtime, self._now()))
+    def commit(self, ino, size, mtime=None):
+        return self._commit(self.ns.plan_commit(ino, size, mtime, self._now()))
 
-    async def mkdirs(self, path, mode=0o755, uid=0, gid=0):
+    def mkdirs(self, path, mode=0o755, uid=0, gid=0):
         if not isinstance(path, str) or not path.startswith("/"):
             raise fail(errno.EINVAL, "a path must be absolute")
         check_int(mode, "mode")
@@ -339,7 +405,7 @@ class MasterService:
             child = self.ns.dir(node.ino).entries.get(name)
             if child is None:
                 try:
-                    await self.mkdir(node.ino, name, mode, uid, gid)
+                    self.mkdir(node.ino, name, mode, uid, gid)
                 except OSError as exc:
                     if exc.errno != errno.EEXIST:
                         raise
@@ -347,7 +413,7 @@ class MasterService:
         self.ns.dir(node.ino)
         return node.attr()
 
-    async def remove_tree(self, path):
+    def remove_tree(self, path):
         if not isinstance(path, str) or not path.startswith("/"):
             raise fail(errno.EINVAL, "a path must be absolute")
         parts = [p for p in path.split("/") if p]
@@ -361,12 +427,12 @@ class MasterService:
                 return False
             raise
         record = self.ns.plan_rmtree(parent.ino, parts[-1].encode(), self._now())
-        self._free_blocks(await self._commit(record))
+        self._free_blocks(self._commit(record))
         return True
 
     # ------------------------------------------------------------ data placement
 
-    async def allocate(self, ino, first, count, end):
+    def allocate(self, ino, first, count, end):
         """Blocks `first..first+count-1` of a file, allocated where missing, and the length
         the file may grow to before the client must ask again (quota headroom)."""
         node = self.ns.file(ino)
@@ -375,18 +441,16 @@ class MasterService:
         check_int(end, "end")
         if end > node.size:
             self.ns._check_growth(node, end - node.size)
-        if any(i not in node.blocks for i in range(first, first + count)):
+        missing = [i for i in range(first, first + count) if i not in node.blocks]
+        if missing:
             self._place(0)  # fail early with ENOSPC
-            base = await self._ids(count)
-            # the file may have changed while the ids were reserved: decide now
-            node = self.ns.file(ino)
-            missing = [i for i in range(first, first + count) if i not in node.blocks]
+            base = self._ids(len(missing))
             needed = sum(1 for i in missing if i * self.ns.block_size < end)
             targets = self._place(len(missing), needed)
             placed = zip(missing, targets, strict=False)
             blocks = [[index, base + k, t] for k, (index, t) in enumerate(placed)]
             if blocks:
-                await self._commit(["alloc", ino, blocks])
+                self._commit(["alloc", ino, blocks])
         node = self.ns.file(ino)
         room = self.ns.headroom(node)
         grant = (first + count) * self.ns.block_size
@@ -425,7 +489,7 @@ class MasterService:
         check_int(capacity, "capacity")
         check_int(free, "free")
         if self.ns.workers.get(worker_id) != address:
-            await self._commit(["worker", worker_id, address])
+            self._commit(["worker", worker_id, address])
         self.live[worker_id] = WorkerState(worker_id, address, capacity, free, time.monotonic())
         known = set()
         for node in self.ns.inodes.values():
@@ -434,6 +498,8 @@ class MasterService:
                     if worker_id in workers:
                         known.add(block_id)
         orphans = [b for b in block_ids if b not in known]
+        # a block this state does not know may belong to a change not yet on disk
+        await self.journal.sync(self.journal.written)
         log.info(
             "worker registered",
             extra=fields(
@@ -455,4 +521,5 @@ class MasterService:
         state.free = opt_int(free, "free") or 0
         state.planned = 0
         state.seen = time.monotonic()
+        self._release_frees()
         return {"known": True, "delete": self.deletions.pop(worker_id, [])}
