@@ -5,16 +5,16 @@ and refuses that namespace to applications) and `trusted.fusecsi.owner` = the Cr
 holding it. DeleteVolume touches nothing that does not carry the tag for that very volume, and
 a cluster that does not answer is an error, never "already gone".
 
-Directories are made under a temporary name, tagged and given their quota, then renamed into
-place, so a crash halfway never leaves an untagged directory at a volume's path (which every
-retry would then refuse to adopt).
+A volume's directory is born tagged and sized: one `mkvolume` call, which the master makes
+durable before it answers, so nobody ever sees the directory untagged or unlimited. The master
+acknowledges other changes before they reach its disk, so every other change here (a quota,
+an adoption, a delete) is followed by `sync_journal` before the CSI call answers.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import secrets
 import stat
 import time
 from collections.abc import Iterator
@@ -48,7 +48,7 @@ TAG_VOLUME = b"trusted.fusecsi.volume"
 TAG_OWNER = b"trusted.fusecsi.owner"
 VOLUME_MODE = 0o777  # pods run as any user; the volume is theirs alone
 RENAME_NOREPLACE = 1
-TEMP_PREFIX = ".fusecsi-new-"
+PARENT_TTL = 5.0  # seconds a cached parent directory's inode is trusted without a lookup
 UNAVAILABLE_ERRNOS = {
     errno.ETIMEDOUT,
     errno.ECONNREFUSED,
@@ -196,6 +196,8 @@ class ControllerService:
         self.call_timeout = call_timeout
         self._names = KeyedLocks()
         self._paths = KeyedLocks()
+        # (master-addrs, parent path) -> (inode, monotonic time it was resolved)
+        self._parents: dict[tuple[str, str], tuple[int, float]] = {}
         # the last token that worked per cluster, for GetCapacity (whose request has none)
         self._tokens: dict[str, str | None] = {}
 
@@ -332,24 +334,65 @@ class ControllerService:
             )
         )
 
+    async def _parent(self, client: ClusterClient, ref: VolumeRef) -> tuple[int, bool]:
+        """(inode of the volume's parent directory, whether it came from the cache);
+        made with mkdir -p when not cached."""
+        key = (ref.master_addrs, ref.parent_path)
+        cached = self._parents.get(key)
+        if cached is not None and time.monotonic() - cached[1] < PARENT_TTL:
+            return cached[0], True
+        attr = await self._call(client.mkdirs, ref.parent_path)
+        self._parents[key] = (attr.ino, time.monotonic())
+        return attr.ino, False
+
     async def _ensure(self, client, ref, volume_id, name, size, required, limit) -> int:
         """The volume's directory exists, tagged for `volume_id` and held by `name`; returns
         its quota."""
-        parent = await self._call(client.mkdirs, ref.parent_path)
-        _, entry, tag = await self._find(client, ref, parent)
-        if entry is None:
-            if await self._create(client, parent.ino, ref, volume_id, name, size):
-                log.info(
-                    "volume created",
-                    extra=fields(volume_id=volume_id, path=ref.path, capacity=size, name=name),
+        tags = {TAG_VOLUME: volume_id.encode(), TAG_OWNER: name.encode()}
+        parent, cached = await self._parent(client, ref)
+        # the master accepts this token: GetCapacity (whose request has no secrets) may use it
+        self._tokens[",".join(client.master_addrs)] = client.token
+        try:
+            try:
+                await self._call(
+                    client.mkvolume, parent, ref.name.encode(), VOLUME_MODE, tags, size
                 )
-                VOLUMES_CREATED.add(ref.on_delete)
-                return size
-            _, entry, tag = await self._find(client, ref, parent)  # made by someone else
-            if entry is None:
-                fail(Status.ABORTED, f"{ref.path} changed while being created; retry")
+            except ClusterError as exc:
+                if not cached or exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    raise
+                # the cached parent is gone or replaced: resolve it again, once
+                self._parents.pop((ref.master_addrs, ref.parent_path), None)
+                parent, _ = await self._parent(client, ref)
+                await self._call(
+                    client.mkvolume, parent, ref.name.encode(), VOLUME_MODE, tags, size
+                )
+        except ClusterError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+        else:
+            log.info(
+                "volume created",
+                extra=fields(volume_id=volume_id, path=ref.path, capacity=size, name=name),
+            )
+            VOLUMES_CREATED.add(ref.on_delete)
+            return size
+        return await self._existing_volume(
+            client, ref, parent, volume_id, name, size, required, limit
+        )
+
+    async def _existing_volume(
+        self, client, ref, parent: int, volume_id, name, size, required, limit
+    ) -> int:
+        """CreateVolume for a name that exists: the same volume again, or a retained one."""
+        try:
+            entry = await self._call(client.lookup, parent, ref.name.encode())
+        except ClusterError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            fail(Status.ABORTED, f"{ref.path} changed while being created; retry")
         if not stat.S_ISDIR(entry.mode):
             fail(Status.ALREADY_EXISTS, f"{ref.path} exists and is not a directory")
+        tag = await self._tag(client, entry.ino, TAG_VOLUME)
         if tag is None:
             fail(Status.ALREADY_EXISTS, f"{ref.path} exists and was not created by fusecsi")
         if tag != volume_id.encode():
@@ -358,8 +401,11 @@ class ControllerService:
         owner = await self._tag(client, entry.ino, TAG_OWNER)
         if owner is None:
             # a retained volume's directory, released by DeleteVolume: adopt it
-            await self._call(client.setxattr, entry.ino, TAG_OWNER, name.encode())
-            await self._call(client.set_quota, entry.ino, size, None)
+            await self._together(
+                (client.setxattr, entry.ino, TAG_OWNER, name.encode()),
+                (client.set_quota, entry.ino, size, None),
+            )
+            await self._call(client.sync_journal)
             log.info("volume adopted", extra=fields(volume_id=volume_id, path=ref.path, name=name))
             VOLUMES_CREATED.add(ref.on_delete)
             return size
@@ -372,6 +418,7 @@ class ControllerService:
         quota = await self._quota(client, entry.ino)
         if quota is None:
             await self._call(client.set_quota, entry.ino, size, None)
+            await self._call(client.sync_journal)
             return size
         if not fits(quota, required, limit):
             fail(
@@ -380,39 +427,6 @@ class ControllerService:
                 f"required {required} / limit {limit}",
             )
         return quota
-
-    async def _create(self, client, parent_ino, ref, volume_id, name, size) -> bool:
-        """Make, tag and size a directory under a temporary name, then rename it into place.
-        False if the name was taken meanwhile."""
-        temp = (TEMP_PREFIX + secrets.token_hex(8)).encode()
-        attr = await self._call(client.mkdir, parent_ino, temp, VOLUME_MODE, 0, 0)
-        placed = False
-        try:
-            await self._together(
-                (client.setxattr, attr.ino, TAG_VOLUME, volume_id.encode()),
-                (client.setxattr, attr.ino, TAG_OWNER, name.encode()),
-                (client.set_quota, attr.ino, size, None),
-            )
-            try:
-                await self._call(
-                    client.rename, parent_ino, temp, parent_ino, ref.name.encode(), RENAME_NOREPLACE
-                )
-            except ClusterError as exc:
-                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    return False
-                raise
-            placed = True
-            return True
-        finally:
-            if not placed:
-                with trio.CancelScope(shield=True), trio.move_on_after(self.call_timeout):
-                    try:
-                        await client.rmdir(parent_ino, temp)
-                    except OSError as exc:
-                        log.warning(
-                            "could not remove a temporary directory",
-                            extra=fields(path=f"{ref.parent_path}/{temp.decode()}", error=str(exc)),
-                        )
 
     async def DeleteVolume(self, request: pb.DeleteVolumeRequest) -> pb.DeleteVolumeResponse:
         require(request, "volume_id")
@@ -444,6 +458,7 @@ class ControllerService:
                     self.events.post_on_volume(volume_id, "DeleteRefused", message)
                     fail(Status.FAILED_PRECONDITION, message)
                 await self._apply_policy(client, ref, parent, entry, volume_id)
+                await self._call(client.sync_journal)
                 VOLUMES_DELETED.add(ref.on_delete)
         return pb.DeleteVolumeResponse()
 
@@ -521,6 +536,7 @@ class ControllerService:
     async def _set_quota(self, client, ino: int, size: int, volume_id: str) -> None:
         try:
             await self._call(client.set_quota, ino, size, None)
+            await self._call(client.sync_journal)
         except Exception as exc:
             QUOTA_UPDATES.add("failed")
             self.events.post_on_volume(

@@ -172,6 +172,33 @@ async def test_concurrent_create_and_delete_of_one_volume_stay_consistent(csi, c
         assert not [n for n in entries if n.startswith(b".fusecsi")]
 
 
+async def test_a_replaced_parent_directory_is_found_again(csi, cluster):
+    """The controller caches the inode of fs-path; when that directory is removed and made
+    again (or replaced by a file), the next CreateVolume notices and resolves it afresh."""
+    base = unique("/moving")
+    first = await csi(
+        "CreateVolume", create_request(unique("a"), params(cluster, **{"fs-path": base}))
+    )
+    async with open_client(cluster.master_addrs) as client:
+        old = await client.resolve(base)
+        await client.remove_tree(base)
+        again = await client.mkdirs(base)
+        assert again.ino != old.ino
+    name = unique("b")
+    reply = await csi("CreateVolume", create_request(name, params(cluster, **{"fs-path": base})))
+    async with open_client(cluster.master_addrs) as client:
+        attr = await client.resolve(f"{base}/{name}")
+        assert await client.getxattr(attr.ino, VOLUME_TAG) == reply.volume.volume_id.encode()
+        assert await names_in(client, base) == [name.encode()]
+        assert first.volume.volume_id != reply.volume.volume_id
+        # a file where the parent directory was: refused, nothing made
+        await client.remove_tree(base)
+        top = await client.resolve("/")
+        await client.create(top.ino, base[1:].encode(), 0o644, 0, 0)
+    request = create_request(unique("c"), params(cluster, **{"fs-path": base}))
+    await expect(Status.FAILED_PRECONDITION, csi("CreateVolume", request), "ENOTDIR")
+
+
 BAD_CREATES = [
     # (what, request changes, message) -- sanity: no name, no capabilities
     ("no name", {"name": ""}, "name missing"),
