@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -20,6 +21,7 @@ from typing import Any
 import trio
 
 from fusecsi.cluster.protocol import Pool, RPCError, RPCUnavailable
+from fusecsi.cluster.shortcircuit import ShortCircuit
 from fusecsi.cluster.writebehind import WriteBehind
 
 __all__ = [
@@ -43,6 +45,10 @@ MAX_CACHED_FILES = 4096
 MAX_UNSYNCED = 65536
 WRITE_WINDOW = 8  # block-sized pieces in flight per client
 MAX_ALLOCATE = 64
+READ_MAP_TTL = 1.0  # seconds a cached block map serves reads (see `forget_layout`)
+READ_MAP_WINDOW = 64  # blocks asked for at once when reading
+MAX_READ_MAP_BLOCKS = 16384
+SHORT_CIRCUIT_ENV = "FUSECSI_SHORT_CIRCUIT"  # "0" turns short-circuit I/O off
 
 ClusterError = RPCError
 ClusterUnavailable = RPCUnavailable
@@ -70,6 +76,23 @@ class Quota:
     used_inodes: int
 
 
+class _ReadMap:
+    """A file's block map as the master last gave it, for reads: index -> (block id,
+    addresses), or None for a hole; `committed` is the length the master reported."""
+
+    __slots__ = ("expires", "committed", "blocks", "local")
+
+    def __init__(self, expires: float, committed: int) -> None:
+        self.expires = expires
+        self.committed = committed
+        self.blocks: dict[int, tuple[int, list[str]] | None] = {}
+        self.local: bool | None = None
+
+
+class _Stale(Exception):
+    """A cached block map named a block the workers no longer have."""
+
+
 def _addrs(master_addrs: str | Sequence[str]) -> list[str]:
     items = master_addrs.split(",") if isinstance(master_addrs, str) else list(master_addrs)
     out = [a.strip() for a in items if a.strip()]
@@ -85,8 +108,15 @@ class ClusterClient:
         *,
         token: str | None = None,
         timeout: float = 30.0,
+        short_circuit: bool | None = None,
     ) -> None:
         self.master_addrs = _addrs(master_addrs)
+        if short_circuit is None:
+            short_circuit = os.environ.get(SHORT_CIRCUIT_ENV, "1") != "0"
+        self.short_circuit = short_circuit
+        self._sc: ShortCircuit | None = None
+        # ino -> block map for reads (kept up to date by this client's own writes)
+        self._read_maps: dict[int, _ReadMap] = {}
         self.token = token
         self.timeout = timeout
         self._current = 0
@@ -107,6 +137,7 @@ class ClusterClient:
 
     async def __aenter__(self) -> ClusterClient:
         stack = contextlib.AsyncExitStack()
+        stack.callback(self._close_short_circuit)  # after the nursery: nobody uses them then
         nursery = await stack.enter_async_context(trio.open_nursery())
         self._masters = Pool(
             nursery, token=self.token, default_port=MASTER_PORT, max_conns=2, timeout=self.timeout
@@ -115,6 +146,8 @@ class ClusterClient:
             nursery, token=self.token, default_port=WORKER_PORT, max_conns=4, timeout=self.timeout
         )
         self._behind = WriteBehind(nursery, WRITE_WINDOW)
+        if self.short_circuit:
+            self._sc = ShortCircuit(self._workers, self.token)
         self._nursery = nursery
         self._stack = stack
         return self
@@ -126,6 +159,11 @@ class ClusterClient:
         self._masters.close()
         self._workers.close()
         return await stack.__aexit__(*exc_info)
+
+    def _close_short_circuit(self) -> None:
+        sc, self._sc = self._sc, None
+        if sc is not None:
+            sc.close()
 
     # ------------------------------------------------------------ plumbing
 
@@ -212,8 +250,7 @@ class ClusterClient:
             pending = self._pending.get(ino)
             if pending is not None:
                 await self.commit(ino, pending)
-            self._layouts.pop(ino, None)
-            self._granted.pop(ino, None)
+            self.forget_layout(ino)
         attr = await self._attr(
             "setattr", ino, mode, uid, gid, size, atime_ns, mtime_ns, idempotent=True
         )
@@ -343,14 +380,26 @@ class ClusterClient:
             block_id, addrs = layout[index]
             try:
                 await self._write_block(block_id, addrs, offset, data)
-                self._unsynced.setdefault(ino, set()).add((block_id, tuple(addrs)))
-                return
             except ClusterError as exc:
                 # ENOENT: the block was freed under a cached map (a truncate elsewhere)
                 if exc.errno != errno.ENOENT or attempt:
                     raise
-                self._layouts.pop(ino, None)
-                self._granted.pop(ino, None)
+                self.forget_layout(ino)
+                continue
+            self._unsynced.setdefault(ino, set()).add((block_id, tuple(addrs)))
+            rmap = self._read_maps.get(ino)
+            if rmap is not None and index in rmap.blocks:
+                rmap.blocks[index] = (block_id, addrs)
+                rmap.local = None
+            return
+
+    def forget_layout(self, ino: int) -> None:
+        """Drop every block map cached for `ino`. The FUSE daemon calls it when a file is
+        opened (close-to-open: the next read asks the master); otherwise a map serves reads
+        for READ_MAP_TTL seconds (see `read`)."""
+        self._layouts.pop(ino, None)
+        self._granted.pop(ino, None)
+        self._read_maps.pop(ino, None)
 
     async def _write_layout(self, ino: int, first: int, last: int, end: int) -> dict:
         """Block locations for a write; asks the master when a block is unknown or the write
@@ -397,13 +446,24 @@ class ClusterClient:
             raise min(errors, key=lambda e: e.errno == errno.ENOENT)
 
     async def _write_block(self, block_id: int, addrs: list[str], offset: int, data) -> None:
+        """To every replica at once: the one on this host (if any) through its files, the
+        others over TCP."""
         if not addrs:
             raise ClusterError(errno.EIO, f"block {block_id} has no live replica")
-        pool = self._workers
-        await self._each(
-            lambda addr: pool.call(addr, "write_block", block_id, offset, data, idempotent=True),
-            addrs,
-        )
+        pool, sc = self._workers, self._sc
+
+        async def one(addr: str) -> None:
+            worker = await sc.worker(addr) if sc is not None else None
+            if worker is not None:
+                try:
+                    return await sc.write(worker, block_id, offset, data)
+                except ClusterError as exc:
+                    if exc.errno in (errno.ENOENT, errno.EDQUOT, errno.ENOSPC):
+                        raise
+                    # anything else: the worker's own path decides
+            await pool.call(addr, "write_block", block_id, offset, data, idempotent=True)
+
+        await self._each(one, addrs)
 
     async def _sync_blocks(self, ino: int) -> None:
         blocks = self._unsynced.pop(ino, set())
@@ -422,6 +482,12 @@ class ClusterClient:
             raise
 
     async def read(self, ino: int, offset: int, size: int) -> bytes:
+        """Bytes of the file at `offset`: short at the end, holes as zeros.
+
+        The block map comes from a cache refreshed after READ_MAP_TTL seconds, by
+        `forget_layout`, when the read reaches past the length the master last reported, or
+        when a block it names is gone from the workers (freed by a truncate elsewhere); the
+        data itself is always read from the workers' current files."""
         if offset < 0 or size < 0:
             raise ClusterError(errno.EINVAL, "negative offset or size")
         if size == 0:
@@ -430,39 +496,130 @@ class ClusterClient:
         self._behind.check(ino)
         bs = self._block_size or await self.block_size()
         first = offset // bs
-        count = (offset + size - 1) // bs - first + 1
-        committed, rows = await self._call("layout", ino, first, count, idempotent=True)
-        length = max(committed, self._pending.get(ino, 0))
+        last = (offset + size - 1) // bs
+        rmap = self._cached_map(ino, first, last, offset + size)
+        cached = rmap is not None
+        while True:
+            if rmap is None:
+                rmap = await self._read_map(ino, first, last)
+            try:
+                return await self._read_mapped(ino, rmap, offset, size, bs, cached)
+            except _Stale:
+                self._read_maps.pop(ino, None)
+                rmap, cached = None, False
+
+    def _cached_map(self, ino: int, first: int, last: int, end: int) -> _ReadMap | None:
+        rmap = self._read_maps.get(ino)
+        if rmap is None:
+            return None
+        if rmap.expires < trio.current_time():
+            del self._read_maps[ino]
+            return None
+        if end > max(rmap.committed, self._pending.get(ino, 0)):
+            return None  # the file may have grown since
+        blocks = rmap.blocks
+        for index in range(first, last + 1):
+            if index not in blocks:
+                return None
+        return rmap
+
+    async def _read_map(self, ino: int, first: int, last: int) -> _ReadMap:
+        start = first - first % READ_MAP_WINDOW
+        count = max(READ_MAP_WINDOW, last - start + 1)
+        committed, rows = await self._call("layout", ino, start, count, idempotent=True)
+        rmap = self._read_maps.get(ino)
+        now = trio.current_time()
+        if (
+            rmap is None
+            or rmap.expires < now
+            or rmap.committed != committed
+            or len(rmap.blocks) > MAX_READ_MAP_BLOCKS
+        ):
+            if len(self._read_maps) >= MAX_CACHED_FILES and ino not in self._read_maps:
+                del self._read_maps[next(iter(self._read_maps))]
+            rmap = self._read_maps[ino] = _ReadMap(now + READ_MAP_TTL, committed)
+        blocks = rmap.blocks
+        for index in range(start, start + count):
+            blocks[index] = None
+        for index, block_id, addrs in rows:
+            blocks[index] = (block_id, addrs)
+        rmap.local = None
+        return rmap
+
+    async def _read_mapped(
+        self, ino: int, rmap: _ReadMap, offset: int, size: int, bs: int, cached: bool
+    ) -> bytes:
+        length = max(rmap.committed, self._pending.get(ino, 0))
         end = min(offset + size, length)
         if offset >= end:
             return b""
-        blocks = {index: (block_id, addrs) for index, block_id, addrs in rows}
+        blocks = rmap.blocks
         ranges = []
-        for index in range(first, (end - 1) // bs + 1):
+        for index in range((offset // bs), (end - 1) // bs + 1):
             lo = max(offset, index * bs)
             hi = min(end, (index + 1) * bs)
-            ranges.append((blocks.get(index), lo - index * bs, hi - lo))
+            ranges.append((blocks.get(index), lo - index * bs, hi - lo, cached))
         if len(ranges) == 1:
             return await self._read_block(*ranges[0])
         out: list[bytes] = [b""] * len(ranges)
+        stale = False
 
         async def fetch(i: int) -> None:
-            out[i] = await self._read_block(*ranges[i])
+            nonlocal stale
+            try:
+                out[i] = await self._read_block(*ranges[i])
+            except _Stale:
+                stale = True
 
         await self._each(fetch, list(range(len(ranges))))
+        if stale:
+            raise _Stale
         return b"".join(out)
 
-    async def _read_block(self, block: tuple | None, offset: int, size: int) -> bytes:
-        """`size` bytes of a block from the first replica that answers; holes are zeros."""
+    def reads_local(self, ino: int) -> bool:
+        """True when every block of `ino`'s cached block map has a replica that this client
+        reads through its files (short-circuit): such reads cost a few microseconds, so
+        fetching more than was asked for buys little."""
+        rmap = self._read_maps.get(ino)
+        sc = self._sc
+        if rmap is None or sc is None:
+            return False
+        if rmap.local is None:
+            rmap.local = all(
+                block is None or any(sc.is_local(a) for a in block[1])
+                for block in rmap.blocks.values()
+            ) and any(block is not None for block in rmap.blocks.values())
+        return rmap.local
+
+    async def _read_block(
+        self, block: tuple | None, offset: int, size: int, cached: bool = False
+    ) -> bytes:
+        """`size` bytes of a block from the first replica that answers (the one on this host
+        first); holes are zeros. _Stale when the map was `cached` and no replica has it."""
         if block is None:
             return bytes(size)
         block_id, addrs = block
+        sc = self._sc
+        if sc is not None and len(addrs) > 1:
+            addrs = sorted(addrs, key=lambda a: not sc.is_local(a))
         last: ClusterError | None = None
         for addr in addrs:
+            worker = await sc.worker(addr) if sc is not None else None
             try:
-                data = await self._workers.call(
-                    addr, "read_block", block_id, offset, size, idempotent=True
-                )
+                if worker is not None:
+                    try:
+                        data = await sc.read(worker, block_id, offset, size)
+                    except ClusterError as exc:
+                        if exc.errno == errno.ENOENT:
+                            raise
+                        last = exc  # a bad checksum or a broken link: ask the worker itself
+                        data = await self._workers.call(
+                            addr, "read_block", block_id, offset, size, idempotent=True
+                        )
+                else:
+                    data = await self._workers.call(
+                        addr, "read_block", block_id, offset, size, idempotent=True
+                    )
             except ClusterError as exc:
                 if exc.errno != errno.ENOENT:  # ENOENT: allocated, never written here
                     last = exc
@@ -471,6 +628,8 @@ class ClusterClient:
                 data += bytes(size - len(data))
             return data
         if last is None:
+            if cached:
+                raise _Stale
             return bytes(size)
         raise ClusterError(last.errno, f"block {block_id}: no replica readable: {last.strerror}")
 
@@ -490,4 +649,7 @@ class ClusterClient:
         attr = await self._attr("commit", ino, size, mtime_ns, idempotent=True)
         if self._pending.get(ino, -1) <= size:
             self._pending.pop(ino, None)
+        rmap = self._read_maps.get(ino)
+        if rmap is not None:
+            rmap.committed = attr.size
         return attr

@@ -21,8 +21,16 @@ MAX_TOMBSTONES = 100_000
 
 
 class WorkerService:
-    def __init__(self, store: BlockStore, pool: Pool, masters: list[str], advertise: str) -> None:
+    def __init__(
+        self,
+        store: BlockStore,
+        pool: Pool,
+        masters: list[str],
+        advertise: str,
+        local_socket: str | None = None,
+    ) -> None:
         self.store = store
+        self.local_socket = local_socket
         self.pool = pool
         self.masters = masters
         self.advertise = advertise
@@ -68,14 +76,32 @@ class WorkerService:
         if offset + length > self.block_size:
             raise OSError(errno.EINVAL, f"range ends past the block size {self.block_size}")
 
+    def _check_live(self, block_id: int) -> None:
+        if block_id in self.tombstones:
+            raise OSError(errno.ENOENT, f"block {block_id} was deleted")
+
+    def _write(self, block_id: int, offset: int, data: bytes) -> None:
+        self._check_live(block_id)  # again under the block's lock: a delete may have won it
+        self.store.write(block_id, offset, data)
+
     async def write_block(self, block_id, offset, data):
         if not isinstance(data, bytes):
             raise OSError(errno.EINVAL, "data must be bytes")
         self._check_range(block_id, offset, len(data))
-        if block_id in self.tombstones:
-            raise OSError(errno.ENOENT, f"block {block_id} was deleted")
-        await self._locked(block_id, self.store.write, offset, data)
+        self._check_live(block_id)
+        await self._locked(block_id, self._write, offset, data)
         return None
+
+    def _hand_out(self, block_id: int, writable: bool) -> tuple[int, int]:
+        self._check_live(block_id)
+        return self.store.hand_out(block_id, writable)
+
+    async def open_local(self, block_id, writable: bool) -> tuple[int, int]:
+        """Descriptors of a block for a short-circuit client (fusecsi/cluster/shortcircuit.py),
+        under the checks of the TCP path; a deleted block is never created again."""
+        self._check_range(block_id, 0, 0)
+        self._check_live(block_id)
+        return await self._locked(block_id, self._hand_out, writable)
 
     async def read_block(self, block_id, offset, size):
         self._check_range(block_id, offset, check_int(size, "size"))
@@ -113,6 +139,7 @@ class WorkerService:
             "block_size": self.block_size,
             "pid": os.getpid(),
             "registered": self.registered.is_set(),
+            "local_socket": self.local_socket,
         }
 
     # ------------------------------------------------------------ master link
@@ -162,6 +189,8 @@ class WorkerService:
                 if not known:
                     await self._register()
                     known = True
+                if self.store.external:
+                    await trio.to_thread.run_sync(self.store.refresh, limiter=self.limiter)
                 capacity, free = self.store.space()
                 reply = await self._call_master("heartbeat", self.store.worker_id, capacity, free)
                 known = reply["known"]

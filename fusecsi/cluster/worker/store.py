@@ -2,25 +2,142 @@
 
 Chunk checksums let a ranged write update only the chunks it touches and let a ranged read
 verify only the chunks it returns; a mismatch is reported as EIO so the client can go to
-another replica. Every method here blocks: the service runs them in threads.
+another replica. Every function here blocks: the service runs them in threads.
+
+The block-file functions (`write_at`, `read_at`, `truncate_at`) work on a pair of open file
+descriptors, so the worker and a short-circuit client on the same host (which got the
+descriptors from the worker, see fusecsi/cluster/shortcircuit.py) run the same code. Both
+sides lock the checksum file with flock(2) around every update (exclusive) and every verified
+read (shared): flock locks belong to an open file description, so they exclude other
+processes and every separately opened descriptor, but not users of one shared descriptor
+(those serialise among themselves).
 """
 
 from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import os
 import secrets
+import threading
 import zlib
+from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 
 CHUNK = 64 << 10
+CRC_SIZE = 4
+_ZERO_CRC = zlib.crc32(bytes(CHUNK))
+MAX_EXTERNAL = 4096  # blocks handed out for short-circuit writes whose size is re-read
 
 
-def _crc_array(data: bytes = b"") -> array.array:
-    crcs = array.array("I")
-    crcs.frombytes(data)
-    return crcs
+def _pread(fd: int, size: int, offset: int, wait: bool) -> bytes:
+    if wait:
+        return os.pread(fd, size, offset)
+    buf = bytearray(size)
+    got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)  # EAGAIN: not in the page cache
+    if got < size:
+        if size == 0 or os.fstat(fd).st_size > offset + got:
+            raise BlockingIOError(errno.EAGAIN, "partly in the page cache")
+        del buf[got:]
+    return bytes(buf)
+
+
+def _lock(crc_fd: int, exclusive: bool, wait: bool) -> None:
+    """Lock the block (BlockingIOError when `wait` is false and someone holds it)."""
+    op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    fcntl.flock(crc_fd, op if wait else op | fcntl.LOCK_NB)
+
+
+def _unlock(crc_fd: int) -> None:
+    fcntl.flock(crc_fd, fcntl.LOCK_UN)
+
+
+def write_at(fd: int, crc_fd: int, offset: int, data, *, wait: bool = True) -> tuple[int, int]:
+    """Write `data` at `offset` and update the checksums of the chunks it touches (and of a
+    hole it opens). Returns the block's (old length, new length). `wait=False` raises
+    BlockingIOError instead of waiting for another user of the block."""
+    _lock(crc_fd, True, wait)
+    try:
+        old_len = os.fstat(fd).st_size
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+        end = offset + len(view)
+        new_len = max(old_len, end)
+        first = min(old_len, offset) // CHUNK
+        last = (end - 1) // CHUNK
+        crcs = array.array("I", bytes(CRC_SIZE * (last - first + 1)))
+        for i in range(first, last + 1):
+            start, stop = i * CHUNK, min((i + 1) * CHUNK, new_len)
+            if offset <= start and stop <= end:
+                crcs[i - first] = zlib.crc32(view[start - offset : stop - offset])
+            elif old_len <= start and stop <= offset and stop - start == CHUNK:
+                crcs[i - first] = _ZERO_CRC  # a whole chunk of the hole the write opened
+            else:
+                crcs[i - first] = zlib.crc32(os.pread(fd, stop - start, start))
+        os.pwrite(crc_fd, memoryview(crcs).cast("B"), first * CRC_SIZE)
+        return old_len, new_len
+    finally:
+        _unlock(crc_fd)
+
+
+def read_at(
+    fd: int, crc_fd: int, offset: int, size: int, *, name: object = "", wait: bool = True
+) -> bytes:
+    """Up to `size` bytes from `offset` (short at the block's end), after verifying the
+    checksum of every chunk they touch: EIO on a mismatch. `wait=False` raises
+    BlockingIOError instead of waiting for a writer or for the disk (data not in the page
+    cache), so the caller can go to a thread."""
+    _lock(crc_fd, False, wait)
+    try:
+        length = os.fstat(fd).st_size
+        end = min(offset + size, length)
+        if offset >= end:
+            return b""
+        first = offset // CHUNK
+        start = first * CHUNK
+        stop = min(((end - 1) // CHUNK + 1) * CHUNK, length)
+        data = _pread(fd, stop - start, start, wait)
+        count = (stop - 1) // CHUNK + 1 - first
+        crcs = array.array("I")
+        crcs.frombytes(_pread(crc_fd, count * CRC_SIZE, first * CRC_SIZE, wait))
+    finally:
+        _unlock(crc_fd)
+    view = memoryview(data)
+    for k in range((stop - start + CHUNK - 1) // CHUNK):
+        lo = k * CHUNK
+        if k >= len(crcs) or zlib.crc32(view[lo : lo + CHUNK]) != crcs[k]:
+            raise OSError(errno.EIO, f"block {name}: checksum mismatch in chunk {first + k}")
+    if offset == start and end == stop:
+        return data
+    return data[offset - start : end - start]
+
+
+def truncate_at(fd: int, crc_fd: int, length: int) -> tuple[int, int]:
+    """Cut the block to `length` (never grows it). Returns (old length, new length)."""
+    _lock(crc_fd, True, True)
+    try:
+        old_len = os.fstat(fd).st_size
+        if length >= old_len:
+            return old_len, old_len
+        os.ftruncate(fd, length)
+        chunks = (length + CHUNK - 1) // CHUNK
+        os.ftruncate(crc_fd, chunks * CRC_SIZE)
+        if length % CHUNK:
+            start = (chunks - 1) * CHUNK
+            crc = array.array("I", [zlib.crc32(os.pread(fd, length - start, start))])
+            os.pwrite(crc_fd, memoryview(crc).cast("B"), (chunks - 1) * CRC_SIZE)
+        return old_len, length
+    finally:
+        _unlock(crc_fd)
+
+
+def sync_fds(*fds: int) -> None:
+    for fd in fds:
+        os.fdatasync(fd)
 
 
 class BlockStore:
@@ -30,6 +147,10 @@ class BlockStore:
         self.capacity_limit = capacity
         self.worker_id = self._worker_id(data_dir)
         self.used = sum(self._size(p) for p in self._block_paths())
+        self._accounting = threading.Lock()
+        # blocks handed to short-circuit writers -> the size `used` counts for them; they
+        # grow behind the worker's back, so refresh() reads their sizes again
+        self.external: OrderedDict[int, int] = OrderedDict()
 
     @staticmethod
     def _worker_id(data_dir: Path) -> str:
@@ -77,110 +198,104 @@ class BlockStore:
             free = min(free, max(0, self.capacity_limit - self.used))
         return total, free
 
-    # ------------------------------------------------------------ checksums
+    def _account(self, block_id: int, old: int, new: int) -> None:
+        with self._accounting:
+            known = self.external.get(block_id)
+            if known is not None:
+                old = known
+                self.external[block_id] = new
+            self.used += new - old
+
+    def refresh(self) -> None:
+        """Count what short-circuit writers added to the blocks they hold."""
+        for block_id in list(self.external):
+            size = self._size(self.path(block_id))
+            with self._accounting:
+                known = self.external.get(block_id)
+                if known is not None:  # else deleted meanwhile (and uncounted)
+                    self.external[block_id] = size
+                    self.used += size - known
+
+    # ------------------------------------------------------------ files
 
     @staticmethod
     def _crc_path(path: Path) -> Path:
         return path.with_name(path.name + ".crc")
 
-    def _load_crcs(self, path: Path) -> array.array:
+    def open_block(
+        self, block_id: int, writable: bool, create: bool | None = None
+    ) -> tuple[int, int]:
+        """Fresh (data, checksum) descriptors of a block; ENOENT when it does not exist unless
+        `create` (default: `writable`). The checksum file is created first, so a reader that
+        finds the data file always finds its checksums."""
+        if create is None:
+            create = writable
+        path = self.path(block_id)
+        crc_path = self._crc_path(path)
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        if create:
+            flags |= os.O_CREAT
+            try:
+                crc_fd = os.open(crc_path, flags, 0o600)
+            except FileNotFoundError:
+                path.parent.mkdir(exist_ok=True)
+                crc_fd = os.open(crc_path, flags, 0o600)
+            try:
+                fd = os.open(path, flags, 0o600)
+            except BaseException:
+                os.close(crc_fd)
+                raise
+            return fd, crc_fd
         try:
-            return _crc_array(self._crc_path(path).read_bytes())
+            fd = os.open(path, flags)
+            try:
+                crc_fd = os.open(crc_path, flags)
+            except BaseException:  # FileNotFoundError: deleted between the two opens
+                os.close(fd)
+                raise
         except FileNotFoundError:
-            return _crc_array()
+            raise OSError(errno.ENOENT, f"no block {block_id}") from None
+        return fd, crc_fd
 
-    def _save_crcs(self, path: Path, crcs: array.array, first: int = 0) -> None:
-        """Write the checksums from chunk `first` on, and cut the file to their number."""
-        fd = os.open(self._crc_path(path), os.O_WRONLY | os.O_CREAT, 0o600)
+    def hand_out(self, block_id: int, writable: bool) -> tuple[int, int]:
+        """`open_block` for a short-circuit client; a writable block's growth is counted."""
+        fds = self.open_block(block_id, writable)
+        if writable:
+            with self._accounting:
+                if block_id not in self.external:
+                    self.external[block_id] = os.fstat(fds[0]).st_size
+                self.external.move_to_end(block_id)
+                while len(self.external) > MAX_EXTERNAL:
+                    # counted once more, then no longer followed
+                    oldest, known = self.external.popitem(last=False)
+                    self.used += self._size(self.path(oldest)) - known
+        return fds
+
+    def _with_block(self, block_id: int, writable: bool, create: bool, fn, *args):
+        fd, crc_fd = self.open_block(block_id, writable, create)
         try:
-            os.pwrite(fd, memoryview(crcs)[first:].cast("B"), first * crcs.itemsize)
-            os.ftruncate(fd, len(crcs) * crcs.itemsize)
+            return fn(fd, crc_fd, *args)
         finally:
             os.close(fd)
+            os.close(crc_fd)
 
     # ------------------------------------------------------------ operations
 
     def write(self, block_id: int, offset: int, data: bytes) -> None:
-        if not data:
-            return
-        path = self.path(block_id)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except FileNotFoundError:
-            path.parent.mkdir(exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            old_len = os.fstat(fd).st_size
-            view = memoryview(data)
-            done = 0
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + done)
-            end = offset + len(data)
-            new_len = max(old_len, end)
-            self.used += new_len - old_len
-            first = min(old_len, offset) // CHUNK
-            crcs = self._load_crcs(path) if first or end < old_len else _crc_array()
-            chunks = (new_len + CHUNK - 1) // CHUNK
-            if len(crcs) < chunks:
-                crcs.extend([0] * (chunks - len(crcs)))
-            for i in range(first, (end - 1) // CHUNK + 1):
-                start, stop = i * CHUNK, min((i + 1) * CHUNK, new_len)
-                if offset <= start and stop <= end:
-                    crcs[i] = zlib.crc32(view[start - offset : stop - offset])
-                else:
-                    crcs[i] = zlib.crc32(os.pread(fd, stop - start, start))
-            self._save_crcs(path, crcs, first)
-        finally:
-            os.close(fd)
+        if data:
+            self._account(block_id, *self._with_block(block_id, True, True, write_at, offset, data))
 
     def read(self, block_id: int, offset: int, size: int) -> bytes:
-        path = self.path(block_id)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise OSError(errno.ENOENT, f"no block {block_id}") from None
-        try:
-            length = os.fstat(fd).st_size
-            end = min(offset + size, length)
-            if offset >= end:
-                return b""
-            first = offset // CHUNK
-            start = first * CHUNK
-            stop = min(((end - 1) // CHUNK + 1) * CHUNK, length)
-            data = os.pread(fd, stop - start, start)
-        finally:
-            os.close(fd)
-        crcs = self._load_crcs(path)
-        view = memoryview(data)
-        for i in range(first, (stop - 1) // CHUNK + 1):
-            lo = i * CHUNK - start
-            if i >= len(crcs) or zlib.crc32(view[lo : lo + CHUNK]) != crcs[i]:
-                raise OSError(errno.EIO, f"block {block_id}: checksum mismatch in chunk {i}")
-        if offset == start and end == stop:
-            return data
-        return data[offset - start : end - start]
+        return self._with_block(
+            block_id, False, False, partial(read_at, name=block_id), offset, size
+        )
 
     def truncate(self, block_id: int, length: int) -> None:
-        path = self.path(block_id)
         try:
-            fd = os.open(path, os.O_RDWR)
+            sizes = self._with_block(block_id, True, False, truncate_at, length)
         except FileNotFoundError:
             return
-        try:
-            old_len = os.fstat(fd).st_size
-            if length >= old_len:
-                return
-            os.ftruncate(fd, length)
-            self.used -= old_len - length
-            crcs = self._load_crcs(path)
-            chunks = (length + CHUNK - 1) // CHUNK
-            del crcs[chunks:]
-            if length % CHUNK and chunks:
-                start = (chunks - 1) * CHUNK
-                crcs[chunks - 1] = zlib.crc32(os.pread(fd, length - start, start))
-            self._save_crcs(path, crcs)
-        finally:
-            os.close(fd)
+        self._account(block_id, *sizes)
 
     def sync(self, block_ids: list[int]) -> None:
         for block_id in block_ids:
@@ -206,7 +321,10 @@ class BlockStore:
 
     def delete(self, block_id: int) -> None:
         path = self.path(block_id)
-        self.used -= self._size(path)
+        size = self._size(path)
+        self._account(block_id, size, 0)
+        with self._accounting:
+            self.external.pop(block_id, None)
         for p in (path, self._crc_path(path)):
             try:
                 p.unlink()

@@ -1,0 +1,476 @@
+"""Short-circuit block I/O: a client on a worker's host reads and writes the block files itself.
+
+The worker listens on a unix socket (mode 0600, `worker_info()["local_socket"]`) besides
+TCP. A client that can connect to that path and gets back the worker id the TCP address
+reports is on the same host; it then asks for a block by id and receives freshly opened
+descriptors of the block file and its checksum file (SCM_RIGHTS), and runs the very
+block-file code the worker runs (fusecsi/cluster/worker/store.py: checksums updated on write,
+verified on read, flock on the checksum file against concurrent writers).
+
+Wire: length-prefixed msgpack frames on a stream socket, strictly one request at a time per
+connection. Requests `[method, args]`, replies `[error | None, result]` (error:
+`[errno name, message]`), descriptors attached to the reply:
+- `hello(token)` -> `{"id", "block_size"}` (first; EACCES and a closed socket on a bad token)
+- `open(block_id, writable)` -> `{"size"}` + [block fd, checksum fd]; the worker applies its
+  TCP path's checks (id range, deleted blocks refused with ENOENT) and counts a writable
+  block's growth in its capacity.
+
+What a client may rely on: a descriptor is used only while the connection it came over is up
+(a worker restart drops them all), and a block the worker unlinked (the master freed it) is
+noticed after every read or write through a cached descriptor (st_nlink == 0) and reported
+as ENOENT, never read from or silently written to.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import hmac
+import logging
+import os
+import socket
+import struct
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgpack
+import trio
+
+from fusecsi.cluster.protocol import RPCError
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("!I")
+MAX_MESSAGE = 1 << 16
+MAX_FDS = 2
+MAX_OPEN_BLOCKS = 1024  # blocks whose descriptors a client keeps open (two each)
+DISCOVERY_TIMEOUT = 2.0
+DISCOVERY_RETRY = 10.0
+INLINE_MAX = 64 << 10  # pieces up to this size are read/written on the event loop
+
+
+def _pack(message: list) -> bytes:
+    body = msgpack.packb(message, use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+class _Channel:
+    """One end of a local connection: whole frames in, whole frames (with fds) out."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._buffer = bytearray()
+
+    async def send(self, message: list, fds: tuple[int, ...] = ()) -> None:
+        data = memoryview(_pack(message))
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        while data:
+            try:
+                sent = self.sock.sendmsg([data], ancillary)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+                continue
+            ancillary = []  # the descriptors went with the first byte
+            data = data[sent:]
+
+    async def receive(self) -> tuple[Any, list[int]]:
+        """One message and the descriptors that came with it (EOFError when closed)."""
+        fds: list[int] = []
+        try:
+            while True:
+                if len(self._buffer) >= HEADER.size:
+                    (length,) = HEADER.unpack_from(self._buffer)
+                    if length > MAX_MESSAGE:
+                        raise EOFError(f"message of {length} bytes")
+                    if len(self._buffer) >= HEADER.size + length:
+                        body = bytes(self._buffer[HEADER.size : HEADER.size + length])
+                        del self._buffer[: HEADER.size + length]
+                        return msgpack.unpackb(body, raw=False), fds
+                try:
+                    data, ancdata, _, _ = self.sock.recvmsg(
+                        MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+                    )
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self.sock)
+                    continue
+                for level, kind, payload in ancdata:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        got = array.array("i")
+                        got.frombytes(payload[: len(payload) - len(payload) % 4])
+                        fds.extend(got)
+                if not data:
+                    raise EOFError("connection closed")
+                self._buffer += data
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+    def closed_by_peer(self) -> bool:
+        """True once the other end has gone (a nonblocking peek sees EOF)."""
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def _token_matches(args: list, token: str) -> bool:
+    return (
+        len(args) == 1
+        and isinstance(args[0], str)
+        and hmac.compare_digest(args[0].encode(), token.encode())
+    )
+
+
+Opener = Callable[[int, bool], Awaitable[tuple[int, int]]]
+
+
+class LocalServer:
+    """Hands block descriptors to clients on this host."""
+
+    def __init__(self, worker_id: str, token: str | None, block_size, open_block: Opener):
+        self.worker_id = worker_id
+        self.token = token
+        self.block_size = block_size  # a callable: the master may change it after start
+        self.open_block = open_block
+
+    async def serve(self, listener: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED):
+        listener.setblocking(False)
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            try:
+                while True:
+                    try:
+                        conn, _ = listener.accept()
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(listener)
+                        continue
+                    except OSError as exc:  # out of descriptors: let some close
+                        log.warning("local accept failed: %s", exc)
+                        await trio.sleep(0.1)
+                        continue
+                    nursery.start_soon(self._connection, _Channel(conn))
+            finally:
+                listener.close()
+
+    async def _connection(self, channel: _Channel) -> None:
+        authed = self.token is None
+        try:
+            while True:
+                message, fds = await channel.receive()
+                for fd in fds:  # clients send none
+                    os.close(fd)
+                if not (isinstance(message, list) and len(message) == 2):
+                    return
+                method, args = message
+                if not isinstance(args, list):
+                    return
+                if method == "hello":
+                    if not authed and not _token_matches(args, self.token):
+                        await channel.send([["EACCES", "bad token"], None])
+                        return
+                    authed = True
+                    info = {"id": self.worker_id, "block_size": self.block_size()}
+                    await channel.send([None, info])
+                elif method == "open" and authed:
+                    await self._open(channel, args)
+                else:
+                    await channel.send([["EPROTO", f"unexpected {method!r}"], None])
+                    return
+        except (EOFError, OSError):
+            pass
+        finally:
+            channel.close()
+
+    async def _open(self, channel: _Channel, args: list) -> None:
+        try:
+            if len(args) != 2 or not isinstance(args[1], bool):
+                raise OSError(errno.EINVAL, "open(block_id, writable)")
+            fds = await self.open_block(args[0], args[1])
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or errno.EIO, "EIO")
+            await channel.send([[name, exc.strerror or str(exc)], None])
+            return
+        try:
+            await channel.send([None, {"size": os.fstat(fds[0]).st_size}], fds)
+        finally:
+            for fd in fds:  # the client has its own copies now
+                os.close(fd)
+
+
+# ---------------------------------------------------------------- client side
+
+
+class LocalWorker:
+    """A client's connection to one worker's local socket."""
+
+    def __init__(self, address: str, channel: _Channel, worker_id: str, block_size: int):
+        self.address = address
+        self.channel = channel
+        self.worker_id = worker_id
+        self.block_size = block_size
+        self.lock = trio.Lock()
+        self.broken = False
+
+    @classmethod
+    async def connect(cls, address: str, path: str, token: str | None) -> LocalWorker:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.setblocking(False)
+            try:
+                sock.connect(path)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err)) from None
+            channel = _Channel(sock)
+            await channel.send(["hello", [token]])
+            (error, info), fds = await channel.receive()
+            for fd in fds:
+                os.close(fd)
+            if error is not None:
+                raise RPCError(str(error[0]), str(error[1]))
+            return cls(address, channel, str(info["id"]), int(info["block_size"]))
+        except BaseException:
+            sock.close()
+            raise
+
+    @property
+    def alive(self) -> bool:
+        if not self.broken and self.channel.closed_by_peer():
+            self.broken = True
+        return not self.broken
+
+    async def open(self, block_id: int, writable: bool) -> tuple[int, int]:
+        async with self.lock:
+            if self.broken:
+                raise RPCError(errno.ECONNRESET, "local worker connection closed")
+            try:
+                await self.channel.send(["open", [block_id, writable]])
+                (error, _), fds = await self.channel.receive()
+            except (EOFError, OSError) as exc:
+                self.broken = True
+                raise RPCError(errno.ECONNRESET, f"local worker: {exc}") from None
+            if error is not None:
+                for fd in fds:
+                    os.close(fd)
+                raise RPCError(str(error[0]), str(error[1]))
+            if len(fds) != 2:
+                for fd in fds:
+                    os.close(fd)
+                raise RPCError(errno.EPROTO, f"expected 2 descriptors, got {len(fds)}")
+            return fds[0], fds[1]
+
+    def close(self) -> None:
+        self.broken = True
+        self.channel.close()
+
+
+class OpenBlock:
+    """Descriptors of one block held by a client; closed once evicted and unused."""
+
+    __slots__ = ("block_id", "fd", "crc_fd", "writable", "worker", "users", "evicted", "lock")
+
+    def __init__(self, block_id, fd, crc_fd, writable, worker) -> None:
+        self.block_id = block_id
+        self.fd = fd
+        self.crc_fd = crc_fd
+        self.writable = writable
+        self.worker = worker
+        self.users = 0
+        self.evicted = False
+        # one open file description, so its flock cannot keep this process's own users apart
+        self.lock = trio.Lock()
+
+    def close_if_done(self) -> None:
+        if self.evicted and self.users == 0 and self.fd >= 0:
+            os.close(self.fd)
+            os.close(self.crc_fd)
+            self.fd = self.crc_fd = -1
+
+
+class BlockFiles:
+    """A bounded LRU of open block descriptors, by block id."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.entries: OrderedDict[int, OpenBlock] = OrderedDict()
+
+    def get(self, block_id: int, worker: LocalWorker, writable: bool) -> OpenBlock | None:
+        entry = self.entries.get(block_id)
+        if entry is None:
+            return None
+        if entry.worker is not worker or not worker.alive or (writable and not entry.writable):
+            self.drop(block_id)
+            return None
+        self.entries.move_to_end(block_id)
+        return entry
+
+    def add(self, entry: OpenBlock) -> None:
+        self.drop(entry.block_id)
+        self.entries[entry.block_id] = entry
+        while len(self.entries) > self.limit:
+            self.drop(next(iter(self.entries)))
+
+    def drop(self, block_id: int) -> None:
+        entry = self.entries.pop(block_id, None)
+        if entry is not None:
+            entry.evicted = True
+            entry.close_if_done()
+
+    def drop_worker(self, worker: LocalWorker) -> None:
+        for block_id in [b for b, e in self.entries.items() if e.worker is worker]:
+            self.drop(block_id)
+
+    def close(self) -> None:
+        for block_id in list(self.entries):
+            self.drop(block_id)
+
+
+class ShortCircuit:
+    """A client's short-circuit state: which worker addresses are on this host (learnt by
+    connecting, never by comparing IP addresses) and the block descriptors it holds."""
+
+    def __init__(self, workers, token: str | None, limit: int = MAX_OPEN_BLOCKS) -> None:
+        import resource
+
+        from fusecsi.cluster.worker import store  # the block-file code the worker runs
+
+        self.store = store
+        self.pool = workers
+        self.token = token
+        # a quarter of the descriptors this process may open, at most
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY:
+            limit = max(1, min(limit, soft // 8))
+        self.files = BlockFiles(limit)
+        self.local: dict[str, LocalWorker] = {}
+        self.retry_at: dict[str, float] = {}  # address -> when to look again (not local)
+        self._finding: dict[str, trio.Lock] = {}
+        self.limiter = trio.CapacityLimiter(4)
+
+    def is_local(self, address: str) -> bool:
+        worker = self.local.get(address)
+        return worker is not None and not worker.broken
+
+    def _forget(self, worker: LocalWorker) -> None:
+        if self.local.get(worker.address) is worker:
+            del self.local[worker.address]
+        self.files.drop_worker(worker)
+        worker.close()
+
+    async def worker(self, address: str) -> LocalWorker | None:
+        """The local connection to the worker at `address`, or None when it is not on this
+        host (asked again after DISCOVERY_RETRY seconds)."""
+        worker = self.local.get(address)
+        if worker is not None:
+            if worker.alive:
+                return worker
+            self._forget(worker)
+        if self.retry_at.get(address, -1.0) > trio.current_time():
+            return None
+        lock = self._finding.setdefault(address, trio.Lock())
+        async with lock:
+            worker = self.local.get(address)
+            if worker is None and self.retry_at.get(address, -1.0) <= trio.current_time():
+                with trio.move_on_after(DISCOVERY_TIMEOUT):
+                    worker = await self._discover(address)
+                if worker is None:
+                    self.retry_at[address] = trio.current_time() + DISCOVERY_RETRY
+                else:
+                    self.local[address] = worker
+                    self.retry_at.pop(address, None)
+                    log.debug("short-circuit to %s", address)
+            return worker
+
+    async def _discover(self, address: str) -> LocalWorker | None:
+        try:
+            info = await self.pool.call(address, "worker_info", idempotent=True)
+            path = info.get("local_socket")
+            if not path:
+                return None
+            worker = await LocalWorker.connect(address, path, self.token)
+        except (OSError, EOFError, ValueError, TypeError, KeyError):  # RPCError is an OSError
+            return None
+        if worker.worker_id != info.get("id"):  # another worker's socket: not this address
+            worker.close()
+            return None
+        return worker
+
+    async def _entry(self, worker: LocalWorker, block_id: int, writable: bool) -> OpenBlock:
+        entry = self.files.get(block_id, worker, writable)
+        if entry is None:
+            try:
+                fd, crc_fd = await worker.open(block_id, writable)
+            except RPCError as exc:
+                if exc.errno == errno.ECONNRESET:
+                    self._forget(worker)
+                raise
+            entry = OpenBlock(block_id, fd, crc_fd, writable, worker)
+            self.files.add(entry)
+        return entry
+
+    async def _run(self, worker: LocalWorker, block_id: int, writable: bool, size: int, fn):
+        """`fn(entry, wait)` on the block's descriptors: on the event loop when the piece is
+        small and nobody holds the block, else in a thread. ENOENT once the block is gone."""
+        entry = await self._entry(worker, block_id, writable)
+        entry.users += 1
+        try:
+            async with entry.lock:
+                result = None
+                if size <= INLINE_MAX:
+                    try:
+                        result = fn(entry, False)
+                    except BlockingIOError:
+                        pass
+                if result is None:
+                    result = await trio.to_thread.run_sync(fn, entry, True, limiter=self.limiter)
+        except OSError as exc:
+            if isinstance(exc, RPCError):
+                raise
+            raise RPCError(exc.errno or errno.EIO, f"block {block_id}: {exc.strerror}") from None
+        finally:
+            entry.users -= 1
+            entry.close_if_done()
+        value, gone = result
+        if gone:
+            self.files.drop(block_id)
+            raise RPCError(errno.ENOENT, f"block {block_id} was deleted")
+        return value
+
+    async def read(self, worker: LocalWorker, block_id: int, offset: int, size: int) -> bytes:
+        read_at = self.store.read_at
+
+        def read(entry: OpenBlock, wait: bool):
+            data = read_at(entry.fd, entry.crc_fd, offset, size, name=block_id, wait=wait)
+            return data, os.fstat(entry.fd).st_nlink == 0
+
+        return await self._run(worker, block_id, False, size, read)
+
+    async def write(self, worker: LocalWorker, block_id: int, offset: int, data) -> None:
+        if offset + len(data) > worker.block_size:
+            raise RPCError(errno.EINVAL, f"range ends past the block size {worker.block_size}")
+        write_at = self.store.write_at
+
+        def write(entry: OpenBlock, wait: bool):
+            write_at(entry.fd, entry.crc_fd, offset, data, wait=wait)
+            return None, os.fstat(entry.fd).st_nlink == 0
+
+        await self._run(worker, block_id, True, len(data), write)
+
+    def close(self) -> None:
+        self.files.close()
+        for worker in list(self.local.values()):
+            worker.close()
+        self.local.clear()
