@@ -7,7 +7,7 @@ import stat
 import msgpack
 import trio
 
-from fusecsi.cluster.master.journal import Journal
+from fusecsi.cluster.master.journal import Journal, read_segment
 from fusecsi.cluster.master.namespace import Namespace
 
 
@@ -76,3 +76,38 @@ async def test_replay_rebuilds_the_same_state(tmp_path):
     for record in tail:
         rebuilt.apply(record)
     assert _dump(rebuilt) == _dump(ns)
+
+
+async def test_a_torn_older_segment_keeps_only_the_prefix_before_it(tmp_path):
+    """After a power loss an older segment may miss its tail while a newer one has records:
+    none of those was ever reported synced, so recovery stops at the tear, cuts the segment
+    there and sets the newer segments aside; the next recovery sees a clean journal."""
+    records = _records(Namespace(1 << 20))
+    journal = Journal(tmp_path)
+    journal.recover()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        for record in records[:6]:
+            journal.append(record)
+        journal.rotate()
+        for record in records[6:]:
+            journal.append(record)
+        await journal.sync_all()
+        nursery.cancel_scope.cancel()
+    journal.close()
+    first, second = (tmp_path / f"journal-{n}.log" for n in (0, 1))
+    whole = first.read_bytes()
+    _, good, _ = read_segment(first)
+    assert good == len(whole)
+    first.write_bytes(whole[:-3])  # the last record of the older segment is torn
+
+    recovered = Journal(tmp_path)
+    state, replayed = recovered.recover()
+    recovered.close()
+    assert state is None and replayed == records[:5]
+    assert first.read_bytes() == whole[: read_segment(first)[1]]
+    assert not second.exists() and (tmp_path / "journal-1.log.dropped").exists()
+    # what was replayed is now a clean prefix: recovering again finds the same, no error
+    again = Journal(tmp_path)
+    assert again.recover() == (None, records[:5])
+    again.close()
