@@ -4,6 +4,11 @@ Every call gets `io-timeout` seconds in total. Within it, idempotent calls are r
 while the cluster is unreachable (a master or worker restarting); calls that change the
 namespace are retried only when the request cannot have been delivered (connection
 refused). When the time is up the application gets EIO instead of hanging.
+
+A single master call (`ONE_MASTER_CALL`) gives up on its own within the client's timeout,
+which the daemon sets to io-timeout: its first attempt runs without a cancel scope of ours
+(a deadline costs more than the rest of the wrapper), and only a retry gets one, with the
+deadline counted from the first attempt.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ TRANSIENT = frozenset(
 NOT_DELIVERED = frozenset({errno.ECONNREFUSED})
 FIRST_BACKOFF = 0.05
 MAX_BACKOFF = 1.0
+# ClusterClient methods that are one master call under the client's own deadline.
+ONE_MASTER_CALL = frozenset(
+    "lookup getattr mkdir create unlink rmdir rename readdir symlink readlink link".split()
+)
 
 
 class ClusterCalls:
@@ -45,26 +54,41 @@ class ClusterCalls:
 
     async def __call__(self, fn, *args, idempotent: bool = True, **kwargs):
         """`await fn(*args, **kwargs)`; failures become FUSEError with the cluster's errno."""
+        start = trio.current_time()
+        retry = False
+        if getattr(fn, "__name__", None) in ONE_MASTER_CALL:
+            try:
+                return await fn(*args, **kwargs)
+            except (OSError, ExceptionGroup) as raised:
+                _retryable(fn, raised, idempotent)
+            retry = True
         delay = FIRST_BACKOFF
-        with trio.move_on_after(self.io_timeout):
+        with trio.move_on_at(start + self.io_timeout):
             while True:
+                if retry:
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, MAX_BACKOFF)
+                retry = True
                 try:
                     return await fn(*args, **kwargs)
                 except (OSError, ExceptionGroup) as raised:
-                    exc = unwrap(raised)
-                    if not isinstance(exc, OSError):
-                        raise
-                    code = exc.errno or errno.EIO
-                    if code not in TRANSIENT:
-                        raise FUSEError(code) from None
-                    if not idempotent and code not in NOT_DELIVERED:
-                        log.warning("cluster call failed", extra=_fields(fn, exc))
-                        raise FUSEError(errno.EIO) from None
-                    log.info("cluster unreachable, retrying", extra=_fields(fn, exc))
-                await trio.sleep(delay)
-                delay = min(delay * 2, MAX_BACKOFF)
+                    _retryable(fn, raised, idempotent)
         log.warning("cluster call timed out", extra=fields(call=_name(fn)))
         raise FUSEError(errno.EIO)
+
+
+def _retryable(fn, raised: BaseException, idempotent: bool) -> None:
+    """Return when the failed call may be sent again; raise what the kernel gets otherwise."""
+    exc = unwrap(raised)
+    if not isinstance(exc, OSError):
+        raise raised
+    code = exc.errno or errno.EIO
+    if code not in TRANSIENT:
+        raise FUSEError(code) from None
+    if not idempotent and code not in NOT_DELIVERED:
+        log.warning("cluster call failed", extra=_fields(fn, exc))
+        raise FUSEError(errno.EIO) from None
+    log.info("cluster unreachable, retrying", extra=_fields(fn, exc))
 
 
 def unwrap(exc: BaseException) -> BaseException:

@@ -10,6 +10,10 @@ the kernel's cached attributes are invalidated so the new length is seen.
 
 A file unlinked (or renamed over) while open through this mount is moved into a hidden
 directory at the top of fs-path and removed at its last close, so it stays readable.
+
+A missing name is answered with a negative entry, which the kernel caches for
+`entry-timeout` seconds like a positive one; in a directory whose every name this mount
+knows (listings.py) the answer needs no cluster call.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from fusecsi.fuse.calls import ClusterCalls
 from fusecsi.fuse.dircache import DirAttrs
 from fusecsi.fuse.handles import HandleTable, OpenInode
 from fusecsi.fuse.inodes import ROOT_INODE, InodeMap, LookupCounts
+from fusecsi.fuse.listings import MAX_NAMES, Listings
 from fusecsi.fuse.readahead import ReadAhead
 from fusecsi.fuse.stats import OpStats
 from fusecsi.fuse.writeback import WriteBuffer
@@ -69,6 +74,7 @@ class Operations(pyfuse3.Operations):
         self.attr_timeout = float(options["attr-timeout"])
         self.entry_timeout = float(options["entry-timeout"])
         self.dir_attrs = DirAttrs(self.attr_timeout)
+        self.listings = Listings(self.entry_timeout)
         self.write_buffer = int(options["write-buffer-mb"]) << 20
         self.read_ahead = int(options["read-ahead-kb"]) << 10
         self.set_block_size(4 << 20)
@@ -110,6 +116,24 @@ class Operations(pyfuse3.Operations):
         entry.st_ctime_ns = attr.ctime_ns
         return entry
 
+    @staticmethod
+    def _negative(timeout: float) -> EntryAttributes:
+        """ "No such name", cached by the kernel for `timeout` seconds."""
+        entry = EntryAttributes()
+        entry.st_ino = 0
+        entry.entry_timeout = timeout
+        return entry
+
+    async def _change(self, dirs: tuple, fn, *args):
+        """A namespace change in directories `dirs`; when it fails its outcome is not
+        known for sure, so what this mount knew of their names is dropped."""
+        try:
+            return await self.call(fn, *args, idempotent=False)
+        except BaseException:
+            for ino in dirs:
+                self.listings.forget(ino)
+            raise
+
     def _count(self, attr) -> None:
         """An entry handed to the kernel: one more reference."""
         self.lookups.add(attr.ino)
@@ -150,9 +174,10 @@ class Operations(pyfuse3.Operations):
             attr = await self._lookup_or_none(self.base, ORPHANS)
             if attr is None:
                 try:
-                    attr = await self.call(
-                        self.client.mkdir, self.base, ORPHANS, 0o700, 0, 0, idempotent=False
+                    attr = await self._change(
+                        (self.base,), self.client.mkdir, self.base, ORPHANS, 0o700, 0, 0
                     )
+                    self.listings.added(self.base, ORPHANS)
                 except FUSEError as exc:
                     if exc.errno != errno.EEXIST:
                         raise
@@ -163,13 +188,19 @@ class Operations(pyfuse3.Operations):
     async def _orphan(self, parent: int, name: bytes, ino: int) -> None:
         where = await self._orphans()
         hidden = b"%d" % ino
-        await self.call(self.client.rename, parent, name, where, hidden, 0, idempotent=False)
+        await self._change((parent, where), self.client.rename, parent, name, where, hidden, 0)
         self.dir_attrs.changed(parent)
+        self.listings.removed(parent, name)
+        self.listings.added(where, hidden)
         node = self.handles.inodes.get(ino)
         if node is not None:
             node.orphan = (where, hidden)
         else:  # closed while we were renaming
-            await self.call(self.client.unlink, where, hidden, idempotent=False)
+            await self._unlink_orphan(where, hidden)
+
+    async def _unlink_orphan(self, where: int, hidden: bytes) -> None:
+        await self._change((where,), self.client.unlink, where, hidden)
+        self.listings.removed(where, hidden)
 
     async def _fetch(self, ino: int, offset: int, size: int) -> bytes:
         return await self.call(self.client.read, ino, offset, size)
@@ -217,8 +248,16 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx):
         parent = self.inodes.to_cluster(parent_inode)
         if self._hidden(parent, name):
-            raise FUSEError(errno.ENOENT)
-        attr = await self.call(self.client.lookup, parent, name)
+            return self._negative(self.entry_timeout)
+        known = self.listings.absent(parent, name)
+        if known:
+            return self._negative(known)
+        try:
+            attr = await self.call(self.client.lookup, parent, name)
+        except FUSEError as exc:
+            if exc.errno == errno.ENOENT:
+                return self._negative(self.entry_timeout)
+            raise
         return self._learn(attr)
 
     async def forget(self, inode_list):
@@ -277,8 +316,9 @@ class Operations(pyfuse3.Operations):
         parent = self.inodes.to_cluster(parent_inode)
         if self._hidden(parent, name):
             raise FUSEError(errno.EEXIST)
-        attr = await self.call(fn, parent, name, *args, idempotent=False)
+        attr = await self._change((parent,), fn, parent, name, *args)
         self.dir_attrs.changed(parent, subdirs)
+        self.listings.added(parent, name)
         return attr
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
@@ -291,11 +331,12 @@ class Operations(pyfuse3.Operations):
 
     async def mkdir(self, parent_inode, name, mode, ctx):
         mode = stat.S_IMODE(mode)
-        return self._learn(
-            await self._make(
-                self.client.mkdir, parent_inode, name, mode, ctx.uid, ctx.gid, subdirs=1
-            )
+        before = time.monotonic()
+        attr = await self._make(
+            self.client.mkdir, parent_inode, name, mode, ctx.uid, ctx.gid, subdirs=1
         )
+        self.listings.establish(attr.ino, set(), before)  # a new directory is empty
+        return self._learn(attr)
 
     async def unlink(self, parent_inode, name, ctx):
         self._writable()
@@ -307,16 +348,18 @@ class Operations(pyfuse3.Operations):
             if self._open_here(attr):
                 await self._orphan(parent, name, attr.ino)
                 return
-        await self.call(self.client.unlink, parent, name, idempotent=False)
+        await self._change((parent,), self.client.unlink, parent, name)
         self.dir_attrs.changed(parent)
+        self.listings.removed(parent, name)
 
     async def rmdir(self, parent_inode, name, ctx):
         self._writable()
         parent = self.inodes.to_cluster(parent_inode)
         if self._hidden(parent, name):
             raise FUSEError(errno.ENOENT)
-        await self.call(self.client.rmdir, parent, name, idempotent=False)
+        await self._change((parent,), self.client.rmdir, parent, name)
         self.dir_attrs.changed(parent, -1)
+        self.listings.removed(parent, name)
 
     async def symlink(self, parent_inode, name, target, ctx):
         return self._learn(
@@ -337,18 +380,16 @@ class Operations(pyfuse3.Operations):
                 if flags & pyfuse3.RENAME_NOREPLACE:
                     raise FUSEError(errno.EEXIST)
                 # Swap atomically, then move the replaced file (now under the old name) aside.
-                await self.call(
-                    self.client.rename,
-                    old,
-                    name_old,
-                    new,
-                    name_new,
-                    pyfuse3.RENAME_EXCHANGE,
-                    idempotent=False,
+                exchange = pyfuse3.RENAME_EXCHANGE
+                await self._change(
+                    (old, new), self.client.rename, old, name_old, new, name_new, exchange
                 )
                 await self._orphan(old, name_old, target.ino)
                 return
-        await self.call(self.client.rename, old, name_old, new, name_new, flags, idempotent=False)
+        await self._change((old, new), self.client.rename, old, name_old, new, name_new, flags)
+        if not flags & pyfuse3.RENAME_EXCHANGE:  # an exchange keeps both names
+            self.listings.removed(old, name_old)
+            self.listings.added(new, name_new)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
         self._writable()
@@ -356,8 +397,9 @@ class Operations(pyfuse3.Operations):
         if self._hidden(parent, new_name):
             raise FUSEError(errno.EEXIST)
         ino = self.inodes.to_cluster(inode)
-        attr = await self.call(self.client.link, ino, parent, new_name, idempotent=False)
+        attr = await self._change((parent,), self.client.link, ino, parent, new_name)
         self.dir_attrs.changed(parent)
+        self.listings.added(parent, new_name)
         return self._learn(attr)
 
     # -- files
@@ -479,8 +521,7 @@ class Operations(pyfuse3.Operations):
         if not self.handles.files and (handle.reader is not None or node.writer is not None):
             self.idle()  # the last file that moved data closed
         if node.opens == 0 and node.orphan is not None:
-            where, hidden = node.orphan
-            await self.call(self.client.unlink, where, hidden, idempotent=False)
+            await self._unlink_orphan(*node.orphan)
 
     # -- directories
 
@@ -512,9 +553,31 @@ class Operations(pyfuse3.Operations):
                 if index + 1 < len(page) or len(page) < READDIR_PAGE:
                     return page, index + 1
                 break
+        if cookie == 0:  # a read from the start may show every name: note when it began
+            handle.scan, handle.scan_next = set(), 0
+            handle.scan_at, handle.scan_epoch = time.monotonic(), self.listings.epoch
         page = await self.call(self.client.readdir, handle.ino, cookie, READDIR_PAGE)
         handle.page_cookie, handle.page = cookie, page
+        self._scanned(handle, cookie, page)
         return page, 0
+
+    def _scanned(self, handle, cookie: int, page: list) -> None:
+        """Collect the names of a read from the start; at its end (when nothing changed
+        through this mount meanwhile) they are the directory's complete listing."""
+        names = handle.scan
+        if names is None:
+            return
+        if cookie != handle.scan_next or self.listings.epoch != handle.scan_epoch:
+            handle.scan = None
+            return
+        names.update([item[0] for item in page])
+        if len(page) < READDIR_PAGE:
+            self.listings.establish(handle.ino, names, handle.scan_at)
+            handle.scan = None
+        elif len(names) > MAX_NAMES:
+            handle.scan = None
+        else:
+            handle.scan_next = page[-1][2]
 
     async def releasedir(self, fh):
         self.handles.dirs.pop(fh, None)
@@ -578,24 +641,30 @@ def _guard(handler):
     """A bug or an unexpected cluster reply fails the one request with EIO, never the daemon.
     Every request is counted by operation and result (plain ints, see stats.py)."""
     op = handler.__name__
+    ok, absent = (op, "OK"), (op, "ENOENT")
+    negative = op == "lookup"  # a negative entry is the lookup's ENOENT
 
     @functools.wraps(handler)
     async def guarded(self, *args):
         stats = self.stats
         stats.in_flight += 1
-        result = "OK"
+        result = ok
         try:
-            return await handler(self, *args)
+            reply = await handler(self, *args)
+            if negative and not reply.st_ino:
+                result = absent
+            return reply
         except FUSEError as exc:
-            result = errno.errorcode.get(exc.errno, "EIO")
+            result = (op, errno.errorcode.get(exc.errno, "EIO"))
             raise
         except Exception:
-            result = "EIO"
+            result = (op, "EIO")
             log.exception("request failed", extra=fields(op=op))
             raise FUSEError(errno.EIO) from None
         finally:
             stats.in_flight -= 1
-            stats.ops.add(op, result)
+            counts = stats.ops.counts
+            counts[result] = counts.get(result, 0) + 1
 
     return guarded
 

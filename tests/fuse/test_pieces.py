@@ -1,11 +1,12 @@
-"""The daemon's bookkeeping pieces on their own: lookup counts, the write-back buffer,
-read-ahead, xattr rules, mount option and mountinfo handling. The cluster side is an
+"""The daemon's bookkeeping pieces on their own: lookup counts, complete listings (and a
+readdir that builds one), the write-back buffer, read-ahead, xattr rules, mount option and mountinfo handling. The cluster side is an
 in-memory byte array here (these pieces only see an async send/fetch function); the real
 cluster is exercised by the mount tests."""
 
 from __future__ import annotations
 
 import errno
+import time
 
 import pytest
 import trio
@@ -14,8 +15,11 @@ from pyfuse3 import FUSEError
 
 from fusecsi import mount_options
 from fusecsi.fuse import kernel, xattrs
+from fusecsi.fuse.handles import DirHandle
 from fusecsi.fuse.inodes import ROOT_INODE, InodeMap, LookupCounts
+from fusecsi.fuse.listings import MAX_NAMES, Listings
 from fusecsi.fuse.main import normalize_fs_path
+from fusecsi.fuse.operations import READDIR_PAGE, Operations
 from fusecsi.fuse.readahead import ReadAhead
 from fusecsi.fuse.writeback import WriteBuffer
 
@@ -34,6 +38,52 @@ def test_lookup_counts_follow_lookups_and_forgets():
     assert counts.forget(7, 5) is True  # a forget larger than the count clears it
     assert len(counts) == 0
     assert counts.forget(ROOT_INODE, 1) is False
+
+
+def test_listings_answer_only_while_trusted_and_follow_changes():
+    listings = Listings(ttl=60)
+    assert listings.absent(9, b"x") == 0  # nothing known
+    listings.establish(9, {b"a"}, time.monotonic())
+    assert listings.absent(9, b"a") == 0 and 59 < listings.absent(9, b"x") <= 60
+    listings.added(9, b"x")
+    listings.removed(9, b"a")
+    assert listings.absent(9, b"x") == 0 and listings.absent(9, b"a") > 0
+    listings.forget(9)  # a change with an unknown outcome
+    assert listings.absent(9, b"a") == 0 and 9 not in listings
+    listings.establish(9, set(), time.monotonic() - 61)  # checked longer ago than the ttl
+    assert listings.absent(9, b"a") == 0 and 9 not in listings
+    listings.establish(9, {b"%d" % i for i in range(MAX_NAMES + 1)}, time.monotonic())
+    assert 9 not in listings  # too big to keep
+    listings.establish(9, {b"%d" % i for i in range(MAX_NAMES)}, time.monotonic())
+    listings.added(9, b"one more")
+    assert 9 not in listings
+    off = Listings(ttl=0)  # entry-timeout=0: nothing is ever trusted
+    off.establish(9, set(), time.monotonic())
+    assert off.absent(9, b"a") == 0
+
+
+def _page(first: int, count: int) -> list:
+    return [(b"n%d" % i, None, i + 1) for i in range(first, first + count)]
+
+
+def test_a_readdir_from_the_start_to_the_end_establishes_a_listing():
+    """Operations._scanned on its own: pages in cookie order, nothing changed meanwhile."""
+    ops = Operations(None, 5, mount_options.parse_arg("entry-timeout=60"))
+
+    def scan(ino: int, second_cookie: int, change=None) -> None:
+        handle = DirHandle(ino, scan=set(), scan_at=time.monotonic())
+        handle.scan_epoch = ops.listings.epoch
+        ops._scanned(handle, 0, _page(0, READDIR_PAGE))
+        if change:
+            change()
+        ops._scanned(handle, second_cookie, _page(READDIR_PAGE, 3))
+
+    scan(100, READDIR_PAGE)
+    scan(101, READDIR_PAGE, lambda: ops.listings.added(77, b"x"))  # a change meanwhile
+    scan(102, READDIR_PAGE + 5)  # pages that do not follow each other
+    assert ops.listings.absent(100, b"n0") == 0 and ops.listings.absent(100, b"n1002") == 0
+    assert ops.listings.absent(100, b"x") > 0
+    assert 101 not in ops.listings and 102 not in ops.listings
 
 
 def test_inode_map_swaps_only_the_base():

@@ -1,0 +1,141 @@
+"""Missing names: negative entries the kernel caches for entry-timeout seconds, and
+directories whose every name the daemon knows (a mkdir or a full readdir through the
+mount), where it answers "absent" without asking the cluster. Real mounts on the test
+cluster; names are created "elsewhere" with a cluster client of the test's own."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+import pytest
+
+from fusecsi.fuse.operations import ORPHANS
+
+LONG = "entry-timeout=60,attr-timeout=60"  # nothing expires while a test runs
+
+
+def create_elsewhere(on_cluster, fs_path: str, *names: str) -> None:
+    """Create files through the cluster, bypassing the mount (another node's write)."""
+
+    async def create(client):
+        for name in names:
+            directory, _, base = f"{fs_path}/{name}".rpartition("/")
+            parent = await client.resolve(directory)
+            await client.create(parent.ino, base.encode(), 0o644, 0, 0)
+
+    on_cluster(create)
+
+
+def missing(path) -> bool:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return True
+    return False
+
+
+def test_absence_is_cached_for_entry_timeout(make_mount, fs_path, on_cluster):
+    m = make_mount(fs_path, LONG)
+    assert missing(m / "x")
+    create_elsewhere(on_cluster, fs_path, "x")
+    assert missing(m / "x")  # the kernel holds the negative entry, as it would a positive one
+    fresh = make_mount(fs_path, LONG, name="fresh")
+    assert not missing(fresh / "x")
+    with pytest.raises(FileExistsError):  # the cluster decides an exclusive create
+        os.open(m / "x", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.close(os.open(m / "x", os.O_CREAT | os.O_WRONLY))  # plain O_CREAT opens it
+    assert not missing(m / "x")
+
+
+def test_changes_through_the_mount_replace_a_cached_absence(make_mount, fs_path):
+    m = make_mount(fs_path, LONG)
+    names = ["file", "dir", "moved", "sym", "hard", "mknod"]
+    for name in names + ["source"]:
+        assert missing(m / name)
+    (m / "file").write_bytes(b"1")
+    (m / "dir").mkdir()
+    (m / "source").write_bytes(b"2")
+    os.rename(m / "source", m / "moved")
+    os.symlink("file", m / "sym")
+    os.link(m / "file", m / "hard")
+    os.mknod(m / "mknod", 0o600)
+    for name in names:
+        assert not missing(m / name), name
+    assert missing(m / "source")
+    assert sorted(os.listdir(m.path)) == sorted(names)
+    assert (m / "sym").read_bytes() == b"1" and (m / "moved").read_bytes() == b"2"
+
+
+def test_orphans_directory_stays_hidden(make_mount, fs_path, on_cluster):
+    m = make_mount(fs_path, LONG)
+    assert missing(m / ORPHANS.decode())
+    with open(m / "open", "wb+") as f:
+        f.write(b"still here")
+        f.flush()
+        os.unlink(m / "open")  # moved into the hidden directory until the last close
+        assert missing(m / ORPHANS.decode())
+        assert ORPHANS.decode() not in os.listdir(m.path)
+        with pytest.raises(OSError) as caught:
+            os.mkdir(m / ORPHANS.decode())
+        assert caught.value.errno == errno.EEXIST
+        f.seek(0)
+        assert f.read() == b"still here"
+
+    async def orphans(client):
+        top = await client.resolve(fs_path)
+        return await client.readdir((await client.lookup(top.ino, ORPHANS)).ino)
+
+    assert on_cluster(orphans) == []  # removed at the last close
+    assert missing(m / ORPHANS.decode()) and os.listdir(m.path) == []
+
+
+def test_a_directory_made_here_answers_absent_names_itself(make_mount, fs_path, on_cluster):
+    m = make_mount(fs_path, LONG)
+    (m / "new").mkdir()
+    create_elsewhere(on_cluster, fs_path, "new/elsewhere")
+    # known empty since the mkdir: the daemon says absent without asking the cluster
+    assert missing(m / "new" / "elsewhere")
+    (m / "new" / "here").write_bytes(b"h")
+    assert (m / "new" / "here").read_bytes() == b"h"
+    os.unlink(m / "new" / "here")
+    assert missing(m / "new" / "here")
+    os.mkdir(m / "new" / "sub")
+    os.rename(m / "new" / "sub", m / "new" / "sub2")
+    assert missing(m / "new" / "sub") and (m / "new" / "sub2").is_dir()
+    # a directory the mount did not make (and has not listed) is asked about every name
+    create_elsewhere(on_cluster, fs_path, "other")
+    (m / "plain").mkdir()
+    assert missing(m / "plain" / "late")
+    create_elsewhere(on_cluster, fs_path, "plain/later")
+    assert missing(m / "plain" / "later")  # still within the listing's entry-timeout
+    assert (m / "other").exists()
+
+
+def test_a_complete_listing_expires_after_entry_timeout(make_mount, fs_path, on_cluster):
+    m = make_mount(fs_path, "entry-timeout=1,attr-timeout=1")
+    (m / "d").mkdir()
+    time.sleep(1.5)  # longer than entry-timeout: the empty listing is no longer trusted
+    create_elsewhere(on_cluster, fs_path, "d/x")
+    assert not missing(m / "d" / "x")
+
+
+def test_a_full_readdir_establishes_a_listing(make_mount, fs_path, on_cluster):
+    async def fill(client):
+        top = await client.resolve(fs_path)
+        d = await client.mkdir(top.ino, b"big", 0o755, 0, 0)
+        await client.create_batch(d.ino, [b"n%d" % i for i in range(1500)])  # two pages
+
+    on_cluster(fill)
+    m = make_mount(fs_path, LONG)
+    assert len(os.listdir(m / "big")) == 1500
+    create_elsewhere(on_cluster, fs_path, "big/after-listing")
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")  # the kernel forgets its entries: every name below reaches the daemon
+    assert missing(m / "big" / "after-listing")  # answered from the listing
+    for name in ("n0", "n999", "n1000", "n1499"):  # from both pages: present
+        assert not missing(m / "big" / name), name
+    # a directory the mount never listed asks the cluster
+    create_elsewhere(on_cluster, fs_path, "unlisted")
+    assert not missing(m / "unlisted")
