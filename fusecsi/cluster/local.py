@@ -40,6 +40,7 @@ class LocalCluster:
         worker_args: tuple[str, ...] = (),
         worker_capacity: int | None = None,
         log_level: str = "INFO",
+        short_circuit: bool = True,
     ) -> None:
         self.base = Path(base_dir)
         self.token = token
@@ -48,6 +49,8 @@ class LocalCluster:
         self.master_args = tuple(master_args)
         self.worker_args = tuple(worker_args)  # given to every worker
         self.worker_capacity = worker_capacity
+        # workers hand block files to clients on this host through <data-dir>/worker.sock
+        self.short_circuit = short_circuit
         self.log_level = log_level
         self.master_port = free_port()
         self.master_addrs = f"127.0.0.1:{self.master_port}"
@@ -107,6 +110,8 @@ class LocalCluster:
             "--data-dir",
             str(self.base / f"worker{i}"),
         ]
+        if not self.short_circuit:
+            args += ["--local-socket", ""]
         if self.worker_capacity:
             args += ["--capacity", str(self.worker_capacity)]
         args += self.worker_args

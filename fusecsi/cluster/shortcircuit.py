@@ -301,41 +301,43 @@ class OpenBlock:
 
 
 class BlockFiles:
-    """A bounded LRU of open block descriptors, by block id."""
+    """A bounded LRU of open block descriptors, by (worker address, block id)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.entries: OrderedDict[int, OpenBlock] = OrderedDict()
+        self.entries: OrderedDict[tuple[str, int], OpenBlock] = OrderedDict()
 
     def get(self, block_id: int, worker: LocalWorker, writable: bool) -> OpenBlock | None:
-        entry = self.entries.get(block_id)
+        key = (worker.address, block_id)
+        entry = self.entries.get(key)
         if entry is None:
             return None
         if entry.worker is not worker or not worker.alive or (writable and not entry.writable):
-            self.drop(block_id)
+            self.drop(key)
             return None
-        self.entries.move_to_end(block_id)
+        self.entries.move_to_end(key)
         return entry
 
     def add(self, entry: OpenBlock) -> None:
-        self.drop(entry.block_id)
-        self.entries[entry.block_id] = entry
+        key = (entry.worker.address, entry.block_id)
+        self.drop(key)
+        self.entries[key] = entry
         while len(self.entries) > self.limit:
             self.drop(next(iter(self.entries)))
 
-    def drop(self, block_id: int) -> None:
-        entry = self.entries.pop(block_id, None)
+    def drop(self, key: tuple[str, int]) -> None:
+        entry = self.entries.pop(key, None)
         if entry is not None:
             entry.evicted = True
             entry.close_if_done()
 
     def drop_worker(self, worker: LocalWorker) -> None:
-        for block_id in [b for b, e in self.entries.items() if e.worker is worker]:
-            self.drop(block_id)
+        for key in [k for k, e in self.entries.items() if e.worker is worker]:
+            self.drop(key)
 
     def close(self) -> None:
-        for block_id in list(self.entries):
-            self.drop(block_id)
+        for key in list(self.entries):
+            self.drop(key)
 
 
 class ShortCircuit:
@@ -445,7 +447,7 @@ class ShortCircuit:
             entry.close_if_done()
         value, gone = result
         if gone:
-            self.files.drop(block_id)
+            self.files.drop((worker.address, block_id))
             raise RPCError(errno.ENOENT, f"block {block_id} was deleted")
         return value
 

@@ -1,0 +1,254 @@
+"""Short-circuit block I/O: a client on a worker's host uses the block files the worker hands it
+over its unix socket (real worker processes, real unix sockets, real descriptor passing)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+import trio
+
+from fusecsi.cluster.client import ROOT_INO, ClusterClient, ClusterError
+from fusecsi.cluster.local import LocalCluster
+from fusecsi.cluster.protocol import call_sync
+from fusecsi.cluster.worker.store import CHUNK
+
+BLOCK = 1 << 20  # the block size of the `cluster` fixture (conftest.py)
+TOKEN = "short-circuit-secret"
+ROUNDS = 150
+
+
+def _block_paths(cluster, i: int) -> dict[int, object]:
+    root = cluster.base / f"worker{i}" / "blocks"
+    return {int(p.name): p for p in root.rglob("*") if p.is_file() and p.name.isdigit()}
+
+
+def _held(client: ClusterClient, writable: bool | None = None) -> set[int]:
+    """Blocks the client holds descriptors of (through short-circuit)."""
+    entries = client._sc.files.entries.values()
+    return {e.block_id for e in entries if writable is None or e.writable == writable}
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sc-replicated")
+    with LocalCluster(base, workers=2, replication=2, block_size=BLOCK) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    """One worker with a token and a capacity limit."""
+    base = tmp_path_factory.mktemp("sc-guarded")
+    with LocalCluster(
+        base, workers=1, token=TOKEN, block_size=BLOCK, worker_capacity=64 * BLOCK
+    ) as cluster:
+        yield cluster
+
+
+async def test_round_trip_with_holes_goes_through_the_files(cluster, top):
+    async with ClusterClient(cluster.master_addrs, timeout=20, short_circuit=True) as client:
+        f = await client.create(top.ino, b"sparse", 0o644, 0, 0)
+        head = os.urandom(CHUNK + 123)  # ends inside the second chunk
+        tail = os.urandom(BLOCK // 2)  # straddles blocks 2 and 3
+        tail_at = 2 * BLOCK + BLOCK // 2 + 7
+        await client.write(f.ino, 0, head)
+        await client.write(f.ino, tail_at, tail)
+        await client.write(f.ino, 10, b"overwritten")  # a small write on the event loop
+        size = tail_at + len(tail)
+        await client.commit(f.ino, size, durable=True)
+        expect = bytearray(size)
+        expect[: len(head)] = head
+        expect[10:21] = b"overwritten"
+        expect[tail_at:] = tail
+        assert await client.read(f.ino, 0, size + 100) == bytes(expect)
+        assert await client.read(f.ino, BLOCK + 5, 4096) == bytes(4096)  # a hole block
+        assert await client.read(f.ino, CHUNK + 100, 100) == bytes(
+            expect[CHUNK + 100 : CHUNK + 200]
+        )
+        assert client.reads_local(f.ino)
+        assert len(_held(client, writable=True)) == 3  # blocks 0, 2, 3; block 1 is a hole
+        # what the client wrote into the files carries valid checksums: the worker's own read
+        # path (which verifies every chunk it returns) gives the same bytes
+        async with ClusterClient(cluster.master_addrs, short_circuit=False) as tcp:
+            assert tcp._sc is None
+            assert await tcp.read(f.ino, 0, size) == bytes(expect)
+
+
+async def test_disabled_short_circuit_still_works(cluster, top, monkeypatch):
+    monkeypatch.setenv("FUSECSI_SHORT_CIRCUIT", "0")
+    async with ClusterClient(cluster.master_addrs, timeout=20) as client:
+        assert client._sc is None and not client.short_circuit
+        f = await client.create(top.ino, b"tcp", 0o644, 0, 0)
+        data = os.urandom(BLOCK + 999)
+        await client.write(f.ino, 0, data)
+        await client.commit(f.ino, len(data), durable=True)
+        assert await client.read(f.ino, 0, len(data)) == data
+        assert not client.reads_local(f.ino)
+
+
+async def test_corrupted_chunk_falls_back_to_the_other_replica(replicated):
+    async with ClusterClient(replicated.master_addrs, timeout=20) as client:
+        f = await client.create(ROOT_INO, b"corrupt", 0o644, 0, 0)
+        data = os.urandom(3 * CHUNK)
+        await client.write(f.ino, 0, data)
+        await client.commit(f.ino, len(data))
+        assert await client.read(f.ino, 0, len(data)) == data
+        (block_id,) = _held(client)
+        assert len(client._sc.local) == 2  # both workers are on this host
+        assert len(client._sc.files.entries) == 2  # a descriptor pair from each
+        # the same bad byte in the copy read first, then in the other one
+        first = client._read_maps[f.ino].blocks[0][1][0]
+        order = sorted(range(2), key=lambda i: first != f"127.0.0.1:{replicated.worker_ports[i]}")
+        for i in order:
+            path = _block_paths(replicated, i)[block_id]
+            raw = bytearray(path.read_bytes())
+            raw[CHUNK + 5] ^= 0x40
+            fd = os.open(path, os.O_WRONLY)  # in place: the client's descriptor sees it
+            try:
+                os.pwrite(fd, raw, 0)
+            finally:
+                os.close(fd)
+            if i == order[0]:
+                assert await client.read(f.ino, CHUNK, 4096) == data[CHUNK : CHUNK + 4096]
+                assert await client.read(f.ino, 0, len(data)) == data
+        with pytest.raises(ClusterError) as info:  # no good copy left: an error, never bytes
+            await client.read(f.ino, CHUNK, 4096)
+        assert info.value.errno == errno.EIO
+        assert await client.read(f.ino, 0, 4096) == data[:4096]  # other chunks still verify
+
+
+async def test_short_circuit_and_tcp_writers_share_a_block(cluster, top):
+    """A short-circuit client and a TCP client keep rewriting the two halves of a file whose
+    middle 64 KiB chunk they share, while both keep reading that chunk: the checksum lock keeps
+    every read consistent (a torn data/checksum pair would read as EIO) and the final
+    checksums right."""
+    half = 2 * CHUNK + CHUNK // 3  # each side's piece spans three chunks; they share one
+    async with (
+        ClusterClient(cluster.master_addrs, timeout=20, short_circuit=True) as local,
+        ClusterClient(cluster.master_addrs, timeout=20, short_circuit=False) as remote,
+    ):
+        f = await local.create(top.ino, b"shared", 0o644, 0, 0)
+        await local.write(f.ino, 0, bytes(2 * half))
+        await local.commit(f.ino, 2 * half)
+        last = {}
+
+        async def writer(client: ClusterClient, offset: int, mark: int) -> None:
+            for rnd in range(ROUNDS):
+                last[mark] = bytes([(rnd + mark) % 250 + 1]) * half
+                await client.write(f.ino, offset, last[mark])
+                await client.commit(f.ino, 2 * half)
+
+        async def reader(client: ClusterClient) -> None:
+            for _ in range(ROUNDS):
+                client.forget_layout(f.ino)
+                assert len(await client.read(f.ino, CHUNK, 3 * CHUNK)) == 3 * CHUNK
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer, local, 0, 0)
+            nursery.start_soon(writer, remote, half, 1)
+            nursery.start_soon(reader, local)
+            nursery.start_soon(reader, remote)
+        assert _held(local, writable=True)  # the local writer did use the block file
+        assert await remote.read(f.ino, 0, 2 * half) == last[0] + last[1]  # worker verifies
+        local.forget_layout(f.ino)
+        assert await local.read(f.ino, 0, 2 * half) == last[0] + last[1]  # client verifies
+
+
+async def test_deleted_block_is_not_written_again(cluster, top):
+    async with (
+        ClusterClient(cluster.master_addrs, timeout=20) as client,
+        ClusterClient(cluster.master_addrs, timeout=20) as other,
+    ):
+        f = await client.create(top.ino, b"freed", 0o644, 0, 0)
+        await client.write(f.ino, 0, b"1" * 5000)
+        await client.commit(f.ino, 5000)
+        (old,) = _held(client, writable=True)
+        worker_index = next(i for i in range(2) if old in _block_paths(cluster, i))
+        owner = client._sc.local[f"127.0.0.1:{cluster.worker_ports[worker_index]}"]
+        await other.setattr(f.ino, size=0)  # the master frees the block...
+        for _ in range(100):  # ...and the worker deletes it with its next heartbeat
+            if old not in _block_paths(cluster, worker_index):
+                break
+            await trio.sleep(0.1)
+        assert old not in _block_paths(cluster, worker_index)
+        # a late write through the descriptor still held goes to a fresh block instead
+        await client.write(f.ino, 0, b"2" * 50)
+        await client.commit(f.ino, 50)
+        assert old not in _block_paths(cluster, worker_index)
+        assert await client.read(f.ino, 0, 100) == b"2" * 50
+        assert await other.read(f.ino, 0, 100) == b"2" * 50
+        # and the worker refuses to hand out the deleted block again, even for writing
+        with pytest.raises(ClusterError) as info:
+            await owner.open(old, True)
+        assert info.value.errno == errno.ENOENT
+        assert old not in _block_paths(cluster, worker_index)
+
+
+async def test_worker_restart_while_descriptors_are_cached(guarded):
+    cluster = guarded
+    async with ClusterClient(cluster.master_addrs, token=TOKEN, timeout=5) as client:
+        f = await client.create(ROOT_INO, b"restart", 0o644, 0, 0)
+        data = os.urandom(2 * BLOCK + 77)
+        await client.write(f.ino, 0, data)
+        await client.commit(f.ino, len(data))
+        assert await client.read(f.ino, 0, len(data)) == data
+        before = set(client._sc.files.entries.values())
+        assert len(before) == 3
+        await trio.to_thread.run_sync(cluster.stop_worker, 0)
+        try:
+            # descriptors do not outlive the worker that handed them out
+            with pytest.raises(ClusterError):
+                await client.read(f.ino, 0, 100)
+        finally:
+            await trio.to_thread.run_sync(cluster.start_worker, 0)
+        client._sc.retry_at.clear()  # do not wait DISCOVERY_RETRY seconds to look again
+        assert await client.read(f.ino, 0, len(data)) == data
+        await client.write(f.ino, len(data), b"more")
+        await client.commit(f.ino, len(data) + 4)
+        assert await client.read(f.ino, len(data) - 3, 10) == data[-3:] + b"more"
+        after = set(client._sc.files.entries.values())
+        assert len(after) == 3 and not before & after
+        assert all(e.fd == -1 for e in before)  # closed
+
+
+async def test_socket_is_private_and_needs_the_token(guarded):
+    address = f"127.0.0.1:{guarded.worker_ports[0]}"
+    info = call_sync(address, "worker_info", token=TOKEN)
+    path = info["local_socket"]
+    assert stat.S_ISSOCK(os.stat(path).st_mode) and os.stat(path).st_mode & 0o777 == 0o600
+    from fusecsi.cluster.shortcircuit import LocalWorker
+
+    with pytest.raises(ClusterError) as err:
+        await LocalWorker.connect(address, path, "wrong")
+    assert err.value.errno == errno.EACCES
+    worker = await LocalWorker.connect(address, path, TOKEN)
+    try:
+        assert worker.worker_id == info["id"]
+        with pytest.raises(ClusterError) as err:
+            await worker.open(0, False)  # the TCP path's checks: block ids start at 1
+        assert err.value.errno == errno.EINVAL
+        with pytest.raises(ClusterError) as err:
+            await worker.open(123456789, False)  # reading a block that does not exist
+        assert err.value.errno == errno.ENOENT
+    finally:
+        worker.close()
+
+
+async def test_short_circuit_writes_count_against_capacity(guarded):
+    address = f"127.0.0.1:{guarded.worker_ports[0]}"
+    async with ClusterClient(guarded.master_addrs, token=TOKEN, timeout=20) as client:
+        f = await client.create(ROOT_INO, b"counted", 0o644, 0, 0)
+        await client.write(f.ino, 0, b"c" * (3 * BLOCK))
+        await client.commit(f.ino, 3 * BLOCK)
+        assert len(_held(client, writable=True)) == 3
+        stored = sum(p.stat().st_size for p in _block_paths(guarded, 0).values())
+        assert stored >= 3 * BLOCK
+        for _ in range(50):  # the worker re-reads the sizes with each heartbeat
+            free = call_sync(address, "worker_info", token=TOKEN)["free"]
+            if free == 64 * BLOCK - stored:
+                break
+            await trio.sleep(0.1)
+        assert free == 64 * BLOCK - stored
