@@ -213,22 +213,24 @@ class ControllerService:
     async def _client(self, master_addrs: str, token: str | None) -> ClusterClient:
         return await self.clients.get(master_addrs, token)
 
-    async def _together(self, *calls) -> None:
-        """Independent cluster calls at once (the master commits them in one journal write);
-        the first failure is raised as itself, not as an exception group."""
+    async def _together(self, *calls) -> list:
+        """Independent cluster calls at once (one round trip's wait instead of several);
+        their results in order. The first failure is raised as itself, not as a group."""
         errors: list[Exception] = []
+        results: list = [None] * len(calls)
 
-        async def one(fn, *args) -> None:
+        async def one(i: int, fn, *args) -> None:
             try:
-                await self._call(fn, *args)
+                results[i] = await self._call(fn, *args)
             except Exception as exc:
                 errors.append(exc)
 
         async with trio.open_nursery() as nursery:
-            for call in calls:
-                nursery.start_soon(one, *call)
+            for i, call in enumerate(calls):
+                nursery.start_soon(one, i, *call)
         if errors:
             raise errors[0]
+        return results
 
     async def _tag(self, client: ClusterClient, ino: int, name: bytes) -> bytes | None:
         try:
@@ -392,13 +394,16 @@ class ControllerService:
             fail(Status.ABORTED, f"{ref.path} changed while being created; retry")
         if not stat.S_ISDIR(entry.mode):
             fail(Status.ALREADY_EXISTS, f"{ref.path} exists and is not a directory")
-        tag = await self._tag(client, entry.ino, TAG_VOLUME)
+        tag, owner, quota = await self._together(
+            (self._tag, client, entry.ino, TAG_VOLUME),
+            (self._tag, client, entry.ino, TAG_OWNER),
+            (self._quota, client, entry.ino),
+        )
         if tag is None:
             fail(Status.ALREADY_EXISTS, f"{ref.path} exists and was not created by fusecsi")
         if tag != volume_id.encode():
             other = tag.decode(errors="replace")
             fail(Status.ALREADY_EXISTS, f"{ref.path} belongs to another volume ({other})")
-        owner = await self._tag(client, entry.ino, TAG_OWNER)
         if owner is None:
             # a retained volume's directory, released by DeleteVolume: adopt it
             await self._together(
@@ -415,7 +420,6 @@ class ControllerService:
                 f"{ref.path} is in use by volume {owner.decode(errors='replace')!r}; "
                 "give path-pattern a placeholder that tells volumes apart",
             )
-        quota = await self._quota(client, entry.ino)
         if quota is None:
             await self._call(client.set_quota, entry.ino, size, None)
             await self._call(client.sync_journal)
