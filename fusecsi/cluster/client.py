@@ -639,7 +639,9 @@ class ClusterClient:
         """Wait for the file's writes, raise a failed one, then publish `size`.
 
         With `durable` (fsync), the workers first flush the blocks written since the last
-        durable commit to their disks; otherwise the data may sit in their page cache."""
+        durable commit to their disks (blocks written through short-circuit included: the
+        worker syncs the same files), and the master's journal holds the new length before
+        this returns; otherwise either may sit in a page cache."""
         await self._behind.drain(ino)
         self._behind.check(ino, clear=True)
         if durable:
@@ -647,6 +649,8 @@ class ClusterClient:
         elif len(self._unsynced.get(ino, ())) > MAX_UNSYNCED:
             self._unsynced.pop(ino, None)  # nobody asked; do not grow without bound
         attr = await self._attr("commit", ino, size, mtime_ns, idempotent=True)
+        if durable:
+            await self.sync_journal()  # the new length is on the master's disk too
         if self._pending.get(ino, -1) <= size:
             self._pending.pop(ino, None)
         rmap = self._read_maps.get(ino)

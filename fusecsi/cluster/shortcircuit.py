@@ -118,7 +118,9 @@ class _Channel:
             return True
 
     def close(self) -> None:
-        self.sock.close()
+        if self.sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.sock)  # wakes a task waiting on it
+            self.sock.close()
 
 
 # ---------------------------------------------------------------- worker side
