@@ -112,6 +112,11 @@ async def serve(args, token: str | None) -> None:
                     "records in the current journal segment",
                     lambda: journal.records_in_segment,
                 ),
+                gauge(
+                    "fusecsi_master_journal_unsynced_records",
+                    "records acknowledged (written) but not yet fdatasync'd",
+                    lambda: journal.written - journal.synced,
+                ),
             )
             address = await nursery.start(server.serve, sock)
             log.info("master listening", extra=fields(address=f"{address[0]}:{address[1]}"))
