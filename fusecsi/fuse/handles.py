@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fusecsi.fuse.listings import Scan
 from fusecsi.fuse.readahead import ReadAhead
 from fusecsi.fuse.writeback import WriteBuffer
 
@@ -42,12 +43,7 @@ class DirHandle:
     # buffer that fills mid-page does not cost a second round trip.
     page_cookie: int = -1
     page: list = field(default_factory=list)
-    # A read from cookie 0 collects names (see Operations._scanned): when it began, the
-    # listings' epoch then, and the cookie the next page must start at.
-    scan: set | None = None
-    scan_at: float = 0.0
-    scan_epoch: int = 0
-    scan_next: int = 0
+    scan: Scan | None = None  # a read from the first entry, collecting every name
 
 
 class HandleTable:

@@ -35,7 +35,7 @@ from fusecsi.fuse.calls import ClusterCalls
 from fusecsi.fuse.dircache import DirAttrs
 from fusecsi.fuse.handles import HandleTable, OpenInode
 from fusecsi.fuse.inodes import ROOT_INODE, InodeMap, LookupCounts
-from fusecsi.fuse.listings import MAX_NAMES, Listings
+from fusecsi.fuse.listings import Listings
 from fusecsi.fuse.readahead import ReadAhead
 from fusecsi.fuse.stats import OpStats
 from fusecsi.fuse.writeback import WriteBuffer
@@ -251,6 +251,8 @@ class Operations(pyfuse3.Operations):
             return self._negative(self.entry_timeout)
         known = self.listings.absent(parent, name)
         if known:
+            if self.listings.due(parent) and self.spawn is not None:
+                self.spawn(self._refresh, parent)
             return self._negative(known)
         try:
             attr = await self.call(self.client.lookup, parent, name)
@@ -553,34 +555,40 @@ class Operations(pyfuse3.Operations):
                 if index + 1 < len(page) or len(page) < READDIR_PAGE:
                     return page, index + 1
                 break
-        if cookie == 0:  # a read from the start may show every name: note when it began
-            handle.scan, handle.scan_next = set(), 0
-            handle.scan_at, handle.scan_epoch = time.monotonic(), self.listings.epoch
+        if cookie == 0:  # a read from the start may show every name (listings.py)
+            if handle.scan is not None:
+                self.listings.end(handle.scan)
+            handle.scan = self.listings.begin(handle.ino)
         page = await self.call(self.client.readdir, handle.ino, cookie, READDIR_PAGE)
         handle.page_cookie, handle.page = cookie, page
-        self._scanned(handle, cookie, page)
+        if handle.scan is not None and not self._scanned(handle.scan, cookie, page):
+            handle.scan = None
         return page, 0
 
-    def _scanned(self, handle, cookie: int, page: list) -> None:
-        """Collect the names of a read from the start; at its end (when nothing changed
-        through this mount meanwhile) they are the directory's complete listing."""
-        names = handle.scan
-        if names is None:
-            return
-        if cookie != handle.scan_next or self.listings.epoch != handle.scan_epoch:
-            handle.scan = None
-            return
-        names.update([item[0] for item in page])
-        if len(page) < READDIR_PAGE:
-            self.listings.establish(handle.ino, names, handle.scan_at)
-            handle.scan = None
-        elif len(names) > MAX_NAMES:
-            handle.scan = None
-        else:
-            handle.scan_next = page[-1][2]
+    def _scanned(self, scan, cookie: int, page: list) -> bool:
+        """Hand a page to a scan; False once the scan is over."""
+        last = None if len(page) < READDIR_PAGE else page[-1][2]
+        return self.listings.page(scan, cookie, [item[0] for item in page], last)
+
+    async def _refresh(self, ino: int) -> None:
+        """Read directory `ino` once more, so its listing stays trusted (listings.py)."""
+        scan = self.listings.begin(ino)
+        cookie = 0
+        try:
+            while True:
+                page = await self.call(self.client.readdir, ino, cookie, READDIR_PAGE)
+                if not self._scanned(scan, cookie, page):
+                    return
+                cookie = page[-1][2]
+        except Exception as exc:  # the listing just expires; lookups ask the cluster
+            log.info("directory re-read failed", extra=fields(ino=ino, err=repr(exc)))
+        finally:
+            self.listings.end(scan)
 
     async def releasedir(self, fh):
-        self.handles.dirs.pop(fh, None)
+        handle = self.handles.dirs.pop(fh, None)
+        if handle is not None and handle.scan is not None:
+            self.listings.end(handle.scan)
 
     async def fsyncdir(self, fh, datasync):
         pass  # namespace changes are durable on the master when they return

@@ -121,6 +121,28 @@ def test_a_complete_listing_expires_after_entry_timeout(make_mount, fs_path, on_
     assert not missing(m / "d" / "x")
 
 
+def test_a_listing_in_use_is_read_again_and_still_sees_names_made_elsewhere(
+    make_mount, fs_path, on_cluster
+):
+    """Creates keep a new directory's listing in use, so the daemon reads the directory
+    again before the listing expires: a name made elsewhere is still seen within
+    entry-timeout."""
+    m = make_mount(fs_path, "entry-timeout=1,attr-timeout=1")
+    (m / "busy").mkdir()
+    made_elsewhere = None
+    start = time.monotonic()
+    i = 0
+    while time.monotonic() - start < 3:
+        os.close(os.open(m / "busy" / f"f{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        i += 1
+        if made_elsewhere is None and time.monotonic() - start > 1:
+            create_elsewhere(on_cluster, fs_path, "busy/elsewhere")
+            made_elsewhere = time.monotonic()
+    time.sleep(max(0.0, made_elsewhere + 1.5 - time.monotonic()))
+    assert not missing(m / "busy" / "elsewhere")
+    assert len(os.listdir(m / "busy")) == i + 1
+
+
 def test_a_full_readdir_establishes_a_listing(make_mount, fs_path, on_cluster):
     async def fill(client):
         top = await client.resolve(fs_path)

@@ -1,5 +1,5 @@
-"""The daemon's bookkeeping pieces on their own: lookup counts, complete listings (and a
-readdir that builds one), the write-back buffer, read-ahead, xattr rules, mount option and mountinfo handling. The cluster side is an
+"""The daemon's bookkeeping pieces on their own: lookup counts, complete listings and the
+scans that build them, the write-back buffer, read-ahead, xattr rules, mount option and mountinfo handling. The cluster side is an
 in-memory byte array here (these pieces only see an async send/fetch function); the real
 cluster is exercised by the mount tests."""
 
@@ -15,11 +15,9 @@ from pyfuse3 import FUSEError
 
 from fusecsi import mount_options
 from fusecsi.fuse import kernel, xattrs
-from fusecsi.fuse.handles import DirHandle
 from fusecsi.fuse.inodes import ROOT_INODE, InodeMap, LookupCounts
-from fusecsi.fuse.listings import MAX_NAMES, Listings
+from fusecsi.fuse.listings import MAX_NAMES, MIN_USES, Listings
 from fusecsi.fuse.main import normalize_fs_path
-from fusecsi.fuse.operations import READDIR_PAGE, Operations
 from fusecsi.fuse.readahead import ReadAhead
 from fusecsi.fuse.writeback import WriteBuffer
 
@@ -62,28 +60,40 @@ def test_listings_answer_only_while_trusted_and_follow_changes():
     assert off.absent(9, b"a") == 0
 
 
-def _page(first: int, count: int) -> list:
-    return [(b"n%d" % i, None, i + 1) for i in range(first, first + count)]
+def test_a_scan_of_a_directory_establishes_its_listing():
+    """Pages in cookie order make a listing as of the scan's start; changes made through
+    the mount meanwhile are replayed onto it; an unknown outcome or a gap spoils it."""
+    listings = Listings(ttl=60)
+    whole = listings.begin(1)
+    assert listings.page(whole, 0, [b"a", b"b"], 2)
+    listings.added(1, b"new")  # made here while the scan runs: may be on a page or not
+    listings.removed(1, b"a")  # already read: must not stay in the set
+    assert not listings.page(whole, 2, [b"c", b"new"], None)
+    assert listings.absent(1, b"a") > 0 and listings.absent(1, b"zzz") > 0
+    assert all(listings.absent(1, n) == 0 for n in (b"b", b"c", b"new"))
+    spoiled = listings.begin(2)
+    listings.page(spoiled, 0, [b"a"], 1)
+    listings.forget(2)  # a change there whose outcome is unknown
+    assert not listings.page(spoiled, 1, [b"b"], None) and 2 not in listings
+    gap = listings.begin(3)
+    listings.page(gap, 0, [b"a"], 1)
+    assert not listings.page(gap, 7, [b"b"], None) and 3 not in listings
 
 
-def test_a_readdir_from_the_start_to_the_end_establishes_a_listing():
-    """Operations._scanned on its own: pages in cookie order, nothing changed meanwhile."""
-    ops = Operations(None, 5, mount_options.parse_arg("entry-timeout=60"))
-
-    def scan(ino: int, second_cookie: int, change=None) -> None:
-        handle = DirHandle(ino, scan=set(), scan_at=time.monotonic())
-        handle.scan_epoch = ops.listings.epoch
-        ops._scanned(handle, 0, _page(0, READDIR_PAGE))
-        if change:
-            change()
-        ops._scanned(handle, second_cookie, _page(READDIR_PAGE, 3))
-
-    scan(100, READDIR_PAGE)
-    scan(101, READDIR_PAGE, lambda: ops.listings.added(77, b"x"))  # a change meanwhile
-    scan(102, READDIR_PAGE + 5)  # pages that do not follow each other
-    assert ops.listings.absent(100, b"n0") == 0 and ops.listings.absent(100, b"n1002") == 0
-    assert ops.listings.absent(100, b"x") > 0
-    assert 101 not in ops.listings and 102 not in ops.listings
+def test_a_listing_in_use_is_due_for_a_new_read_before_it_expires():
+    listings = Listings(ttl=1)
+    listings.establish(4, {b"a"}, time.monotonic())
+    for i in range(MIN_USES):
+        assert listings.absent(4, b"x%d" % i) > 0
+    assert not listings.due(4)  # still fresh
+    listings.establish(4, {b"a"}, time.monotonic() - 0.7)  # less than half of its time left
+    assert not listings.due(4)  # not used enough to be worth a read
+    for i in range(MIN_USES):
+        listings.absent(4, b"x%d" % i)
+    assert listings.due(4) and not listings.due(4)  # once: a read is under way
+    scan = listings.begin(4)
+    listings.end(scan)  # abandoned: it may be tried again
+    assert listings.due(4)
 
 
 def test_inode_map_swaps_only_the_base():
