@@ -1,12 +1,15 @@
 """Cluster throughput through the client library: metadata ops/s and streaming MB/s.
 
 Starts a master and one worker on loopback (LocalCluster), then measures, from one client
-process: create / stat / unlink with 16 concurrent callers, and one stream writing a file
-to the worker and reading it back. Prints a table of min/median/max over the runs and
-writes benchmarks/results/cluster.json.
+process: create / stat / unlink with 16 concurrent callers, one stream writing a file
+to the worker and reading it back, then 4 KiB reads at random offsets of that file (page
+cache warm). The client is on the worker's host, so data goes through short-circuit I/O
+(the block files themselves) unless --no-short-circuit. Prints a table of min/median/max
+over the runs and writes benchmarks/results/cluster.json.
 
     python benchmarks/cluster.py            # 3 runs, 20,000 files, 1 GiB stream
     python benchmarks/cluster.py --quick    # 3 short runs
+    python benchmarks/cluster.py --no-short-circuit   # data over TCP through the worker
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -29,7 +33,15 @@ from fusecsi.cluster.client import ROOT_INO, ClusterClient  # noqa: E402
 from fusecsi.cluster.local import LocalCluster  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cluster.json"
-TARGETS = {"create": 5000, "stat": 15000, "unlink": 5000, "write_MBps": 400, "read_MBps": 400}
+TARGETS = {
+    "create": 5000,
+    "stat": 15000,
+    "unlink": 5000,
+    "write_MBps": 400,
+    "read_MBps": 400,
+    "randread_iops": 3000,
+}
+RANDOM_READS = 5000
 
 
 async def metadata_run(client: ClusterClient, run: int, files: int, callers: int) -> dict:
@@ -76,13 +88,19 @@ async def stream_run(client: ClusterClient, run: int, total: int, chunk: int) ->
     read = total / (time.perf_counter() - start) / 1e6
     if await client.read(attr.ino, total - chunk, chunk) != data:
         raise AssertionError("data read back differs")
+    offsets = [random.randrange(total // 4096) * 4096 for _ in range(RANDOM_READS)]
+    start = time.perf_counter()
+    for offset in offsets:
+        if len(await client.read(attr.ino, offset, 4096)) != 4096:
+            raise AssertionError(f"short read at {offset}")
+    iops = RANDOM_READS / (time.perf_counter() - start)
     await client.unlink(ROOT_INO, f"stream{run}".encode())
-    return {"write_MBps": write, "read_MBps": read}
+    return {"write_MBps": write, "read_MBps": read, "randread_iops": iops}
 
 
 async def bench(addrs: str, args) -> list[dict]:
     runs = []
-    async with ClusterClient(addrs) as client:
+    async with ClusterClient(addrs, short_circuit=not args.no_short_circuit) as client:
         for run in range(args.runs):
             row = await metadata_run(client, run, args.files, args.callers)
             row.update(await stream_run(client, run, args.stream_mib << 20, args.chunk_mib << 20))
@@ -102,11 +120,16 @@ def main() -> int:
     parser.add_argument(
         "--data-dir", help="where the cluster keeps its files (default: a temp dir)"
     )
+    parser.add_argument(
+        "--no-short-circuit", action="store_true", help="data over TCP through the worker"
+    )
     args = parser.parse_args()
     if args.quick:
         args.files, args.stream_mib = 2000, 128
     with tempfile.TemporaryDirectory(dir=args.data_dir) as tmp:
-        with LocalCluster(tmp, workers=1, log_level="WARNING") as cluster:
+        with LocalCluster(
+            tmp, workers=1, log_level="WARNING", short_circuit=not args.no_short_circuit
+        ) as cluster:
             runs = trio.run(bench, cluster.master_addrs, args)
     summary = {}
     print(f"\n{'metric':<12}{'min':>12}{'median':>12}{'max':>12}{'target':>10}")
@@ -129,6 +152,7 @@ def main() -> int:
                 "quick": args.quick,
                 "setup": {
                     "workers": 1,
+                    "short_circuit": not args.no_short_circuit,
                     "callers": args.callers,
                     "files": args.files,
                     "stream_bytes": args.stream_mib << 20,
