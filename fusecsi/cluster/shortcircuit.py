@@ -191,6 +191,8 @@ class LocalServer:
                     return
         except (EOFError, OSError):
             pass
+        except Exception:  # a malformed message: drop this client, keep serving the others
+            log.warning("dropping a local client", exc_info=True)
         finally:
             channel.close()
 
@@ -314,7 +316,8 @@ class BlockFiles:
         entry = self.entries.get(key)
         if entry is None:
             return None
-        if entry.worker is not worker or not worker.alive or (writable and not entry.writable):
+        # (the caller has just checked that the worker's connection is up)
+        if entry.worker is not worker or worker.broken or (writable and not entry.writable):
             self.drop(key)
             return None
         self.entries.move_to_end(key)

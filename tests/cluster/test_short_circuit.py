@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
 
 import pytest
@@ -224,7 +225,13 @@ async def test_socket_is_private_and_needs_the_token(guarded):
     with pytest.raises(ClusterError) as err:
         await LocalWorker.connect(address, path, "wrong")
     assert err.value.errno == errno.EACCES
-    worker = await LocalWorker.connect(address, path, TOKEN)
+    for junk in (b"\x00\x00\x00\x03\xc1\xc1\xc1", b"\x00\x00\x00\x02\x01\x02", b"\xff" * 8):
+        with socket.socket(socket.AF_UNIX) as raw:  # malformed frames: that client is dropped
+            raw.connect(path)
+            raw.sendall(junk)
+            raw.settimeout(5)
+            assert raw.recv(100) == b""  # closed by the worker
+    worker = await LocalWorker.connect(address, path, TOKEN)  # the others are still served
     try:
         assert worker.worker_id == info["id"]
         with pytest.raises(ClusterError) as err:
