@@ -74,7 +74,7 @@ class Operations(pyfuse3.Operations):
         self.attr_timeout = float(options["attr-timeout"])
         self.entry_timeout = float(options["entry-timeout"])
         self.dir_attrs = DirAttrs(self.attr_timeout)
-        self.listings = Listings(self.entry_timeout)
+        self.listings = Listings(self.entry_timeout, self.attr_timeout)
         self.write_buffer = int(options["write-buffer-mb"]) << 20
         self.read_ahead = int(options["read-ahead-kb"]) << 10
         self.set_block_size(4 << 20)
@@ -133,6 +133,13 @@ class Operations(pyfuse3.Operations):
             for ino in dirs:
                 self.listings.forget(ino)
             raise
+
+    async def _touch(self, ino: int, fn, *args, **kwargs):
+        """A call that changes file `ino`'s attributes: what the listings kept goes."""
+        try:
+            return await self.call(fn, *args, **kwargs)
+        finally:
+            self.listings.touched(ino)
 
     def _count(self, attr) -> None:
         """An entry handed to the kernel: one more reference."""
@@ -216,7 +223,9 @@ class Operations(pyfuse3.Operations):
             return
         writer.dirty = False
         try:
-            attr = await self.call(self.client.commit, node.ino, writer.size, time.time_ns())
+            attr = await self._touch(
+                node.ino, self.client.commit, node.ino, writer.size, time.time_ns()
+            )
         except FUSEError:
             writer.dirty = True
             raise
@@ -249,11 +258,17 @@ class Operations(pyfuse3.Operations):
         parent = self.inodes.to_cluster(parent_inode)
         if self._hidden(parent, name):
             return self._negative(self.entry_timeout)
-        known = self.listings.absent(parent, name)
-        if known:
+        known = self.listings.known(parent, name)
+        if known is not None:
             if self.listings.due(parent) and self.spawn is not None:
                 self.spawn(self._refresh, parent)
-            return self._negative(known)
+            attr, entry_left, attr_left = known
+            if attr is None:
+                return self._negative(entry_left)
+            entry = self._learn(attr)
+            entry.entry_timeout = entry_left
+            entry.attr_timeout = attr_left
+            return entry
         try:
             attr = await self.call(self.client.lookup, parent, name)
         except FUSEError as exc:
@@ -299,7 +314,7 @@ class Operations(pyfuse3.Operations):
             changes["atime_ns"] = attr.st_atime_ns
         if fields_.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
-        new = await self.call(self.client.setattr, ino, **changes)
+        new = await self._touch(ino, self.client.setattr, ino, **changes)
         if stat.S_ISDIR(new.mode):
             self.dir_attrs.put(new)
         if fields_.update_size and node is not None:
@@ -337,7 +352,7 @@ class Operations(pyfuse3.Operations):
         attr = await self._make(
             self.client.mkdir, parent_inode, name, mode, ctx.uid, ctx.gid, subdirs=1
         )
-        self.listings.establish(attr.ino, set(), before)  # a new directory is empty
+        self.listings.establish(attr.ino, {}, before)  # a new directory is empty
         return self._learn(attr)
 
     async def unlink(self, parent_inode, name, ctx):
@@ -386,12 +401,19 @@ class Operations(pyfuse3.Operations):
                 await self._change(
                     (old, new), self.client.rename, old, name_old, new, name_new, exchange
                 )
+                self._renamed(old, name_old, new, name_new, exchange)
                 await self._orphan(old, name_old, target.ino)
                 return
         await self._change((old, new), self.client.rename, old, name_old, new, name_new, flags)
-        if not flags & pyfuse3.RENAME_EXCHANGE:  # an exchange keeps both names
-            self.listings.removed(old, name_old)
-            self.listings.added(new, name_new)
+        self._renamed(old, name_old, new, name_new, flags)
+
+    def _renamed(self, old: int, name_old: bytes, new: int, name_new: bytes, flags: int) -> None:
+        """Follow a rename in the listings."""
+        self.listings.removed(old, name_old)
+        if flags & pyfuse3.RENAME_EXCHANGE:  # both names stay, each on the other's file
+            self.listings.added(old, name_old)
+            self.listings.removed(new, name_new)
+        self.listings.added(new, name_new)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
         self._writable()
@@ -399,7 +421,10 @@ class Operations(pyfuse3.Operations):
         if self._hidden(parent, new_name):
             raise FUSEError(errno.EEXIST)
         ino = self.inodes.to_cluster(inode)
-        attr = await self._change((parent,), self.client.link, ino, parent, new_name)
+        try:
+            attr = await self._change((parent,), self.client.link, ino, parent, new_name)
+        finally:
+            self.listings.touched(ino)  # its link count changed
         self.dir_attrs.changed(parent)
         self.listings.added(parent, new_name)
         return self._learn(attr)
@@ -417,7 +442,7 @@ class Operations(pyfuse3.Operations):
                 await node.writer.drain()
                 node.writer.truncated(0)
                 node.version += 1
-            attr = await self.call(self.client.setattr, ino, size=0)
+            attr = await self._touch(ino, self.client.setattr, ino, size=0)
         else:
             attr = await self.call(self.client.getattr, ino)  # close-to-open: current length
         seen = (attr.size, attr.mtime_ns)
@@ -568,7 +593,7 @@ class Operations(pyfuse3.Operations):
     def _scanned(self, scan, cookie: int, page: list) -> bool:
         """Hand a page to a scan; False once the scan is over."""
         last = None if len(page) < READDIR_PAGE else page[-1][2]
-        return self.listings.page(scan, cookie, [item[0] for item in page], last)
+        return self.listings.page(scan, cookie, [item[:2] for item in page], last)
 
     async def _refresh(self, ino: int) -> None:
         """Read directory `ino` once more, so its listing stays trusted (listings.py)."""
@@ -622,7 +647,8 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode, name, value, ctx):
         xattrs.check_writable(name)
         self._writable()
-        await self.call(self.client.setxattr, self.inodes.to_cluster(inode), name, value)
+        ino = self.inodes.to_cluster(inode)
+        await self._touch(ino, self.client.setxattr, ino, name, value)
 
     async def listxattr(self, inode, ctx):
         ino = self.inodes.to_cluster(inode)
@@ -639,7 +665,8 @@ class Operations(pyfuse3.Operations):
     async def removexattr(self, inode, name, ctx):
         xattrs.check_writable(name)
         self._writable()
-        await self.call(self.client.removexattr, self.inodes.to_cluster(inode), name)
+        ino = self.inodes.to_cluster(inode)
+        await self._touch(ino, self.client.removexattr, ino, name)
 
     async def access(self, inode, mode, ctx):
         return True  # permission bits are the kernel's job (default_permissions)

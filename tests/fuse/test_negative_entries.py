@@ -153,11 +153,45 @@ def test_a_full_readdir_establishes_a_listing(make_mount, fs_path, on_cluster):
     m = make_mount(fs_path, LONG)
     assert len(os.listdir(m / "big")) == 1500
     create_elsewhere(on_cluster, fs_path, "big/after-listing")
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("2")  # the kernel forgets its entries: every name below reaches the daemon
+    drop_kernel_caches()
     assert missing(m / "big" / "after-listing")  # answered from the listing
     for name in ("n0", "n999", "n1000", "n1499"):  # from both pages: present
         assert not missing(m / "big" / name), name
     # a directory the mount never listed asks the cluster
     create_elsewhere(on_cluster, fs_path, "unlisted")
     assert not missing(m / "unlisted")
+
+
+def drop_kernel_caches() -> None:
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")  # the kernel forgets its entries: every name below reaches the daemon
+
+
+def test_files_changed_here_are_not_answered_from_a_listing(make_mount, fs_path, on_cluster):
+    """A listing keeps attributes from its directory read; every change this mount makes
+    to a file drops them, so a lookup after it shows the change."""
+    create_elsewhere(on_cluster, fs_path, "d", "w", "m", "l", "t", "x")
+    m = make_mount(fs_path, LONG)
+    assert sorted(os.listdir(m.path)) == ["d", "l", "m", "t", "w", "x"]
+    drop_kernel_caches()
+    assert os.stat(m / "d").st_size == 0  # from the listing
+    (m / "w").write_bytes(b"hello")
+    os.chmod(m / "m", 0o600)
+    os.link(m / "l", m / "l2")
+    os.truncate(m / "t", 5)
+    os.setxattr(m / "x", "user.k", b"v")
+    drop_kernel_caches()
+    assert os.stat(m / "w").st_size == 5
+    assert os.stat(m / "m").st_mode & 0o777 == 0o600
+    assert os.stat(m / "l").st_nlink == 2
+    assert os.stat(m / "t").st_size == 5
+    assert os.getxattr(m / "x", "user.k") == b"v"
+    fresh = make_mount(fs_path, LONG, name="fresh")
+    for name in ("w", "m", "l", "t", "x"):
+        here, there = os.stat(m / name), os.stat(fresh / name)
+        assert (here.st_size, here.st_mode, here.st_nlink, here.st_ctime_ns) == (
+            there.st_size,
+            there.st_mode,
+            there.st_nlink,
+            there.st_ctime_ns,
+        ), name

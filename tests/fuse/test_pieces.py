@@ -6,6 +6,7 @@ cluster is exercised by the mount tests."""
 from __future__ import annotations
 
 import errno
+import stat
 import time
 
 import pytest
@@ -14,6 +15,7 @@ import trio.lowlevel
 from pyfuse3 import FUSEError
 
 from fusecsi import mount_options
+from fusecsi.cluster.client import Attr
 from fusecsi.fuse import kernel, xattrs
 from fusecsi.fuse.inodes import ROOT_INODE, InodeMap, LookupCounts
 from fusecsi.fuse.listings import MAX_NAMES, MIN_USES, Listings
@@ -38,55 +40,79 @@ def test_lookup_counts_follow_lookups_and_forgets():
     assert counts.forget(ROOT_INODE, 1) is False
 
 
+def _file(ino: int, nlink: int = 1, mode: int = stat.S_IFREG | 0o644) -> Attr:
+    return Attr(ino, mode, nlink, 0, 0, 0, 0, 0, 0)
+
+
+def _names(*names: bytes) -> dict:
+    return dict.fromkeys(names)
+
+
 def test_listings_answer_only_while_trusted_and_follow_changes():
     listings = Listings(ttl=60)
     assert listings.absent(9, b"x") == 0  # nothing known
-    listings.establish(9, {b"a"}, time.monotonic())
+    listings.establish(9, _names(b"a"), time.monotonic())
     assert listings.absent(9, b"a") == 0 and 59 < listings.absent(9, b"x") <= 60
+    assert listings.known(9, b"a") is None  # present, attributes unknown: ask the cluster
     listings.added(9, b"x")
     listings.removed(9, b"a")
     assert listings.absent(9, b"x") == 0 and listings.absent(9, b"a") > 0
     listings.forget(9)  # a change with an unknown outcome
     assert listings.absent(9, b"a") == 0 and 9 not in listings
-    listings.establish(9, set(), time.monotonic() - 61)  # checked longer ago than the ttl
+    listings.establish(9, {}, time.monotonic() - 61)  # checked longer ago than the ttl
     assert listings.absent(9, b"a") == 0 and 9 not in listings
-    listings.establish(9, {b"%d" % i for i in range(MAX_NAMES + 1)}, time.monotonic())
+    listings.establish(9, _names(*(b"%d" % i for i in range(MAX_NAMES + 1))), time.monotonic())
     assert 9 not in listings  # too big to keep
-    listings.establish(9, {b"%d" % i for i in range(MAX_NAMES)}, time.monotonic())
+    listings.establish(9, _names(*(b"%d" % i for i in range(MAX_NAMES))), time.monotonic())
     listings.added(9, b"one more")
     assert 9 not in listings
     off = Listings(ttl=0)  # entry-timeout=0: nothing is ever trusted
-    off.establish(9, set(), time.monotonic())
+    off.establish(9, {}, time.monotonic())
     assert off.absent(9, b"a") == 0
 
 
 def test_a_scan_of_a_directory_establishes_its_listing():
     """Pages in cookie order make a listing as of the scan's start; changes made through
     the mount meanwhile are replayed onto it; an unknown outcome or a gap spoils it."""
-    listings = Listings(ttl=60)
+    listings = Listings(ttl=60, attr_ttl=30)
     whole = listings.begin(1)
-    assert listings.page(whole, 0, [b"a", b"b"], 2)
+    dir_attr = _file(12, 2, stat.S_IFDIR | 0o755)
+    page0 = [(b"a", _file(10)), (b"b", _file(11)), (b"d", dir_attr), (b"h", _file(13, 2))]
+    assert listings.page(whole, 0, page0, 4)
     listings.added(1, b"new")  # made here while the scan runs: may be on a page or not
     listings.removed(1, b"a")  # already read: must not stay in the set
-    assert not listings.page(whole, 2, [b"c", b"new"], None)
+    listings.touched(11)  # its attributes changed after its page was read
+    assert not listings.page(whole, 4, [(b"c", _file(14)), (b"new", _file(15))], None)
     assert listings.absent(1, b"a") > 0 and listings.absent(1, b"zzz") > 0
-    assert all(listings.absent(1, n) == 0 for n in (b"b", b"c", b"new"))
+    assert all(listings.absent(1, n) == 0 for n in (b"b", b"c", b"d", b"h", b"new"))
+    attr, entry_left, attr_left = listings.known(1, b"c")
+    assert attr == _file(14) and 59 < entry_left <= 60 and 29 < attr_left <= 30
+    # kept only for files with one link that nothing here changed meanwhile
+    assert all(listings.known(1, n) is None for n in (b"b", b"d", b"h", b"new"))
+    listings.touched(14)
+    assert listings.known(1, b"c") is None
     spoiled = listings.begin(2)
-    listings.page(spoiled, 0, [b"a"], 1)
+    listings.page(spoiled, 0, [(b"a", _file(20))], 1)
     listings.forget(2)  # a change there whose outcome is unknown
-    assert not listings.page(spoiled, 1, [b"b"], None) and 2 not in listings
+    assert not listings.page(spoiled, 1, [(b"b", _file(21))], None) and 2 not in listings
     gap = listings.begin(3)
-    listings.page(gap, 0, [b"a"], 1)
-    assert not listings.page(gap, 7, [b"b"], None) and 3 not in listings
+    listings.page(gap, 0, [(b"a", _file(30))], 1)
+    assert not listings.page(gap, 7, [(b"b", _file(31))], None) and 3 not in listings
+    renamed = listings.begin(4)
+    listings.page(renamed, 0, [(b"x", _file(40)), (b"y", _file(41))], None)
+    assert listings.known(4, b"y")[0] == _file(41)
+    listings.added(4, b"y")  # x renamed over y: y's file is gone, x's has a new ctime
+    listings.removed(4, b"x")
+    assert listings.known(4, b"y") is None and listings.absent(4, b"x") > 0
 
 
 def test_a_listing_in_use_is_due_for_a_new_read_before_it_expires():
     listings = Listings(ttl=1)
-    listings.establish(4, {b"a"}, time.monotonic())
+    listings.establish(4, _names(b"a"), time.monotonic())
     for i in range(MIN_USES):
         assert listings.absent(4, b"x%d" % i) > 0
     assert not listings.due(4)  # still fresh
-    listings.establish(4, {b"a"}, time.monotonic() - 0.7)  # less than half of its time left
+    listings.establish(4, _names(b"a"), time.monotonic() - 0.7)  # less than half of its time left
     assert not listings.due(4)  # not used enough to be worth a read
     for i in range(MIN_USES):
         listings.absent(4, b"x%d" % i)
