@@ -6,11 +6,12 @@ sends them.
 
 Real processes on this machine: a LocalCluster (master + one worker) and `fusecsi controller`
 on a unix socket. N CreateVolume calls, then N DeleteVolume calls, `--concurrency` in flight
-(16, like a busy provisioner); each call is a full volume: mkdir, tags, quota, rename into
-place / tag check and tree removal. Also one call at a time, to split queueing from work.
-Targets: CreateVolume p99 < 50 ms, 1,000 volumes created in < 30 s. The CPU columns are the controller's, the master's and this
+(16, like a busy provisioner); each call is a full volume: one `mkvolume` (a directory born
+tagged and sized, synced before the master answers) / tag check, tree removal and a journal
+sync. Also one call at a time, to split queueing from work. Targets: CreateVolume p99 < 50 ms,
+1,000 volumes created in < 30 s. The CPU columns are the controller's, the master's and this
 client's CPU time per call (from /proc): on a 2-core machine shared with other work they say
-what a quieter machine could reach.
+what a quieter machine could reach; run it when `uptime` shows a load below ~1.5.
 """
 
 from __future__ import annotations

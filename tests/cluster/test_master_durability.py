@@ -217,3 +217,26 @@ async def test_mkvolume_and_sync_journal_over_the_wire(lone_cluster):
             await client.lookup(ROOT_INO, b"bad")
         assert err.value.errno == errno.ENOENT
         await client.sync_journal()
+
+
+async def test_a_new_length_from_setattr_is_synced_before_it_answers(tmp_path):
+    async def body(m: Master) -> None:
+        s = m.service
+        f = s.create(ROOT_INO, b"f", 0o644, 0, 0)
+        s.commit(f[0], 5000)  # a hole: no block to cut
+        await m.pause_syncing()
+        assert (await s.setattr(f[0], mode=0o600))[1] & 0o777 == 0o600  # no sync needed
+        assert m.journal.written > m.journal.synced
+        answered = []
+
+        async def truncate() -> None:
+            answered.append(await s.setattr(f[0], size=100))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(truncate)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not answered, "a truncation answered before it was synced"
+            await m.resume_syncing()
+        assert answered[0][5] == 100 and m.journal.synced == m.journal.written
+
+    await in_process(tmp_path, body)

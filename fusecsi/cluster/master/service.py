@@ -9,8 +9,9 @@ undone by a power loss waits for the sync itself:
 - `mkvolume` and `sync_journal` answer only then;
 - id ranges are reserved (and synced) ahead, so an inode or block id handed out is never
   handed out again;
-- blocks freed by unlink/rename/rmdir/truncate are deleted on workers only once the freeing
+- blocks freed by unlink/rename/remove_tree are deleted on workers only once the freeing
   record is synced (a lost record would otherwise bring back a file whose data is gone);
+- a setattr that changes a file's length answers once synced (workers cut or delete blocks);
 - a registering worker is told to delete unknown blocks only once the state that does not
   know them is synced.
 """
@@ -342,13 +343,15 @@ class MasterService:
     async def setattr(self, ino, mode=None, uid=None, gid=None, size=None, atime=None, mtime=None):
         if size is not None:
             await self._truncate_tail(ino, check_int(size, "size"))
+        before = self.ns.get(ino).size
         record = self.ns.plan_attr(ino, mode, uid, gid, size, atime, mtime, self._now())
         freed = self._commit(record)
         attr = self.ns.get(ino).attr()
-        if freed:
-            # delete at once (a writer with a stale block map is refused), but only once
-            # the truncation can no longer be undone by a power loss
+        if freed or (size is not None and size != before):
+            # a worker already cut the tail block and the freed ones are about to go: the
+            # new length must not be undone by a power loss, so it is synced first
             await self.journal.sync(self.journal.written)
+            # deleted at once, so a writer with a stale block map is refused
             await self._delete_now(freed)
         return attr
 
