@@ -12,8 +12,9 @@ A file unlinked (or renamed over) while open through this mount is moved into a 
 directory at the top of fs-path and removed at its last close, so it stays readable.
 
 A missing name is answered with a negative entry, which the kernel caches for
-`entry-timeout` seconds like a positive one; in a directory whose every name this mount
-knows (listings.py) the answer needs no cluster call.
+`entry-timeout` seconds like a positive one. In a directory whose every name this mount
+knows (listings.py: made or read through this mount, read again while in use) a lookup is
+answered without a cluster call, within the same cache bounds.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class Operations(pyfuse3.Operations):
 
     @staticmethod
     def _negative(timeout: float) -> EntryAttributes:
-        """ "No such name", cached by the kernel for `timeout` seconds."""
+        """A reply meaning "no such name", cached by the kernel for `timeout` seconds."""
         entry = EntryAttributes()
         entry.st_ino = 0
         entry.entry_timeout = timeout
