@@ -148,6 +148,7 @@ class ClusterClient:
         self._behind = WriteBehind(nursery, WRITE_WINDOW)
         if self.short_circuit:
             self._sc = ShortCircuit(self._workers, self.token)
+            nursery.start_soon(self._sc.sweep)
         self._nursery = nursery
         self._stack = stack
         return self

@@ -48,6 +48,7 @@ MAX_OPEN_BLOCKS = 1024  # blocks whose descriptors a client keeps open (two each
 DISCOVERY_TIMEOUT = 2.0
 DISCOVERY_RETRY = 10.0
 INLINE_MAX = 64 << 10  # pieces up to this size are read/written on the event loop
+SWEEP_INTERVAL = 1.0  # how often a client lets go of blocks the worker deleted
 
 
 def _pack(message: list) -> bytes:
@@ -475,6 +476,16 @@ class ShortCircuit:
             return None, os.fstat(entry.fd).st_nlink == 0
 
         await self._run(worker, block_id, True, len(data), write)
+
+    async def sweep(self) -> None:
+        """Close, every SWEEP_INTERVAL, the descriptors of blocks the worker has deleted (and
+        of workers that went away): an open descriptor would keep a freed block's disk space
+        and page cache alive."""
+        while True:
+            await trio.sleep(SWEEP_INTERVAL)
+            for key, entry in list(self.files.entries.items()):
+                if entry.worker.broken or (entry.fd >= 0 and os.fstat(entry.fd).st_nlink == 0):
+                    self.files.drop(key)
 
     def close(self) -> None:
         self.files.close()

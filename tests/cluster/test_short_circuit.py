@@ -11,6 +11,7 @@ import stat
 import pytest
 import trio
 
+from fusecsi.cluster import shortcircuit
 from fusecsi.cluster.client import ROOT_INO, ClusterClient, ClusterError
 from fusecsi.cluster.local import LocalCluster
 from fusecsi.cluster.protocol import call_sync
@@ -158,7 +159,8 @@ async def test_short_circuit_and_tcp_writers_share_a_block(cluster, top):
         assert await local.read(f.ino, 0, 2 * half) == last[0] + last[1]  # client verifies
 
 
-async def test_deleted_block_is_not_written_again(cluster, top):
+async def test_deleted_block_is_not_written_again(cluster, top, monkeypatch):
+    monkeypatch.setattr(shortcircuit, "SWEEP_INTERVAL", 3600)  # keep the stale descriptor
     async with (
         ClusterClient(cluster.master_addrs, timeout=20) as client,
         ClusterClient(cluster.master_addrs, timeout=20) as other,
@@ -175,17 +177,36 @@ async def test_deleted_block_is_not_written_again(cluster, top):
                 break
             await trio.sleep(0.1)
         assert old not in _block_paths(cluster, worker_index)
+        assert old in _held(client)  # still held: a write through it comes next
         # a late write through the descriptor still held goes to a fresh block instead
         await client.write(f.ino, 0, b"2" * 50)
         await client.commit(f.ino, 50)
         assert old not in _block_paths(cluster, worker_index)
         assert await client.read(f.ino, 0, 100) == b"2" * 50
         assert await other.read(f.ino, 0, 100) == b"2" * 50
+        assert old not in _held(client)
         # and the worker refuses to hand out the deleted block again, even for writing
         with pytest.raises(ClusterError) as info:
             await owner.open(old, True)
         assert info.value.errno == errno.ENOENT
         assert old not in _block_paths(cluster, worker_index)
+
+
+async def test_descriptors_of_deleted_blocks_are_let_go(cluster, top):
+    """An open descriptor would keep a freed block's disk space: the client closes it soon
+    after the worker deletes the block, without touching the file again."""
+    async with ClusterClient(cluster.master_addrs, timeout=20) as client:
+        f = await client.create(top.ino, b"let-go", 0o644, 0, 0)
+        await client.write(f.ino, 0, b"x" * (2 * BLOCK))
+        await client.commit(f.ino, 2 * BLOCK)
+        held = [e for e in client._sc.files.entries.values() if e.block_id in _held(client)]
+        assert len(held) == 2
+        await client.unlink(top.ino, b"let-go")
+        for _ in range(100):  # deleted at the worker's next heartbeat, let go at the next sweep
+            if all(e.fd == -1 for e in held):
+                break
+            await trio.sleep(0.1)
+        assert all(e.fd == -1 for e in held) and not _held(client)
 
 
 async def test_worker_restart_while_descriptors_are_cached(guarded):
