@@ -437,6 +437,7 @@ class Operations(pyfuse3.Operations):
         if writable:
             self._writable()
         ino = self.inodes.to_cluster(inode)
+        self.client.forget_layout(ino)  # close-to-open: reads ask for the current block map
         if writable and flags & os.O_TRUNC:  # libfuse asks for atomic O_TRUNC: it comes here
             node = self.handles.inodes.get(ino)
             if node is not None and node.writer is not None:
@@ -486,8 +487,9 @@ class Operations(pyfuse3.Operations):
                 READ_AROUND,
                 partial(self._store_around, node),
             )
-        # pages pushed into the kernel must not race a write made through this mount
-        around = node.writers == 0 and node.writer is None
+        # pages pushed into the kernel must not race a write made through this mount; reads
+        # from this host's block files cost microseconds: fetching around them buys nothing
+        around = node.writers == 0 and node.writer is None and not self.client.reads_local(node.ino)
         data = await reader.read(off, size, node.version, node.current_size, around)
         self.stats.read_bytes.add(amount=len(data))
         return data

@@ -98,3 +98,20 @@ def test_random_reads_stay_right_around_local_writes(mnt):
         os.truncate(path, 8192)
         assert os.pread(r.fileno(), 4096, 3 * 4096) == b""
     assert path.read_bytes() == data[:8192]
+
+
+def test_hole_filled_on_one_mount_reads_filled_on_another(make_mount, fs_path):
+    """Mount b caches the block map of a sparse file when it reads it; a block that mount a
+    then writes into the hole must be read at b's next open, not the hole b remembers."""
+    a = make_mount(fs_path, name="a")
+    b = make_mount(fs_path, name="b")
+    block = 4 * MiB  # LocalCluster's block size
+    with open(a / "sparse", "wb") as f:
+        f.write(b"head")
+        f.truncate(3 * block)
+    assert (b / "sparse").read_bytes()[block : block + 6] == bytes(6)
+    with open(a / "sparse", "r+b") as f:
+        f.seek(block)
+        f.write(b"filled")
+    with open(b / "sparse", "rb") as f:
+        assert os.pread(f.fileno(), 6, block) == b"filled"
