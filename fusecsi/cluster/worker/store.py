@@ -32,8 +32,8 @@ _ZERO_CRC = zlib.crc32(bytes(CHUNK))
 MAX_EXTERNAL = 4096  # blocks handed out for short-circuit writes whose size is re-read
 
 
-def _pread(fd: int, size: int, offset: int, wait: bool) -> bytes:
-    if wait:
+def _pread(fd: int, size: int, offset: int, cached: bool) -> bytes:
+    if not cached:
         return os.pread(fd, size, offset)
     buf = bytearray(size)
     got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)  # EAGAIN: not in the page cache
@@ -85,12 +85,22 @@ def write_at(fd: int, crc_fd: int, offset: int, data, *, wait: bool = True) -> t
 
 
 def read_at(
-    fd: int, crc_fd: int, offset: int, size: int, *, name: object = "", wait: bool = True
+    fd: int,
+    crc_fd: int,
+    offset: int,
+    size: int,
+    *,
+    name: object = "",
+    wait: bool = True,
+    cached: bool | None = None,
 ) -> bytes:
     """Up to `size` bytes from `offset` (short at the block's end), after verifying the
     checksum of every chunk they touch: EIO on a mismatch. `wait=False` raises
-    BlockingIOError instead of waiting for a writer or for the disk (data not in the page
-    cache), so the caller can go to a thread."""
+    BlockingIOError instead of waiting for a writer, and `cached` (default: `not wait`)
+    instead of waiting for the disk (data not in the page cache): the caller can go to a
+    thread."""
+    if cached is None:
+        cached = not wait
     _lock(crc_fd, False, wait)
     try:
         length = os.fstat(fd).st_size
@@ -100,10 +110,10 @@ def read_at(
         first = offset // CHUNK
         start = first * CHUNK
         stop = min(((end - 1) // CHUNK + 1) * CHUNK, length)
-        data = _pread(fd, stop - start, start, wait)
+        data = _pread(fd, stop - start, start, cached)
         count = (stop - 1) // CHUNK + 1 - first
         crcs = array.array("I")
-        crcs.frombytes(_pread(crc_fd, count * CRC_SIZE, first * CRC_SIZE, wait))
+        crcs.frombytes(_pread(crc_fd, count * CRC_SIZE, first * CRC_SIZE, cached))
     finally:
         _unlock(crc_fd)
     view = memoryview(data)
