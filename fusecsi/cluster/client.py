@@ -251,7 +251,7 @@ class ClusterClient:
             pending = self._pending.get(ino)
             if pending is not None:
                 await self.commit(ino, pending)
-            self.forget_layout(ino)
+            self._forget_blocks(ino)
         attr = await self._attr(
             "setattr", ino, mode, uid, gid, size, atime_ns, mtime_ns, idempotent=True
         )
@@ -385,7 +385,7 @@ class ClusterClient:
                 # ENOENT: the block was freed under a cached map (a truncate elsewhere)
                 if exc.errno != errno.ENOENT or attempt:
                     raise
-                self.forget_layout(ino)
+                self._forget_blocks(ino)
                 continue
             self._unsynced.setdefault(ino, set()).add((block_id, tuple(addrs)))
             rmap = self._read_maps.get(ino)
@@ -395,9 +395,14 @@ class ClusterClient:
             return
 
     def forget_layout(self, ino: int) -> None:
-        """Drop every block map cached for `ino`. The FUSE daemon calls it when a file is
-        opened (close-to-open: the next read asks the master); otherwise a map serves reads
-        for READ_MAP_TTL seconds (see `read`)."""
+        """Drop the block map cached for reading `ino`. The FUSE daemon calls it when a file
+        is opened (close-to-open: the next read asks the master); otherwise a map serves
+        reads for READ_MAP_TTL seconds (see `read`). Maps kept for writing need no such
+        care: a write to a freed block fails at the worker and asks again."""
+        self._read_maps.pop(ino, None)
+
+    def _forget_blocks(self, ino: int) -> None:
+        """Drop everything cached about `ino`'s blocks and quota grant (after a truncate)."""
         self._layouts.pop(ino, None)
         self._granted.pop(ino, None)
         self._read_maps.pop(ino, None)
