@@ -250,23 +250,19 @@ class ControllerService:
             raise
         return quota.max_bytes if quota.ino == ino else None
 
-    async def _find(self, client: ClusterClient, ref: VolumeRef, parent=None):
-        """(parent attr, entry attr, tag) of the volume's directory; None where missing."""
+    async def _find(self, client: ClusterClient, ref: VolumeRef):
+        """(entry attr, tag) of the volume's directory; None where missing."""
         try:
-            if parent is None:
-                parent = await self._call(client.resolve, ref.parent_path)
-            entry = await self._call(client.lookup, parent.ino, ref.name.encode())
+            entry = await self._call(client.resolve, ref.path)
         except ClusterError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                 raise
             entry = None
         # the master accepted this token: GetCapacity (whose request has no secrets) may use it
         self._tokens[",".join(client.master_addrs)] = client.token
-        if entry is None:
-            return None, None, None
-        if not stat.S_ISDIR(entry.mode):
-            return parent, entry, None
-        return parent, entry, await self._tag(client, entry.ino, TAG_VOLUME)
+        if entry is None or not stat.S_ISDIR(entry.mode):
+            return entry, None
+        return entry, await self._tag(client, entry.ino, TAG_VOLUME)
 
     async def _subpath(self, name: str, params: VolumeParams) -> str:
         labels = annotations = None
@@ -445,7 +441,7 @@ class ControllerService:
         async with self._paths.hold((ref.master_addrs, ref.path)):
             with cluster_errors(f"deleting {ref.path} on {ref.master_addrs}"):
                 client = await self._client(ref.master_addrs, token)
-                parent, entry, tag = await self._find(client, ref)
+                entry, tag = await self._find(client, ref)
                 if entry is None:
                     log.info("volume already gone", extra=fields(volume_id=volume_id))
                     return pb.DeleteVolumeResponse()
@@ -461,17 +457,18 @@ class ControllerService:
                     DELETE_REFUSALS.add()
                     self.events.post_on_volume(volume_id, "DeleteRefused", message)
                     fail(Status.FAILED_PRECONDITION, message)
-                await self._apply_policy(client, ref, parent, entry, volume_id)
+                await self._apply_policy(client, ref, entry, volume_id)
                 await self._call(client.sync_journal)
                 VOLUMES_DELETED.add(ref.on_delete)
         return pb.DeleteVolumeResponse()
 
-    async def _apply_policy(self, client, ref: VolumeRef, parent, entry, volume_id: str) -> None:
+    async def _apply_policy(self, client, ref: VolumeRef, entry, volume_id: str) -> None:
         if ref.on_delete == "delete":
             await self._call(client.remove_tree, ref.path)
             log.info("volume deleted", extra=fields(volume_id=volume_id, path=ref.path))
         elif ref.on_delete == "archive":
             new_name = archive_name(ref.name, time.time())
+            parent = await self._call(client.resolve, ref.parent_path)
             await self._call(
                 client.rename,
                 parent.ino,
@@ -503,7 +500,7 @@ class ControllerService:
         """The volume's client and directory; NOT_FOUND unless it exists and is tagged."""
         volume_id = ref.volume_id()
         client = await self._client(ref.master_addrs, self._token(request))
-        _, entry, tag = await self._find(client, ref)
+        entry, tag = await self._find(client, ref)
         if entry is None or tag != volume_id.encode():
             fail(Status.NOT_FOUND, f"volume {volume_id} does not exist")
         return client, entry
