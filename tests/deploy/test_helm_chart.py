@@ -157,7 +157,17 @@ def test_mountd_daemonset(renders, values_all, which):
     container = containers(mountd)["mountd"]
     assert {"name": "fuse-device", "mountPath": "/dev/fuse"} in container["volumeMounts"]
     assert "livenessProbe" not in container  # a restart would kill every FUSE daemon
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    sockets = [m for m in container["volumeMounts"] if m["name"].startswith("worker-socket-")]
+    if which == "defaults":
+        assert "FUSECSI_SHORT_CIRCUIT" not in env and not sockets
     if which == "all-options":
+        assert env["FUSECSI_SHORT_CIRCUIT"] == "0"
+        # a worker's socket is reached at the very path the worker reports
+        assert sockets == [
+            {"name": "worker-socket-0", "mountPath": "/var/lib/curvine/worker", "readOnly": True}
+        ]
+        assert vols["worker-socket-0"]["hostPath"]["path"] == "/var/lib/curvine/worker"
         assert container["resources"] == values_all["mountd"]["resources"]
         assert vols["state-dir"]["hostPath"]["path"] == "/var/lib/fusecsi-test"
         # helm merges maps with the defaults (kubernetes.io/os: linux stays)
