@@ -639,6 +639,14 @@ class ClusterClient:
             return bytes(size)
         raise ClusterError(last.errno, f"block {block_id}: no replica readable: {last.strerror}")
 
+    async def sync(self, ino: int) -> None:
+        """fsync of a file with nothing left to commit: the blocks written since its last
+        durable commit and the master's journal reach their disks."""
+        await self._behind.drain(ino)
+        self._behind.check(ino, clear=True)
+        await self._sync_blocks(ino)
+        await self.sync_journal()
+
     async def commit(
         self, ino: int, size: int, mtime_ns: int | None = None, *, durable: bool = False
     ) -> Attr:

@@ -216,16 +216,19 @@ class Operations(pyfuse3.Operations):
     async def _send(self, ino: int, offset: int, data: bytes) -> None:
         await self.call(self.client.write, ino, offset, data)
 
-    async def _commit(self, node: OpenInode) -> None:
-        """Everything written through this mount reaches the workers and its length the master."""
+    async def _commit(self, node: OpenInode, durable: bool = False) -> None:
+        """Everything written through this mount reaches the workers and its length the master
+        (`durable`: their disks, for fsync)."""
         writer = node.writer
         await writer.drain()
         if not writer.dirty:
+            if durable:
+                await self.call(self.client.sync, node.ino)
             return
         writer.dirty = False
         try:
             attr = await self._touch(
-                node.ino, self.client.commit, node.ino, writer.size, time.time_ns()
+                node.ino, self.client.commit, node.ino, writer.size, time.time_ns(), durable=durable
             )
         except FUSEError:
             writer.dirty = True
@@ -534,7 +537,13 @@ class Operations(pyfuse3.Operations):
             await self._commit(handle.node)
 
     async def fsync(self, fh, datasync):
-        await self.flush(fh)
+        handle = self.handles.files.get(fh)
+        if handle is None:
+            return
+        if handle.node.writer is not None:
+            await self._commit(handle.node, durable=True)
+        else:  # data written and closed earlier through another handle
+            await self.call(self.client.sync, handle.node.ino)
 
     async def release(self, fh):
         handle = self.handles.files.get(fh)
@@ -619,7 +628,8 @@ class Operations(pyfuse3.Operations):
             self.listings.end(handle.scan)
 
     async def fsyncdir(self, fh, datasync):
-        pass  # namespace changes are durable on the master when they return
+        # namespace changes are acknowledged once journaled; this waits for the disk
+        await self.call(self.client.sync_journal)
 
     async def statfs(self, ctx):
         info = await self.call(self.client.statfs)

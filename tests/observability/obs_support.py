@@ -1,5 +1,5 @@
 """What the observability tests share: scraping /metrics, and the helpers of the controller
-and mountd test directories (imported from there, not copied)."""
+mountd and fuse test directories (imported from there, not copied)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import trio
 
 _TESTS = Path(__file__).resolve().parents[1]
-for _directory in ("controller", "mountd"):
+for _directory in ("controller", "mountd", "fuse"):
     if str(_TESTS / _directory) not in sys.path:
         sys.path.insert(0, str(_TESTS / _directory))
 

@@ -36,8 +36,9 @@ def metered_cluster(tmp_path_factory):
         yield c
 
 
-async def test_worker_counts_blocks_and_requests(metered_cluster):
+async def test_worker_counts_blocks_and_requests(metered_cluster, monkeypatch):
     cluster = metered_cluster
+    monkeypatch.setenv("FUSECSI_SHORT_CIRCUIT", "0")  # data over TCP: the worker's RPCs
     before = scrape(cluster.worker_metrics_port)
     async with open_client(cluster.master_addrs) as client:
         f = await client.create(1, b"worker-metrics", 0o644, 0, 0)
@@ -126,7 +127,7 @@ async def test_counters_and_a_refused_delete_event(
     refusals = sample(after, "fusecsi_csi_calls_total", method="DeleteVolume", code=REFUSED)
     assert refusals == 2
     master_after = scrape(cluster.metrics_port)
-    for method in ("mkdir", "setxattr", "rename"):
+    for method in ("mkvolume", "removexattr", "sync_journal"):  # create, retain
         name, labels = "fusecsi_master_rpcs_total", {"method": method, "code": "OK"}
         assert sample(master_after, name, **labels) > sample(master_before, name, **labels)
     assert sample(master_after, "fusecsi_master_journal_fsync_seconds_count") > sample(

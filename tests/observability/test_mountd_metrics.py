@@ -86,7 +86,7 @@ async def test_publish_recovery_health_and_pod_events(node, cluster, kube_api):
     assert sample(counted, "fusecsi_mount_ops_total", key=key, op="create", errno="OK") == 2
     assert sample(counted, "fusecsi_mount_ops_total", key=key, op="lookup", errno="ENOENT") >= 1
     assert matching(counted, "fusecsi_mount_readahead_total", key=key) >= 1
-    calls = matching(counted, "fusecsi_cluster_call_seconds_count", key=key, method="write_block")
+    calls = matching(counted, "fusecsi_cluster_call_seconds_count", key=key, method="commit")
     assert calls >= 1
     assert sample(counted, "fusecsi_mount_in_flight", key=key) == 0
 
