@@ -48,7 +48,6 @@ TAG_VOLUME = b"trusted.fusecsi.volume"
 TAG_OWNER = b"trusted.fusecsi.owner"
 VOLUME_MODE = 0o777  # pods run as any user; the volume is theirs alone
 RENAME_NOREPLACE = 1
-PARENT_TTL = 5.0  # seconds a cached parent directory's inode is trusted without a lookup
 UNAVAILABLE_ERRNOS = {
     errno.ETIMEDOUT,
     errno.ECONNREFUSED,
@@ -197,7 +196,6 @@ class ControllerService:
         self._names = KeyedLocks()
         self._paths = KeyedLocks()
         # (master-addrs, parent path) -> (inode, monotonic time it was resolved)
-        self._parents: dict[tuple[str, str], tuple[int, float]] = {}
         # the last token that worked per cluster, for GetCapacity (whose request has none)
         self._tokens: dict[str, str | None] = {}
 
@@ -332,38 +330,23 @@ class ControllerService:
             )
         )
 
-    async def _parent(self, client: ClusterClient, ref: VolumeRef) -> tuple[int, bool]:
-        """(inode of the volume's parent directory, whether it came from the cache);
-        made with mkdir -p when not cached."""
-        key = (ref.master_addrs, ref.parent_path)
-        cached = self._parents.get(key)
-        if cached is not None and time.monotonic() - cached[1] < PARENT_TTL:
-            return cached[0], True
-        attr = await self._call(client.mkdirs, ref.parent_path)
-        self._parents[key] = (attr.ino, time.monotonic())
-        return attr.ino, False
-
     async def _ensure(self, client, ref, volume_id, name, size, required, limit) -> int:
         """The volume's directory exists, tagged for `volume_id` and held by `name`; returns
         its quota."""
         tags = {TAG_VOLUME: volume_id.encode(), TAG_OWNER: name.encode()}
-        parent, cached = await self._parent(client, ref)
         # the master accepts this token: GetCapacity (whose request has no secrets) may use it
         self._tokens[",".join(client.master_addrs)] = client.token
+        make = (client.mkvolume, ref.parent_path, ref.name.encode(), VOLUME_MODE, tags, size)
         try:
             try:
-                await self._call(
-                    client.mkvolume, parent, ref.name.encode(), VOLUME_MODE, tags, size
-                )
+                # the master resolves the parent path and makes the directory in one step: no
+                # inode of ours can be stale (a renamed parent, a rebuilt cluster)
+                await self._call(*make)
             except ClusterError as exc:
-                if not cached or exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                if exc.errno != errno.ENOENT:
                     raise
-                # the cached parent is gone or replaced: resolve it again, once
-                self._parents.pop((ref.master_addrs, ref.parent_path), None)
-                parent, _ = await self._parent(client, ref)
-                await self._call(
-                    client.mkvolume, parent, ref.name.encode(), VOLUME_MODE, tags, size
-                )
+                await self._call(client.mkdirs, ref.parent_path)  # first volume under it
+                await self._call(*make)
         except ClusterError as exc:
             if exc.errno != errno.EEXIST:
                 raise
@@ -374,16 +357,12 @@ class ControllerService:
             )
             VOLUMES_CREATED.add(ref.on_delete)
             return size
-        return await self._existing_volume(
-            client, ref, parent, volume_id, name, size, required, limit
-        )
+        return await self._existing_volume(client, ref, volume_id, name, size, required, limit)
 
-    async def _existing_volume(
-        self, client, ref, parent: int, volume_id, name, size, required, limit
-    ) -> int:
+    async def _existing_volume(self, client, ref, volume_id, name, size, required, limit) -> int:
         """CreateVolume for a name that exists: the same volume again, or a retained one."""
         try:
-            entry = await self._call(client.lookup, parent, ref.name.encode())
+            entry = await self._call(client.resolve, ref.path)
         except ClusterError as exc:
             if exc.errno != errno.ENOENT:
                 raise

@@ -328,10 +328,16 @@ class ClusterClient:
         return await self._attr("mkdirs", path, mode, 0, 0, idempotent=True)
 
     async def mkvolume(
-        self, parent: int, name: bytes, mode: int, xattrs: dict[bytes, bytes], max_bytes: int
+        self,
+        parent: int | str,
+        name: bytes,
+        mode: int,
+        xattrs: dict[bytes, bytes],
+        max_bytes: int,
     ) -> Attr:
         """A directory born with its xattrs and byte quota in one durable journal record
-        (EEXIST when the name is taken): nobody ever sees it untagged or unlimited."""
+        (EEXIST when the name is taken): nobody ever sees it untagged or unlimited. `parent`:
+        an inode, or an absolute path the master resolves in the same step."""
         return await self._attr("mkvolume", parent, name, mode, xattrs, max_bytes)
 
     async def sync_journal(self) -> None:

@@ -216,6 +216,22 @@ async def test_mkvolume_and_sync_journal_over_the_wire(lone_cluster):
         with pytest.raises(ClusterError) as err:
             await client.lookup(ROOT_INO, b"bad")
         assert err.value.errno == errno.ENOENT
+        # the parent by path, resolved by the master in the same step
+        parent = await client.mkdirs("/by/path")
+        attr = await client.mkvolume("/by/path", b"v2", 0o777, tags, 1 << 30)
+        assert (await client.lookup(parent.ino, b"v2")).ino == attr.ino
+        for path, code in [
+            ("/missing", errno.ENOENT),
+            ("/v1/..", errno.EINVAL),
+            ("v1", errno.EINVAL),
+        ]:
+            with pytest.raises(ClusterError) as err:
+                await client.mkvolume(path, b"v3", 0o777, tags, 1)
+            assert err.value.errno == code, path
+        await client.create(ROOT_INO, b"file", 0o644, 0, 0)
+        with pytest.raises(ClusterError) as err:
+            await client.mkvolume("/file", b"v3", 0o777, tags, 1)
+        assert err.value.errno == errno.ENOTDIR
         await client.sync_journal()
 
 

@@ -172,9 +172,25 @@ async def test_concurrent_create_and_delete_of_one_volume_stay_consistent(csi, c
         assert not [n for n in entries if n.startswith(b".fusecsi")]
 
 
+async def test_a_renamed_parent_directory_is_not_followed(csi, cluster):
+    """fs-path renamed away and made again between two creates: the second volume lands in
+    the new directory at fs-path, never under the renamed one (no inode is remembered)."""
+    base = unique("/renamed")
+    await csi("CreateVolume", create_request(unique("a"), params(cluster, **{"fs-path": base})))
+    async with open_client(cluster.master_addrs) as client:
+        top = await client.resolve("/")
+        await client.rename(top.ino, base[1:].encode(), top.ino, b"moved" + base[1:].encode(), 0)
+        await client.mkdirs(base)
+    name = unique("b")
+    await csi("CreateVolume", create_request(name, params(cluster, **{"fs-path": base})))
+    async with open_client(cluster.master_addrs) as client:
+        assert await names_in(client, base) == [name.encode()]
+        assert name.encode() not in await names_in(client, "/moved" + base[1:])
+
+
 async def test_a_replaced_parent_directory_is_found_again(csi, cluster):
-    """The controller caches the inode of fs-path; when that directory is removed and made
-    again (or replaced by a file), the next CreateVolume notices and resolves it afresh."""
+    """fs-path removed and made again (or replaced by a file) between two creates: the next
+    CreateVolume uses what is at the path now."""
     base = unique("/moving")
     first = await csi(
         "CreateVolume", create_request(unique("a"), params(cluster, **{"fs-path": base}))

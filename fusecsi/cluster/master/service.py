@@ -305,8 +305,11 @@ class MasterService:
 
     async def mkvolume(self, parent, name, mode, xattrs, max_bytes):
         """A directory (uid/gid 0) born with `xattrs` and a byte quota, in one record that is
-        synced before the reply."""
+        synced before the reply. `parent` is an inode or an absolute path, resolved here in
+        the same step (a caller holding no inode number cannot hold a stale one)."""
         check_int(mode, "mode")
+        if isinstance(parent, str):
+            parent = self.ns.resolve(parent).ino
         ino = self._ids(1)
         mode = stat.S_IFDIR | (mode & 0o7777)
         record = self.ns.plan_mkvol(parent, name, ino, mode, self._now(), xattrs, max_bytes)
