@@ -23,10 +23,14 @@ import secrets
 import threading
 import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
+from fusecsi.cluster.worker.directio import pwrite_all
+
 CHUNK = 64 << 10
+SYNC_THREADS = 16
 CRC_SIZE = 4
 _ZERO_CRC = zlib.crc32(bytes(CHUNK))
 MAX_EXTERNAL = 4096  # blocks handed out for short-circuit writes whose size is re-read
@@ -62,9 +66,7 @@ def write_at(fd: int, crc_fd: int, offset: int, data, *, wait: bool = True) -> t
     try:
         old_len = os.fstat(fd).st_size
         view = memoryview(data)
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
+        pwrite_all(fd, view, offset)
         end = offset + len(view)
         new_len = max(old_len, end)
         first = min(old_len, offset) // CHUNK
@@ -143,6 +145,18 @@ def truncate_at(fd: int, crc_fd: int, length: int) -> tuple[int, int]:
         return old_len, length
     finally:
         _unlock(crc_fd)
+
+
+def _sync_path(path: Path, how=os.fsync) -> None:
+    """Sync a file or directory by path; one that is gone has nothing left to lose."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        how(fd)
+    finally:
+        os.close(fd)
 
 
 def sync_fds(*fds: int) -> None:
@@ -308,26 +322,21 @@ class BlockStore:
         self._account(block_id, *sizes)
 
     def sync(self, block_ids: list[int]) -> None:
+        """Flush the blocks' data, checksums and directory entries to disk. The files are
+        synced SYNC_THREADS at a time: the filesystem commits its journal once for all the
+        syncs waiting together, instead of once per file."""
+        paths = []
         for block_id in block_ids:
             path = self.path(block_id)
-            for p in (path, self._crc_path(path)):
-                try:
-                    fd = os.open(p, os.O_RDONLY)
-                except FileNotFoundError:
-                    continue
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
-        for parent in {self.path(b).parent for b in block_ids}:
-            try:
-                fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fsync(fd)  # new block files' directory entries
-            finally:
-                os.close(fd)
+            paths += [(path, os.fdatasync), (self._crc_path(path), os.fdatasync)]
+        # the directory entries of new block files
+        paths += [(parent, os.fsync) for parent in {self.path(b).parent for b in block_ids}]
+        if len(paths) <= 3:
+            for path, how in paths:
+                _sync_path(path, how)
+            return
+        with ThreadPoolExecutor(min(SYNC_THREADS, len(paths))) as pool:
+            list(pool.map(lambda item: _sync_path(*item), paths))  # list(): raise a failure
 
     def delete(self, block_id: int) -> None:
         path = self.path(block_id)
