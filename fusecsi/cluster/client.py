@@ -80,13 +80,12 @@ class _ReadMap:
     """A file's block map as the master last gave it, for reads: index -> (block id,
     addresses), or None for a hole; `committed` is the length the master reported."""
 
-    __slots__ = ("expires", "committed", "blocks", "local")
+    __slots__ = ("expires", "committed", "blocks")
 
     def __init__(self, expires: float, committed: int) -> None:
         self.expires = expires
         self.committed = committed
         self.blocks: dict[int, tuple[int, list[str]] | None] = {}
-        self.local: bool | None = None
 
 
 class _Stale(Exception):
@@ -397,7 +396,6 @@ class ClusterClient:
             rmap = self._read_maps.get(ino)
             if rmap is not None and index in rmap.blocks:
                 rmap.blocks[index] = (block_id, addrs)
-                rmap.local = None
             return
 
     def forget_layout(self, ino: int) -> None:
@@ -555,7 +553,6 @@ class ClusterClient:
             blocks[index] = None
         for index, block_id, addrs in rows:
             blocks[index] = (block_id, addrs)
-        rmap.local = None
         return rmap
 
     async def _read_mapped(
@@ -587,21 +584,6 @@ class ClusterClient:
         if stale:
             raise _Stale
         return b"".join(out)
-
-    def reads_local(self, ino: int) -> bool:
-        """True when every block of `ino`'s cached block map has a replica that this client
-        reads through its files (short-circuit): such reads cost a few microseconds, so
-        fetching more than was asked for buys little."""
-        rmap = self._read_maps.get(ino)
-        sc = self._sc
-        if rmap is None or sc is None:
-            return False
-        if rmap.local is None:
-            rmap.local = all(
-                block is None or any(sc.is_local(a) for a in block[1])
-                for block in rmap.blocks.values()
-            ) and any(block is not None for block in rmap.blocks.values())
-        return rmap.local
 
     async def _read_block(
         self, block: tuple | None, offset: int, size: int, cached: bool = False
