@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import gc
 import os
 
 import trio
 
-from fusecsi import logs, metrics
+from fusecsi import gctune, logs, metrics
 from fusecsi.csi_server import CsiServer, add_server_flags, run_until_signal
 from fusecsi.identity import IdentityService
-
-GC_THRESHOLD = 20_000  # allocations between young-generation collections (Python's: 700)
 
 
 def configure(parser) -> None:
@@ -62,10 +59,7 @@ async def serve(args) -> None:
         )
         server = CsiServer({"Identity": IdentityService(controller=True), "Controller": controller})
         metrics.serve_csi(server, args.metrics_address, *service.METRICS)
-        # everything made so far lives as long as the process: keep the collector off it, and
-        # let it run less often (each call allocates hundreds of short-lived objects)
-        gc.freeze()
-        gc.set_threshold(GC_THRESHOLD)
+        gctune.settle()
         await run_until_signal(server, args.endpoint, args.grace)
         nursery.cancel_scope.cancel()  # closes every cluster client
 
