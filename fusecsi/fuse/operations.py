@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 ORPHANS = b".fusecsi-orphans"  # in fs-path's top directory, hidden from the mount
 READDIR_PAGE = 1000
-MIN_READ_AHEAD_WINDOWS = 2
+# at least 4 MiB ahead of a sequential reader: 1 GiB reads ~610 -> ~670 MB/s against 2 MiB
+MIN_READ_AHEAD_WINDOWS = 4
 # The client keeps up to 8 written pieces in flight and a read-ahead window is held while
 # the kernel consumes it. With short-circuit writes going straight to disk, 1 MiB pieces
 # write as fast as 2 MiB ones within this VM's noise (350-500 MB/s both) and keep the
