@@ -39,6 +39,7 @@ import msgpack
 import trio
 
 from fusecsi.cluster.protocol import RPCError
+from fusecsi.metrics import Tally
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,14 @@ DISCOVERY_RETRY = 10.0
 INLINE_MAX = 64 << 10  # pieces up to this size are read/written on the event loop
 CACHED, DISK, WAIT = range(3)  # how an operation may block: see ShortCircuit._run
 SWEEP_INTERVAL = 1.0  # how often a client lets go of blocks the worker deleted
+# on the worker: whether short-circuit I/O is in use at all (a worker on a node whose
+# mounts never open anything here is not reachable from them, see the chart's
+# mountd.workerSocketDirs)
+LOCAL_OPENS = Tally(
+    "fusecsi_worker_local_opens_total",
+    "block files handed to clients on this host (short-circuit I/O), by mode and errno name",
+    ["mode", "code"],
+)
 
 
 def _pack(message: list) -> bytes:
@@ -200,14 +209,17 @@ class LocalServer:
             channel.close()
 
     async def _open(self, channel: _Channel, args: list) -> None:
+        mode = "write" if args[1:] == [True] else "read"
         try:
             if len(args) != 2 or not isinstance(args[1], bool):
                 raise OSError(errno.EINVAL, "open(block_id, writable)")
             fds = await self.open_block(args[0], args[1])
         except OSError as exc:
             name = errno.errorcode.get(exc.errno or errno.EIO, "EIO")
+            LOCAL_OPENS.add(mode, name)
             await channel.send([[name, exc.strerror or str(exc)], None])
             return
+        LOCAL_OPENS.add(mode, "OK")
         try:
             await channel.send([None, {"size": os.fstat(fds[0]).st_size}], fds)
         finally:

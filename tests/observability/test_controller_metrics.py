@@ -54,6 +54,29 @@ async def test_worker_counts_blocks_and_requests(metered_cluster, monkeypatch):
     assert sample(after, "fusecsi_worker_free_bytes") > 0
 
 
+async def test_worker_counts_short_circuit_opens(metered_cluster):
+    """A client on the worker's host reads and writes the block files itself: the worker
+    counts the descriptors it hands over, and no block travels through its RPCs."""
+    cluster = metered_cluster
+    before = scrape(cluster.worker_metrics_port)
+    async with open_client(cluster.master_addrs) as client:
+        f = await client.create(1, b"local-metrics", 0o644, 0, 0)
+        await client.write(f.ino, 0, b"y" * (1 << 20))
+        await client.commit(f.ino, 1 << 20)
+    async with open_client(cluster.master_addrs) as reader:
+        assert await reader.read(f.ino, 0, 10) == b"y" * 10
+    after = scrape(cluster.worker_metrics_port)
+    opens = "fusecsi_worker_local_opens_total"
+    for mode in ("write", "read"):
+        grew = sample(after, opens, mode=mode, code="OK") - sample(
+            before, opens, mode=mode, code="OK"
+        )
+        assert grew >= 1, mode
+    for method in ("write_block", "read_block"):
+        name, labels = "fusecsi_worker_rpcs_total", {"method": method, "code": "OK"}
+        assert sample(after, name, **labels) == sample(before, name, **labels)
+
+
 async def test_counters_and_a_refused_delete_event(
     metered_cluster, kube_api, module_spawn, tmp_path
 ):

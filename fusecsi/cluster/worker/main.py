@@ -13,7 +13,7 @@ import trio
 from fusecsi import unix_socket
 from fusecsi.cluster import roles
 from fusecsi.cluster.protocol import DEFAULT_MAX_FRAME, Pool, Server, parse_addr
-from fusecsi.cluster.shortcircuit import LocalServer
+from fusecsi.cluster.shortcircuit import LOCAL_OPENS, LocalServer
 from fusecsi.cluster.worker.service import WorkerService
 from fusecsi.cluster.worker.store import BlockStore
 from fusecsi.logs import fields
@@ -96,6 +96,7 @@ async def serve(args, token: str | None) -> None:
             gauge("fusecsi_worker_used_bytes", "bytes held in blocks", lambda: store.used),
             gauge("fusecsi_worker_free_bytes", "free bytes reported", lambda: store.space()[1]),
             gauge("fusecsi_worker_blocks", "blocks stored", store.count_blocks),
+            LOCAL_OPENS,
         )
         await nursery.start(server.serve, sock)
         log.info(
