@@ -627,29 +627,30 @@ class ClusterClient:
             return bytes(size)
         raise ClusterError(last.errno, f"block {block_id}: no replica readable: {last.strerror}")
 
-    async def sync(self, ino: int) -> None:
-        """fsync of a file with nothing left to commit: the blocks written since its last
-        durable commit and the master's journal reach their disks."""
-        await self._behind.drain(ino)
-        self._behind.check(ino, clear=True)
-        await self._sync_blocks(ino)
-        await self.sync_journal()
-
-    async def commit(
-        self, ino: int, size: int, mtime_ns: int | None = None, *, durable: bool = False
-    ) -> Attr:
-        """Wait for the file's writes, raise a failed one, then publish `size`.
-
-        With `durable` (fsync), the workers first flush the blocks written since the last
-        durable commit to their disks (blocks written through short-circuit included: the
-        worker syncs the same files), and the master's journal holds the new length before
-        this returns; otherwise either may sit in a page cache."""
+    async def _settle(self, ino: int, durable: bool) -> None:
+        """Wait for the file's writes and raise a failed one; with `durable`, have the workers
+        flush the blocks written since the last durable commit to their disks (blocks
+        written through short-circuit included: the worker syncs the same files)."""
         await self._behind.drain(ino)
         self._behind.check(ino, clear=True)
         if durable:
             await self._sync_blocks(ino)
         elif len(self._unsynced.get(ino, ())) > MAX_UNSYNCED:
             self._unsynced.pop(ino, None)  # nobody asked; do not grow without bound
+
+    async def sync(self, ino: int) -> None:
+        """fsync of a file with nothing left to commit: the blocks written since its last
+        durable commit and the master's journal reach their disks."""
+        await self._settle(ino, True)
+        await self.sync_journal()
+
+    async def commit(
+        self, ino: int, size: int, mtime_ns: int | None = None, *, durable: bool = False
+    ) -> Attr:
+        """`_settle` the file, then publish `size`; with `durable` (fsync) the master's
+        journal holds the new length on disk before this returns (otherwise the blocks and
+        the length may sit in page caches)."""
+        await self._settle(ino, durable)
         attr = await self._attr("commit", ino, size, mtime_ns, idempotent=True)
         if durable:
             await self.sync_journal()  # the new length is on the master's disk too

@@ -3,6 +3,7 @@ mountd and fuse test directories (imported from there, not copied)."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import urllib.request
@@ -10,10 +11,27 @@ from pathlib import Path
 
 import trio
 
+from fusecsi.cluster.local import LocalCluster, free_port
+
 _TESTS = Path(__file__).resolve().parents[1]
 for _directory in ("controller", "mountd", "fuse"):
     if str(_TESTS / _directory) not in sys.path:
         sys.path.insert(0, str(_TESTS / _directory))
+
+
+@contextlib.contextmanager
+def metered_cluster(base: Path):
+    """A master and one worker that serve /metrics: their ports are the cluster's
+    `metrics_port` and `worker_metrics_port`."""
+    port, worker_port = free_port(), free_port()
+    with LocalCluster(
+        base,
+        workers=1,
+        master_args=("--metrics-address", f"127.0.0.1:{port}"),
+        worker_args=("--metrics-address", f"127.0.0.1:{worker_port}"),
+    ) as cluster:
+        cluster.metrics_port, cluster.worker_metrics_port = port, worker_port
+        yield cluster
 
 
 def scrape(port: int) -> dict[str, float]:

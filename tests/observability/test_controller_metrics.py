@@ -12,10 +12,10 @@ import pytest
 from controller_support import create_request, kube_api, module_spawn, open_client, start_controller
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from obs_support import poll, sample, scrape
+from obs_support import metered_cluster, poll, sample, scrape
 
 from fusecsi import grpc_bridge
-from fusecsi.cluster.local import LocalCluster, free_port
+from fusecsi.cluster.local import free_port
 from fusecsi.csi import csi_pb2 as pb
 from fusecsi.volumes import VolumeRef
 
@@ -24,20 +24,13 @@ REFUSED = "FAILED_PRECONDITION"
 
 
 @pytest.fixture(scope="module")
-def metered_cluster(tmp_path_factory):
-    port, worker_port = free_port(), free_port()
-    with LocalCluster(
-        tmp_path_factory.mktemp("cluster"),
-        workers=1,
-        master_args=("--metrics-address", f"127.0.0.1:{port}"),
-        worker_args=("--metrics-address", f"127.0.0.1:{worker_port}"),
-    ) as c:
-        c.metrics_port, c.worker_metrics_port = port, worker_port
-        yield c
+def metered(tmp_path_factory):
+    with metered_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
 
 
-async def test_worker_counts_blocks_and_requests(metered_cluster, monkeypatch):
-    cluster = metered_cluster
+async def test_worker_counts_blocks_and_requests(metered, monkeypatch):
+    cluster = metered
     monkeypatch.setenv("FUSECSI_SHORT_CIRCUIT", "0")  # data over TCP: the worker's RPCs
     before = scrape(cluster.worker_metrics_port)
     async with open_client(cluster.master_addrs) as client:
@@ -54,10 +47,10 @@ async def test_worker_counts_blocks_and_requests(metered_cluster, monkeypatch):
     assert sample(after, "fusecsi_worker_free_bytes") > 0
 
 
-async def test_worker_counts_short_circuit_opens(metered_cluster):
+async def test_worker_counts_short_circuit_opens(metered):
     """A client on the worker's host reads and writes the block files itself: the worker
     counts the descriptors it hands over, and no block travels through its RPCs."""
-    cluster = metered_cluster
+    cluster = metered
     before = scrape(cluster.worker_metrics_port)
     async with open_client(cluster.master_addrs) as client:
         f = await client.create(1, b"local-metrics", 0o644, 0, 0)
@@ -77,10 +70,8 @@ async def test_worker_counts_short_circuit_opens(metered_cluster):
         assert sample(after, name, **labels) == sample(before, name, **labels)
 
 
-async def test_counters_and_a_refused_delete_event(
-    metered_cluster, kube_api, module_spawn, tmp_path
-):
-    cluster = metered_cluster
+async def test_counters_and_a_refused_delete_event(metered, kube_api, module_spawn, tmp_path):
+    cluster = metered
     port = free_port()
     kubeconfig = kube_api.write_kubeconfig(tmp_path / "kubeconfig")
     _, sock = start_controller(

@@ -10,27 +10,19 @@ import os
 import obs_support  # noqa: F401  (puts the fuse helpers on the path)
 import pytest
 from fusemounts import MountSet, mkdirs, run_cluster
-from obs_support import sample, scrape
-
-from fusecsi.cluster.local import LocalCluster, free_port
+from obs_support import metered_cluster, sample, scrape
 
 MASTER, WORKER = "fusecsi_master_rpcs_total", "fusecsi_worker_rpcs_total"
 
 
 @pytest.fixture
 def metered(tmp_path):
-    port, worker_port = free_port(), free_port()
-    with LocalCluster(
-        tmp_path / "cluster",
-        workers=1,
-        master_args=("--metrics-address", f"127.0.0.1:{port}"),
-        worker_args=("--metrics-address", f"127.0.0.1:{worker_port}"),
-    ) as cluster:
+    with metered_cluster(tmp_path / "cluster") as cluster:
         run_cluster(mkdirs, cluster.master_addrs, "/vol")
         mounts = MountSet(cluster.master_addrs, tmp_path)
         try:
             mnt = mounts("/vol")
-            yield mnt, lambda: (scrape(port), scrape(worker_port))
+            yield mnt, lambda: (scrape(cluster.metrics_port), scrape(cluster.worker_metrics_port))
         finally:
             mounts.close()
 

@@ -147,7 +147,7 @@ def truncate_at(fd: int, crc_fd: int, length: int) -> tuple[int, int]:
         _unlock(crc_fd)
 
 
-def _sync_path(path: Path, how=os.fsync) -> None:
+def _sync_path(path: Path, how) -> None:
     """Sync a file or directory by path; one that is gone has nothing left to lose."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -157,11 +157,6 @@ def _sync_path(path: Path, how=os.fsync) -> None:
         how(fd)
     finally:
         os.close(fd)
-
-
-def sync_fds(*fds: int) -> None:
-    for fd in fds:
-        os.fdatasync(fd)
 
 
 class BlockStore:
@@ -331,9 +326,7 @@ class BlockStore:
             paths += [(path, os.fdatasync), (self._crc_path(path), os.fdatasync)]
         # the directory entries of new block files
         paths += [(parent, os.fsync) for parent in {self.path(b).parent for b in block_ids}]
-        if len(paths) <= 3:
-            for path, how in paths:
-                _sync_path(path, how)
+        if not paths:
             return
         with ThreadPoolExecutor(min(SYNC_THREADS, len(paths))) as pool:
             list(pool.map(lambda item: _sync_path(*item), paths))  # list(): raise a failure
