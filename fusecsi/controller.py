@@ -195,7 +195,6 @@ class ControllerService:
         self.call_timeout = call_timeout
         self._names = KeyedLocks()
         self._paths = KeyedLocks()
-        # (master-addrs, parent path) -> (inode, monotonic time it was resolved)
         # the last token that worked per cluster, for GetCapacity (whose request has none)
         self._tokens: dict[str, str | None] = {}
 
@@ -230,6 +229,11 @@ class ControllerService:
             raise errors[0]
         return results
 
+    def _accepted(self, client: ClusterClient) -> None:
+        """The master answered this client: GetCapacity (whose request carries no secrets)
+        may use its token."""
+        self._tokens[",".join(client.master_addrs)] = client.token
+
     async def _tag(self, client: ClusterClient, ino: int, name: bytes) -> bytes | None:
         try:
             return await self._call(client.getxattr, ino, name)
@@ -256,8 +260,7 @@ class ControllerService:
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                 raise
             entry = None
-        # the master accepted this token: GetCapacity (whose request has no secrets) may use it
-        self._tokens[",".join(client.master_addrs)] = client.token
+        self._accepted(client)
         if entry is None or not stat.S_ISDIR(entry.mode):
             return entry, None
         return entry, await self._tag(client, entry.ino, TAG_VOLUME)
@@ -334,8 +337,6 @@ class ControllerService:
         """The volume's directory exists, tagged for `volume_id` and held by `name`; returns
         its quota."""
         tags = {TAG_VOLUME: volume_id.encode(), TAG_OWNER: name.encode()}
-        # the master accepts this token: GetCapacity (whose request has no secrets) may use it
-        self._tokens[",".join(client.master_addrs)] = client.token
         make = (client.mkvolume, ref.parent_path, ref.name.encode(), VOLUME_MODE, tags, size)
         try:
             try:
@@ -350,7 +351,9 @@ class ControllerService:
         except ClusterError as exc:
             if exc.errno != errno.EEXIST:
                 raise
+            self._accepted(client)
         else:
+            self._accepted(client)
             log.info(
                 "volume created",
                 extra=fields(volume_id=volume_id, path=ref.path, capacity=size, name=name),
