@@ -69,7 +69,10 @@ class WriteBehind:
             state.idle = trio.Event()
         state.count += 1
         try:
-            await self.window.acquire()
+            try:  # no schedule point while the window has room: the caller's reply waits
+                self.window.acquire_nowait()
+            except trio.WouldBlock:
+                await self.window.acquire()
         except BaseException:
             self._finish(ino, state, entry)
             raise

@@ -32,7 +32,11 @@ class WriteBuffer:
         self._lock = trio.Lock()  # pieces of one file go out in order
 
     async def write(self, offset: int, data: bytes) -> None:
-        async with self._lock:
+        try:  # no schedule point when the lock is free: the kernel waits for this reply
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+        try:
             if self._len and offset != self._start + self._len:
                 await self._send_buffered()
             if not self._len:
@@ -48,6 +52,8 @@ class WriteBuffer:
                 if self._start + self._len < boundary:
                     break
                 await self._send_buffered(boundary)
+        finally:
+            self._lock.release()
 
     async def drain(self) -> None:
         """Hand everything buffered to the cluster client."""
