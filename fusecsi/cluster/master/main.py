@@ -22,7 +22,7 @@ log = logging.getLogger("fusecsi.master")
 
 DEFAULT_PORT = 8995
 WORKER_PORT = 8997
-DEFAULT_BLOCK_SIZE = 4 << 20
+DEFAULT_BLOCK_SIZE = 16 << 20
 
 
 def configure(parser) -> None:
