@@ -487,7 +487,7 @@ class ShortCircuit:
         def read(entry: OpenBlock, mode: int):
             data = read_at(
                 entry.fd, entry.crc_fd, offset, size, name=block_id, wait=mode == WAIT,
-                cached=mode == CACHED,
+                cached=mode == CACHED, direct=True,
             )  # fmt: skip
             return data, os.fstat(entry.fd).st_nlink == 0
 

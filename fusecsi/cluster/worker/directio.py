@@ -1,4 +1,4 @@
-"""Large aligned block writes bypass the page cache (O_DIRECT).
+"""Large aligned block writes and reads bypass the page cache (O_DIRECT).
 
 Measured on the 2-core VM these run on: buffered writes of 2 MiB pieces swing between
 0.4 and 4.8 GB/s with the state of the page cache and then need an fsync that waits for the
@@ -83,3 +83,33 @@ def _write_direct(fd: int, view: memoryview, offset: int) -> bool:
         os.close(direct)
         _buffers.give(buf)
     return True
+
+
+def pread_direct(fd: int, size: int, offset: int) -> bytes | None:
+    """Up to `size` bytes from `offset` of the file open as `fd`, read past the page cache
+    (short at the end of the file); None when the piece is small or unaligned or the
+    filesystem refuses direct I/O. The caller reads those the ordinary way."""
+    if size < DIRECT_MIN or offset % DIRECT_ALIGN:
+        return None
+    try:
+        direct = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return None
+    aligned = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN  # the end may pass the end of file
+    buf = _buffers.take(aligned)
+    try:
+        with memoryview(buf) as staged:
+            done = 0
+            while done < size:
+                got = os.preadv(direct, [staged[done:aligned]], offset + done)
+                done += got
+                if got == 0 or done % DIRECT_ALIGN:
+                    break  # the end of the file
+            return bytes(staged[: min(done, size)])
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return None  # the filesystem refuses direct I/O for this file
+        raise
+    finally:
+        os.close(direct)
+        _buffers.give(buf)

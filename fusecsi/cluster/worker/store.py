@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-from fusecsi.cluster.worker.directio import pwrite_all
+from fusecsi.cluster.worker.directio import pread_direct, pwrite_all
 
 CHUNK = 64 << 10
 SYNC_THREADS = 16
@@ -36,7 +36,11 @@ _ZERO_CRC = zlib.crc32(bytes(CHUNK))
 MAX_EXTERNAL = 4096  # blocks handed out for short-circuit writes whose size is re-read
 
 
-def _pread(fd: int, size: int, offset: int, cached: bool) -> bytes:
+def _pread(fd: int, size: int, offset: int, cached: bool, direct: bool = False) -> bytes:
+    if direct and not cached:
+        data = pread_direct(fd, size, offset)
+        if data is not None:
+            return data
     if not cached:
         return os.pread(fd, size, offset)
     buf = bytearray(size)
@@ -95,12 +99,14 @@ def read_at(
     name: object = "",
     wait: bool = True,
     cached: bool | None = None,
+    direct: bool = False,
 ) -> bytes:
     """Up to `size` bytes from `offset` (short at the block's end), after verifying the
     checksum of every chunk they touch: EIO on a mismatch. `wait=False` raises
     BlockingIOError instead of waiting for a writer, and `cached` (default: `not wait`)
     instead of waiting for the disk (data not in the page cache): the caller can go to a
-    thread."""
+    thread. `direct` reads large aligned pieces past the page cache: a short-circuit reader
+    keeps them in its own FUSE page cache, and a second copy here only costs memory."""
     if cached is None:
         cached = not wait
     _lock(crc_fd, False, wait)
@@ -112,7 +118,7 @@ def read_at(
         first = offset // CHUNK
         start = first * CHUNK
         stop = min(((end - 1) // CHUNK + 1) * CHUNK, length)
-        data = _pread(fd, stop - start, start, cached)
+        data = _pread(fd, stop - start, start, cached, direct)
         count = (stop - 1) // CHUNK + 1 - first
         crcs = array.array("I")
         crcs.frombytes(_pread(crc_fd, count * CRC_SIZE, first * CRC_SIZE, cached))
