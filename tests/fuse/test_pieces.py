@@ -302,3 +302,28 @@ async def test_read_around_covers_a_read_that_crosses_its_boundary():
         assert got == src.data[300_000:304_096]
     assert src.fetches == [(0, 128 * 1024 + 12288), (300_000, 4096)]
     assert stored == [(0, 128 * 1024 + 12288)]
+
+
+async def test_read_around_pages_queue_only_up_to_the_backlog():
+    """Pieces a read-around would push into the kernel wait for one thread; when they pile
+    up past STORE_BACKLOG bytes, new ones are dropped rather than held in memory, and the
+    room comes back as queued pieces finish (here: skipped because the file changed)."""
+    from fusecsi.fuse.handles import OpenInode
+    from fusecsi.fuse.operations import READ_AROUND, STORE_BACKLOG, Operations
+
+    ops = Operations(None, ROOT_INODE, mount_options.parse_arg(""))
+    spawned = []
+    ops.spawn = lambda fn, *args: spawned.append((fn, args))
+    node = OpenInode(ino=5, size=64 * MiB)
+    piece = bytes(READ_AROUND)
+    fits = STORE_BACKLOG // (READ_AROUND - 4096)
+    for i in range(fits + 3):
+        ops._store_around(node, i * READ_AROUND, piece, i * READ_AROUND, i * READ_AROUND + 4096)
+    assert len(spawned) == fits
+    assert 0 < ops._store_backlog <= STORE_BACKLOG
+    node.version += 1  # a write: the queued pages are stale and are not pushed
+    for fn, args in spawned:
+        await fn(*args)
+    assert ops._store_backlog == 0
+    ops._store_around(node, 0, piece, 0, 4096)
+    assert len(spawned) == fits + 1
