@@ -50,7 +50,7 @@ MAX_OPEN_BLOCKS = 1024  # blocks whose descriptors a client keeps open (two each
 DISCOVERY_TIMEOUT = 2.0
 DISCOVERY_RETRY = 10.0
 INLINE_MAX = 64 << 10  # pieces up to this size are read/written on the event loop
-CACHED, DISK, WAIT = range(3)  # how an operation may block: see ShortCircuit._run
+CACHED, DISK, WAIT, OWN = range(4)  # how an operation may block: see ShortCircuit._run
 SWEEP_INTERVAL = 1.0  # how often a client lets go of blocks the worker deleted
 # on the worker: whether short-circuit I/O is in use at all (a worker on a node whose
 # mounts never open anything here is not reachable from them, see the chart's
@@ -451,22 +451,18 @@ class ShortCircuit:
         page cache only (CACHED), then, for a read while no other short-circuit I/O of this
         client is under way, from the disk (DISK: one small read blocks the loop for less
         than a thread hop costs, measured ~2,500 -> ~3,800 random 4 KiB reads/s through
-        FUSE). Everything else goes to a thread (WAIT)."""
+        FUSE). Everything else goes to a thread (WAIT), except that a large read does not
+        queue behind the block's other users: it locks a checksum descriptor of its own
+        (OWN), so the read-ahead windows of one block are read side by side (1 GiB read
+        through FUSE 476-620 -> 700-804 MB/s)."""
         entry = await self._entry(worker, block_id, writable)
         entry.users += 1
         self.active += 1
         try:
-            async with entry.lock:
-                result = None
-                if size <= INLINE_MAX:
-                    try:
-                        result = fn(entry, CACHED)
-                    except BlockingIOError:
-                        if not writable and self.active == 1:
-                            with contextlib.suppress(BlockingIOError):
-                                result = fn(entry, DISK)
-                if result is None:
-                    result = await trio.to_thread.run_sync(fn, entry, WAIT, limiter=self.limiter)
+            if not writable and size > INLINE_MAX:
+                result = await trio.to_thread.run_sync(fn, entry, OWN, limiter=self.limiter)
+            else:
+                result = await self._in_turn(entry, writable, size, fn)
         except OSError as exc:
             if isinstance(exc, RPCError):
                 raise
@@ -481,14 +477,37 @@ class ShortCircuit:
             raise RPCError(errno.ENOENT, f"block {block_id} was deleted")
         return value
 
+    async def _in_turn(self, entry: OpenBlock, writable: bool, size: int, fn):
+        """`fn` under the block's lock: its users share one checksum descriptor, whose flock
+        they would otherwise release for each other."""
+        async with entry.lock:
+            result = None
+            if size <= INLINE_MAX:
+                try:
+                    result = fn(entry, CACHED)
+                except BlockingIOError:
+                    if not writable and self.active == 1:
+                        with contextlib.suppress(BlockingIOError):
+                            result = fn(entry, DISK)
+            if result is None:
+                result = await trio.to_thread.run_sync(fn, entry, WAIT, limiter=self.limiter)
+            return result
+
     async def read(self, worker: LocalWorker, block_id: int, offset: int, size: int) -> bytes:
         read_at = self.store.read_at
 
         def read(entry: OpenBlock, mode: int):
-            data = read_at(
-                entry.fd, entry.crc_fd, offset, size, name=block_id, wait=mode == WAIT,
-                cached=mode == CACHED, direct=True,
-            )  # fmt: skip
+            crc_fd = entry.crc_fd
+            if mode == OWN:  # a second open file description: a flock of its own
+                crc_fd = os.open(f"/proc/self/fd/{crc_fd}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = read_at(
+                    entry.fd, crc_fd, offset, size, name=block_id, wait=mode in (WAIT, OWN),
+                    cached=mode == CACHED, direct=True,
+                )  # fmt: skip
+            finally:
+                if crc_fd != entry.crc_fd:
+                    os.close(crc_fd)
             return data, os.fstat(entry.fd).st_nlink == 0
 
         return await self._run(worker, block_id, False, size, read)

@@ -157,6 +157,35 @@ async def test_short_circuit_and_tcp_writers_share_a_block(cluster, top):
         assert await local.read(f.ino, 0, 2 * half) == last[0] + last[1]  # client verifies
 
 
+async def test_large_reads_of_one_block_do_not_wait_their_turn(cluster, top):
+    """Read-ahead windows of one block are read side by side: a large read locks a checksum
+    descriptor of its own instead of queueing on the block's lock (held here, as a long write
+    through this client would hold it), while a small read still waits for its turn."""
+    async with ClusterClient(cluster.master_addrs, timeout=20, short_circuit=True) as client:
+        f = await client.create(top.ino, b"side-by-side", 0o644, 0, 0)
+        data = os.urandom(BLOCK)
+        await client.write(f.ino, 0, data)
+        await client.commit(f.ino, BLOCK)
+        (entry,) = client._sc.files.entries.values()
+        got = {}
+
+        async def read(offset: int) -> None:
+            got[offset] = await client.read(f.ino, offset, 4096 if offset == 4096 else 256 << 10)
+
+        async with entry.lock:
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    for offset in (0, 256 << 10, 512 << 10):
+                        nursery.start_soon(read, offset)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, 4096)  # small: waits for the lock
+                await trio.sleep(0.5)
+                assert 4096 not in got
+                nursery.cancel_scope.cancel()
+        assert got == {o: data[o : o + (256 << 10)] for o in got}
+        assert await client.read(f.ino, 0, 4096) == data[:4096]
+
+
 async def test_deleted_block_is_not_written_again(cluster, top, monkeypatch):
     monkeypatch.setattr(shortcircuit, "SWEEP_INTERVAL", 3600)  # keep the stale descriptor
     async with (
