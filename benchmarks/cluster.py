@@ -2,10 +2,11 @@
 
 Starts a master and one worker on loopback (LocalCluster), then measures, from one client
 process: create / stat / unlink with 16 concurrent callers, one stream writing a file
-to the worker and reading it back, then 4 KiB reads at random offsets of that file (page
-cache warm). The client is on the worker's host, so data goes through short-circuit I/O
-(the block files themselves) unless --no-short-circuit. Prints a table of min/median/max
-over the runs and writes benchmarks/results/cluster.json.
+to the worker and reading it back, then 4 KiB reads at random offsets of that file (mostly
+from the disk: short-circuit I/O writes and reads 1 MiB pieces past the worker's page
+cache, so the stream leaves little there). The client is on the worker's host, so data goes
+through short-circuit I/O (the block files themselves) unless --no-short-circuit. Prints a
+table of min/median/max over the runs and writes benchmarks/results/cluster.json.
 
     python benchmarks/cluster.py            # 3 runs, 20,000 files, 1 GiB stream
     python benchmarks/cluster.py --quick    # 3 short runs
