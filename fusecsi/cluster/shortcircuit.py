@@ -39,6 +39,7 @@ import msgpack
 import trio
 
 from fusecsi.cluster.protocol import RPCError
+from fusecsi.cluster.worker.directio import reopen
 from fusecsi.metrics import Tally
 
 log = logging.getLogger(__name__)
@@ -499,7 +500,7 @@ class ShortCircuit:
         def read(entry: OpenBlock, mode: int):
             crc_fd = entry.crc_fd
             if mode == OWN:  # a second open file description: a flock of its own
-                crc_fd = os.open(f"/proc/self/fd/{crc_fd}", os.O_RDONLY | os.O_CLOEXEC)
+                crc_fd = reopen(crc_fd, os.O_RDONLY)
             try:
                 data = read_at(
                     entry.fd, crc_fd, offset, size, name=block_id, wait=mode in (WAIT, OWN),

@@ -60,29 +60,17 @@ def pwrite_all(fd: int, data, offset: int) -> None:
 
 
 def _write_direct(fd: int, view: memoryview, offset: int) -> bool:
-    """False (nothing written) when the file cannot be written with O_DIRECT."""
-    try:
-        # a second open file description of the same file: O_DIRECT must not leak into
-        # the caller's descriptor (its reads and small writes stay buffered)
-        direct = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError:
-        return False
+    """False when the file refuses O_DIRECT: the caller writes it the ordinary way."""
     size = view.nbytes
-    buf = _buffers.take(size)
-    done = 0
-    try:
-        buf[:size] = view
-        with memoryview(buf) as staged:
-            while done < size:
-                done += os.pwrite(direct, staged[done:size], offset + done)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL and done == 0:
-            return False  # the filesystem refuses direct I/O for this file
-        raise
-    finally:
-        os.close(direct)
-        _buffers.give(buf)
-    return True
+
+    def write(direct: int, staged: memoryview) -> bool:
+        staged[:] = view
+        done = 0
+        while done < size:
+            done += os.pwrite(direct, staged[done:], offset + done)
+        return True
+
+    return _direct_io(fd, os.O_WRONLY, size, write) is not None
 
 
 def pread_direct(fd: int, size: int, offset: int) -> bytes | None:
@@ -91,21 +79,39 @@ def pread_direct(fd: int, size: int, offset: int) -> bytes | None:
     filesystem refuses direct I/O. The caller reads those the ordinary way."""
     if size < DIRECT_MIN or offset % DIRECT_ALIGN:
         return None
+
+    def read(direct: int, staged: memoryview) -> bytes:
+        done = 0
+        while done < size:
+            got = os.preadv(direct, [staged[done:]], offset + done)
+            done += got
+            if got == 0 or done % DIRECT_ALIGN:
+                break  # the end of the file
+        return bytes(staged[: min(done, size)])
+
+    # the aligned end may pass the end of the file
+    return _direct_io(fd, os.O_RDONLY, -(-size // DIRECT_ALIGN) * DIRECT_ALIGN, read)
+
+
+def reopen(fd: int, flags: int) -> int:
+    """A second open file description of the file open as `fd`, with flags of its own (and,
+    for flock, a lock of its own)."""
+    return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
+
+
+def _direct_io(fd: int, flags: int, size: int, io):
+    """`io(direct, staged)` on an O_DIRECT description of `fd`'s file (so the flag does not
+    leak into the caller's descriptor, whose small I/O stays buffered) and a page-aligned
+    staging buffer of `size` bytes; None when the filesystem refuses direct I/O. A write
+    refused part-way is simply written again the ordinary way: the same bytes, same place."""
     try:
-        direct = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        direct = reopen(fd, flags | os.O_DIRECT)
     except OSError:
         return None
-    aligned = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN  # the end may pass the end of file
-    buf = _buffers.take(aligned)
+    buf = _buffers.take(size)
     try:
-        with memoryview(buf) as staged:
-            done = 0
-            while done < size:
-                got = os.preadv(direct, [staged[done:aligned]], offset + done)
-                done += got
-                if got == 0 or done % DIRECT_ALIGN:
-                    break  # the end of the file
-            return bytes(staged[: min(done, size)])
+        with memoryview(buf)[:size] as staged:
+            return io(direct, staged)
     except OSError as exc:
         if exc.errno == errno.EINVAL:
             return None  # the filesystem refuses direct I/O for this file

@@ -37,12 +37,9 @@ MAX_EXTERNAL = 4096  # blocks handed out for short-circuit writes whose size is 
 
 
 def _pread(fd: int, size: int, offset: int, cached: bool, direct: bool = False) -> bytes:
-    if direct and not cached:
-        data = pread_direct(fd, size, offset)
-        if data is not None:
-            return data
     if not cached:
-        return os.pread(fd, size, offset)
+        data = pread_direct(fd, size, offset) if direct else None
+        return os.pread(fd, size, offset) if data is None else data
     buf = bytearray(size)
     got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)  # EAGAIN: not in the page cache
     if got < size:
