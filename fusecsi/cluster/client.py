@@ -564,7 +564,7 @@ class ClusterClient:
             return b""
         blocks = rmap.blocks
         ranges = []
-        for index in range((offset // bs), (end - 1) // bs + 1):
+        for index in range(offset // bs, (end - 1) // bs + 1):
             lo = max(offset, index * bs)
             hi = min(end, (index + 1) * bs)
             ranges.append((blocks.get(index), lo - index * bs, hi - lo, cached))
@@ -600,6 +600,7 @@ class ClusterClient:
         for addr in addrs:
             worker = await sc.worker(addr) if sc is not None else None
             try:
+                data = None
                 if worker is not None:
                     try:
                         data = await sc.read(worker, block_id, offset, size)
@@ -607,10 +608,7 @@ class ClusterClient:
                         if exc.errno == errno.ENOENT:
                             raise
                         last = exc  # a bad checksum or a broken link: ask the worker itself
-                        data = await self._workers.call(
-                            addr, "read_block", block_id, offset, size, idempotent=True
-                        )
-                else:
+                if data is None:
                     data = await self._workers.call(
                         addr, "read_block", block_id, offset, size, idempotent=True
                     )
