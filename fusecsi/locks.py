@@ -1,4 +1,5 @@
-"""Locks by name, created on first use and dropped when nobody holds or waits for them."""
+"""Locks by name, created on first use and dropped when nobody holds or waits for them; and
+taking a lock at once when it is free."""
 
 from __future__ import annotations
 
@@ -26,3 +27,13 @@ class KeyedLocks:
 
     def busy(self, name: str) -> bool:
         return name in self._slots
+
+
+async def acquire(lock: trio.Lock | trio.Semaphore) -> None:
+    """`await lock.acquire()`, without a schedule point when the lock is free: for paths
+    someone is waiting on (the kernel, for the reply to a FUSE write), where yielding would
+    let unrelated tasks run first."""
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from fusecsi.cluster.protocol import RPCError
+from fusecsi.locks import acquire
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,7 @@ class WriteBehind:
             state.idle = trio.Event()
         state.count += 1
         try:
-            try:  # no schedule point while the window has room: the caller's reply waits
-                self.window.acquire_nowait()
-            except trio.WouldBlock:
-                await self.window.acquire()
+            await acquire(self.window)  # the caller's reply waits for this
         except BaseException:
             self._finish(ino, state, entry)
             raise

@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from fusecsi.locks import acquire
+
 SendFn = Callable[[int, bytes], Awaitable[None]]
 
 
@@ -32,10 +34,7 @@ class WriteBuffer:
         self._lock = trio.Lock()  # pieces of one file go out in order
 
     async def write(self, offset: int, data: bytes) -> None:
-        try:  # no schedule point when the lock is free: the kernel waits for this reply
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
+        await acquire(self._lock)  # the kernel waits for this reply
         try:
             if self._len and offset != self._start + self._len:
                 await self._send_buffered()

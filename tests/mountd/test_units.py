@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from fusecsi import mount_options
-from fusecsi.locks import KeyedLocks
+from fusecsi.locks import KeyedLocks, acquire
 from fusecsi.mountd import mounts
 from fusecsi.mountd.table import Entry, Key, Ref, Table, write_atomic
 
@@ -167,6 +167,28 @@ async def test_keyed_locks_serialise_one_name_and_let_others_run():
     assert order.index("a-") < order.index("b+")
     assert order.index("c+") < order.index("a-")
     assert not locks.busy("k") and not locks.busy("other")
+
+
+async def test_acquire_takes_a_free_lock_before_anything_else_runs():
+    """A free lock or semaphore is taken without a schedule point (a task started earlier
+    has not run yet); a busy one is waited for as usual."""
+    ran = []
+    lock, window = trio.Lock(), trio.Semaphore(1)
+
+    async def other() -> None:
+        ran.append("other")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await acquire(lock)
+        await acquire(window)
+        assert ran == []
+        nursery.start_soon(acquire, window)  # busy: waits for the release
+        await trio.sleep(0.05)
+        assert window.value == 0 and ran == ["other"]
+        window.release()
+    assert window.value == 0
+    lock.release()
 
 
 def test_top_mount_finds_paths_that_mountinfo_escapes(tmpfs, tmp_path):
