@@ -179,13 +179,13 @@ class Listings:
         return scan
 
     def page(self, scan: Scan, cookie: int, entries, next_cookie: int | None) -> bool:
-        """The (name, Attr) pairs read at `cookie` (`next_cookie` None: the last page);
-        False when the scan is over (done, or pages out of order, too many names)."""
+        """The (name, Attr, cookie) entries read at `cookie` (`next_cookie` None: the last
+        page); False when the scan is over (done, or pages out of order, too many names)."""
         if cookie != scan.next_cookie or scan.spoiled:
             self.end(scan)
             return False
         names, attrs = scan.names, scan.attrs
-        for name, attr in entries:
+        for name, attr, _ in entries:
             if attr.nlink == 1 and not stat.S_ISDIR(attr.mode):
                 names[name] = attr.ino
                 attrs[attr.ino] = attr

@@ -119,9 +119,9 @@ async def _serve(ops: Operations, settings: Settings) -> int:
             kernel.set_read_ahead(settings.mountpoint, int(settings.options["read-ahead-kb"]))
             _signal_ready(settings.ready_fd)
             # after READY: prometheus_client is imported only now, off the start-up path
-            metrics.serve(settings.metrics_address, *ops.stats.sources(ops))
+            sources = ops.stats.sources(ops)
+            metrics.serve(settings.metrics_address, *sources)
             if settings.metrics_file:
-                sources = ops.stats.sources(ops)
                 nursery.start_soon(metrics.write_every, settings.metrics_file, sources, WRITE_EVERY)
             log.info(
                 "mounted", extra=fields(mountpoint=settings.mountpoint, fs_path=settings.fs_path)

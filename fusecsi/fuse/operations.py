@@ -282,12 +282,9 @@ class Operations(pyfuse3.Operations):
             entry.entry_timeout = entry_left
             entry.attr_timeout = attr_left
             return entry
-        try:
-            attr = await self.call(self.client.lookup, parent, name)
-        except FUSEError as exc:
-            if exc.errno == errno.ENOENT:
-                return self._negative(self.entry_timeout)
-            raise
+        attr = await self._lookup_or_none(parent, name)
+        if attr is None:
+            return self._negative(self.entry_timeout)
         return self._learn(attr)
 
     async def forget(self, inode_list):
@@ -422,11 +419,11 @@ class Operations(pyfuse3.Operations):
 
     def _renamed(self, old: int, name_old: bytes, new: int, name_new: bytes, flags: int) -> None:
         """Follow a rename in the listings."""
-        self.listings.removed(old, name_old)
         if flags & pyfuse3.RENAME_EXCHANGE:  # both names stay, each on the other's file
             self.listings.added(old, name_old)
-            self.listings.removed(new, name_new)
-        self.listings.added(new, name_new)
+        else:
+            self.listings.removed(old, name_old)
+        self.listings.added(new, name_new)  # (kept attributes of a replaced file dropped)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
         self._writable()
@@ -618,7 +615,7 @@ class Operations(pyfuse3.Operations):
     def _scanned(self, scan, cookie: int, page: list) -> bool:
         """Hand a page to a scan; False once the scan is over."""
         last = None if len(page) < READDIR_PAGE else page[-1][2]
-        return self.listings.page(scan, cookie, [item[:2] for item in page], last)
+        return self.listings.page(scan, cookie, page, last)
 
     async def _refresh(self, ino: int) -> None:
         """Read directory `ino` once more, so its listing stays trusted (listings.py)."""

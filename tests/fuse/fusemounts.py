@@ -99,6 +99,13 @@ class MountSet:
             m.stop()
 
 
+def drop_kernel_caches() -> None:
+    """The kernel forgets its dentries and inodes: names reach the daemon again, and it gets
+    a FORGET for every inode it handed out."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")
+
+
 async def mkdirs(client, path):
     return await client.mkdirs(path)
 

@@ -10,6 +10,7 @@ import os
 import time
 
 import pytest
+from fusemounts import drop_kernel_caches
 
 from fusecsi.fuse.operations import ORPHANS
 
@@ -160,11 +161,6 @@ def test_a_full_readdir_establishes_a_listing(make_mount, fs_path, on_cluster):
     # a directory the mount never listed asks the cluster
     create_elsewhere(on_cluster, fs_path, "unlisted")
     assert not missing(m / "unlisted")
-
-
-def drop_kernel_caches() -> None:
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("2")  # the kernel forgets its entries: every name below reaches the daemon
 
 
 def test_files_changed_here_are_not_answered_from_a_listing(make_mount, fs_path, on_cluster):

@@ -73,16 +73,22 @@ def test_listings_answer_only_while_trusted_and_follow_changes():
 
 def test_a_scan_of_a_directory_establishes_its_listing():
     """Pages in cookie order make a listing as of the scan's start; changes made through
-    the mount meanwhile are replayed onto it; an unknown outcome or a gap spoils it."""
+    the mount meanwhile are replayed onto it; an unknown outcome or a gap spoils it. Entries
+    are (name, attr, cookie) as the cluster's readdir gives them (their cookies unused)."""
     listings = Listings(ttl=60, attr_ttl=30)
     whole = listings.begin(1)
     dir_attr = _file(12, 2, stat.S_IFDIR | 0o755)
-    page0 = [(b"a", _file(10)), (b"b", _file(11)), (b"d", dir_attr), (b"h", _file(13, 2))]
+    page0 = [
+        (b"a", _file(10), 0),
+        (b"b", _file(11), 0),
+        (b"d", dir_attr, 0),
+        (b"h", _file(13, 2), 0),
+    ]
     assert listings.page(whole, 0, page0, 4)
     listings.added(1, b"new")  # made here while the scan runs: may be on a page or not
     listings.removed(1, b"a")  # already read: must not stay in the set
     listings.touched(11)  # its attributes changed after its page was read
-    assert not listings.page(whole, 4, [(b"c", _file(14)), (b"new", _file(15))], None)
+    assert not listings.page(whole, 4, [(b"c", _file(14), 0), (b"new", _file(15), 0)], None)
     assert listings.absent(1, b"a") > 0 and listings.absent(1, b"zzz") > 0
     assert all(listings.absent(1, n) == 0 for n in (b"b", b"c", b"d", b"h", b"new"))
     attr, entry_left, attr_left = listings.known(1, b"c")
@@ -92,14 +98,14 @@ def test_a_scan_of_a_directory_establishes_its_listing():
     listings.touched(14)
     assert listings.known(1, b"c") is None
     spoiled = listings.begin(2)
-    listings.page(spoiled, 0, [(b"a", _file(20))], 1)
+    listings.page(spoiled, 0, [(b"a", _file(20), 0)], 1)
     listings.forget(2)  # a change there whose outcome is unknown
-    assert not listings.page(spoiled, 1, [(b"b", _file(21))], None) and 2 not in listings
+    assert not listings.page(spoiled, 1, [(b"b", _file(21), 0)], None) and 2 not in listings
     gap = listings.begin(3)
-    listings.page(gap, 0, [(b"a", _file(30))], 1)
-    assert not listings.page(gap, 7, [(b"b", _file(31))], None) and 3 not in listings
+    listings.page(gap, 0, [(b"a", _file(30), 0)], 1)
+    assert not listings.page(gap, 7, [(b"b", _file(31), 0)], None) and 3 not in listings
     renamed = listings.begin(4)
-    listings.page(renamed, 0, [(b"x", _file(40)), (b"y", _file(41))], None)
+    listings.page(renamed, 0, [(b"x", _file(40), 0), (b"y", _file(41), 0)], None)
     assert listings.known(4, b"y")[0] == _file(41)
     listings.added(4, b"y")  # x renamed over y: y's file is gone, x's has a new ctime
     listings.removed(4, b"x")
