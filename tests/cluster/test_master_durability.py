@@ -19,7 +19,7 @@ import trio.testing
 from fusecsi.cluster.client import ROOT_INO, ClusterClient, ClusterError
 from fusecsi.cluster.local import LocalCluster
 from fusecsi.cluster.master.journal import Journal, read_segment
-from fusecsi.cluster.master.namespace import Namespace
+from fusecsi.cluster.master.main import load_namespace
 from fusecsi.cluster.master.service import MasterService
 from fusecsi.cluster.protocol import Pool
 
@@ -33,10 +33,7 @@ class Master:
     def __init__(self, nursery: trio.Nursery, data_dir: Path) -> None:
         self.nursery = nursery
         self.journal = Journal(data_dir)
-        state, records = self.journal.recover()
-        ns = Namespace.load(state) if state is not None else Namespace(BLOCK)
-        for record in records:
-            ns.apply(record)
+        ns, _ = load_namespace(self.journal, BLOCK)
         self.service = MasterService(ns, self.journal, Pool(nursery, timeout=2))
         self._syncer: tuple[trio.CancelScope, trio.Event] | None = None
 
@@ -132,11 +129,8 @@ async def test_mkvolume_is_synced_before_it_answers(tmp_path):
     await in_process(tmp_path, body)
     # replay gives the same directory, tags and quota
     journal = Journal(tmp_path)
-    state, records = journal.recover()
+    ns, _ = load_namespace(journal, BLOCK)
     journal.close()
-    ns = Namespace.load(state) if state is not None else Namespace(BLOCK)
-    for record in records:
-        ns.apply(record)
     node = ns.child(ROOT_INO, b"vol")
     assert node.xattrs == {TAG: b"id-1"} and node.quota == [1 << 30, None]
 

@@ -281,9 +281,7 @@ class Journal:
                 self._notify(self._release)
 
     def _notify(self, fn, *args) -> None:
-        if self._token is None:
-            fn(*args)
-            return
+        """Run `fn` on the trio loop (the syncer runs only while `run` holds its token)."""
         try:
             self._token.run_sync_soon(fn, *args)
         except trio.RunFinishedError:

@@ -697,7 +697,7 @@ class Namespace:
 
     def _apply_alloc(self, ino, blocks) -> None:
         node = self.inodes.get(ino)
-        if node is None:  # removed while the allocation waited for its ids
+        if node is None:  # not expected: allocate checks the file and commits at once
             return
         for index, block_id, workers in blocks:
             node.blocks[index] = [block_id, workers]

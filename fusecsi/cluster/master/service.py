@@ -106,7 +106,7 @@ class MasterService:
 
     async def _commit_durable(self, record: list):
         result = self._commit(record)
-        await self.journal.sync(self.journal.written)
+        await self.journal.sync_all()
         return result
 
     def _maybe_checkpoint(self) -> None:
@@ -353,7 +353,7 @@ class MasterService:
         if freed or (size is not None and size != before):
             # a worker already cut the tail block and the freed ones are about to go: the
             # new length must not be undone by a power loss, so it is synced first
-            await self.journal.sync(self.journal.written)
+            await self.journal.sync_all()
             # deleted at once, so a writer with a stale block map is refused
             await self._delete_now(freed)
         return attr
@@ -504,8 +504,8 @@ class MasterService:
                     if worker_id in workers:
                         known.add(block_id)
         orphans = [b for b in block_ids if b not in known]
-        # a block this state does not know may belong to a change not yet on disk
-        await self.journal.sync(self.journal.written)
+        if orphans:  # a block this state does not know may belong to a change not yet on disk
+            await self.journal.sync_all()
         log.info(
             "worker registered",
             extra=fields(
