@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import stat
+from pathlib import Path
 
 import msgpack
+import pytest
 import trio
 
 from fusecsi.cluster.master.journal import Journal, read_segment
@@ -111,3 +114,35 @@ async def test_a_torn_older_segment_keeps_only_the_prefix_before_it(tmp_path):
     again = Journal(tmp_path)
     assert again.recover() == (None, records[:5])
     again.close()
+
+
+async def test_a_crash_while_cutting_a_torn_segment_leaves_no_gap(tmp_path, monkeypatch):
+    """Recovery sets the newer segments aside before it cuts the torn one: if it dies in
+    between, the next recovery finds the tear again and still replays only the prefix (cut
+    first, it would find a clean older segment and replay the newer one after a gap)."""
+    records = _records(Namespace(1 << 20))
+    journal = Journal(tmp_path)
+    journal.recover()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        for record in records[:6]:
+            journal.append(record)
+        journal.rotate()
+        for record in records[6:]:
+            journal.append(record)
+        await journal.sync_all()
+        nursery.cancel_scope.cancel()
+    journal.close()
+    first = tmp_path / "journal-0.log"
+    first.write_bytes(first.read_bytes()[:-3])
+
+    def crash(self, target):
+        raise OSError(errno.EIO, "power lost")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "rename", crash)
+        with pytest.raises(OSError):
+            Journal(tmp_path).recover()
+    recovered = Journal(tmp_path)
+    assert recovered.recover() == (None, records[:5])
+    recovered.close()

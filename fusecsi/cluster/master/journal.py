@@ -167,21 +167,23 @@ class Journal:
         newest = max([start - 1] + [n for n, _ in segments])
         self.segment = newest + 1
         self._fd = self._open_segment(self.segment)
-        fsync_dir(self.dir)
+        self._dir_dirty = True  # synced with the first record, as after a rotation
         return state, records
 
     def _cut(self, path: Path, good: int, later: list[Path]) -> None:
-        """A crash left `path` torn at `good`: keep the prefix, set later segments aside."""
+        """A crash left `path` torn at `good`: keep the prefix, set later segments aside.
+        Later segments go first: a crash in between then finds the tear again, never a
+        clean cut followed by records that came after the lost ones."""
         log.warning(
             "dropping a torn journal tail",
             extra=fields(path=str(path), offset=good, later_segments=len(later)),
         )
-        with open(path, "r+b") as f:
-            f.truncate(good)
-            os.fsync(f.fileno())
         for other in later:
             other.rename(other.with_name(other.name + ".dropped"))
         fsync_dir(self.dir)
+        with open(path, "r+b") as f:
+            f.truncate(good)
+            os.fsync(f.fileno())
 
     def _open_segment(self, number: int) -> int:
         return os.open(
