@@ -93,6 +93,7 @@ def run(args) -> int:
             ready_timeout=args.ready_timeout,
             probe_timeout=args.probe_timeout,
             events=Events(KubeApi(args.kubeconfig), "fusecsi-mountd"),
+            daemon_metrics=bool(args.metrics_address),  # files only when someone exports them
         )
         supervisor.lock_state_dir()
         trio.run(serve, args, supervisor, path)

@@ -80,14 +80,15 @@ class Supervisor:
         probe_timeout: float = 10.0,
         stop_grace: float = 5.0,
         events: Events | None = None,
-        daemon_metrics: bool = True,
+        daemon_metrics: bool = False,
     ) -> None:
         self.state_dir = os.path.realpath(state_dir)
         self.kubelet_dir = os.path.realpath(kubelet_dir)
         self.mounts_dir = os.path.join(self.state_dir, "mounts")
         self.tokens_dir = os.path.join(self.state_dir, "tokens")
         self.logs_dir = os.path.join(self.state_dir, "logs")
-        # each daemon writes its metrics to <key id>.prom here; mountd re-exports them
+        # with daemon_metrics, each daemon writes its metrics to <key id>.prom here and mountd
+        # re-exports them
         self.metrics_dir = os.path.join(self.state_dir, "metrics")
         self.daemon_metrics = daemon_metrics
         self.events = events or Events(None, "fusecsi-mountd")

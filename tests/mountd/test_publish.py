@@ -58,6 +58,7 @@ async def test_thirty_volumes_over_three_keys_share_three_daemons(mountd, cluste
     # the token reaches each daemon through its environment, never its arguments or the table
     for pid in mountd.daemon_pids():
         assert TOKEN.encode() not in read_bytes(f"/proc/{pid}/cmdline")
+        assert b"--metrics-file" not in read_bytes(f"/proc/{pid}/cmdline")  # nobody exports
         assert f"FUSECSI_TOKEN={TOKEN}".encode() in read_bytes(f"/proc/{pid}/environ").split(b"\0")
     assert TOKEN.encode() not in read_bytes(mountd.state_dir / "table.json")
     token_files = sorted((mountd.state_dir / "tokens").iterdir())  # kept for restarts
@@ -214,6 +215,8 @@ async def test_linger_keeps_an_unused_daemon_for_the_next_pod(tmp_path, cluster)
     ) as node:
         t1, t2 = node.target("pod-1", "v"), node.target("pod-2", "v")
         first = await node.publish("vol-l", "/linger", "v", t1)
+        [pid] = node.daemon_pids()  # mountd exports the daemon's metrics file: it writes one
+        assert b"--metrics-file" in read_bytes(f"/proc/{pid}/cmdline")
         metrics = await trio.to_thread.run_sync(scrape, port)
         assert f'fusecsi_mountd_references{{key="{first["key"]}"}} 1.0' in metrics
         assert "fusecsi_mountd_publishes_total 1.0" in metrics
