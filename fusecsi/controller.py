@@ -25,7 +25,7 @@ import trio
 from grpclib.const import Status
 
 from fusecsi.capabilities import capability_problem
-from fusecsi.cluster.client import ClusterClient, ClusterError
+from fusecsi.cluster.client import RENAME_NOREPLACE, ClusterClient, ClusterError
 from fusecsi.csi import csi_pb2 as pb
 from fusecsi.events import Events
 from fusecsi.k8s import KubeApi, KubeError, KubeUnavailable
@@ -47,7 +47,6 @@ DEFAULT_CAPACITY = 1 << 30  # CreateVolume without a capacity range gets 1 GiB
 TAG_VOLUME = b"trusted.fusecsi.volume"
 TAG_OWNER = b"trusted.fusecsi.owner"
 VOLUME_MODE = 0o777  # pods run as any user; the volume is theirs alone
-RENAME_NOREPLACE = 1
 UNAVAILABLE_ERRNOS = {
     errno.ETIMEDOUT,
     errno.ECONNREFUSED,
@@ -337,30 +336,34 @@ class ControllerService:
         """The volume's directory exists, tagged for `volume_id` and held by `name`; returns
         its quota."""
         tags = {TAG_VOLUME: volume_id.encode(), TAG_OWNER: name.encode()}
-        make = (client.mkvolume, ref.parent_path, ref.name.encode(), VOLUME_MODE, tags, size)
         try:
-            try:
-                # the master resolves the parent path and makes the directory in one step: no
-                # inode of ours can be stale (a renamed parent, a rebuilt cluster)
-                await self._call(*make)
-            except ClusterError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-                await self._call(client.mkdirs, ref.parent_path)  # first volume under it
-                await self._call(*make)
+            await self._mkvolume(client, ref, tags, size)
+            created = True
         except ClusterError as exc:
             if exc.errno != errno.EEXIST:
                 raise
-            self._accepted(client)
-        else:
-            self._accepted(client)
-            log.info(
-                "volume created",
-                extra=fields(volume_id=volume_id, path=ref.path, capacity=size, name=name),
-            )
-            VOLUMES_CREATED.add(ref.on_delete)
-            return size
-        return await self._existing_volume(client, ref, volume_id, name, size, required, limit)
+            created = False
+        self._accepted(client)
+        if not created:
+            return await self._existing_volume(client, ref, volume_id, name, size, required, limit)
+        log.info(
+            "volume created",
+            extra=fields(volume_id=volume_id, path=ref.path, capacity=size, name=name),
+        )
+        VOLUMES_CREATED.add(ref.on_delete)
+        return size
+
+    async def _mkvolume(self, client, ref, tags: dict, size: int) -> None:
+        """The master resolves the parent path and makes the directory in one step: no inode
+        of ours can be stale (a renamed parent, a rebuilt cluster)."""
+        make = (client.mkvolume, ref.parent_path, ref.name.encode(), VOLUME_MODE, tags, size)
+        try:
+            await self._call(*make)
+        except ClusterError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            await self._call(client.mkdirs, ref.parent_path)  # first volume under it
+            await self._call(*make)
 
     async def _existing_volume(self, client, ref, volume_id, name, size, required, limit) -> int:
         """CreateVolume for a name that exists: the same volume again, or a retained one."""
@@ -399,8 +402,7 @@ class ControllerService:
                 "give path-pattern a placeholder that tells volumes apart",
             )
         if quota is None:
-            await self._call(client.set_quota, entry.ino, size, None)
-            await self._call(client.sync_journal)
+            await self._durably(client, client.set_quota, entry.ino, size, None)
             return size
         if not fits(quota, required, limit):
             fail(
@@ -516,10 +518,14 @@ class ControllerService:
             capacity_bytes=target, node_expansion_required=False
         )
 
+    async def _durably(self, client, fn, *args) -> None:
+        """`fn(*args)`, then wait until the master has it on disk (it answers once written)."""
+        await self._call(fn, *args)
+        await self._call(client.sync_journal)
+
     async def _set_quota(self, client, ino: int, size: int, volume_id: str) -> None:
         try:
-            await self._call(client.set_quota, ino, size, None)
-            await self._call(client.sync_journal)
+            await self._durably(client, client.set_quota, ino, size, None)
         except Exception as exc:
             QUOTA_UPDATES.add("failed")
             self.events.post_on_volume(

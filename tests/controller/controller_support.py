@@ -196,8 +196,8 @@ async def csi(controller):
 
 
 @asynccontextmanager
-async def open_client(master_addrs: str, token: str | None = None):
-    async with ClusterClient(master_addrs, token=token, timeout=5) as client:
+async def open_client(master_addrs: str, token: str | None = None, **options):
+    async with ClusterClient(master_addrs, token=token, timeout=5, **options) as client:
         yield client
 
 

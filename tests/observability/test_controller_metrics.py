@@ -29,11 +29,11 @@ def metered(tmp_path_factory):
         yield cluster
 
 
-async def test_worker_counts_blocks_and_requests(metered, monkeypatch):
+async def test_worker_counts_blocks_and_requests(metered):
     cluster = metered
-    monkeypatch.setenv("FUSECSI_SHORT_CIRCUIT", "0")  # data over TCP: the worker's RPCs
     before = scrape(cluster.worker_metrics_port)
-    async with open_client(cluster.master_addrs) as client:
+    # data over TCP: the worker's RPCs
+    async with open_client(cluster.master_addrs, short_circuit=False) as client:
         f = await client.create(1, b"worker-metrics", 0o644, 0, 0)
         await client.write(f.ino, 0, b"x" * (1 << 20))
         await client.commit(f.ino, 1 << 20)
