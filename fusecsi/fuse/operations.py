@@ -116,8 +116,11 @@ class Operations(pyfuse3.Operations):
         entry.st_gid = attr.gid
         size = attr.size
         node = self.handles.inodes.get(ino)
-        if node is not None and node.writer is not None and node.writer.dirty:
-            size = node.writer.size
+        if node is not None and node.writer is not None:
+            # Never less than this mount wrote: `attr` may predate a commit still on its way
+            # (or just done), and a smaller size would let the kernel's i_size go backwards
+            # (an O_APPEND write would then land on earlier data).
+            size = max(size, node.writer.size)
         entry.st_size = size
         entry.st_blksize = BLKSIZE
         entry.st_blocks = (size + 511) // 512
@@ -234,14 +237,11 @@ class Operations(pyfuse3.Operations):
             if durable:
                 await self.call(self.client.sync, node.ino)
             return
-        writer.dirty = False
-        try:
-            attr = await self._touch(
-                node.ino, self.client.commit, node.ino, writer.size, time.time_ns(), durable=durable
-            )
-        except FUSEError:
-            writer.dirty = True
-            raise
+        written = writer.written  # later writes stay dirty: this commit may not cover them
+        attr = await self._touch(
+            node.ino, self.client.commit, node.ino, writer.size, time.time_ns(), durable=durable
+        )
+        writer.committed = max(writer.committed, written)
         node.size = attr.size
         self._seen[node.ino] = (attr.size, attr.mtime_ns)
 

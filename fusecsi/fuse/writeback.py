@@ -21,11 +21,17 @@ SendFn = Callable[[int, bytes], Awaitable[None]]
 
 
 class WriteBuffer:
-    __slots__ = ("size", "dirty", "_send", "_limit", "_start", "_chunks", "_len", "_lock")
+    __slots__ = (
+        "size", "written", "committed", "_send", "_limit", "_start", "_chunks", "_len", "_lock",
+    )  # fmt: skip
 
     def __init__(self, send: SendFn, limit: int, size: int) -> None:
         self.size = size  # the file's length as this mount sees it
-        self.dirty = False  # written since the last commit
+        # Writes are counted; `committed` is the count the last successful commit covered.
+        # A commit in flight does not make the file clean: writes may land meanwhile, and
+        # until the master has the length, only `size` is the truth.
+        self.written = 0
+        self.committed = 0
         self._send = send
         self._limit = limit
         self._start = 0
@@ -42,7 +48,7 @@ class WriteBuffer:
                 self._start = offset
             self._chunks.append(data)
             self._len += len(data)
-            self.dirty = True
+            self.written += 1
             end = offset + len(data)
             if end > self.size:
                 self.size = end
@@ -60,10 +66,15 @@ class WriteBuffer:
             if self._len:
                 await self._send_buffered()
 
+    @property
+    def dirty(self) -> bool:
+        """Written since the last successful commit."""
+        return self.written != self.committed
+
     def truncated(self, size: int) -> None:
         """The file was cut or extended to `size` (only after `drain`)."""
         self.size = size
-        self.dirty = False
+        self.committed = self.written
 
     async def _send_buffered(self, cut: int | None = None) -> None:
         """Send the buffer up to offset `cut` (all of it when None); keep the rest."""
