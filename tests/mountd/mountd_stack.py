@@ -118,13 +118,14 @@ class Mountd:
         return sorted(pids)
 
     def fuse_mounts(self) -> tuple[list[str], list[str]]:
-        """(daemon mountpoints, bound targets) of fuse.fusecsi in /proc/self/mountinfo."""
+        """(daemon mountpoints, bound targets) of fuse.fusecsi in /proc/self/mountinfo; a
+        target with stacked mounts (a recovery binds on top of the dead one) counts once."""
         entries = [e for e in mounts.read_mountinfo() if e.fstype == mounts.FUSE_FSTYPE]
         state = str(self.state_dir) + "/"
         kubelet = str(self.kubelet_dir) + "/"
         return (
-            sorted(e.mountpoint for e in entries if e.mountpoint.startswith(state)),
-            sorted(e.mountpoint for e in entries if e.mountpoint.startswith(kubelet)),
+            sorted({e.mountpoint for e in entries if e.mountpoint.startswith(state)}),
+            sorted({e.mountpoint for e in entries if e.mountpoint.startswith(kubelet)}),
         )
 
     def close(self) -> None:
