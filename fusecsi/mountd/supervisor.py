@@ -67,7 +67,7 @@ class Runtime:
     backoff: float = 1.0
     linger_gen: int = 0
     started_at: float = 0.0
-    broken_targets: set[str] = field(default_factory=set)
+    broken_targets: dict[str, str] = field(default_factory=dict)  # target -> why
     # why the current outage began (daemon_exited, mount_broken) and when
     cause: str = ""
     broken_since: float = 0.0
@@ -293,7 +293,7 @@ class Supervisor:
                             await self._release(unused)
                     raise
                 entry.refs[target] = ref
-                self._rt(key.id).broken_targets.discard(target)
+                self._rt(key.id).broken_targets.pop(target, None)
                 await self.persist()
         self.publishes.add()
         log.info(
@@ -432,7 +432,7 @@ class Supervisor:
             async with self.key_locks.hold(entry.key.id):
                 await self._unmount(target)
                 del entry.refs[target]
-                self._rt(entry.key.id).broken_targets.discard(target)
+                self._rt(entry.key.id).broken_targets.pop(target, None)
                 self._rt(entry.key.id).told_broken.discard(target)
                 await self.persist()
                 if not entry.refs:
@@ -596,10 +596,10 @@ class Supervisor:
                 if not self._bound(entry, ref) and await self._bind(entry, ref):
                     reset.add(ref.target)
                 await self._blocking(os.statvfs, ref.target)
-                rt.broken_targets.discard(ref.target)
+                rt.broken_targets.pop(ref.target, None)
             except OSError as exc:
                 failed.append((ref, str(exc)))
-                rt.broken_targets.add(ref.target)
+                rt.broken_targets[ref.target] = f"re-binding failed: {exc}"
                 log.error(
                     "re-bind failed",
                     extra=fields(target=ref.target, key_id=entry.key.id, error=str(exc)),
@@ -846,8 +846,9 @@ class Supervisor:
         if rt.state != "running":
             answer.update(healthy=False, message=f"mount is {rt.state}: {rt.message}")
             return answer
-        if not self._bound(entry, ref):
-            answer.update(healthy=False, message=f"{target} is not mounted")
+        if target in rt.broken_targets or not self._bound(entry, ref):
+            why = rt.broken_targets.get(target) or f"{target} is not mounted"
+            answer.update(healthy=False, message=why)
             self._wake.set()
             return answer
         try:

@@ -150,6 +150,30 @@ def another_mountd(base: Path, cluster: LocalCluster, **flags):
         node.close()
 
 
+@contextlib.asynccontextmanager
+async def supervisor_in_process(base: Path, **options):
+    """mountd's Supervisor in the test's own trio loop, for a fault injected at one exact
+    point of its work (through monkeypatch); its FUSE daemons are real processes."""
+    from fusecsi.mountd.supervisor import Supervisor
+
+    (base / "kubelet").mkdir(parents=True, exist_ok=True)
+    options = {"linger": 0, "health_interval": 0.1, **options}
+    supervisor = Supervisor(str(base / "state"), str(base / "kubelet"), **options)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)
+            yield supervisor
+            nursery.cancel_scope.cancel()
+    finally:
+        for entry in list(supervisor.table.entries.values()):
+            if entry.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(entry.pid, signal.SIGKILL)
+        for entry in mounts.mounts_under(str(base)):
+            with contextlib.suppress(OSError):
+                mounts.umount(entry.mountpoint, lazy=True)
+
+
 @pytest.fixture(name="mountd")
 def mountd_fixture(tmp_path, cluster):
     daemon = Mountd(tmp_path, cluster)
