@@ -82,7 +82,7 @@ class DevStack:
         self._wait_for(self.controller_socket, controller, "controller")
         progress(f"controller: CSI Identity + Controller on {self.controller_socket}")
         for node in self.nodes:
-            node.kubelet_dir.mkdir(parents=True, exist_ok=True)
+            share_like_kubelet(node.kubelet_dir)
             mountd = self._spawn(
                 f"{node.name}-mountd",
                 "mountd",
