@@ -429,7 +429,7 @@ class Walkthrough:
             "inside each container: I/O on /usr/share/nginx/html from its first failure to its "
             "first success again (nothing restarted, nothing reopened but its file)",
             table(
-                ["POD", "FAILED FOR", "FIRST ERROR"],
+                ["POD", "NO I/O FOR", "FIRST ERROR"],
                 [
                     [name, f"{seconds:.2f}s", _first_error(containers[name], killed_clock)]
                     for name, seconds in outages.items()
