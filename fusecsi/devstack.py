@@ -175,7 +175,6 @@ class Container:
         self.target, self.data, self.name, self.interval = target, data, name, interval
         self.rounds: list[tuple[bool, str, float]] = []  # (ok, errno name, monotonic time)
         self._changed = trio.Event()
-        self._proc: trio.Process | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled (start it with `nursery.start`: returns after its first round)."""
@@ -189,7 +188,6 @@ class Container:
         proc = await trio.lowlevel.open_process(
             [*argv, *args, str(self.interval)], stdout=subprocess.PIPE
         )
-        self._proc = proc
         started = False
         try:
             buffer = b""
@@ -206,7 +204,8 @@ class Container:
                 if not started:
                     started = True
                     task_status.started()
-            raise RuntimeError(f"container process exited {await proc.wait()}")
+            # OSError: the walkthrough reports it as the scenario's failure
+            raise OSError(f"container process exited {await proc.wait()}")
         finally:
             with trio.CancelScope(shield=True):
                 proc.kill()
