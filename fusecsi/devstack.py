@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import trio
+
 from fusecsi.cluster.local import LocalCluster
 
 FUSECSI = [sys.executable, "-m", "fusecsi"]
@@ -80,7 +82,7 @@ class DevStack:
         self._wait_for(self.controller_socket, controller, "controller")
         progress(f"controller: CSI Identity + Controller on {self.controller_socket}")
         for node in self.nodes:
-            node.kubelet_dir.mkdir(parents=True, exist_ok=True)
+            share_like_kubelet(node.kubelet_dir)
             mountd = self._spawn(
                 f"{node.name}-mountd",
                 "mountd",
@@ -129,6 +131,104 @@ class DevStack:
         if self.cluster is not None:
             self.cluster.__exit__(None, None, None)
             self.cluster = None
+
+
+def share_like_kubelet(kubelet_dir: Path) -> None:
+    """Make `kubelet_dir` a shared mount, as kubelet does with its root dir, so that binds
+    made under it reach containers that hold HostToContainer (slave) copies of them."""
+    kubelet_dir.mkdir(parents=True, exist_ok=True)
+    for args in (["--bind", kubelet_dir, kubelet_dir], ["--make-rshared", kubelet_dir]):
+        subprocess.run(["mount", *map(str, args)], check=True, capture_output=True)
+
+
+CONTAINER_LOOP = r"""
+import errno, os, sys, time
+data, name, interval = sys.argv[1], sys.argv[2], float(sys.argv[3])
+n = 0
+while True:
+    n += 1
+    try:
+        # every round reopens only its files, through the path the container was given
+        path = os.path.join(data, name)
+        with open(path, "w") as f:
+            f.write(str(n))
+        with open(path) as f:
+            ok = f.read() == str(n)
+        print("ok" if ok else "err EBADMSG", time.monotonic(), flush=True)
+    except OSError as exc:
+        print("err", errno.errorcode.get(exc.errno, "?"), time.monotonic(), flush=True)
+    time.sleep(interval)
+"""
+
+
+class Container:
+    """A process that sees a target the way a runc container with `mountPropagation:
+    HostToContainer` does: in its own mount namespace whose mounts are slaves of the host's,
+    with the target bind-mounted at another path (its "/data") as a slave too. It writes and
+    reads a file through that path every `interval` seconds and reports each round.
+
+    Only mounts stacked on the target reach it; a target unmounted and bound afresh on the
+    host never does (the container keeps the dead mount).
+    """
+
+    def __init__(self, target: Path, data: Path, name: str, interval: float = 0.05) -> None:
+        self.target, self.data, self.name, self.interval = target, data, name, interval
+        self.rounds: list[tuple[bool, str, float]] = []  # (ok, errno name, monotonic time)
+        self._changed = trio.Event()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled (start it with `nursery.start`: returns after its first round)."""
+        self.data.mkdir(parents=True, exist_ok=True)
+        script = (
+            'mount --make-rslave / && mount --bind "$1" "$2" && mount --make-rslave "$2" '
+            '&& exec "$3" -c "$4" "$2" "$5" "$6"'
+        )
+        args = [str(self.target), str(self.data), sys.executable, CONTAINER_LOOP, self.name]
+        argv = ["unshare", "--mount", "--propagation", "unchanged", "sh", "-euc", script, "sh"]
+        proc = await trio.lowlevel.open_process(
+            [*argv, *args, str(self.interval)], stdout=subprocess.PIPE
+        )
+        started = False
+        try:
+            buffer = b""
+            while chunk := await proc.stdout.receive_some():
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    word, *rest = line.decode().split()
+                    self.rounds.append(
+                        (word == "ok", rest[0] if len(rest) > 1 else "", float(rest[-1]))
+                    )
+                self._changed.set()
+                self._changed = trio.Event()
+                if not started:
+                    started = True
+                    task_status.started()
+            # OSError: the walkthrough reports it as the scenario's failure
+            raise OSError(f"container process exited {await proc.wait()}")
+        finally:
+            with trio.CancelScope(shield=True):
+                proc.kill()
+                await proc.wait()
+
+    async def wait_for(self, predicate) -> None:
+        while not predicate(self.rounds):
+            await self._changed.wait()
+
+    async def outage(self, since: float) -> float:
+        """Wait until rounds after `since` failed and then work again; the seconds from the
+        first failed round to the first good one after it (what the container saw)."""
+
+        def recovered(rounds) -> bool:
+            later = [r for r in rounds if r[2] > since]
+            first_bad = next((i for i, r in enumerate(later) if not r[0]), None)
+            return first_bad is not None and any(r[0] for r in later[first_bad:])
+
+        await self.wait_for(recovered)
+        later = [r for r in self.rounds if r[2] > since]
+        bad = next(r for r in later if not r[0])
+        good = next(r for r in later if r[0] and r[2] > bad[2])
+        return good[2] - bad[2]
 
 
 def leftover_mounts(under: Path) -> list[str]:

@@ -240,8 +240,8 @@ class NodeService:
                 f"volume {request.volume_id!r} is not published at {request.volume_path}",
             )
         usage = [
-            _usage(pb.VolumeUsage.BYTES, stats.get("used_bytes"), stats.get("max_bytes")),
-            _usage(pb.VolumeUsage.INODES, stats.get("used_inodes"), stats.get("max_inodes")),
+            _usage(pb.VolumeUsage.BYTES, *(stats.get(f"{k}_bytes") for k in USAGE_FIELDS)),
+            _usage(pb.VolumeUsage.INODES, *(stats.get(f"{k}_inodes") for k in USAGE_FIELDS)),
         ]
         healthy = bool(stats.get("healthy"))
         return pb.NodeGetVolumeStatsResponse(
@@ -259,10 +259,21 @@ class NodeService:
             return False
 
 
-def _usage(unit: int, used: int | None, limit: int | None) -> pb.VolumeUsage | None:
-    """A usage entry; without a quota only `used` is known (0 means unknown in CSI)."""
+USAGE_FIELDS = ("used", "max", "total", "free")  # mountd's stats: <field>_bytes, <field>_inodes
+
+
+def _usage(
+    unit: int, used: int | None, limit: int | None, total: int | None, free: int | None
+) -> pb.VolumeUsage | None:
+    """Bytes or inodes: the quota's limit, else the cluster's total (its statfs); available
+    is what the limit leaves, never more than the cluster has free. Without a quota's usage,
+    `used` is the cluster's (as df shows). 0 means unknown in CSI."""
+    if used is None and total is not None and free is not None:
+        used = total - free
     if used is None:
         return None
+    limit = total if limit is None else limit
     if limit is None:
         return pb.VolumeUsage(unit=unit, used=used)
-    return pb.VolumeUsage(unit=unit, used=used, total=limit, available=max(0, limit - used))
+    available = limit - used if free is None else min(limit - used, free)
+    return pb.VolumeUsage(unit=unit, used=used, total=limit, available=max(0, available))

@@ -111,6 +111,13 @@ def top_mount(path: str, entries: list[MountEntry] | None = None) -> MountEntry 
     return found
 
 
+def stack_at(path: str) -> list[MountEntry]:
+    """Every mount stacked at exactly `path`, bottom first."""
+    needle = f" {_escape(path)} "
+    lines = [line for line in _mountinfo_text().splitlines() if needle in line]
+    return [e for e in parse_mountinfo("\n".join(lines)) if e.mountpoint == path]
+
+
 def top_mounts(*paths: str) -> list[MountEntry | None]:
     """`top_mount` of several paths from one read of mountinfo."""
     # a node can hold thousands of mounts: parse only the lines that can match
@@ -170,15 +177,17 @@ def open_beneath(base: str, subpath: str) -> int:
     return fd
 
 
-def check_beneath(base: str, subpath: str) -> None:
-    """OSError unless `base/subpath` is a directory reached without symlinks."""
-    os.close(open_beneath(base, subpath))
+def bind_beneath(base: str, subpath: str, target: str, *, replace: bool = False) -> None:
+    """Bind directory `base/subpath` onto directory `target` (neither through a symlink).
 
-
-def bind_beneath(base: str, subpath: str, target: str) -> None:
-    """Bind directory `base/subpath` onto directory `target` (neither through a symlink)."""
+    The bind goes on top of whatever is mounted at `target` (a dead mount stays underneath).
+    With `replace`, every mount at `target` is removed first, but only once the source was
+    found: a missing source leaves the target as it was.
+    """
     source_fd = open_beneath(base, subpath)
     try:
+        if replace:
+            unmount_all(target, lazy=True)
         target_fd = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             source, dest = f"/proc/self/fd/{source_fd}", f"/proc/self/fd/{target_fd}"
@@ -238,6 +247,19 @@ def unmount_all(path: str, *, lazy: bool = False) -> int:
             umount(path, lazy=True)
         removed += 1
     return removed
+
+
+def unmount_above(path: str, keep: int | None) -> None:
+    """Unmount the layers stacked at `path` above the mount with id `keep` (all if None)."""
+    for _ in range(MAX_STACK):
+        top = top_mount(path)
+        if top is None or top.mount_id == keep:
+            return
+        try:
+            umount(path)
+        except OSError:
+            umount(path, lazy=True)
+    raise OSError(errno.EBUSY, f"{path} still has layers above mount {keep}")
 
 
 def is_fuse_mount(entry: MountEntry | None) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import trio
@@ -48,5 +49,10 @@ def print_status(endpoint: str, *, as_json: bool = False) -> int:
     except RPCError as exc:
         print(f"mountd at {endpoint}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    print(json.dumps(rows, indent=1) if as_json else format_table(rows))
+    try:
+        print(json.dumps(rows, indent=1) if as_json else format_table(rows), flush=True)
+    except BrokenPipeError:
+        # the reader stopped early (`| head`): not an error. Point stdout at /dev/null so the
+        # interpreter's last flush cannot complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

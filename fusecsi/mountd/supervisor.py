@@ -43,6 +43,12 @@ MAX_BACKOFF = 30.0
 # A daemon that dies sooner than this after starting is crash-looping: its next
 # replacement waits (with growing backoff) instead of following at once.
 CRASH_WINDOW = 10.0
+# Recovery binds the new mount on top of the dead one (a container's HostToContainer copy
+# follows only mounts stacked on it), so every replacement adds a layer per target. A dead
+# layer cannot be removed from under a live one (detaching it takes the live one with it);
+# layers go at unpublish. Past this many, a target is reset instead: mounts are a node-wide
+# limited resource, and only a daemon crash-looping for minutes gets here.
+MAX_LAYERS = 16
 
 
 def _err(code: int, message: str) -> OSError:
@@ -61,10 +67,11 @@ class Runtime:
     backoff: float = 1.0
     linger_gen: int = 0
     started_at: float = 0.0
-    broken_targets: set[str] = field(default_factory=set)
+    broken_targets: dict[str, str] = field(default_factory=dict)  # target -> why
     # why the current outage began (daemon_exited, mount_broken) and when
     cause: str = ""
     broken_since: float = 0.0
+    cluster_lost: bool = False  # the last failed check found the cluster silent too
     told_broken: set[str] = field(default_factory=set)  # targets whose pod heard it
 
 
@@ -277,8 +284,7 @@ class Supervisor:
                         if self._bound(entry, ref):  # a recovery re-bound it meanwhile
                             self.publishes.add()
                             return self._answer(entry, started)
-                        # published before, but its mount is gone or dead: bind afresh
-                        await self._unmount(target, lazy=True)
+                    # published before but its mount is gone or dead: the bind goes on top
                     await self._bind(entry, ref)
                 except BaseException:
                     unused = self.table.entries.get(key.id)
@@ -287,7 +293,7 @@ class Supervisor:
                             await self._release(unused)
                     raise
                 entry.refs[target] = ref
-                self._rt(key.id).broken_targets.discard(target)
+                self._rt(key.id).broken_targets.pop(target, None)
                 await self.persist()
         self.publishes.add()
         log.info(
@@ -344,13 +350,23 @@ class Supervisor:
             await self._recover(entry, "daemon not running at publish", token)
         return entry, True
 
-    async def _bind(self, entry: Entry, ref: Ref) -> None:
-        """Bind `mountpoint/subpath` onto the target; never an empty local directory."""
+    async def _bind(self, entry: Entry, ref: Ref) -> bool:
+        """Bind `mountpoint/subpath` on top of whatever the target shows.
+
+        Never unmounts first (a dead mount stays underneath until unpublish), so a missing
+        source leaves the target as it was, never an empty local directory. True when the
+        target had MAX_LAYERS and was reset instead (containers then keep the dead copy).
+        """
         if not mounts.is_fuse_mount(mounts.top_mount(entry.mountpoint)):
             raise _err(errno.EIO, f"{entry.mountpoint} is not a live {mounts.FUSE_FSTYPE} mount")
         created = await self._make_target(ref.target)
+        below = mounts.stack_at(ref.target)
+        reset = len(below) >= MAX_LAYERS
+        if reset:
+            log.warning("too many stacked mounts; resetting", extra=fields(target=ref.target))
+        bind = partial(mounts.bind_beneath, replace=reset)
         try:
-            await self._blocking(mounts.bind_beneath, entry.mountpoint, ref.subpath, ref.target)
+            await self._blocking(bind, entry.mountpoint, ref.subpath, ref.target)
         except OSError as exc:
             if created:
                 with contextlib.suppress(OSError):
@@ -368,9 +384,11 @@ class Supervisor:
             if ref.readonly:
                 await self._blocking(mounts.remount_readonly, ref.target)
         except BaseException:
+            keep = below[-1].mount_id if below and not reset else None
             with trio.CancelScope(shield=True):
-                await self._unmount(ref.target)
+                await self._blocking(mounts.unmount_above, ref.target, keep)  # ours only
             raise
+        return reset
 
     async def _make_target(self, target: str) -> bool:
         """Create the target directory (CSI: the plugin creates it); True if we made it."""
@@ -383,6 +401,8 @@ class Supervisor:
                 os.mkdir(target, 0o750)
                 return True
             except FileExistsError:
+                if mounts.top_mount(target) is not None:
+                    return False  # a mount, maybe dead (lstat fails): the bind goes on top
                 info = os.lstat(target)
                 if not stat.S_ISDIR(info.st_mode):
                     raise _err(errno.EEXIST, f"target {target} is not a directory") from None
@@ -412,7 +432,7 @@ class Supervisor:
             async with self.key_locks.hold(entry.key.id):
                 await self._unmount(target)
                 del entry.refs[target]
-                self._rt(entry.key.id).broken_targets.discard(target)
+                self._rt(entry.key.id).broken_targets.pop(target, None)
                 self._rt(entry.key.id).told_broken.discard(target)
                 await self.persist()
                 if not entry.refs:
@@ -557,32 +577,33 @@ class Supervisor:
             self._tell_broken(entry, list(entry.refs.values()), rt.message)
             raise
         entry.restarts += 1
-        await self._rebind(entry, list(entry.refs.values()), cause)
-        if crashed_fast:
-            self._backoff(rt, True)
+        failed = await self._rebind(entry, list(entry.refs.values()), cause)
+        # a crash loop backs off even when each replacement re-binds fine
+        self._backoff(rt, failed or crashed_fast)
         await self.persist()
         log.info("recovered", extra=fields(key_id=key_id, pid=entry.pid, restarts=entry.restarts))
 
-    async def _rebind(self, entry: Entry, refs: list[Ref], cause: str) -> None:
-        """Swap each target's mount for a fresh bind of the live daemon's mount."""
+    async def _rebind(self, entry: Entry, refs: list[Ref], cause: str) -> bool:
+        """Bind the live daemon's mount on top of each target; True if one failed.
+
+        A target counts as served only once a statfs through the target itself answers.
+        """
         rt = self._rt(entry.key.id)
         failed: list[tuple[Ref, str]] = []
+        reset: set[str] = set()
         for ref in refs:
             try:
-                # the source must exist before the old mount goes: a pod must never be left
-                # looking at the empty local directory underneath
-                await self._blocking(mounts.check_beneath, entry.mountpoint, ref.subpath)
-                await self._unmount(ref.target, lazy=True)
-                await self._bind(entry, ref)
-                rt.broken_targets.discard(ref.target)
+                if not self._bound(entry, ref) and await self._bind(entry, ref):
+                    reset.add(ref.target)
+                await self._blocking(os.statvfs, ref.target)
+                rt.broken_targets.pop(ref.target, None)
             except OSError as exc:
                 failed.append((ref, str(exc)))
-                rt.broken_targets.add(ref.target)
+                rt.broken_targets[ref.target] = f"re-binding failed: {exc}"
                 log.error(
                     "re-bind failed",
                     extra=fields(target=ref.target, key_id=entry.key.id, error=str(exc)),
                 )
-        self._backoff(rt, bool(failed))
         self.recoveries.add(cause, "failed" if failed else "ok")
         for ref, error in failed:
             self._tell_broken(entry, [ref], f"re-binding the volume failed: {error}")
@@ -592,12 +613,19 @@ class Supervisor:
             rt.cause, rt.broken_since = "", 0.0
         for ref in rebound:
             rt.told_broken.discard(ref.target)
+            restart = (
+                f"; it was reset after {MAX_LAYERS} recoveries, so running containers keep the "
+                "dead mount until they restart"
+                if ref.target in reset
+                else ""
+            )
             self._tell(
                 ref,
                 "MountRecovered",
                 f"the FUSE mount of volume {ref.volume_id} at {ref.target} broke ({cause}) and "
-                "was restored; files opened before that must be reopened",
+                f"was restored; files opened before that must be reopened{restart}",
             )
+        return bool(failed)
 
     def _outage(self, rt: Runtime, cause: str) -> str:
         """The cause of the current outage (the first one seen), started now if none was."""
@@ -674,7 +702,7 @@ class Supervisor:
             lost = self._lost(entry)
             for ref in lost:
                 log.warning("target lost its mount", extra=fields(target=ref.target))
-            await self._rebind(entry, lost, self._outage(rt, "target_lost"))
+            self._backoff(rt, await self._rebind(entry, lost, self._outage(rt, "target_lost")))
 
     def _lost(self, entry: Entry) -> list[Ref]:
         """References whose target lost its mount or still shows a dead one (mountd died
@@ -708,16 +736,25 @@ class Supervisor:
                 raise
             rt.sick += 1
             rt.message = f"mount answered {errno.errorcode.get(exc.errno)} {rt.sick} times"
-            if rt.sick < SICK_LIMIT:
-                return None
+            # only failures while the cluster demonstrably answers count against the daemon
             if not await self._cluster_answers(entry):
                 # a new daemon cannot do better, and the live one resumes when the cluster does
+                rt.sick, rt.cluster_lost = 0, True
                 rt.message = "cluster unreachable; keeping the daemon"
                 log.warning("cluster unreachable", extra=fields(key_id=entry.key.id))
                 return None
+            if rt.cluster_lost:
+                # the cluster is back, and this check may have failed in its outage: the
+                # daemon gets a fresh chance (its open files survive only if it stays)
+                rt.sick, rt.cluster_lost = 0, False
+                rt.message = "cluster answers again; probing the daemon afresh"
+                log.info("cluster answers again", extra=fields(key_id=entry.key.id))
+                return None
+            if rt.sick < SICK_LIMIT:
+                return None
             self._outage(rt, "mount_broken")
             return rt.message
-        rt.sick, rt.message = 0, ""
+        rt.sick, rt.message, rt.cluster_lost = 0, "", False
         return None
 
     async def _cluster_answers(self, entry: Entry, token: str | None = None) -> bool:
@@ -798,14 +835,20 @@ class Supervisor:
             "max_bytes": None,
             "used_inodes": None,
             "max_inodes": None,
+            # the cluster's statfs through the target: totals when there is no quota
+            "total_bytes": None,
+            "free_bytes": None,
+            "total_inodes": None,
+            "free_inodes": None,
             "healthy": True,
             "message": "",
         }
         if rt.state != "running":
             answer.update(healthy=False, message=f"mount is {rt.state}: {rt.message}")
             return answer
-        if not self._bound(entry, ref):
-            answer.update(healthy=False, message=f"{target} is not mounted")
+        if target in rt.broken_targets or not self._bound(entry, ref):
+            why = rt.broken_targets.get(target) or f"{target} is not mounted"
+            answer.update(healthy=False, message=why)
             self._wake.set()
             return answer
         try:
@@ -822,6 +865,15 @@ class Supervisor:
             for name in ("used_bytes", "max_bytes", "used_inodes", "max_inodes"):
                 value = quota.get(name)
                 answer[name] = value if isinstance(value, int) else None
+        if answer["healthy"]:
+            with contextlib.suppress(OSError):  # totals are a bonus; health was just read
+                fs = await self._blocking(os.statvfs, target)
+                answer.update(
+                    total_bytes=fs.f_blocks * fs.f_frsize,
+                    free_bytes=fs.f_bavail * fs.f_frsize,
+                    total_inodes=fs.f_files,
+                    free_inodes=fs.f_favail,
+                )
         return answer
 
     def list(self) -> list[dict]:

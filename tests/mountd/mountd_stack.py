@@ -118,13 +118,14 @@ class Mountd:
         return sorted(pids)
 
     def fuse_mounts(self) -> tuple[list[str], list[str]]:
-        """(daemon mountpoints, bound targets) of fuse.fusecsi in /proc/self/mountinfo."""
+        """(daemon mountpoints, bound targets) of fuse.fusecsi in /proc/self/mountinfo; a
+        target with stacked mounts (a recovery binds on top of the dead one) counts once."""
         entries = [e for e in mounts.read_mountinfo() if e.fstype == mounts.FUSE_FSTYPE]
         state = str(self.state_dir) + "/"
         kubelet = str(self.kubelet_dir) + "/"
         return (
-            sorted(e.mountpoint for e in entries if e.mountpoint.startswith(state)),
-            sorted(e.mountpoint for e in entries if e.mountpoint.startswith(kubelet)),
+            sorted({e.mountpoint for e in entries if e.mountpoint.startswith(state)}),
+            sorted({e.mountpoint for e in entries if e.mountpoint.startswith(kubelet)}),
         )
 
     def close(self) -> None:
@@ -147,6 +148,30 @@ def another_mountd(base: Path, cluster: LocalCluster, **flags):
         yield node
     finally:
         node.close()
+
+
+@contextlib.asynccontextmanager
+async def supervisor_in_process(base: Path, **options):
+    """mountd's Supervisor in the test's own trio loop, for a fault injected at one exact
+    point of its work (through monkeypatch); its FUSE daemons are real processes."""
+    from fusecsi.mountd.supervisor import Supervisor
+
+    (base / "kubelet").mkdir(parents=True, exist_ok=True)
+    options = {"linger": 0, "health_interval": 0.1, **options}
+    supervisor = Supervisor(str(base / "state"), str(base / "kubelet"), **options)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)
+            yield supervisor
+            nursery.cancel_scope.cancel()
+    finally:
+        for entry in list(supervisor.table.entries.values()):
+            if entry.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(entry.pid, signal.SIGKILL)
+        for entry in mounts.mounts_under(str(base)):
+            with contextlib.suppress(OSError):
+                mounts.umount(entry.mountpoint, lazy=True)
 
 
 @pytest.fixture(name="mountd")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
 import urllib.request
 
 import pytest
@@ -247,6 +248,21 @@ async def test_status_command_prints_keys_daemons_and_references(mountd, cluster
     listed = json.loads(await trio.to_thread.run_sync(mountd.status, "--json"))
     assert listed == [row]
     await mountd.client.unpublish("vol-status", target)
+
+
+def test_status_into_a_closed_pipe_exits_quietly(mountd):
+    """`fusecsi mountd status | head` must not end in a BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write: EPIPE for certain
+    try:
+        args = [*FUSECSI, "mountd", "status", "--socket", f"unix://{mountd.socket}"]
+        for extra in ([], ["--json"]):
+            done = subprocess.run(
+                args + extra, stdout=write_end, stderr=subprocess.PIPE, timeout=30, check=False
+            )
+            assert done.returncode == 0 and done.stderr == b"", done.stderr.decode()
+    finally:
+        os.close(write_end)
 
 
 async def test_a_second_mountd_on_the_same_state_is_refused_and_touches_nothing(mountd, cluster):

@@ -7,6 +7,8 @@ import errno
 import json
 import os
 import signal
+import time
+from functools import partial
 
 import pytest
 import trio
@@ -233,3 +235,109 @@ async def test_unpublish_clears_a_broken_target_while_the_cluster_is_down(tmp_pa
         assert not exists(target)
         assert await node.client.list() == []
         assert node.daemon_pids() == []
+
+
+async def test_a_daemon_that_recovers_with_its_stopped_master_is_never_replaced(tmp_path):
+    """#14.8: the master SIGSTOPped, then resumed while mountd's "does the cluster answer?"
+    check waits on it. That check succeeds the moment the master is back, but the failed
+    checks before it were the outage's: the daemon (and the pod's open file) must stay."""
+    flags = {"probe-timeout": "1", "health-interval": "0.2"}
+    async with lone_volume(tmp_path, "kept open", **flags) as (cluster, node, target, row):
+
+        async def message(wanted: str):
+            [now] = await node.client.list()
+            return wanted in now["message"] and now
+
+        held = os.open(os.path.join(target, "f"), os.O_RDONLY)  # a pod's open file
+        master = cluster.master.pid
+        os.kill(master, signal.SIGSTOP)
+        try:
+            await eventually(
+                partial(message, "cluster unreachable"), deadline=30, what="outage seen"
+            )
+            # the next probe failed and mountd is asking the stopped master again: resume it
+            await eventually(partial(message, "mount answered"), deadline=30, what="re-check")
+        finally:
+            os.kill(master, signal.SIGCONT)
+
+        async def settled():
+            [now] = await node.client.list()
+            return now["state"] == "running" and now["message"] == "" and now
+
+        after = await eventually(settled, deadline=30, what="healthy again")
+        assert after["pid"] == row["pid"] and after["restarts"] == 0, after
+        assert os.pread(held, 100, 0) == b"kept open"
+        os.close(held)
+        await node.client.unpublish("vol-lone", target)
+
+
+async def test_a_crash_looping_daemon_is_replaced_after_growing_pauses(tmp_path, cluster):
+    """Each daemon dies right after it started: every replacement waits twice as long as the
+    one before (1, 2, 4 s), even though each of them re-binds its targets fine."""
+    await make_dirs(cluster, "/loop/v")
+    with another_mountd(tmp_path / "node", cluster, **{"health-interval": "0.1"}) as node:
+        target = node.target("pod-1", "v")
+        await node.publish("vol-loop", "/loop", "v", target)
+        assert read_write(target, "f", "crash loop")
+        [row] = await node.client.list()
+        pid, pauses = row["pid"], []
+        for _ in range(4):
+            os.kill(pid, signal.SIGKILL)
+            killed = time.monotonic()
+
+            async def replaced(old=pid):
+                [now] = await node.client.list()
+                if now["pid"] in (None, old) or now["state"] != "running":
+                    return None
+                # the recovery is over once the target serves the new daemon
+                served = await trio.to_thread.run_sync(all_serve({target: "crash loop"}, "f"))
+                return served and now["pid"]
+
+            pid = await eventually(replaced, deadline=30, what="replacement")
+            pauses.append(time.monotonic() - killed)
+        assert pauses[3] >= 3.0, pauses  # the fourth waited for a backoff of 4 s
+        [row] = await node.client.list()
+        assert row["restarts"] == 4
+        await node.client.unpublish("vol-loop", target)
+
+
+async def test_a_target_unmounted_from_outside_is_bound_again(mountd, cluster):
+    await make_dirs(cluster, "/outside/v")
+    target = mountd.target("pod-1", "v")
+    await mountd.publish("vol-outside", "/outside", "v", target)
+    assert read_write(target, "f", "unmounted by someone else")
+    [row] = await mountd.client.list()
+    mounts.umount(target)
+    await eventually(
+        all_serve({target: "unmounted by someone else"}, "f"), deadline=15, what="re-bind"
+    )
+    [after] = await mountd.client.list()
+    assert after["pid"] == row["pid"] and after["restarts"] == 0  # only the bind was redone
+    await mountd.client.unpublish("vol-outside", target)
+    assert mountd.fuse_mounts() == ([], [])
+
+
+async def test_a_reused_pid_in_the_table_is_neither_adopted_nor_killed(mountd, cluster):
+    """mountd was down while its daemon died and the pid went to another process: at restart
+    that process is not taken for the daemon, nor killed as a stale one."""
+    await make_dirs(cluster, "/reused/v")
+    target = mountd.target("pod-1", "v")
+    await mountd.publish("vol-reused", "/reused", "v", target)
+    assert read_write(target, "f", "pid reused")
+    [row] = await mountd.client.list()
+    mountd.kill()
+    os.kill(row["pid"], signal.SIGKILL)
+    stranger = await trio.lowlevel.open_process(["sleep", "300"])
+    try:
+        table = json.loads((mountd.state_dir / "table.json").read_text())
+        table["entries"][0]["pid"] = stranger.pid
+        (mountd.state_dir / "table.json").write_text(json.dumps(table))
+        mountd.start()
+        await eventually(all_serve({target: "pid reused"}, "f"), deadline=15, what="recovery")
+        [after] = await mountd.client.list()
+        assert after["pid"] not in (stranger.pid, row["pid"]) and after["restarts"] == 1
+        assert stranger.poll() is None  # alive: never signalled
+    finally:
+        stranger.kill()
+        await stranger.wait()
+    await mountd.client.unpublish("vol-reused", target)

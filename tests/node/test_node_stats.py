@@ -107,3 +107,31 @@ async def test_stats_of_paths_never_published_are_not_found(node):
             with pytest.raises(GRPCError) as err:
                 await call("Node", "NodeGetVolumeStats", request)
             assert err.value.status is Status.NOT_FOUND, (path, err.value.message)
+
+
+async def test_inode_and_byte_totals_come_from_the_cluster_without_a_quota_limit(node):
+    """#22: a volume whose quota limits bytes only (what CreateVolume makes) reported inodes
+    0 / free 0 / used 2 to kubelet; totals are the cluster's (statfs through the target),
+    and what is available never exceeds what the cluster has free."""
+    bytes_only = await node.volume("bytes-only", max_bytes=64 * MiB)
+    no_quota = await node.volume("no-quota")
+    async with grpc_bridge.connect(str(node.csi_socket)) as call:
+        for volume in (bytes_only, no_quota):
+            target = node.target(volume.context["subpath"])
+            await call("Node", "NodePublishVolume", publish_request(volume, target))
+            await trio.Path(target, "a").write_text("x")
+            request = pb.NodeGetVolumeStatsRequest(volume_id=volume.volume_id, volume_path=target)
+            reply = await call("Node", "NodeGetVolumeStats", request)
+            fs = await trio.to_thread.run_sync(os.statvfs, target)
+            inodes = usage(reply, pb.VolumeUsage.INODES)
+            assert inodes.total == fs.f_files > 0, (volume.context, reply)
+            assert inodes.used >= 1 and 0 < inodes.available <= fs.f_favail
+            size = usage(reply, pb.VolumeUsage.BYTES)
+            if volume is bytes_only:
+                assert size.total == 64 * MiB and size.available == 64 * MiB - size.used
+                assert inodes.available == fs.f_favail and inodes.used < 100
+            else:  # no quota at all: the cluster's figures, as df shows them
+                assert size.total == fs.f_blocks * fs.f_frsize and size.used > 0
+                assert inodes.used + inodes.available == inodes.total
+            assert not reply.volume_condition.abnormal
+            await call("Node", "NodeUnpublishVolume", unpublish_request(volume, target))
