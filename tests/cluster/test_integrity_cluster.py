@@ -21,7 +21,10 @@ import trio
 
 from fusecsi.cluster.client import ROOT_INO, ClusterClient, ClusterError
 from fusecsi.cluster.local import LocalCluster, free_port
-from fusecsi.cluster.protocol import call_sync
+from fusecsi.cluster.master.journal import Journal
+from fusecsi.cluster.master.main import load_namespace
+from fusecsi.cluster.master.service import MasterService
+from fusecsi.cluster.protocol import Pool, call_sync
 
 BLOCK = 1 << 20
 
@@ -126,6 +129,37 @@ async def test_blocks_lost_with_a_data_dir_read_eio_and_holes_stay_zeros(lone):
         check=False,
     )
     assert got.returncode != 0 and b"EIO" in got.stderr
+
+
+async def test_holds_data_marks_survive_replay_and_checkpoints_and_go_with_their_blocks(tmp_path):
+    def reload():
+        journal = Journal(tmp_path)
+        try:
+            return load_namespace(journal, BLOCK)[0].holding
+        finally:
+            journal.close()
+
+    async with trio.open_nursery() as nursery:
+        journal = Journal(tmp_path)
+        ns, _ = load_namespace(journal, BLOCK)
+        s = MasterService(ns, journal, Pool(nursery, timeout=1))
+        await nursery.start(journal.run)
+        await nursery.start(s.run)
+        await s.register("w1", "127.0.0.1:9", 1 << 40, 1 << 40, [])
+        f = s.create(ROOT_INO, b"f", 0o644, 0, 0)
+        one, two = (row[1] for row in s.allocate(f[0], 0, 2, 2 * BLOCK)["blocks"])
+        s.commit(f[0], 2 * BLOCK)
+        assert s.heartbeat("w1", 1 << 40, 1 << 40, [one])["known"]
+        await s.checkpoint()  # `one` is in the checkpoint, `two` only in the journal
+        assert s.blocks_written("w1", [two]) and not s.blocks_written("w2", [two + 1])
+        assert [row[3] for row in s.layout(f[0], 0, 2)[1]] == [True, True]
+        await s.sync_journal()
+        assert reload() == {one, two}
+        await s.setattr(f[0], size=BLOCK)  # frees `two`
+        await s.checkpoint()
+        assert reload() == {one}
+        nursery.cancel_scope.cancel()
+    journal.close()
 
 
 # ---------------------------------------------------------------- item 5: data dir lock

@@ -207,7 +207,7 @@ class WorkerService:
             "register", self.store.worker_id, self.advertise, capacity, free, block_ids, mine
         )
         theirs = reply.get("cluster_id")
-        if mine is not None and theirs != mine:  # a master that did not check: touch nothing
+        if theirs is None or (mine is not None and theirs != mine):  # touch nothing
             raise RPCError(errno.ESTALE, f"a master of cluster {theirs}, not {mine}")
         if mine is None:
             await trio.to_thread.run_sync(self.store.adopt_cluster, theirs)
