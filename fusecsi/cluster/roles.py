@@ -7,6 +7,7 @@ import fcntl
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import trio
@@ -16,6 +17,9 @@ from fusecsi.cluster.protocol import parse_addr
 
 TOKEN_ENV = "FUSECSI_TOKEN"
 LOCK_FILE = "lock"
+# a holder that just died may leave a child (a master's checkpoint writer) holding the lock
+# for a moment: wait that long before calling the dir busy
+LOCK_WAIT = 3.0
 
 
 def load_token(token_file: str | None) -> str | None:
@@ -36,14 +40,19 @@ def lock_data_dir(data_dir: str) -> int:
     path = Path(data_dir) / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise OSError(
-            errno.EBUSY, f"data dir {data_dir} is in use by pid {holder} (lock file {path})"
-        ) from None
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise OSError(
+                    errno.EBUSY, f"data dir {data_dir} is in use by pid {holder} ({path})"
+                ) from None
+            time.sleep(0.1)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
