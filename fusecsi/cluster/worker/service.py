@@ -6,7 +6,9 @@ import errno
 import logging
 import os
 from collections import OrderedDict
+from functools import partial
 
+import outcome
 import trio
 
 from fusecsi.cluster.checks import check_int
@@ -145,8 +147,13 @@ class WorkerService:
             raise OSError(errno.EINVAL, "block ids must be a list")
         for block_id in block_ids:
             check_int(block_id, "block id", 1)
-        await trio.to_thread.run_sync(self.store.sync, block_ids, limiter=self.limiter)
-        await self._report([b for b in block_ids if b in self._written])
+        sync = partial(trio.to_thread.run_sync, self.store.sync, block_ids, limiter=self.limiter)
+        async with trio.open_nursery() as nursery:  # the report rides along with the disk
+            nursery.start_soon(self._report, [b for b in block_ids if b in self._written])
+            synced = await outcome.acapture(sync)  # an error keeps its errno (no group)
+            if isinstance(synced, outcome.Error):
+                nursery.cancel_scope.cancel()
+        synced.unwrap()
 
     async def _report(self, block_ids: list[int]) -> None:
         """Tell the master these blocks hold data before a client's fsync is answered (the
