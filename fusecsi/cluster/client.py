@@ -585,8 +585,8 @@ class ClusterClient:
         blocks = rmap.blocks
         for index in range(start, start + count):
             blocks[index] = None
-        for index, block_id, addrs, holds in rows:
-            blocks[index] = (block_id, addrs, holds)
+        for index, block_id, addrs, *holds in rows:  # a master from before: no 4th field
+            blocks[index] = (block_id, addrs, bool(holds and holds[0]))
         return rmap
 
     async def _read_mapped(
