@@ -570,7 +570,7 @@ class ClusterClient:
     async def _read_map(self, ino: int, first: int, last: int) -> _ReadMap:
         start = first - first % READ_MAP_WINDOW
         count = max(READ_MAP_WINDOW, last - start + 1)
-        committed, rows = await self._call("layout", ino, start, count, idempotent=True)
+        committed, rows = await self._call("layout", ino, start, count, True, idempotent=True)
         rmap = self._read_maps.get(ino)
         now = trio.current_time()
         if (
@@ -585,8 +585,8 @@ class ClusterClient:
         blocks = rmap.blocks
         for index in range(start, start + count):
             blocks[index] = None
-        for index, block_id, addrs, *holds in rows:  # a master from before: no 4th field
-            blocks[index] = (block_id, addrs, bool(holds and holds[0]))
+        for index, block_id, addrs, holds in rows:
+            blocks[index] = (block_id, addrs, holds)
         return rmap
 
     async def _read_mapped(

@@ -102,7 +102,7 @@ async def test_blocks_lost_with_a_data_dir_read_eio_and_holes_stay_zeros(lone):
         sparse = await _put(client, b"sparse", b"s" * 100)
         await client.write(sparse, 3 * BLOCK, b"t" * 100)
         await client.commit(sparse, 3 * BLOCK + 100, durable=True)
-        _, rows = await client._call("layout", ino, 0, 4, idempotent=True)
+        _, rows = await client._call("layout", ino, 0, 4, True, idempotent=True)
         # known before the fsync answered; block 3 was only allocated ahead
         assert [row[3] for row in rows] == [True, True, True, False]
         assert await client.read(sparse, BLOCK, 2 * BLOCK) == bytes(2 * BLOCK)
@@ -152,7 +152,8 @@ async def test_holds_data_marks_survive_replay_and_checkpoints_and_go_with_their
         assert s.heartbeat("w1", 1 << 40, 1 << 40, [one])["known"]
         await s.checkpoint()  # `one` is in the checkpoint, `two` only in the journal
         assert s.blocks_written("w1", [two]) and not s.blocks_written("w2", [two + 1])
-        assert [row[3] for row in s.layout(f[0], 0, 2)[1]] == [True, True]
+        assert [row[3] for row in s.layout(f[0], 0, 2, True)[1]] == [True, True]
+        assert all(len(row) == 3 for row in s.layout(f[0], 0, 2)[1])  # as older clients read
         await s.sync_journal()
         assert reload() == {one, two}
         await s.setattr(f[0], size=BLOCK)  # frees `two`

@@ -273,14 +273,17 @@ class MasterService:
             ],
         }
 
-    def layout(self, ino, first, count):
-        """[committed size, [[index, block id, [worker addresses, live first], holds data],
-        ...]]: a block that holds data (a worker reported it) and that no replica has is
-        lost (EIO), not a hole."""
+    def layout(self, ino, first, count, holds=False):
+        """[committed size, [[index, block id, [worker addresses, live first]], ...]]; with
+        `holds` each row ends with "holds data": a block a worker reported writing, which
+        is lost (EIO), not a hole, when no replica has it. (Opt-in: a client from before
+        unpacks three fields.)"""
         node = self.ns.file(ino)
-        holding = self.ns.holding
         rows = self._rows(node, first, count)
-        return [node.size, [[*row, row[1] in holding] for row in rows]]
+        if holds:
+            holding = self.ns.holding
+            rows = [[*row, row[1] in holding] for row in rows]
+        return [node.size, rows]
 
     def _rows(self, node, first, count) -> list[list]:
         """[[index, block id, [worker addresses, live first]], ...] of existing blocks."""
