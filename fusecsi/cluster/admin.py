@@ -19,7 +19,7 @@ CHUNK = 8 << 20
 
 
 def configure(parser) -> None:
-    parser.add_argument("--master-addrs", required=True, metavar="A[,B]")
+    parser.add_argument("--master-addrs", required=True, metavar="A[,B]", help=roles.MASTERS_HELP)
     parser.add_argument(
         "--token-file",
         metavar="F",

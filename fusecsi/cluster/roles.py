@@ -16,6 +16,10 @@ from fusecsi import metrics
 from fusecsi.cluster.protocol import parse_addr
 
 TOKEN_ENV = "FUSECSI_TOKEN"
+MASTERS_HELP = (
+    "the cluster's master; more addresses only reach the same master (same data dir) "
+    "elsewhere: masters do not replicate, and one of another cluster is refused"
+)
 LOCK_FILE = "lock"
 # a holder that just died may leave a child (a master's checkpoint writer) holding the lock
 # for a moment: wait that long before calling the dir busy
