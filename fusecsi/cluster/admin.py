@@ -9,6 +9,7 @@ import stat
 import sys
 import time
 
+import outcome
 import trio
 
 from fusecsi.cluster import roles
@@ -18,7 +19,7 @@ CHUNK = 8 << 20
 
 
 def configure(parser) -> None:
-    parser.add_argument("--master-addrs", required=True, metavar="A[,B]")
+    parser.add_argument("--master-addrs", required=True, metavar="A[,B]", help=roles.MASTERS_HELP)
     parser.add_argument(
         "--token-file",
         metavar="F",
@@ -204,10 +205,13 @@ def run(args) -> int:
 
         async def main():
             async with ClusterClient(args.master_addrs, token=token, timeout=args.timeout) as c:
-                return await act(c, args)
+                # captured: raised inside the client's nursery it would come out as a group
+                return await outcome.acapture(act, c, args)
 
-        result = trio.run(main)
+        result = trio.run(main).unwrap()
     except (ClusterError, OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.errno:
+            exc = f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
         print(f"fusecsi fs {args.fs_command}: {exc}", file=sys.stderr)
         return 1
     show(result, args)

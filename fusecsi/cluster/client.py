@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from fusecsi.cluster.protocol import Pool, RPCError, RPCUnavailable
+from fusecsi.cluster.protocol import ForeignCluster, Pool, RPCError, RPCUnavailable
 from fusecsi.cluster.shortcircuit import ShortCircuit
 from fusecsi.cluster.writebehind import WriteBehind
 
@@ -78,7 +78,8 @@ class Quota:
 
 class _ReadMap:
     """A file's block map as the master last gave it, for reads: index -> (block id,
-    addresses), or None for a hole; `committed` is the length the master reported."""
+    addresses, holds data), or None for a hole; `committed` is the length the master
+    reported."""
 
     __slots__ = ("expires", "committed", "blocks")
 
@@ -125,6 +126,7 @@ class ClusterClient:
         self._masters: Pool | None = None
         self._workers: Pool | None = None
         self._block_size: int | None = None
+        self._cluster_id: str | None = None  # of the first master that answered
         # ino -> {block index: (block id, [worker addresses])}, for writes
         self._layouts: dict[int, dict[int, tuple[int, list[str]]]] = {}
         # ino -> highest end written and not yet committed
@@ -139,7 +141,12 @@ class ClusterClient:
         stack.callback(self._close_short_circuit)  # after the nursery: nobody uses them then
         nursery = await stack.enter_async_context(trio.open_nursery())
         self._masters = Pool(
-            nursery, token=self.token, default_port=MASTER_PORT, max_conns=2, timeout=self.timeout
+            nursery,
+            token=self.token,
+            default_port=MASTER_PORT,
+            max_conns=2,
+            timeout=self.timeout,
+            on_connect=self._check_master,
         )
         self._workers = Pool(
             nursery, token=self.token, default_port=WORKER_PORT, max_conns=4, timeout=self.timeout
@@ -167,25 +174,33 @@ class ClusterClient:
 
     # ------------------------------------------------------------ plumbing
 
+    async def _check_master(self, conn) -> None:
+        """Every new master connection: the master must hold the cluster the first one held
+        (masters do not replicate; another id is another namespace)."""
+        info = await conn.call("cluster_info")
+        found = info.get("cluster_id")
+        if self._cluster_id is None:
+            self._cluster_id = found
+        elif found != self._cluster_id:
+            raise ForeignCluster(
+                errno.ESTALE,
+                f"master {conn.address} belongs to cluster {found}, not {self._cluster_id}",
+            )
+
     async def _call(self, method: str, *args: Any, idempotent: bool = False) -> Any:
-        """A master call: fail over between masters, retry while allowed, within the timeout."""
+        """A master call: fail over between masters, retry while allowed, within the timeout.
+        A master of another cluster (ESTALE) is skipped like one that is down; EAGAIN ("not
+        ready", nothing was done) is asked again after a pause."""
         pool = self._masters
         if pool is None:
             raise RuntimeError("use the client inside `async with`")
         deadline = trio.current_time() + self.timeout
-        try:
-            # fast path: the current master answers
-            return await pool.call(
-                self.master_addrs[self._current], method, *args, idempotent=idempotent
-            )
-        except RPCUnavailable as exc:
-            if exc.sent and not idempotent:
-                raise ClusterUnavailable(errno.ETIMEDOUT, f"{method}: {exc.strerror}") from None
-            last = exc
         delay = 0.05
         n = len(self.master_addrs)
+        last: RPCError | None = None
+        refused: RPCError | None = None
         while True:
-            for k in range(1, n + 1):
+            for k in range(n):  # the current master first
                 i = (self._current + k) % n
                 remaining = deadline - trio.current_time()
                 if remaining <= 0:
@@ -199,19 +214,38 @@ class ClusterClient:
                         time_limit=remaining,
                     )
                 except RPCUnavailable as exc:
-                    last = exc
                     if exc.sent and not idempotent:
                         raise ClusterUnavailable(
                             errno.ETIMEDOUT, f"{method}: {exc.strerror}"
                         ) from None
+                    last = exc
                     continue
+                except ForeignCluster as exc:
+                    refused = exc
+                    continue
+                except RPCError as exc:
+                    if exc.errno != errno.EAGAIN:
+                        raise
+                    self._current, last = i, exc
+                    break  # the master that answered is the one to ask again
                 self._current = i
                 return result
-            if trio.current_time() + delay >= deadline:
-                code = errno.ETIMEDOUT if last.errno == errno.ETIMEDOUT else errno.ECONNREFUSED
-                raise ClusterUnavailable(code, f"no master answered {method}: {last.strerror}")
+            if last is None or trio.current_time() + delay >= deadline:
+                raise self._gave_up(method, last, refused)
             await trio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    @staticmethod
+    def _gave_up(method: str, last: RPCError | None, refused: RPCError | None) -> RPCError:
+        if last is None:  # every master was refused (or no time was left at all)
+            if refused is not None:
+                return ClusterError(errno.ESTALE, f"{method}: {refused.strerror}")
+            return ClusterUnavailable(errno.ETIMEDOUT, f"{method}: no time left")
+        why = last.strerror + (f"; {refused.strerror}" if refused is not None else "")
+        if last.errno == errno.EAGAIN:
+            return ClusterUnavailable(errno.ETIMEDOUT, f"{method}: master not ready: {why}")
+        code = errno.ETIMEDOUT if last.errno == errno.ETIMEDOUT else errno.ECONNREFUSED
+        return ClusterUnavailable(code, f"no master answered {method}: {why}")
 
     async def _attr(self, method: str, *args: Any, idempotent: bool = False) -> Attr:
         return Attr(*await self._call(method, *args, idempotent=idempotent))
@@ -536,7 +570,7 @@ class ClusterClient:
     async def _read_map(self, ino: int, first: int, last: int) -> _ReadMap:
         start = first - first % READ_MAP_WINDOW
         count = max(READ_MAP_WINDOW, last - start + 1)
-        committed, rows = await self._call("layout", ino, start, count, idempotent=True)
+        committed, rows = await self._call("layout", ino, start, count, True, idempotent=True)
         rmap = self._read_maps.get(ino)
         now = trio.current_time()
         if (
@@ -551,8 +585,8 @@ class ClusterClient:
         blocks = rmap.blocks
         for index in range(start, start + count):
             blocks[index] = None
-        for index, block_id, addrs in rows:
-            blocks[index] = (block_id, addrs)
+        for index, block_id, addrs, holds in rows:
+            blocks[index] = (block_id, addrs, holds)
         return rmap
 
     async def _read_mapped(
@@ -589,10 +623,12 @@ class ClusterClient:
         self, block: tuple | None, offset: int, size: int, cached: bool = False
     ) -> bytes:
         """`size` bytes of a block from the first replica that answers (the one on this host
-        first); holes are zeros. _Stale when the map was `cached` and no replica has it."""
+        first); holes are zeros. _Stale when the map was `cached` and no replica has it; EIO
+        when the block holds data (the master says) and no replica has it: it was lost."""
         if block is None:
             return bytes(size)
-        block_id, addrs = block
+        block_id, addrs = block[0], block[1]
+        holds = len(block) > 2 and block[2]
         sc = self._sc
         if sc is not None and len(addrs) > 1:
             addrs = sorted(addrs, key=lambda a: not sc.is_local(a))
@@ -622,6 +658,10 @@ class ClusterClient:
         if last is None:
             if cached:
                 raise _Stale
+            if holds:
+                raise ClusterError(
+                    errno.EIO, f"block {block_id} held data and no replica has it: lost"
+                )
             return bytes(size)
         raise ClusterError(last.errno, f"block {block_id}: no replica readable: {last.strerror}")
 

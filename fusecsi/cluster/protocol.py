@@ -69,6 +69,10 @@ class RPCUnavailable(RPCError):
     """No connection could be made or kept (ECONNREFUSED) or no reply came (ETIMEDOUT)."""
 
 
+class ForeignCluster(RPCError):
+    """A server that belongs to another cluster than the one first seen (ESTALE)."""
+
+
 class ProtocolError(Exception):
     """The peer sent something that is not a valid frame: the connection is dropped."""
 
@@ -625,6 +629,8 @@ class Pool:
 
     A call that fails before its request could be sent is always retried; one whose
     connection broke after sending is retried only when the caller says it is idempotent.
+    `on_connect(conn)` vets every new connection before its first call (it raises to refuse
+    the server; the connection is then closed).
     """
 
     def __init__(
@@ -636,8 +642,10 @@ class Pool:
         max_conns: int = 4,
         timeout: float = 30.0,
         max_frame: int = DEFAULT_MAX_FRAME,
+        on_connect: Callable[[Connection], Any] | None = None,
     ) -> None:
         self.nursery = nursery
+        self.on_connect = on_connect
         self.token = token
         self.default_port = default_port
         self.max_conns = max_conns
@@ -677,6 +685,12 @@ class Pool:
                 default_port=self.default_port,
                 max_frame=self.max_frame,
             )
+            if self.on_connect is not None:
+                try:
+                    await self.on_connect(conn)
+                except BaseException:
+                    conn.close()
+                    raise
             self._conns.setdefault(address, []).append(conn)
             return conn
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import socket
 import sys
+import time
+from pathlib import Path
 
 import trio
 
@@ -12,6 +16,14 @@ from fusecsi import metrics
 from fusecsi.cluster.protocol import parse_addr
 
 TOKEN_ENV = "FUSECSI_TOKEN"
+MASTERS_HELP = (
+    "the cluster's master; more addresses only reach the same master (same data dir) "
+    "elsewhere: masters do not replicate, and one of another cluster is refused"
+)
+LOCK_FILE = "lock"
+# a holder that just died may leave a child (a master's checkpoint writer) holding the lock
+# for a moment: wait that long before calling the dir busy
+LOCK_WAIT = 3.0
 
 
 def load_token(token_file: str | None) -> str | None:
@@ -23,6 +35,31 @@ def load_token(token_file: str | None) -> str | None:
             raise ValueError(f"token file {token_file} is empty")
         return token
     return os.environ.get(TOKEN_ENV) or None
+
+
+def lock_data_dir(data_dir: str) -> int:
+    """Hold an exclusive flock on `<data_dir>/lock` (made if missing) for the life of the
+    process, holding our pid: two masters (or workers) on one directory would each replay,
+    prune or delete what the other is writing. The descriptor is returned open on purpose."""
+    path = Path(data_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise OSError(
+                    errno.EBUSY, f"data dir {data_dir} is in use by pid {holder} ({path})"
+                ) from None
+            time.sleep(0.1)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def add_common_flags(parser, default_listen: str) -> None:
@@ -64,5 +101,13 @@ def run_role(role: str, args, serve) -> int:
     except (OSError, ValueError) as exc:
         print(f"fusecsi {role}: {exc}", file=sys.stderr)
         return 2
-    trio.run(serve, args, token)
+    try:
+        lock = lock_data_dir(args.data_dir)
+    except OSError as exc:
+        print(f"fusecsi {role}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        trio.run(serve, args, token)
+    finally:
+        os.close(lock)
     return 0

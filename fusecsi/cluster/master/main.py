@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import uuid
 from pathlib import Path
 
 import msgpack
@@ -39,25 +40,30 @@ def configure(parser) -> None:
     )
 
 
-def cluster_block_size(data_dir: Path, wanted: int) -> int:
-    """The block size recorded when the cluster was created; records `wanted` the first time."""
+def cluster_meta(data_dir: Path, wanted_block_size: int) -> dict:
+    """The cluster's fixed facts, written when the data dir is first formatted: the block
+    size and the cluster id that workers and clients check (a master with another id holds
+    another namespace). A meta file from before cluster ids gets one now."""
     meta = data_dir / "cluster.meta"
-    if meta.exists():
-        stored = msgpack.unpackb(meta.read_bytes())["block_size"]
-        if stored != wanted:
-            log.warning(
-                "keeping the cluster's block size", extra=fields(stored=stored, requested=wanted)
-            )
+    stored = msgpack.unpackb(meta.read_bytes()) if meta.exists() else {}
+    if stored.get("block_size", wanted_block_size) != wanted_block_size:
+        log.warning(
+            "keeping the cluster's block size",
+            extra=fields(stored=stored["block_size"], requested=wanted_block_size),
+        )
+    if "block_size" in stored and "cluster_id" in stored:
         return stored
+    stored = {"block_size": wanted_block_size, **stored, "cluster_id": str(uuid.uuid4())}
     data_dir.mkdir(parents=True, exist_ok=True)
     tmp = data_dir / "cluster.meta.tmp"
     with open(tmp, "wb") as f:
-        f.write(msgpack.packb({"block_size": wanted}))
+        f.write(msgpack.packb(stored))
         f.flush()
         os.fsync(f.fileno())
     tmp.rename(meta)
     fsync_dir(data_dir)
-    return wanted
+    log.info("cluster id recorded", extra=fields(cluster_id=stored["cluster_id"]))
+    return stored
 
 
 def load_namespace(journal: Journal, block_size: int) -> tuple[Namespace, int]:
@@ -70,12 +76,17 @@ def load_namespace(journal: Journal, block_size: int) -> tuple[Namespace, int]:
 
 async def serve(args, token: str | None) -> None:
     data_dir = Path(args.data_dir)
-    block_size = cluster_block_size(data_dir, args.block_size)
+    meta = cluster_meta(data_dir, args.block_size)
     journal = Journal(data_dir)
-    ns, replayed = load_namespace(journal, block_size)
+    ns, replayed = load_namespace(journal, meta["block_size"])
     log.info(
         "namespace loaded",
-        extra=fields(inodes=len(ns.inodes), replayed=replayed, next_id=ns.next_id),
+        extra=fields(
+            inodes=len(ns.inodes),
+            replayed=replayed,
+            next_id=ns.next_id,
+            cluster_id=meta["cluster_id"],
+        ),
     )
     sock = await roles.bind(args.listen, DEFAULT_PORT)
     max_frame = max(DEFAULT_MAX_FRAME, 2 * ns.block_size + (1 << 20))
@@ -89,6 +100,7 @@ async def serve(args, token: str | None) -> None:
                 journal,
                 pool,
                 replication=max(1, args.replication),
+                cluster_id=meta["cluster_id"],
                 checkpoint_records=max(1, args.checkpoint_records),
             )
             await nursery.start(journal.run)

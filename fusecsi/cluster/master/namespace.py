@@ -166,6 +166,8 @@ class Namespace:
         self.block_size = block_size
         self.inodes: dict[int, Inode] = {}
         self.workers: dict[str, str] = {}  # worker id -> address, journaled
+        # block ids a worker reported holding data: a lost one reads EIO, not as a hole
+        self.holding: set[int] = set()
         self.next_id = ROOT_INO + 1  # inode numbers and block ids share one counter
         self.id_limit = ROOT_INO + 1  # ids below this are durably reserved
         self.quotas = 0
@@ -189,6 +191,7 @@ class Namespace:
             "ids": self._apply_ids,
             "worker": self._apply_worker,
             "drop": self._apply_drop,
+            "data": self._apply_data,
         }
 
     # ------------------------------------------------------------ lookups
@@ -542,6 +545,7 @@ class Namespace:
             return
         if node.blocks:
             freed.extend(node.blocks.values())
+            self.holding.difference_update(b[0] for b in node.blocks.values())
         del self.inodes[node.ino]
 
     def _touch(self, d: Inode, ts: int) -> None:
@@ -665,6 +669,7 @@ class Namespace:
             bs = self.block_size
             for index in [i for i in node.blocks if i * bs >= keep]:
                 freed.append(node.blocks.pop(index))
+                self.holding.discard(freed[-1][0])
             if size != node.size:
                 self._charge_file(node, size - node.size)
                 node.size = size
@@ -709,6 +714,9 @@ class Namespace:
         if block is not None:
             block[1] = [w for w in block[1] if w not in worker_ids]
 
+    def _apply_data(self, block_ids) -> None:
+        self.holding.update(block_ids)
+
     def _apply_commit(self, ino, size, mtime, ts) -> list:
         node = self.inodes[ino]
         if size > node.size:
@@ -728,6 +736,7 @@ class Namespace:
 
     def dump(self) -> dict:
         nodes = []
+        holding = []  # only blocks still allocated: a late report of a freed one is dropped
         for n in self.inodes.values():
             if n.order is not None:
                 o = n.order
@@ -737,6 +746,8 @@ class Namespace:
                 extra = [n.parent, listing, o.next_seq, n.used, n.quota]
             else:
                 blocks = None if n.blocks is None else [[i, *b] for i, b in n.blocks.items()]
+                if n.blocks:
+                    holding += [b[0] for b in n.blocks.values() if b[0] in self.holding]
                 extra = [list(n.links.items()), n.target, blocks]
             xattrs = None if n.xattrs is None else list(n.xattrs.items())
             nodes.append([*n.attr(), xattrs, extra])
@@ -746,6 +757,7 @@ class Namespace:
             "id_limit": self.id_limit,
             "workers": self.workers,
             "inodes": nodes,
+            "holding": holding,
         }
 
     @classmethod
@@ -754,6 +766,7 @@ class Namespace:
         ns.next_id = data["next_id"]
         ns.id_limit = data["id_limit"]
         ns.workers = dict(data["workers"])
+        ns.holding = set(data.get("holding", ()))  # absent in checkpoints made before it
         ns.inodes.clear()
         new = Inode.__new__
         for ino, mode, nlink, uid, gid, size, atime, mtime, ctime, xattrs, extra in data["inodes"]:

@@ -14,6 +14,10 @@ undone by a power loss waits for the sync itself:
 - a setattr that changes a file's length answers once synced (workers cut or delete blocks);
 - a registering worker is told to delete unknown blocks only once the state that does not
   know them is synced.
+
+Workers and clients check the cluster id (made when the data dir was formatted) and refuse a
+master with another one (ESTALE): that master holds another namespace. EAGAIN always means
+nothing was done: the caller may repeat any call so answered.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import errno
 import logging
 import stat
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 
@@ -39,6 +44,10 @@ ID_RESERVE = 1 << 20  # ids reserved per journal record; more are reserved at ha
 WORKER_DEAD_AFTER = 5.0
 MAX_ALLOC = 64
 CHECKPOINT_INTERVAL = 300.0  # seconds; a checkpoint also follows every `checkpoint_records`
+# after a start, "no room" means EAGAIN (retry) for this long, unless every worker the
+# namespace knows is back: they re-register within a few heartbeats
+STARTUP_GRACE = 2 * WORKER_DEAD_AFTER
+MARK_RECORD = 65536  # block ids per "data" journal record
 
 
 @dataclass
@@ -60,8 +69,11 @@ class MasterService:
         *,
         replication: int = 1,
         checkpoint_records: int = 200_000,
+        cluster_id: str | None = None,
     ) -> None:
         self.ns = ns
+        self.cluster_id = cluster_id or str(uuid.uuid4())
+        self.started = time.monotonic()
         self.journal = journal
         self.pool = pool
         self.replication = replication
@@ -71,6 +83,7 @@ class MasterService:
         self._reserve_lock = trio.Lock()
         self._reserving = False
         self.live: dict[str, WorkerState] = {}
+        self.joined: set[str] = set()  # workers registered since this master started
         self.deletions: dict[str, list[int]] = {}  # synced: handed out with heartbeats
         self._unsynced_frees: deque[tuple[int, list]] = deque()  # (journal ticket, blocks)
         self._checkpointing = False
@@ -81,7 +94,7 @@ class MasterService:
             "lookup getattr setattr mkdir create symlink unlink rmdir rename link readdir "
             "readlink getxattr setxattr listxattr removexattr statfs layout allocate commit "
             "set_quota get_quota resolve mkdirs remove_tree create_batch register heartbeat "
-            "unregister cluster_info mkvolume sync_journal"
+            "unregister cluster_info mkvolume sync_journal blocks_written"
         )
         return {name: getattr(self, name) for name in names.split()}
 
@@ -190,7 +203,9 @@ class MasterService:
 
         async def send(wid: str, ids: list[int]) -> None:
             try:
-                await self.pool.call(self.ns.workers[wid], "delete_blocks", ids, time_limit=5)
+                await self.pool.call(
+                    self.ns.workers[wid], "delete_blocks", ids, self.cluster_id, time_limit=5
+                )
             except (RPCError, KeyError):
                 self.deletions.setdefault(wid, []).extend(ids)
 
@@ -242,6 +257,7 @@ class MasterService:
     def cluster_info(self):
         now = time.monotonic()
         return {
+            "cluster_id": self.cluster_id,
             "block_size": self.ns.block_size,
             "replication": self.replication,
             "inodes": self.ns.statfs_inodes(),
@@ -257,9 +273,20 @@ class MasterService:
             ],
         }
 
-    def layout(self, ino, first, count):
-        """[committed size, [[index, block id, [worker addresses, live first]], ...]]."""
+    def layout(self, ino, first, count, holds=False):
+        """[committed size, [[index, block id, [worker addresses, live first]], ...]]; with
+        `holds` each row ends with "holds data": a block a worker reported writing, which
+        is lost (EIO), not a hole, when no replica has it. (Opt-in: a client from before
+        unpacks three fields.)"""
         node = self.ns.file(ino)
+        rows = self._rows(node, first, count)
+        if holds:
+            holding = self.ns.holding
+            rows = [[*row, row[1] in holding] for row in rows]
+        return [node.size, rows]
+
+    def _rows(self, node, first, count) -> list[list]:
+        """[[index, block id, [worker addresses, live first]], ...] of existing blocks."""
         check_int(first, "first")
         count = min(check_int(count, "count"), 4096)
         blocks = node.blocks
@@ -269,7 +296,7 @@ class MasterService:
                 block = blocks.get(index)
                 if block is not None:
                     out.append([index, block[0], self._addresses(block[1])])
-        return [node.size, out]
+        return out
 
     def _addresses(self, worker_ids: list[str]) -> list[str]:
         now = time.monotonic()
@@ -462,7 +489,7 @@ class MasterService:
         grant = (first + count) * self.ns.block_size
         if room is not None:
             grant = min(grant, node.size + room)
-        return {"blocks": self.layout(ino, first, count)[1], "grant": max(grant, end)}
+        return {"blocks": self._rows(node, first, count), "grant": max(grant, end)}
 
     def _place(self, count: int, required: int | None = None) -> list[list[str]]:
         """Workers for `count` new blocks: the first `required` (default all) must fit, the
@@ -471,14 +498,14 @@ class MasterService:
         required = count if required is None else required
         live = self.live_workers()
         if not any(w.free - w.planned >= bs for w in live):
-            raise fail(errno.ENOSPC, "no live worker has free space")
+            raise self._no_room()
         copies = min(self.replication, len(live))
         out = []
         for k in range(count):
             workers = [w for w in live if w.free - w.planned >= bs]
             if not workers:
                 if k < required:
-                    raise fail(errno.ENOSPC, "no live worker has free space")
+                    raise self._no_room()
                 break
             workers.sort(key=lambda w: w.free - w.planned, reverse=True)
             chosen = workers[:copies]
@@ -487,42 +514,104 @@ class MasterService:
             out.append([w.worker_id for w in chosen])
         return out
 
+    def _no_room(self) -> OSError:
+        """ENOSPC, except while workers may still be re-registering after a start: there
+        "no room" only means "not ready yet" (EAGAIN, the client retries)."""
+        if time.monotonic() - self.started < STARTUP_GRACE and (
+            not self.joined or not self.joined.issuperset(self.ns.workers)
+        ):
+            return fail(errno.EAGAIN, "the master has just started: workers are registering")
+        return fail(errno.ENOSPC, "no live worker has free space")
+
     # ------------------------------------------------------------ workers
 
-    async def register(self, worker_id, address, capacity, free, block_ids):
+    async def register(self, worker_id, address, capacity, free, block_ids, cluster_id=None):
+        """A worker (re)joins with the blocks it holds. It names the cluster id it recorded
+        (None: first registration) and is refused with ESTALE when that is another cluster's:
+        this master would call all its blocks orphans. The reply carries this cluster's id
+        and the unknown blocks to delete."""
         if not isinstance(worker_id, str) or not isinstance(address, str):
             raise fail(errno.EINVAL, "worker id and address must be strings")
         check_int(capacity, "capacity")
         check_int(free, "free")
+        if cluster_id is not None and cluster_id != self.cluster_id:
+            log.error(
+                "refused a worker of another cluster",
+                extra=fields(worker=worker_id, address=address, its_cluster=cluster_id),
+            )
+            raise fail(
+                errno.ESTALE,
+                f"this master belongs to cluster {self.cluster_id}, the worker to {cluster_id}",
+            )
+        # other ids at this address are gone (the worker's data dir was replaced, or the
+        # address reused): nothing is placed on them until they register again
+        replaced = {
+            wid for wid, addr in self.ns.workers.items() if addr == address and wid != worker_id
+        }
+        for wid in replaced:
+            self.live.pop(wid, None)
         if self.ns.workers.get(worker_id) != address:
             self._commit(["worker", worker_id, address])
         self.live[worker_id] = WorkerState(worker_id, address, capacity, free, time.monotonic())
-        known = set()
+        self.joined.add(worker_id)
+        reported = set(block_ids)
+        known, missing = [], 0
+        holding = self.ns.holding
         for node in self.ns.inodes.values():
             if node.blocks:
                 for block_id, workers in node.blocks.values():
                     if worker_id in workers:
-                        known.add(block_id)
-        orphans = [b for b in block_ids if b not in known]
+                        if block_id in reported:
+                            known.append(block_id)
+                        elif block_id in holding:
+                            missing += 1
+                    elif replaced and block_id in holding and replaced.issuperset(workers):
+                        missing += 1
+        self._mark(known)  # blocks from before reports, or whose report was lost
+        orphans = list(reported.difference(known))
         if orphans:  # a block this state does not know may belong to a change not yet on disk
             await self.journal.sync_all()
+        if missing:
+            log.error(
+                "blocks that held data have no copy here: reading them fails with EIO",
+                extra=fields(
+                    worker=worker_id, address=address, lost=missing, replaced=sorted(replaced)
+                ),
+            )
         log.info(
             "worker registered",
             extra=fields(
                 worker=worker_id, address=address, blocks=len(block_ids), orphans=len(orphans)
             ),
         )
-        return {"block_size": self.ns.block_size, "delete": orphans}
+        return {"block_size": self.ns.block_size, "delete": orphans, "cluster_id": self.cluster_id}
+
+    def _mark(self, block_ids) -> None:
+        """Record (journaled) that these blocks hold data on a worker."""
+        new = [b for b in block_ids if isinstance(b, int) and b not in self.ns.holding]
+        for k in range(0, len(new), MARK_RECORD):  # a first registration may bring millions
+            self._commit(["data", new[k : k + MARK_RECORD]])
+
+    def blocks_written(self, worker_id, block_ids) -> bool:
+        """A worker's report of blocks it created (before it acknowledges their sync); False
+        when the worker is not registered here (it reports again after registering)."""
+        if worker_id not in self.live or not isinstance(block_ids, list):
+            return False
+        self._mark(block_ids)
+        return True
 
     def unregister(self, worker_id):
         """A worker shutting down: place nothing more on it (its blocks stay known)."""
         if self.live.pop(worker_id, None) is not None:
             log.info("worker left", extra=fields(worker=worker_id))
 
-    def heartbeat(self, worker_id, capacity, free):
+    def heartbeat(self, worker_id, capacity, free, written=None):
+        """`written`: blocks the worker created since its last heartbeat."""
         state = self.live.get(worker_id)
         if state is None:
             return {"known": False, "delete": []}
+        if written:
+            self.blocks_written(worker_id, written)
         state.capacity = opt_int(capacity, "capacity") or 0
         state.free = opt_int(free, "free") or 0
         state.planned = 0

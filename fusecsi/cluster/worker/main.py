@@ -27,7 +27,7 @@ MASTER_PORT = 8995
 
 def configure(parser) -> None:
     roles.add_common_flags(parser, f"0.0.0.0:{DEFAULT_PORT}")
-    parser.add_argument("--master-addrs", required=True, metavar="A[,B]")
+    parser.add_argument("--master-addrs", required=True, metavar="A[,B]", help=roles.MASTERS_HELP)
     parser.add_argument(
         "--advertise", metavar="HOST:PORT", help="address clients use (default: the listen address)"
     )

@@ -6,7 +6,9 @@ import errno
 import logging
 import os
 from collections import OrderedDict
+from functools import partial
 
+import outcome
 import trio
 
 from fusecsi.cluster.checks import check_int
@@ -18,6 +20,9 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 1.0
 MAX_TOMBSTONES = 100_000
+REPORT_LIMIT = 5.0  # seconds a sync waits to tell the master which blocks hold data
+# the master is gone or belongs to another cluster (ESTALE): ask the next one
+NEXT_MASTER = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.ESTALE})
 
 
 class WorkerService:
@@ -43,6 +48,10 @@ class WorkerService:
         self.tombstones: OrderedDict[int, None] = OrderedDict()
         self.registered = trio.Event()
         self._master = 0
+        self._refused: set[str] = set()  # masters of another cluster (logged)
+        # blocks written since the master last heard of them: it records that they hold
+        # data, so a copy lost with a data dir reads EIO instead of zeros
+        self._written: set[int] = set()
 
     def handlers(self) -> dict:
         return {
@@ -90,6 +99,7 @@ class WorkerService:
         self._check_range(block_id, offset, len(data))
         self._check_live(block_id)
         await self._locked(block_id, self._write, offset, data)
+        self._written.add(block_id)  # here, not in the thread: the heartbeat reads the set
         return None
 
     def _hand_out(self, block_id: int, writable: bool) -> tuple[int, int]:
@@ -101,7 +111,10 @@ class WorkerService:
         under the checks of the TCP path; a deleted block is never created again."""
         self._check_range(block_id, 0, 0)
         self._check_live(block_id)
-        return await self._locked(block_id, self._hand_out, writable)
+        fds = await self._locked(block_id, self._hand_out, writable)
+        if writable:
+            self._written.add(block_id)
+        return fds
 
     async def read_block(self, block_id, offset, size):
         self._check_range(block_id, offset, check_int(size, "size"))
@@ -111,12 +124,19 @@ class WorkerService:
         self._check_range(block_id, length, 0)
         await self._locked(block_id, self.store.truncate, length)
 
-    async def delete_blocks(self, block_ids):
+    async def delete_blocks(self, block_ids, cluster_id=None):
+        """Only this worker's own cluster deletes blocks: a master names its cluster id."""
         if not isinstance(block_ids, list):
             raise OSError(errno.EINVAL, "block ids must be a list")
+        if cluster_id is None or cluster_id != self.store.cluster_id:
+            raise OSError(errno.ESTALE, f"not a master of cluster {self.store.cluster_id}")
+        await self._delete(block_ids)
+
+    async def _delete(self, block_ids: list) -> None:
         for block_id in block_ids:
             check_int(block_id, "block id", 1)
             self.tombstones[block_id] = None
+            self._written.discard(block_id)
             await self._locked(block_id, self.store.delete)
         while len(self.tombstones) > MAX_TOMBSTONES:
             self.tombstones.popitem(last=False)
@@ -127,7 +147,27 @@ class WorkerService:
             raise OSError(errno.EINVAL, "block ids must be a list")
         for block_id in block_ids:
             check_int(block_id, "block id", 1)
-        await trio.to_thread.run_sync(self.store.sync, block_ids, limiter=self.limiter)
+        sync = partial(trio.to_thread.run_sync, self.store.sync, block_ids, limiter=self.limiter)
+        async with trio.open_nursery() as nursery:  # the report rides along with the disk
+            nursery.start_soon(self._report, [b for b in block_ids if b in self._written])
+            synced = await outcome.acapture(sync)  # an error keeps its errno (no group)
+            if isinstance(synced, outcome.Error):
+                nursery.cancel_scope.cancel()
+        synced.unwrap()
+
+    async def _report(self, block_ids: list[int]) -> None:
+        """Tell the master these blocks hold data before a client's fsync is answered (the
+        client then syncs the master's journal). If no master takes it in time, the next
+        heartbeat carries it."""
+        if not block_ids:
+            return
+        with trio.move_on_after(REPORT_LIMIT):
+            try:
+                if await self._call_master("blocks_written", self.store.worker_id, block_ids):
+                    self._written.difference_update(block_ids)
+                    return
+            except RPCError as exc:
+                log.warning("could not report written blocks", extra=fields(err=str(exc)))
 
     def worker_info(self):
         capacity, free = self.store.space()
@@ -152,9 +192,15 @@ class WorkerService:
             try:
                 result = await self.pool.call(self.masters[i], method, *args, idempotent=True)
             except RPCError as exc:
-                if exc.errno not in (errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT):
+                if exc.errno not in NEXT_MASTER:
                     raise
-                last = exc
+                last = RPCError(exc.errno, f"{self.masters[i]}: {exc.strerror}")
+                if exc.errno == errno.ESTALE and self.masters[i] not in self._refused:
+                    self._refused.add(self.masters[i])  # said once per master
+                    log.error(
+                        "refusing a master of another cluster",
+                        extra=fields(master=self.masters[i], err=exc.strerror),
+                    )
                 continue
             self._master = i
             return result
@@ -163,15 +209,24 @@ class WorkerService:
     async def _register(self) -> None:
         capacity, free = await trio.to_thread.run_sync(self.store.space)
         block_ids = await trio.to_thread.run_sync(self.store.block_ids)
+        mine = self.store.cluster_id
         reply = await self._call_master(
-            "register", self.store.worker_id, self.advertise, capacity, free, block_ids
+            "register", self.store.worker_id, self.advertise, capacity, free, block_ids, mine
         )
+        theirs = reply.get("cluster_id")
+        if theirs is None or (mine is not None and theirs != mine):  # touch nothing
+            raise RPCError(errno.ESTALE, f"a master of cluster {theirs}, not {mine}")
+        if mine is None:
+            await trio.to_thread.run_sync(self.store.adopt_cluster, theirs)
         self.block_size = reply["block_size"]
         if reply["delete"]:
             log.info("deleting orphan blocks", extra=fields(count=len(reply["delete"])))
-            await self.delete_blocks(reply["delete"])
+            await self._delete(reply["delete"])
         self.registered.set()
-        log.info("registered", extra=fields(worker=self.store.worker_id, address=self.advertise))
+        log.info(
+            "registered",
+            extra=fields(worker=self.store.worker_id, address=self.advertise, cluster_id=theirs),
+        )
 
     async def leave(self) -> None:
         """Tell the master this worker is going away, so it stops placing blocks here."""
@@ -192,10 +247,15 @@ class WorkerService:
                 if self.store.external:
                     await trio.to_thread.run_sync(self.store.refresh, limiter=self.limiter)
                 capacity, free = self.store.space()
-                reply = await self._call_master("heartbeat", self.store.worker_id, capacity, free)
+                written = list(self._written)
+                reply = await self._call_master(
+                    "heartbeat", self.store.worker_id, capacity, free, written
+                )
                 known = reply["known"]
-                if reply["delete"]:
-                    await self.delete_blocks(reply["delete"])
+                if known:  # only a master this worker registered with (its cluster's)
+                    self._written.difference_update(written)
+                    if reply["delete"]:
+                        await self._delete(reply["delete"])
             except RPCError as exc:
                 log.warning("master unreachable", extra=fields(err=str(exc)))
                 known = False

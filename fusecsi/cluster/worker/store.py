@@ -168,6 +168,11 @@ class BlockStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.capacity_limit = capacity
         self.worker_id = self._worker_id(data_dir)
+        self._cluster_path = data_dir / "cluster.id"
+        try:
+            self.cluster_id: str | None = self._cluster_path.read_text().strip() or None
+        except FileNotFoundError:
+            self.cluster_id = None  # recorded at the first registration
         self.used = sum(self._size(p) for p in self._block_paths())
         self._accounting = threading.Lock()
         # blocks handed to short-circuit writers -> the size `used` counts for them; they
@@ -185,6 +190,18 @@ class BlockStore:
             tmp.write_text(worker_id + "\n")
             tmp.rename(path)
             return worker_id
+
+    def adopt_cluster(self, cluster_id: str) -> None:
+        """Record (durably) the cluster this worker first registered with; from then on it
+        serves no master of another cluster."""
+        tmp = self._cluster_path.with_name("cluster.id.tmp")
+        with open(tmp, "w") as f:
+            f.write(cluster_id + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.rename(self._cluster_path)
+        _sync_path(self._cluster_path.parent, os.fsync)
+        self.cluster_id = cluster_id
 
     @staticmethod
     def _size(path: Path) -> int:
