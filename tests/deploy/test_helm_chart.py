@@ -18,6 +18,7 @@ from deploy_helpers import (
     VALUES_ALL,
     containers,
     find,
+    pod_volumes,
     render,
     run_helm,
     validate,
@@ -35,10 +36,6 @@ def workloads(docs):
         if doc["kind"] in ("Deployment", "DaemonSet", "StatefulSet"):
             component = doc["metadata"]["labels"]["app.kubernetes.io/component"]
             yield doc, component
-
-
-def pod_volumes(doc) -> dict[str, dict]:
-    return {v["name"]: v for v in doc["spec"]["template"]["spec"]["volumes"]}
 
 
 def test_values_are_documented_line_by_line():
