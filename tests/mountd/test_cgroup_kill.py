@@ -25,6 +25,7 @@ from mountd_stack import (  # noqa: F401 - fixtures
 )
 from spawning import FUSECSI
 
+from fusecsi.mountd import cgroups as daemon_cgroups
 from fusecsi.mountd import mounts
 
 PODS = 4  # on two base paths, so two daemons
@@ -71,6 +72,11 @@ def remove_tree(cgroup: Path) -> None:
         time.sleep(0.01)
     for path, _, _ in sorted(os.walk(cgroup), key=lambda walk: -len(walk[0])):
         os.rmdir(path)
+
+
+def sweep(parent: str) -> list[str]:
+    daemon_cgroups.sweep(parent)
+    return [name for name in os.listdir(parent) if name.startswith("daemon-")]
 
 
 class ContainedMountd(Mountd):
@@ -173,6 +179,13 @@ async def test_killing_mountds_container_spares_daemons_only_in_their_own_cgroup
             what="I/O after the restart",
         )
         assert [p.errors for p in pods] == [[]] * PODS
+
+        # the cgroups of daemons that are gone are swept (at the next spawn or start)
+        for pod in pods:
+            pod.stop.set()
+        node.close()
+        parent = str(cgroups / "daemons")
+        await eventually(lambda: sweep(parent) == [], deadline=DEADLINE, what="sweep")
     finally:
         for pod in pods:
             pod.stop.set()
