@@ -12,6 +12,7 @@ The parent is set once at start (`use`, from `fusecsi mountd --daemon-cgroup`) a
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 
 PREFIX = "daemon-"
@@ -46,11 +47,40 @@ def place(pid: int) -> str | None:
     try:
         with open(os.path.join(path, "cgroup.procs"), "w") as f:
             f.write(str(pid))
+        _check_outside_own(pid)
     except OSError:
         with contextlib.suppress(OSError):
-            os.rmdir(path)
+            os.rmdir(path)  # fails (EBUSY) while the daemon is in it; the sweep removes it
         raise
     return path
+
+
+def _check_outside_own(pid: int) -> None:
+    """EINVAL when the daemon's cgroup is mountd's own or below it (the runtime would kill it
+    with mountd): a parent under a container's own view of /sys/fs/cgroup, say."""
+    own = _cgroup_of("self")
+    if own == "/" and not _private_namespace():
+        return  # mountd in the root cgroup: no container to outlive
+    theirs = _cgroup_of(str(pid))
+    if theirs == own or theirs.startswith(own.rstrip("/") + "/"):
+        raise OSError(errno.EINVAL, f"daemon cgroup {theirs} is inside mountd's own ({own})")
+
+
+def _cgroup_of(pid: str) -> str:
+    """The cgroup v2 path of a process, as this process's cgroup namespace shows it."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return line[3:].strip()
+    return ""
+
+
+def _private_namespace() -> bool:
+    """Whether this process has a cgroup namespace of its own (then "/" is its container)."""
+    try:
+        return os.stat("/proc/self/ns/cgroup").st_ino != os.stat("/proc/1/ns/cgroup").st_ino
+    except OSError:
+        return False
 
 
 def sweep(parent: str) -> None:

@@ -9,6 +9,7 @@ without it (the default) they die with mountd, which is what the option is for.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 import threading
@@ -204,3 +205,18 @@ def test_a_daemon_cgroup_that_is_no_cgroup_v2_stops_mountd_with_one_line(tmp_pat
     assert run.returncode == 1
     assert "is not a cgroup v2 directory" in run.stderr + run.stdout
     assert "Traceback" not in run.stderr + run.stdout
+
+
+async def test_a_daemon_cgroup_inside_mountds_own_fails_the_publish(tmp_path, cluster, cgroups):
+    container = cgroups / "container"
+    flags = {"daemon-cgroup": str(container / "daemons")}  # killed with mountd: refused
+    node = ContainedMountd(tmp_path / "node", cluster, container, **flags)
+    try:
+        node.start()
+        await make_dirs(cluster, "/inside/v")
+        with pytest.raises(OSError, match="inside mountd's own") as caught:
+            await node.publish("vol-inside", "/inside", "v", node.target("pod-1", "v"))
+        assert caught.value.errno == errno.EIO
+        await eventually(lambda: not node.daemon_pids(), deadline=DEADLINE, what="stop")
+    finally:
+        node.close()
