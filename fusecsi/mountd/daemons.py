@@ -19,6 +19,7 @@ import sys
 import trio
 
 from fusecsi.logs import fields
+from fusecsi.mountd import cgroups
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,13 @@ async def spawn(
         os.close(log_fd)
     daemon = Daemon(popen.pid, popen)
     daemon.start_watching(nursery)
+    try:
+        cgroups.place(popen.pid)
+    except OSError as exc:
+        os.close(read_fd)
+        with trio.CancelScope(shield=True):
+            await daemon.stop(grace=2)
+        raise DaemonFailed(errno.EIO, f"cannot move the FUSE daemon to its cgroup: {exc}") from exc
     log.info("daemon started", extra=fields(pid=popen.pid, mountpoint=mountpoint))
     os.set_blocking(read_fd, False)
     stream = trio.lowlevel.FdStream(read_fd)

@@ -67,6 +67,13 @@ def configure(parser) -> None:
         help="kubeconfig for posting Events on pods (else $KUBECONFIG, else in-cluster; "
         "without any, events are only logged)",
     )
+    parser.add_argument(
+        "--daemon-cgroup",
+        default=None,
+        metavar="DIR",
+        help="a cgroup v2 directory outside mountd's; each FUSE daemon gets a cgroup of its "
+        "own under it and so outlives mountd's container (default: daemons stay in mountd's)",
+    )
     metrics.add_flag(parser)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--json", action="store_true", help="status: print JSON, not a table")
@@ -79,12 +86,14 @@ def run(args) -> int:
         return print_status(args.socket, as_json=args.json)
     from fusecsi.events import Events
     from fusecsi.k8s import KubeApi
+    from fusecsi.mountd import cgroups
     from fusecsi.mountd.supervisor import Supervisor
 
     logs.setup("mountd", args.log_level)
     failed: list[BaseException] = []
     try:
         path = unix_socket.endpoint_path(args.socket)
+        cgroups.use(args.daemon_cgroup)
         supervisor = Supervisor(
             args.state_dir,
             args.kubelet_dir,

@@ -65,11 +65,15 @@ def containers(doc: dict) -> dict[str, dict]:
     return {c["name"]: c for c in doc["spec"]["template"]["spec"]["containers"]}
 
 
+def pod_volumes(doc: dict) -> dict[str, dict]:
+    return {v["name"]: v for v in doc["spec"]["template"]["spec"]["volumes"]}
+
+
 def fusecsi_roles(docs: list[dict]) -> dict[str, list[str]]:
     """The args of every fusecsi container in the rendered objects, by role."""
     roles = {}
     for doc in docs:
-        if doc["kind"] not in ("Deployment", "DaemonSet"):
+        if doc["kind"] not in ("Deployment", "DaemonSet", "StatefulSet"):
             continue
         for container in containers(doc).values():
             if container["image"].split("/")[-1].split(":")[0] == "fusecsi":

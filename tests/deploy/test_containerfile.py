@@ -36,6 +36,8 @@ def instructions() -> list[tuple[str, str]]:
 def stages() -> list[dict]:
     found = []
     for keyword, rest in instructions():
+        if keyword == "ARG" and not found:
+            continue  # build arguments of FROM lines
         if keyword == "FROM":
             image, _, name = rest.partition(" AS ")
             found.append({"image": image.strip(), "name": name.strip(), "steps": []})
@@ -61,10 +63,11 @@ def pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
-def test_two_stages_on_the_slim_bookworm_base():
+def test_two_stages_on_the_base_argument_default_slim_bookworm():
+    assert instructions()[0] == ("ARG", f"BASE={BASE}")
     build, final = stages()
-    assert build["image"] == BASE and build["name"] == "build"
-    assert final["image"] == BASE and final["name"] == ""
+    assert build["image"] == "${BASE}" and build["name"] == "build"
+    assert final["image"] == "${BASE}" and final["name"] == ""
 
 
 def test_build_stage_compiles_wheels_of_this_package():

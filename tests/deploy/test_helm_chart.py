@@ -18,6 +18,7 @@ from deploy_helpers import (
     VALUES_ALL,
     containers,
     find,
+    pod_volumes,
     render,
     run_helm,
     validate,
@@ -26,19 +27,15 @@ from deploy_helpers import (
 from fusecsi import mount_options, volumes
 
 RENDERS = ["defaults", "all-options"]
-# Containers that must be privileged (mount syscalls, Bidirectional propagation); no other.
-PRIVILEGED = {("DaemonSet", "node", "fusecsi"), ("DaemonSet", "mountd", "mountd")}
+# The one container that must be privileged (mount syscalls, Bidirectional propagation).
+PRIVILEGED = {("DaemonSet", "mountd", "mountd")}
 
 
 def workloads(docs):
     for doc in docs:
-        if doc["kind"] in ("Deployment", "DaemonSet"):
+        if doc["kind"] in ("Deployment", "DaemonSet", "StatefulSet"):
             component = doc["metadata"]["labels"]["app.kubernetes.io/component"]
             yield doc, component
-
-
-def pod_volumes(doc) -> dict[str, dict]:
-    return {v["name"]: v for v in doc["spec"]["template"]["spec"]["volumes"]}
 
 
 def test_values_are_documented_line_by_line():
@@ -87,12 +84,84 @@ def test_the_validator_rejects_a_broken_object(default_docs):
         validate(mountd)
 
 
-def test_defaults_create_no_storage_class_and_no_metrics(default_docs):
+def test_defaults_deploy_the_embedded_cluster_and_no_metrics(default_docs):
     kinds = sorted(doc["kind"] for doc in default_docs)
-    assert "StorageClass" not in kinds
-    assert "Service" not in kinds and "ServiceMonitor" not in kinds
-    assert kinds.count("DaemonSet") == 2 and kinds.count("Deployment") == 1
-    assert kinds.count("ServiceAccount") == 3
+    assert kinds.count("DaemonSet") == 3 and kinds.count("Deployment") == 1
+    assert kinds.count("StatefulSet") == 1 and kinds.count("Secret") == 1
+    assert kinds.count("ServiceAccount") == 3 and "ServiceMonitor" not in kinds
+    service = find(default_docs, "Service", "-master")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [
+        {"name": "master", "port": 8995, "targetPort": "master", "protocol": "TCP"}
+    ]
+    # the StorageClass names the in-cluster master by its Service, and the generated token
+    storage_class = find(default_docs, "StorageClass")
+    params = storage_class["parameters"]
+    assert params["master-addrs"] == "rel-fusecsi-master.storage:8995"
+    assert params["fs-path"] == "/k8s"
+    for call in ("provisioner", "controller-expand", "node-publish"):
+        assert params[f"csi.storage.k8s.io/{call}-secret-name"] == "rel-fusecsi-cluster-token"
+        assert params[f"csi.storage.k8s.io/{call}-secret-namespace"] == NAMESPACE
+    ref = volumes.VolumeRef(params["master-addrs"], "/k8s", f"pvc-{'0' * 36}", "delete")
+    assert len(ref.volume_id()) <= 128
+    master = find(default_docs, "StatefulSet", "-master")
+    assert master["spec"]["replicas"] == 1
+    assert master["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    [claim] = master["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    args = containers(master)["master"]["args"]
+    assert args[args.index("--data-dir") + 1] == "/data"
+    assert {"name": "data", "mountPath": "/data"} in containers(master)["master"]["volumeMounts"]
+    worker = find(default_docs, "DaemonSet", "-worker")
+    args = containers(worker)["worker"]["args"]
+    assert args[args.index("--master-addrs") + 1] == params["master-addrs"]
+    assert args[args.index("--advertise") + 1] == "$(POD_IP):8997"
+    assert pod_volumes(worker)["data"]["hostPath"]["path"] == "/var/lib/fusecsi-worker"
+    for doc, container in ((master, "master"), (worker, "worker")):
+        assert args_value(containers(doc)[container], "--token-file").startswith("/etc/fusecsi/")
+        assert pod_volumes(doc)["token"]["secret"]["secretName"] == "rel-fusecsi-cluster-token"
+
+
+def args_value(container: dict, flag: str) -> str:
+    return container["args"][container["args"].index(flag) + 1]
+
+
+@pytest.mark.parametrize("which", RENDERS)
+def test_workers_share_their_short_circuit_socket_dir_with_mountd(renders, values_all, which):
+    docs = renders[which]
+    worker = find(docs, "DaemonSet", "-worker")
+    socket = args_value(containers(worker)["worker"], "--local-socket")
+    socket_dir = socket.rsplit("/", 1)[0]
+    expected = "/run/fusecsi-worker" if which == "defaults" else "/run/fusecsi-w"
+    assert socket_dir == expected
+    assert pod_volumes(worker)["socket-dir"]["hostPath"]["path"] == socket_dir
+    mountd = find(docs, "DaemonSet", "-mountd")
+    mounted = {
+        m["mountPath"]: pod_volumes(mountd)[m["name"]]["hostPath"]["path"]
+        for m in containers(mountd)["mountd"]["volumeMounts"]
+    }
+    assert mounted[socket_dir] == socket_dir  # the path the worker reports is mountd's too
+    # workers land on mountd's nodes
+    for key in ("nodeSelector", "tolerations", "affinity"):
+        spec = worker["spec"]["template"]["spec"]
+        assert spec.get(key) == mountd["spec"]["template"]["spec"].get(key)
+
+
+def test_the_token_secret_is_made_once_and_kept(default_docs):
+    secret = find(default_docs, "Secret", "-cluster-token")
+    assert secret["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert len(secret["data"]["token"]) == 64  # 48 random characters, base64
+    template = (CHART / "templates" / "cluster-token.yaml").read_text()
+    assert 'lookup "v1" "Secret"' in template  # an upgrade reuses the stored token
+
+
+def test_an_external_cluster_is_a_values_switch():
+    docs = render(sets=("cluster.embedded=false",))
+    kinds = sorted(doc["kind"] for doc in docs)
+    assert "StatefulSet" not in kinds and "Secret" not in kinds and "StorageClass" not in kinds
+    assert kinds.count("DaemonSet") == 2 and "Service" not in kinds
+    mountd = containers(find(docs, "DaemonSet", "-mountd"))["mountd"]
+    assert not [m for m in mountd["volumeMounts"] if m["name"].startswith("worker-socket-")]
 
 
 @pytest.mark.parametrize("which", RENDERS)
@@ -106,7 +175,7 @@ def test_csidriver(renders, which):
 
 
 @pytest.mark.parametrize("which", RENDERS)
-def test_only_node_plugin_and_mountd_are_privileged(renders, which):
+def test_only_mountd_is_privileged(renders, which):
     seen = set()
     for doc, component in workloads(renders[which]):
         for name, container in containers(doc).items():
@@ -138,11 +207,10 @@ def test_mount_propagation(renders, values_all, which):
                 # the same path inside and outside, so target paths mean the same thing
                 assert vols[mount["name"]]["hostPath"]["path"] == mount["mountPath"]
                 bidirectional.add((component, mount["mountPath"]))
-    assert bidirectional == {
-        ("node", kubelet_dir),
-        ("mountd", kubelet_dir),
-        ("mountd", state_dir),
-    }
+    assert bidirectional == {("mountd", kubelet_dir), ("mountd", state_dir)}
+    # the node plugin makes no mounts and reads nothing under the kubelet dir
+    node = find(renders[which], "DaemonSet", "-node")
+    assert "kubelet-dir" not in pod_volumes(node)
 
 
 @pytest.mark.parametrize("which", RENDERS)
@@ -157,15 +225,27 @@ def test_mountd_daemonset(renders, values_all, which):
     container = containers(mountd)["mountd"]
     assert {"name": "fuse-device", "mountPath": "/dev/fuse"} in container["volumeMounts"]
     assert "livenessProbe" not in container  # a restart would kill every FUSE daemon
+    # daemons in cgroups of their own under the host's tree, found again by host pid
+    assert spec["hostPID"] is True
+    cgroup = "fusecsi" if which == "defaults" else values_all["mountd"]["daemonCgroup"]
+    assert args_value(container, "--daemon-cgroup") == f"/sys/fs/cgroup/{cgroup}"
+    assert vols["cgroup"]["hostPath"] == {"path": "/sys/fs/cgroup", "type": "Directory"}
+    assert {"name": "cgroup", "mountPath": "/sys/fs/cgroup"} in container["volumeMounts"]
+    assert container["resources"]["limits"]["memory"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     sockets = [m for m in container["volumeMounts"] if m["name"].startswith("worker-socket-")]
     if which == "defaults":
-        assert "FUSECSI_SHORT_CIRCUIT" not in env and not sockets
+        assert "FUSECSI_SHORT_CIRCUIT" not in env
+        assert container["resources"] == {
+            "requests": {"cpu": "50m", "memory": "64Mi"},
+            "limits": {"memory": "256Mi"},
+        }
     if which == "all-options":
         assert env["FUSECSI_SHORT_CIRCUIT"] == "0"
         # a worker's socket is reached at the very path the worker reports
         assert sockets == [
-            {"name": "worker-socket-0", "mountPath": "/var/lib/curvine/worker", "readOnly": True}
+            {"name": "worker-socket-0", "mountPath": "/var/lib/curvine/worker", "readOnly": True},
+            {"name": "worker-socket-1", "mountPath": "/run/fusecsi-w", "readOnly": True},
         ]
         assert vols["worker-socket-0"]["hostPath"]["path"] == "/var/lib/curvine/worker"
         assert container["resources"] == values_all["mountd"]["resources"]
@@ -279,7 +359,9 @@ def test_rbac_has_no_wildcards_and_least_privilege(renders, which):
 
 
 def test_secrets_readable_only_by_name(all_docs, default_docs):
-    assert not [d for d in default_docs if d["metadata"]["name"].endswith("-controller-secrets")]
+    [default_role] = [d for d in default_docs if d["kind"] == "Role" and "secrets" in str(d)]
+    assert default_role["metadata"]["namespace"] == NAMESPACE
+    assert default_role["rules"][0]["resourceNames"] == ["rel-fusecsi-cluster-token"]
     roles = {
         d["metadata"]["namespace"]: d["rules"]
         for d in all_docs
@@ -290,7 +372,7 @@ def test_secrets_readable_only_by_name(all_docs, default_docs):
             {
                 "apiGroups": [""],
                 "resources": ["secrets"],
-                "resourceNames": ["fusecsi-token"],
+                "resourceNames": ["fusecsi-token", "storage-fusecsi-cluster-token"],
                 "verbs": ["get"],
             }
         ],
@@ -315,7 +397,11 @@ def test_secrets_readable_only_by_name(all_docs, default_docs):
 
 def test_storage_classes_from_values(all_docs):
     classes = {d["metadata"]["name"]: d for d in all_docs if d["kind"] == "StorageClass"}
-    assert set(classes) == {"fusecsi", "fusecsi-scratch"}
+    assert set(classes) == {"fusecsi", "fusecsi-scratch", "fusecsi-cluster"}
+    embedded = classes["fusecsi-cluster"]
+    assert embedded["parameters"]["master-addrs"] == "storage-fusecsi-master.storage:9995"
+    assert embedded["parameters"]["fs-path"] == "/pvs"
+    assert embedded["reclaimPolicy"] == "Retain" and "annotations" not in embedded["metadata"]
     main = classes["fusecsi"]
     assert main["provisioner"] == "csi.fusecsi.io"
     assert main["metadata"]["annotations"] == {
@@ -349,11 +435,15 @@ def test_storage_classes_from_values(all_docs):
 
 def test_metrics_services_and_service_monitor(all_docs):
     services = [d for d in all_docs if d["kind"] == "Service"]
-    assert sorted(s["metadata"]["labels"]["app.kubernetes.io/component"] for s in services) == [
+    metrics = [s for s in services if s["metadata"]["name"].endswith("-metrics")]
+    assert sorted(s["metadata"]["labels"]["app.kubernetes.io/component"] for s in metrics) == [
         "controller",
+        "master",
         "mountd",
         "node",
+        "worker",
     ]
+    services = metrics
     for doc, component in workloads(all_docs):
         fusecsi = next(c for c in containers(doc).values() if c["args"][0] == component)
         args = fusecsi["args"]
@@ -396,6 +486,10 @@ def test_images_and_pull_settings(all_docs, values_all):
         ("metrics.port=9808", "port"),
         ("controller.resources.requests.cpu=lots", "cpu"),
         ("mountd.updateStrategy=RollingUpdate", "updateStrategy"),
+        ("mountd.daemonCgroup=/sys/fs/cgroup/x", "daemonCgroup"),
+        ("cluster.worker.dataDir=relative", "dataDir"),
+        ("cluster.master.replication=0", "replication"),
+        ("cluster.storageClass.reclaimPolicy=Recycle", "reclaimPolicy"),
     ],
 )
 def test_schema_rejects_bad_values(bad, complaint):
@@ -443,8 +537,15 @@ def test_notes_tell_the_user_what_to_do(helm_version):
     assert "fusecsi  ->  master-0.fusecsi.storage:8995,master-1.fusecsi.storage:8995:/k8s" in notes
     assert notes.count("storage/fusecsi-token") == 1 and "team-b/scratch-token" in notes
     assert "OnDelete" in notes and "delete its mountd pod" in notes
-    defaults = run_helm("install", "rel", str(CHART), "--dry-run=client").stdout
-    assert "No StorageClass was created" in defaults.split("NOTES:", 1)[1]
+    assert "storage-fusecsi-master.storage:9995" in notes
+    assert "Secret storage/storage-fusecsi-cluster-token" in notes
+    assert "storage/storage-fusecsi-cluster-token must exist" not in notes  # the chart makes it
+    assert "the new mountd adopts them" in notes
+    external = run_helm(
+        "install", "rel", str(CHART), "--dry-run=client", "--set", "cluster.embedded=false",
+        "--set", "mountd.daemonCgroup=",
+    ).stdout.split("NOTES:", 1)[1]  # fmt: skip
+    assert "No StorageClass was created" in external and "drain the node" in external
 
 
 def option_paths(schema: dict, node: dict, prefix: str = "") -> set[str]:

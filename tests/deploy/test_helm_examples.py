@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from deploy_helpers import EXAMPLES, validate
+from deploy_helpers import CHART, EXAMPLES, NAMESPACE, find, render, validate
 
 from fusecsi import volumes
 
@@ -36,15 +36,28 @@ def test_storage_class_example():
     assert storage_class["allowVolumeExpansion"] is True
 
 
-def test_statefulset_example():
+def test_storage_class_example_uses_the_charts_embedded_cluster():
+    """Installed as README says (release and namespace "fusecsi"), the chart's master Service
+    and token Secret are the ones the example names."""
     (storage_class,) = load("storageclass.yaml")
+    docs = render(sets=("fullnameOverride=fusecsi",))
+    charts = find(docs, "StorageClass")["parameters"]
+    params = storage_class["parameters"]
+    assert params["master-addrs"] == charts["master-addrs"].replace(f".{NAMESPACE}:", ".fusecsi:")
+    for key, value in charts.items():
+        if key.endswith("-secret-name"):
+            assert params[key] == value
+
+
+def test_statefulset_example():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
     docs = {doc["kind"]: doc for doc in load("statefulset.yaml")}
     service, statefulset = docs["Service"], docs["StatefulSet"]
     assert service["spec"]["clusterIP"] == "None"
     assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
     assert service["spec"]["selector"] == statefulset["spec"]["selector"]["matchLabels"]
     (claim,) = statefulset["spec"]["volumeClaimTemplates"]
-    assert claim["spec"]["storageClassName"] == storage_class["metadata"]["name"]
+    assert claim["spec"]["storageClassName"] == values["cluster"]["storageClass"]["name"]
     (container,) = statefulset["spec"]["template"]["spec"]["containers"]
     (mount,) = container["volumeMounts"]
     assert mount["name"] == claim["metadata"]["name"]

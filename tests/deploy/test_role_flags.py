@@ -12,7 +12,7 @@ from deploy_helpers import REPO, contract_flags, flags_of, fusecsi_roles
 
 from fusecsi.cli import COMMANDS
 
-CHART_ROLES = ["controller", "node", "mountd"]
+CHART_ROLES = ["controller", "node", "mountd", "master", "worker"]
 
 
 @pytest.fixture(scope="module")

@@ -56,10 +56,40 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "0.0.0.0:%d" (int .Values.metrics.port) -}}
 {{- end -}}
 
-{{/* Secrets the controller's sidecars read: from chart StorageClasses and extraControllerSecrets. */}}
+{{/* The embedded cluster: its token Secret, the master's address, its socket dirs. */}}
+{{- define "fusecsi.tokenSecret" -}}
+{{- printf "%s-cluster-token" (include "fusecsi.fullname" .) -}}
+{{- end -}}
+
+{{- define "fusecsi.masterAddrs" -}}
+{{- $c := .Values.cluster -}}
+{{- /* <service>.<namespace>: pods resolve it through their DNS search path; short, because the
+  address is part of every volume id (at most 128 bytes) */ -}}
+{{- printf "%s-master.%s:%d" (include "fusecsi.fullname" .) .Release.Namespace (int $c.masterPort) -}}
+{{- end -}}
+
+{{/* Host dirs of co-located workers' sockets that mountd mounts: the values' and the embedded one. */}}
+{{- define "fusecsi.workerSocketDirs" -}}
+{{- $dirs := .Values.mountd.workerSocketDirs -}}
+{{- if .Values.cluster.embedded }}{{ $dirs = append $dirs .Values.cluster.worker.socketDir }}{{ end -}}
+{{- toJson (dict "dirs" ($dirs | uniq)) -}}
+{{- end -}}
+
+{{/* Every StorageClass of the release: the embedded cluster's first, then storageClasses. */}}
+{{- define "fusecsi.storageClasses" -}}
+{{- $classes := list -}}
+{{- if .Values.cluster.embedded -}}
+{{- $sc := .Values.cluster.storageClass -}}
+{{- $secret := dict "name" (include "fusecsi.tokenSecret" .) "namespace" .Release.Namespace -}}
+{{- $classes = append $classes (dict "name" $sc.name "isDefault" $sc.isDefault "masterAddrs" (include "fusecsi.masterAddrs" .) "fsPath" $sc.fsPath "reclaimPolicy" $sc.reclaimPolicy "provisionerSecret" $secret "controllerExpandSecret" $secret "nodePublishSecret" $secret) -}}
+{{- end -}}
+{{- toJson (dict "items" (concat $classes .Values.storageClasses)) -}}
+{{- end -}}
+
+{{/* Secrets the controller's sidecars read: from the StorageClasses and extraControllerSecrets. */}}
 {{- define "fusecsi.controllerSecrets" -}}
 {{- $refs := list -}}
-{{- range .Values.storageClasses -}}
+{{- range (include "fusecsi.storageClasses" . | fromJson).items -}}
 {{- with .provisionerSecret }}{{ $refs = append $refs (dict "name" .name "namespace" .namespace) }}{{ end -}}
 {{- with .controllerExpandSecret }}{{ $refs = append $refs (dict "name" .name "namespace" .namespace) }}{{ end -}}
 {{- end -}}
