@@ -214,3 +214,72 @@ def test_write_refused_for_space_changes_nothing(tmp_path):
             assert _stored(c, "f") == want
         finally:
             mounts.close()
+
+
+# ---------------------------------------------------------------- commits that fail (issue 23)
+
+
+def test_fsync_fails_while_the_master_is_away_and_succeeds_once_it_is_back(own_cluster, own_mount):
+    """A commit that fails is not a loss: the data is on the workers, the file stays dirty,
+    and the next fsync publishes it."""
+    m = own_mount("io-timeout=2")
+    fd = os.open(m / "f", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, block(0))
+        own_cluster.kill_master()
+        with pytest.raises(OSError) as caught:
+            os.fsync(fd)
+        assert caught.value.errno == errno.EIO
+        own_cluster.restart_master()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert _stored(own_cluster, "f") == block(0)
+
+
+def test_close_reports_a_write_lost_at_close(own_cluster, own_mount):
+    """The master away at close: close() fails with EIO, the release gives up too, and the
+    cluster keeps the file as the last fsync left it (nothing of the lost part reads back)."""
+    m = own_mount("io-timeout=2")
+    fd = os.open(m / "f", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, block(0))
+        os.fsync(fd)
+        os.write(fd, block(1))
+        own_cluster.kill_master()
+    finally:
+        with pytest.raises(OSError) as caught:
+            os.close(fd)
+    assert caught.value.errno == errno.EIO
+    # the release that follows tries once more (a master back by then gets the length)
+    deadline = time.monotonic() + 30
+    while "write lost at close" not in m.log_text():
+        assert time.monotonic() < deadline, m.log_text()
+        time.sleep(0.05)
+    own_cluster.restart_master()
+    assert _stored(own_cluster, "f") == block(0)
+
+
+def test_sigterm_commits_a_file_still_open(own_cluster, own_mount):
+    """SIGTERM to the daemon while a process holds a written, never fsync'd file open: the
+    daemon commits it before it exits."""
+    m = own_mount()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys; fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY, 0o644); "
+            "os.write(fd, b'kept' * 1000); print('written', flush=True); sys.stdin.read()",
+            str(m / "open"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "written\n"
+        assert m.stop() == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _stored(own_cluster, "open") == b"kept" * 1000
