@@ -584,6 +584,10 @@ async def test_cluster_down_is_unavailable_and_loses_nothing(module_spawn, tmp_p
 
             wrong = create_request("pv-other", params(down), secrets={"token": "wrong"})
             await expect(Status.PERMISSION_DENIED, call("Controller", "CreateVolume", wrong))
+            forged = pb.DeleteVolumeRequest(volume_id=volume.volume_id, secrets={"token": "x"})
+            await expect(Status.PERMISSION_DENIED, call("Controller", "DeleteVolume", forged))
+            async with open_client(down.master_addrs, token) as client:
+                assert await names_in(client, "/") == [b"pv-keep"]
 
             down.kill_master()
             delete = pb.DeleteVolumeRequest(volume_id=volume.volume_id, secrets=secrets)
