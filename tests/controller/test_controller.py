@@ -161,16 +161,29 @@ async def test_concurrent_create_and_delete_of_one_volume_stay_consistent(csi, c
     request = create_request(name, params(cluster))
     volume_id = (await csi("CreateVolume", request)).volume.volume_id
     delete = pb.DeleteVolumeRequest(volume_id=volume_id)
+    answers = []
+
+    async def one(method, req):
+        answers.append(await csi(method, req))
+
     async with trio.open_nursery() as nursery:
         for i in range(16):
             nursery.start_soon(
-                csi, "CreateVolume" if i % 2 else "DeleteVolume", request if i % 2 else delete
+                one, "CreateVolume" if i % 2 else "DeleteVolume", request if i % 2 else delete
             )
+    assert len(answers) == 16  # every call succeeds, in whatever order they ran
     async with open_client(cluster.master_addrs) as client:
         entries = await names_in(client, "/")
-        if name.encode() in entries:
+        if name.encode() in entries:  # a create ran last: the whole volume is there
             attr = await client.resolve(f"/{name}")
             assert await client.getxattr(attr.ino, VOLUME_TAG) == volume_id.encode()
+            assert await client.getxattr(attr.ino, OWNER_TAG) == name.encode()
+            assert (await client.get_quota(attr.ino)).max_bytes == GiB
+        else:  # a delete ran last: a create now makes it again, a delete finds it gone
+            assert (await csi("CreateVolume", request)).volume.volume_id == volume_id
+            await csi("DeleteVolume", delete)
+            await csi("DeleteVolume", delete)
+            assert name.encode() not in await names_in(client, "/")
         assert not [n for n in entries if n.startswith(b".fusecsi")]
 
 
