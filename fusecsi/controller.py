@@ -77,7 +77,7 @@ QUOTA_UPDATES = Tally(
 )
 DELETE_REFUSALS = Tally(
     "fusecsi_controller_delete_refusals_total",
-    "DeleteVolume calls refused because the directory is not tagged for the volume",
+    "DeleteVolume calls refused: the directory is not tagged for the volume or holds another",
 )
 METRICS = (VOLUMES_CREATED, VOLUMES_DELETED, QUOTA_UPDATES, DELETE_REFUSALS)
 
