@@ -299,3 +299,47 @@ def test_parameters():
 def test_bad_parameters(params, message):
     with pytest.raises(ValueError, match=message):
         parse_parameters(params)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: normalize_master_addrs(""), "master-addrs is empty"),
+        (lambda: normalize_master_addrs(None), "master-addrs is empty"),
+        (lambda: normalize_master_addrs("a:1,,b:1"), "empty entry"),
+        (lambda: normalize_master_addrs("::1:80"), "write IPv6 addresses as"),
+        (lambda: validate_subpath(""), "subpath is empty"),
+        (lambda: validate_subpath(None), "subpath is empty"),
+        (lambda: validate_subpath("/v"), "must be relative"),
+        (lambda: VolumeRef("m:1", "/", "v", "shred"), "on-delete 'shred'"),
+        (lambda: VolumeRef.from_volume_id("1;x;m:1;/;v"), "unknown on-delete code 'x'"),
+        (lambda: VolumeRef.from_volume_id("2;d"), "not a fusecsi volume id"),
+        (lambda: parse_parameters({}, require_master=False).ref("v", "n"), "is required"),
+        (
+            lambda: PathPattern.parse("${pvc.metadata.labels.app}").expand(META, {}, {}),
+            "the PVC has no such label$",
+        ),
+        (
+            lambda: PathPattern.parse("${pvc.metadata.annotations.a}").expand(META, {}, {}),
+            "the PVC has no such annotation$",
+        ),
+    ],
+)
+def test_each_refusal_says_what_is_wrong(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_default_subpath_at_the_edge_of_the_budget():
+    # fs-path chosen so that exactly one byte of the name is left besides '-' and 16 hex
+    head = len("2;d;01234567;m:1;;")
+    fs_path = "/" + "f" * (MAX_VOLUME_ID - head - 18 - 1)
+    name = "abcdefghijklmnopqrs"  # 19 bytes: one more than fits
+    sub = default_subpath(name, "m:1", fs_path, "delete")
+    assert sub == "a-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    assert default_subpath(name[:-1], "m:1", fs_path, "delete") == name[:-1]
+    assert len(VolumeRef("m:1", fs_path, sub, name_digest=name_digest(name)).volume_id()) == 128
+    with pytest.raises(ValueError, match="no room"):
+        default_subpath(name, "m:1", fs_path + "f", "delete")
+    # without master-addrs (GetCapacity-style parameters) the name is kept as it is
+    assert parse_parameters({}, require_master=False).subpath_for("pvc-9") == "pvc-9"
