@@ -448,11 +448,13 @@ class ControllerService:
         if tag is None:
             fail(Status.ALREADY_EXISTS, f"{ref.path} exists and was not created by fusecsi")
         held = tag_ref(tag)
-        if owner is None and held is not None and ref.same_but_digest(held):
-            # a retained volume's directory, released by DeleteVolume: adopt it, retagged
-            # first so that the old volume's DeleteVolume (sent again) no longer matches it
-            if tag != volume_id.encode():
-                await self._call(client.setxattr, entry.ino, TAG_VOLUME, volume_id.encode())
+        ours = owner in (None, name.encode()) and held is not None and ref.same_but_digest(held)
+        if ours and tag != volume_id.encode():
+            # a retained volume's directory, or this one made under a version 1 id: tagged
+            # for this volume first, so the old volume's DeleteVolume no longer matches it
+            await self._durably(client, client.setxattr, entry.ino, TAG_VOLUME, volume_id.encode())
+            tag = volume_id.encode()
+        if ours and owner is None:  # released by DeleteVolume (retain): adopt it
             await self._together(
                 (client.setxattr, entry.ino, TAG_OWNER, name.encode()),
                 (client.set_quota, entry.ino, size, None),

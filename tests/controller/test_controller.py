@@ -786,3 +786,30 @@ async def test_archive_names_never_collide(csi, cluster):
         await csi("DeleteVolume", request)
         left = {n.decode() for n in await names_in(client, base)} - taken
         assert len(left) == 1 and re.fullmatch(r"vol\.archived-\d{8}T\d{6}Z-1", left.pop())
+
+
+async def test_a_volume_made_under_a_version_1_id_is_taken_over(csi, cluster):
+    """CreateVolume retried after an upgrade finds the directory an older controller made for
+    the same name under a version 1 id: the same volume, now tagged with the new id (so a
+    DeleteVolume with the old id, never handed out, changes nothing)."""
+    name, base = unique("pv-old"), unique("/upgrade")
+    old_id = f"1;d;{cluster.master_addrs};{base};{name}"
+    async with open_client(cluster.master_addrs) as client:
+        await client.mkdirs(base)
+        tags = {VOLUME_TAG: old_id.encode(), OWNER_TAG: name.encode()}
+        attr = await client.mkvolume(base, name.encode(), 0o777, tags, GiB)
+        request = create_request(name, params(cluster, **{"fs-path": base}))
+        volume = (await csi("CreateVolume", request)).volume
+        assert volume.volume_id == f"2;d;{name_digest(name)};{cluster.master_addrs};{base};{name}"
+        assert await client.getxattr(attr.ino, VOLUME_TAG) == volume.volume_id.encode()
+        await csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=old_id))
+        assert await names_in(client, base) == [name.encode()]
+        # a version 1 volume still held by its claim is deleted by its own id as before
+        other = unique("pv-v1")
+        await client.mkvolume(base, other.encode(), 0o777, {VOLUME_TAG: b"x"}, GiB)
+        v1 = f"1;d;{cluster.master_addrs};{base};{other}"
+        await client.setxattr(
+            (await client.resolve(f"{base}/{other}")).ino, VOLUME_TAG, v1.encode()
+        )
+        await csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=v1))
+        assert await names_in(client, base) == [name.encode()]
