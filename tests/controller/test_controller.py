@@ -137,6 +137,12 @@ async def test_create_is_idempotent_and_refuses_another_capacity(csi, cluster):
     assert (await csi("CreateVolume", create_request(name, params(cluster)))).volume == one.volume
     bigger = create_request(name, params(cluster), required=2 * GiB, limit=2 * GiB)
     await expect(Status.ALREADY_EXISTS, csi("CreateVolume", bigger), "incompatible")
+    # a volume whose quota went missing gets it back from the retry
+    async with open_client(cluster.master_addrs) as client:
+        ino = (await client.resolve(f"/{name}")).ino
+        await client.set_quota(ino, None, None)
+        assert (await csi("CreateVolume", first)) == one
+        assert (await client.get_quota(ino)).max_bytes == GiB
 
 
 async def test_twenty_concurrent_identical_creates(csi, cluster):
@@ -273,6 +279,7 @@ BAD_CREATES = [
         },
         "volume_content_source",
     ),
+    ("mutable parameters", {"mutable_parameters": {"a": "b"}}, "mutable_parameters"),
     ("volume too long for an id", {"fs-path": "/" + "f" * 120, "path-pattern": "p"}, "128"),
 ]
 
@@ -287,7 +294,7 @@ async def test_bad_create_requests_are_invalid_argument(csi, cluster, what, chan
         "parameters": params(cluster),
     }
     for key, value in change.items():
-        if key in fields or key == "volume_content_source":
+        if key in fields or key in ("volume_content_source", "mutable_parameters"):
             fields[key] = value
         else:
             fields["parameters"][key] = value
@@ -425,6 +432,8 @@ async def test_delete_never_touches_what_fusecsi_did_not_create(csi, cluster):
             Status.FAILED_PRECONDITION,
             csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=file_id)),
         )
+        file_volume = create_request("afile", params(cluster, **{"fs-path": base}))
+        await expect(Status.ALREADY_EXISTS, csi("CreateVolume", file_volume), "not a directory")
         assert sorted(await names_in(client, base)) == [b"afile", b"home"]
         assert await client.read(f.ino, 0, 100) == b"years of work"
 
@@ -736,6 +745,9 @@ async def test_volumes_never_nest(csi, cluster):
     await expect(
         Status.ALREADY_EXISTS, csi("CreateVolume", request("pv-crew", "crew")), "not created by"
     )
+    # fs-path of another class inside a volume, two levels below it
+    below = create_request("pv-below", params(cluster, **{"fs-path": f"{base}/team/sub"}))
+    await expect(Status.FAILED_PRECONDITION, csi("CreateVolume", below), f"at {base}/team;")
     async with open_client(cluster.master_addrs) as client:
         assert await names_in(client, f"{base}/team") == []
         # volumes an older controller let nest: the outer one's delete or archive is
@@ -770,46 +782,33 @@ async def test_over_long_volume_ids_name_no_volume(csi, cluster):
 
 
 async def test_archive_names_never_collide(csi, cluster):
-    """Two archives of one path within a second: the second gets the next free name."""
-    from fusecsi.controller import archive_name
+    """Archives of one path within a second: each takes the next free name; with every name
+    taken the delete is refused and nothing moves."""
+    from fusecsi.controller import ARCHIVE_ATTEMPTS, archive_name
 
     base = unique("/archives")
-    extra = {"fs-path": base, "on-delete": "archive", "path-pattern": "vol"}
-    volume_id = await csi("CreateVolume", create_request("pv-1", params(cluster, **extra)))
     async with open_client(cluster.master_addrs) as client:
-        parent = await client.resolve(base)
-        now = time.time()
-        taken = {archive_name("vol", now + s) for s in range(-1, 60)}
-        for name in taken:  # every plain name the archive could take in the next minute
-            await client.mkdir(parent.ino, name.encode(), 0o755, 0, 0)
-        request = pb.DeleteVolumeRequest(volume_id=volume_id.volume.volume_id)
-        await csi("DeleteVolume", request)
-        left = {n.decode() for n in await names_in(client, base)} - taken
-        assert len(left) == 1 and re.fullmatch(r"vol\.archived-\d{8}T\d{6}Z-1", left.pop())
-
-
-async def test_a_volume_made_under_a_version_1_id_is_taken_over(csi, cluster):
-    """CreateVolume retried after an upgrade finds the directory an older controller made for
-    the same name under a version 1 id: the same volume, now tagged with the new id (so a
-    DeleteVolume with the old id, never handed out, changes nothing)."""
-    name, base = unique("pv-old"), unique("/upgrade")
-    old_id = f"1;d;{cluster.master_addrs};{base};{name}"
-    async with open_client(cluster.master_addrs) as client:
-        await client.mkdirs(base)
-        tags = {VOLUME_TAG: old_id.encode(), OWNER_TAG: name.encode()}
-        attr = await client.mkvolume(base, name.encode(), 0o777, tags, GiB)
-        request = create_request(name, params(cluster, **{"fs-path": base}))
-        volume = (await csi("CreateVolume", request)).volume
-        assert volume.volume_id == f"2;d;{name_digest(name)};{cluster.master_addrs};{base};{name}"
-        assert await client.getxattr(attr.ino, VOLUME_TAG) == volume.volume_id.encode()
-        await csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=old_id))
-        assert await names_in(client, base) == [name.encode()]
-        # a version 1 volume still held by its claim is deleted by its own id as before
-        other = unique("pv-v1")
-        await client.mkvolume(base, other.encode(), 0o777, {VOLUME_TAG: b"x"}, GiB)
-        v1 = f"1;d;{cluster.master_addrs};{base};{other}"
-        await client.setxattr(
-            (await client.resolve(f"{base}/{other}")).ino, VOLUME_TAG, v1.encode()
-        )
-        await csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=v1))
-        assert await names_in(client, base) == [name.encode()]
+        for directory, free in [("vol", ARCHIVE_ATTEMPTS - 1), ("all", None)]:
+            extra = {"fs-path": base, "on-delete": "archive", "path-pattern": directory}
+            request = create_request(f"pv-{directory}", params(cluster, **extra))
+            volume_id = (await csi("CreateVolume", request)).volume.volume_id
+            parent = await client.resolve(base)
+            now = time.time()
+            taken = {  # every name the archive could take in the next minute, but `free`
+                archive_name(directory, now + second, attempt).encode()
+                for second in range(-1, 60)
+                for attempt in range(ARCHIVE_ATTEMPTS)
+                if attempt != free
+            }
+            for name in taken:
+                await client.mkdir(parent.ino, name, 0o755, 0, 0)
+            delete = csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=volume_id))
+            left = set(await names_in(client, base)) - taken
+            if free is None:
+                await expect(Status.FAILED_PRECONDITION, delete, "EEXIST")
+                assert directory.encode() in await names_in(client, base)
+            else:
+                await delete
+                [archived] = set(await names_in(client, base)) - taken - left
+                pattern = rf"vol\.archived-\d{{8}}T\d{{6}}Z-{free}".encode()
+                assert re.fullmatch(pattern, archived), archived

@@ -11,6 +11,7 @@ on before the fault, and the same call without faults then completes.
 from __future__ import annotations
 
 import errno
+import re
 
 import pytest
 from controller_support import (
@@ -185,24 +186,36 @@ async def test_every_step_through_every_fault(cluster, controller_sock, proxy, k
                 await scenario.done(client, await call("Controller", method, request))
 
 
-async def test_a_tag_that_cannot_be_read_is_reported_not_taken_as_missing(
-    cluster, controller_sock, proxy
+@pytest.mark.parametrize(
+    ("kind", "after", "method", "message"),
+    [
+        # the directory vanished between two calls: an error to retry, never "not ours"
+        ("delete", "resolve", "getxattr", "ENOENT.*retry"),
+        ("create-again", "mkvolume", "resolve", "changed while being created; retry"),
+    ],
+)
+async def test_a_directory_vanishing_mid_call_is_aborted(
+    cluster, controller_sock, proxy, kind, after, method, message
 ):
-    """getxattr failing with anything but ENODATA (here ENOENT: the directory vanished
-    between two calls) is an error to retry, not "this directory is not ours"."""
+    """ENOENT where only an ENODATA (no tag) or nothing at all is expected is ABORTED."""
     async with (
         grpc_bridge.connect(str(controller_sock)) as call,
         open_client(cluster.master_addrs) as client,
     ):
-        scenario = Scenario(call, proxy, "delete")
+        scenario = Scenario(call, proxy, kind)
         await scenario.prepare(client)
-        method, request = scenario.request()
+        rpc, request = scenario.request()
+        proxy.reset()
+        await call("Controller", rpc, request)  # a clean run shows where the step is
+        step = proxy.calls.index(method, proxy.calls.index(after) + 1)
+        scenario = Scenario(call, proxy, kind)
+        await scenario.prepare(client)
+        rpc, request = scenario.request()
         before = await snapshot(client, scenario.root)
         proxy.reset()
-        proxy.fault_at(1, errno.ENOENT)  # resolve, then getxattr of the volume tag
+        proxy.fault_at(step, errno.ENOENT)
         with pytest.raises(GRPCError) as err:
-            await call("Controller", method, request)
-        assert proxy.calls[:2] == ["resolve", "getxattr"]
+            await call("Controller", rpc, request)
         assert err.value.status is Status.ABORTED, err.value.message
-        assert "ENOENT" in err.value.message and "retry" in err.value.message
+        assert re.search(message, err.value.message), err.value.message
         assert await snapshot(client, scenario.root) == before
