@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--explain", type=Path, help="JSON {mutant key: why it is equivalent}")
     parser.add_argument("--report", type=Path, required=True)
-    parser.add_argument("--only", help="run only mutants whose key contains this")
+    parser.add_argument("--only", help="run only mutants whose key contains one of A,B,...")
     args = parser.parse_args(argv)
     explained = json.loads(args.explain.read_text()) if args.explain else {}
 
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         wanted = set(names.split(",")) if names else None
         everything += mutants(ROOT / file, wanted)
     if args.only:
-        everything = [m for m in everything if args.only in m.key]
+        everything = [m for m in everything if any(k in m.key for k in args.only.split(","))]
 
     started = time.monotonic()
     copies = [make_copy() for _ in range(args.jobs)]
