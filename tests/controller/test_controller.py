@@ -748,6 +748,10 @@ async def test_volumes_never_nest(csi, cluster):
     # fs-path of another class inside a volume, two levels below it
     below = create_request("pv-below", params(cluster, **{"fs-path": f"{base}/team/sub"}))
     await expect(Status.FAILED_PRECONDITION, csi("CreateVolume", below), f"at {base}/team;")
+    top = unique("top")  # a volume right below the root, and one two levels inside it
+    await csi("CreateVolume", create_request(top, params(cluster)))
+    inside = create_request("pv-inside", params(cluster, **{"fs-path": f"/{top}/a"}))
+    await expect(Status.FAILED_PRECONDITION, csi("CreateVolume", inside), f"at /{top};")
     async with open_client(cluster.master_addrs) as client:
         assert await names_in(client, f"{base}/team") == []
         # volumes an older controller let nest: the outer one's delete or archive is
