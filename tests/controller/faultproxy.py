@@ -4,7 +4,9 @@ It speaks the framing of fusecsi/cluster/protocol.py (4-byte length, msgpack
 `[0, id, method, args]` / `[1, id, error, result]`) over real TCP on loopback and decides per
 request: pass it on, hold it (the master never answers: the caller's timeout must fire), or
 answer a chosen errno in the master's place without passing it on (so the cluster does not
-change). `hello` (the token handshake) always passes. A trio task in the test process; the
+change). `hello` (the token handshake) and the `cluster_info` a client asks first on every
+new connection (to check the master's cluster id) always pass: they vet the connection and
+are no step of the operation under test. A trio task in the test process; the
 controller under test is a real process pointed at `proxy.address`.
 """
 
@@ -86,12 +88,17 @@ class FaultProxy:
 
     async def _requests(self, client, master, lock: trio.Lock) -> None:
         frames = _Frames(client)
+        vetting = True  # until the first call that is neither hello nor the id check
         try:
             while (frame := await frames.read()) is not None:
                 message = unpack_frame(frame[HEADER.size :])
                 if message[0] != REQUEST or message[2] == "hello":
                     await master.send_all(frame)
                     continue
+                if vetting and message[2] == "cluster_info":
+                    await master.send_all(frame)
+                    continue
+                vetting = False
                 index = len(self.calls)
                 self.calls.append(message[2])
                 if self._hold_from is not None and index >= self._hold_from:
