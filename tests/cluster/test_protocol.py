@@ -273,3 +273,20 @@ def fuzz_server():
     yield host, int(port)
     box["stop"].run_sync_soon(box["scope"].cancel)
     thread.join(10)
+
+
+async def test_connections_beyond_the_per_peer_limit_are_closed_at_once():
+    async with trio.open_nursery() as nursery:
+        server = Server(HANDLERS, name="test", max_conns_per_peer=3)
+        sock = trio.socket.socket()
+        await sock.bind(("127.0.0.1", 0))
+        host, port = await nursery.start(server.serve, sock)
+        addr = f"{host}:{port}"
+        kept = [await connect(nursery, addr) for _ in range(3)]
+        extra = await connect(nursery, addr)
+        with pytest.raises(RPCError) as caught:
+            await extra.call("add", 1, 2)
+        assert caught.value.errno == errno.ECONNRESET
+        assert [await c.call("add", i, 1) for i, c in enumerate(kept)] == [1, 2, 3]
+        assert server.open_conns == 3
+        nursery.cancel_scope.cancel()
