@@ -592,7 +592,11 @@ def parse_addr(addr: str, default_port: int) -> tuple[str, int]:
         host, port = addr, ""
     if not host:
         raise ValueError(f"address {addr!r} has no host")
-    return host, int(port) if port else default_port
+    if not port:
+        return host, default_port
+    if not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"address {addr!r}: port must be 0-65535")
+    return host, int(port)
 
 
 async def open_socket(address: str, default_port: int = 0) -> trio.socket.SocketType:

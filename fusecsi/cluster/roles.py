@@ -79,6 +79,9 @@ async def bind(address: str, default_port: int) -> trio.socket.SocketType:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         await sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
     except BaseException:
         sock.close()
         raise

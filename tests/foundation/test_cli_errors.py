@@ -1,0 +1,112 @@
+"""Every subcommand's argument and start-up errors: one line naming what is wrong, no
+traceback; exit 2 for usage, 1 for runtime. Real processes, real sockets, a real dead mount."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+
+def fusecsi(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fusecsi", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+USAGE = [
+    (
+        ["mount", "--master-addrs", "foo:bar", "--fs-path", "/", "/tmp"],
+        "fusecsi mount: --master-addrs: master address 'foo:bar': port must be 1-65535",
+    ),
+    (
+        ["fs", "--master-addrs", "foo:bar", "ls", "/"],
+        "fusecsi fs: --master-addrs: master address 'foo:bar': port must be 1-65535",
+    ),
+    (
+        ["worker", "--data-dir", "/tmp/x", "--master-addrs", "a:99999"],
+        "fusecsi worker: --master-addrs: master address 'a:99999': port must be 1-65535",
+    ),
+    (
+        ["controller", "--endpoint", "tcp://10.0.0.1:5000"],
+        "fusecsi controller: --endpoint: unsupported endpoint 'tcp://10.0.0.1:5000': "
+        "only unix:// sockets are served",
+    ),
+    (
+        ["node", "--node-id", "n", "--endpoint", "tcp://x"],
+        "fusecsi node: --endpoint: unsupported endpoint 'tcp://x': only unix:// sockets are served",
+    ),
+    (
+        ["mountd", "--socket", "http://x"],
+        "fusecsi mountd: --socket: unsupported endpoint 'http://x': only unix:// sockets are served",
+    ),
+    (
+        ["master", "--data-dir", "/tmp/x", "--listen", "foo:bar"],
+        "fusecsi master: --listen: address 'foo:bar': port must be 0-65535",
+    ),
+    (
+        ["controller", "--metrics-address", "nowhere"],
+        "fusecsi controller: --metrics-address: metrics address 'nowhere' is not HOST:PORT",
+    ),
+    (
+        ["mount", "--master-addrs", "a:1", "--fs-path", "/", "/no/such/dir"],
+        "fusecsi mount: mountpoint /no/such/dir does not exist",
+    ),
+    (
+        ["mount", "--master-addrs", "a:1", "--fs-path", "/", "/etc/hostname"],
+        "fusecsi mount: mountpoint /etc/hostname is not a directory",
+    ),
+    (["mount", "--master-addrs", "a:1"], "fusecsi mount: the following arguments are required: "),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), USAGE, ids=[" ".join(a[:3]) for a, _ in USAGE])
+def test_usage_errors_are_one_line_exit_2(args, message):
+    proc = fusecsi(*args)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    role = args[0]
+    assert line.startswith(message) and line.endswith(f"(see fusecsi {role} --help)"), line
+
+
+@pytest.mark.parametrize("role", ["master", "worker"])
+def test_port_in_use_names_the_address(role, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        extra = ["--master-addrs", "127.0.0.1:1"] if role == "worker" else []
+        proc = fusecsi(role, "--data-dir", str(tmp_path), "--listen", address, *extra)
+    assert proc.returncode == 1
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]  # JSON lines only
+    assert lines[-1]["level"] == "error"
+    assert lines[-1]["msg"] == (
+        f"fusecsi {role}: EADDRINUSE: cannot listen on {address}: Address already in use"
+    )
+
+
+def test_a_dead_fuse_mount_is_not_a_missing_mountpoint(tmp_path):
+    target = tmp_path / "dead"
+    target.mkdir()
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open("/dev/fuse", os.O_RDWR)
+    options = f"fd={fd},rootmode=40000,user_id=0,group_id=0".encode()
+    assert libc.mount(b"deadtest", str(target).encode(), b"fuse.deadtest", 0, options) == 0
+    os.close(fd)  # nobody serves it any more: ENOTCONN
+    try:
+        proc = fusecsi("mount", "--master-addrs", "a:1", "--fs-path", "/", str(target))
+    finally:
+        libc.umount2(str(target).encode(), 2)  # MNT_DETACH
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"fusecsi mount: ENOTCONN: mountpoint {target} is a dead FUSE mount: unmount it (umount -l)"
+    ]
