@@ -142,26 +142,8 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def _leaf(exc: BaseException) -> BaseException:
-    """The error inside trio's exception groups (the first, when there are several)."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
-
-
-def describe(exc: BaseException) -> str:
-    """One line for a user: the errno name and the message of an OSError, the message of a
-    ValueError, the type of anything else."""
-    if isinstance(exc, OSError) and exc.errno:
-        name = errno.errorcode.get(exc.errno, f"errno {exc.errno}")
-        where = f"{exc.filename}: " if exc.filename else ""
-        return f"{where}{name}: {exc.strerror or exc}"
-    if isinstance(exc, ValueError | OSError):
-        return str(exc)
-    return f"internal error: {type(exc).__name__}: {exc}"
-
-
 def _report(command: str, exc: BaseException) -> None:
+    from fusecsi.errors import describe
     from fusecsi.logs import active
 
     line = f"fusecsi {command}: {describe(exc)}"
@@ -187,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:
-        leaf = _leaf(exc)
+        from fusecsi.errors import unwrap
+
+        leaf = unwrap(exc)
         if isinstance(leaf, SystemExit):
             raise leaf from None
         if isinstance(leaf, KeyboardInterrupt):

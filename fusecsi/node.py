@@ -44,6 +44,7 @@ ERRNO_STATUS = {
     errno.ENOENT: Status.NOT_FOUND,
     errno.ETIMEDOUT: Status.UNAVAILABLE,
     errno.ECONNREFUSED: Status.UNAVAILABLE,
+    errno.EPROTO: Status.UNAVAILABLE,
 }
 PROBE_TIMEOUT = 2.0
 SOURCE_KEYS = (volumes.CTX_MASTER_ADDRS, volumes.CTX_FS_PATH, volumes.CTX_SUBPATH)

@@ -12,6 +12,7 @@ import time
 import outcome
 import trio
 
+from fusecsi import errors
 from fusecsi.cluster import roles
 from fusecsi.cluster.client import Attr, ClusterClient, ClusterError, ClusterUnavailable
 
@@ -206,10 +207,8 @@ PLAIN = frozenset({errno.ENOENT, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errn
 def failure(exc: Exception, args) -> str:
     """One line: the path, the errno name and what it means; errors of the connection or of
     a local file as they are."""
-    from fusecsi.cli import describe
-
     if not isinstance(exc, ClusterError) or isinstance(exc, ClusterUnavailable):
-        return describe(exc)
+        return errors.describe(exc)
     name = errno.errorcode.get(exc.errno, "EIO")
     if args.fs_command == "quota" and exc.errno == errno.ENODATA:
         text = "no quota set on it or above it"

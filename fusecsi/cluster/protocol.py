@@ -629,6 +629,19 @@ async def open_socket(address: str, default_port: int = 0) -> trio.socket.Socket
     raise last or OSError(errno.ECONNREFUSED, f"cannot resolve {address}")
 
 
+def unreachable(address: str, exc: OSError) -> RPCUnavailable:
+    """ECONNREFUSED (what callers retry on) for any failed connect, with the reason in words:
+    no such host, connection refused, or the system's text."""
+    if isinstance(exc, stdsocket.gaierror):
+        reason = f"no such host ({exc.strerror})"
+    elif exc.errno == errno.ECONNREFUSED:
+        reason = "connection refused"
+    else:
+        name = errno.errorcode.get(exc.errno or 0)
+        reason = f"{name}: {exc.strerror}" if name else str(exc)
+    return RPCUnavailable(errno.ECONNREFUSED, f"cannot connect to {address}: {reason}")
+
+
 # Every call a client makes in this process, by method: a bisect and two list updates per
 # reply. The FUSE daemon exports it as its cluster RPC latency.
 CALL_SECONDS = Distribution(
@@ -721,6 +734,11 @@ class Connection:
         exc = self.broken
         if isinstance(exc, RPCError):
             return exc
+        if isinstance(exc, ProtocolError):
+            # an HTTP, gRPC or TLS server answers with bytes that are no reply frame
+            return RPCUnavailable(
+                errno.EPROTO, f"{self.address} is not a fusecsi server (its answer: {exc})"
+            )
         return RPCUnavailable(errno.ECONNRESET, f"connection to {self.address} lost: {exc}")
 
     async def call(self, method: str, *args: Any, deadline: float = math.inf) -> Any:
@@ -762,7 +780,7 @@ async def connect(
     try:
         sock = await open_socket(address, default_port)
     except OSError as exc:
-        raise RPCUnavailable(errno.ECONNREFUSED, f"cannot connect to {address}: {exc}") from None
+        raise unreachable(address, exc) from None
     conn = Connection(sock, address, max_frame)
     await nursery.start(conn.run)
     if token is not None:
@@ -868,7 +886,10 @@ class Pool:
                 sent = True
                 return await conn.call(method, *args, deadline=deadline)
             except trio.TooSlowError:
-                exc = RPCUnavailable(errno.ETIMEDOUT, f"{method} on {address} timed out")
+                why = (
+                    "timed out" if sent else "no answer to a new connection: not a fusecsi server?"
+                )
+                exc = RPCUnavailable(errno.ETIMEDOUT, f"{method} on {address}: {why}")
                 exc.sent = sent
                 raise exc from None
             except RPCUnavailable as exc:
@@ -916,15 +937,20 @@ def call_sync(
         try:
             sock.connect(target)
         except OSError as exc:
-            raise RPCUnavailable(
-                errno.ECONNREFUSED, f"cannot connect to {address}: {exc}"
-            ) from None
+            raise unreachable(address, exc) from None
         calls = ([["hello", [token]]] if token is not None else []) + [[method, list(args)]]
         sock.sendall(b"".join(encode([REQUEST, i + 1, m, a]) for i, (m, a) in enumerate(calls)))
         result = None
         for _ in calls:
             (length,) = HEADER.unpack(_recv_exact(sock, HEADER.size))
-            _, _, err, result = unpack_frame(_recv_exact(sock, length))
+            try:
+                if length > DEFAULT_MAX_FRAME:
+                    raise ValueError(f"a frame of {length} bytes")
+                _, _, err, result = unpack_frame(_recv_exact(sock, length))
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                raise RPCUnavailable(
+                    errno.EPROTO, f"{address} is not a fusecsi server (its answer: {exc})"
+                ) from None
             if err is not None:
                 raise RPCError(str(err[0]), str(err[1]))
         return result

@@ -22,6 +22,7 @@ from functools import partial
 
 import trio
 
+from fusecsi.errors import describe, unwrap
 from fusecsi.events import Events
 from fusecsi.locks import KeyedLocks
 from fusecsi.logs import fields
@@ -49,6 +50,10 @@ CRASH_WINDOW = 10.0
 # layers go at unpublish. Past this many, a target is reset instead: mounts are a node-wide
 # limited resource, and only a daemon crash-looping for minutes gets here.
 MAX_LAYERS = 16
+
+
+# a cluster that does not answer, as a publish reports it (the node plugin: UNAVAILABLE)
+UNREACHABLE = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPROTO})
 
 
 def _err(code: int, message: str) -> OSError:
@@ -479,6 +484,14 @@ class Supervisor:
             rt.state, rt.message = "broken", exc.strerror
             with contextlib.suppress(OSError):
                 await self._unmount(entry.mountpoint, lazy=True)
+            if exc.errno == errno.ETIMEDOUT:
+                raise
+            # say why when the cluster is the cause: the CSI caller answers UNAVAILABLE then
+            why = await self._cluster_error(entry, token)
+            if why is not None and why.errno in UNREACHABLE:
+                raise _err(
+                    why.errno, f"cluster {key.master_addrs} unreachable: {why.strerror}"
+                ) from None
             raise
         if not mounts.is_fuse_mount(mounts.top_mount(entry.mountpoint)):
             with trio.CancelScope(shield=True):
@@ -759,6 +772,10 @@ class Supervisor:
 
     async def _cluster_answers(self, entry: Entry, token: str | None = None) -> bool:
         """Whether the key's cluster answers (with `token`, else the stored one)."""
+        return await self._cluster_error(entry, token) is None
+
+    async def _cluster_error(self, entry: Entry, token: str | None = None) -> OSError | None:
+        """Why the key's cluster does not answer (None when it does)."""
         from fusecsi.cluster.client import ClusterClient
 
         token = token or self._load_token(entry.key.id)
@@ -769,10 +786,11 @@ class Supervisor:
                 )
                 async with client:
                     await client.statfs()
-                return True
-            except Exception:
-                return False
-        return False
+                return None
+            except Exception as raised:
+                exc = unwrap(raised)
+                return exc if isinstance(exc, OSError) else _err(errno.EIO, describe(exc))
+        return _err(errno.ETIMEDOUT, f"no answer within {self.probe_timeout:g}s")
 
     # ------------------------------------------------------------ restart
 

@@ -232,3 +232,40 @@ async def test_metrics_histogram_counts_calls(node):
     ]
     for method, code in [("NodeGetInfo", "OK"), ("NodeUnpublishVolume", "INVALID_ARGUMENT")]:
         assert any(f'method="{method}"' in c and f'code="{code}"' in c for c in counts), counts
+
+
+async def _not_fusecsi(listener) -> None:
+    """A peer that answers every connection like an HTTP server."""
+    while True:
+        conn, _ = await listener.accept()
+        with conn:
+            await conn.recv(100)
+            await conn.send(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+
+async def test_unreachable_master_is_unavailable_with_the_address_and_why(node):
+    volume = await node.volume("unreached")
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    http = f"127.0.0.1:{listener.getsockname()[1]}"
+    refused = f"127.0.0.1:{free_port()}"
+    cases = [
+        (refused, f"cannot connect to {refused}: connection refused"),
+        ("no-such-host.invalid:8995", "cannot connect to no-such-host.invalid:8995: no such host"),
+        (http, f"{http} is not a fusecsi server"),
+    ]
+    async with trio.open_nursery() as nursery, grpc_bridge.connect(str(node.csi_socket)) as call:
+        nursery.start_soon(_not_fusecsi, listener)
+        for address, why in cases:
+            context = {**volume.context, "master-addrs": address}
+            message = await expect(
+                call,
+                "NodePublishVolume",
+                publish_request(volume, node.target(), context=context),
+                Status.UNAVAILABLE,
+                why,
+            )
+            assert f"cluster {address} unreachable" in message
+        nursery.cancel_scope.cancel()
+    assert await node.refs() == []
