@@ -27,7 +27,7 @@ from fusecsi.events import Events
 from fusecsi.locks import KeyedLocks
 from fusecsi.logs import fields
 from fusecsi.metrics import Distribution, Tally
-from fusecsi.mountd import mounts
+from fusecsi.mountd import inputs, mounts
 from fusecsi.mountd.daemons import Daemon, DaemonFailed, cmdline_matches, spawn
 from fusecsi.mountd.table import Entry, Key, Ref, Table, write_atomic
 
@@ -195,15 +195,18 @@ class Supervisor:
 
     # ------------------------------------------------------------ inputs
 
-    async def resolve_target(self, target, code: int) -> str:
-        """The real path of `target`; `code` when it is outside the kubelet dir.
+    async def resolve_target(self, target, code: int, *, publish: bool = False) -> str:
+        """The real path of `target`; `code` when it is outside the kubelet dir or (to
+        publish) not kubelet's CSI target shape (inputs.TARGET_SHAPE).
 
         Only the parent is resolved (it is an ordinary directory that kubelet made); the
         last component is never followed, so a broken mount at the target cannot hang it
         and a symlink there cannot redirect the bind.
         """
-        if not isinstance(target, str) or not target.startswith("/") or "\0" in target:
-            raise _err(errno.EINVAL, f"target {target!r} must be an absolute path")
+        try:
+            inputs.check_path(target)
+        except ValueError as exc:
+            raise _err(errno.EINVAL, f"target: {exc}") from None
         parent, name = os.path.split(target.rstrip("/"))
         if name in ("", ".", ".."):
             raise _err(errno.EINVAL, f"target {target!r} has no final directory name")
@@ -213,6 +216,11 @@ class Supervisor:
             raise _err(code, f"target {target!r} is outside the kubelet dir {self.kubelet_dir}")
         if real == self.state_dir or real.startswith(self.state_dir + "/"):
             raise _err(code, f"target {target!r} is inside mountd's state dir")
+        if publish:
+            try:
+                inputs.check_target_shape(real[len(self.kubelet_dir.rstrip("/")) + 1 :])
+            except ValueError as exc:
+                raise _err(code, str(exc)) from None
         return real
 
     def _metrics_file(self, key_id: str) -> str:
@@ -251,8 +259,10 @@ class Supervisor:
     ) -> dict:
         from fusecsi import volumes
 
-        if not isinstance(volume_id, str) or not volume_id:
-            raise _err(errno.EINVAL, "volume_id is empty")
+        try:
+            inputs.check_volume_id(volume_id)
+        except ValueError as exc:
+            raise _err(errno.EINVAL, str(exc)) from None
         if not isinstance(readonly, bool):
             raise _err(errno.EINVAL, "readonly must be a boolean")
         if token is not None and not isinstance(token, str):
@@ -265,7 +275,7 @@ class Supervisor:
             subpath = volumes.validate_subpath(subpath)
         except (ValueError, TypeError, AttributeError) as exc:
             raise _err(errno.EINVAL, str(exc)) from None
-        target = await self.resolve_target(target, errno.EPERM)
+        target = await self.resolve_target(target, errno.EPERM, publish=True)
         ref = Ref(volume_id, target, subpath, readonly, pod_namespace, pod_name)
         async with self.target_locks.hold(target):
             found = self.table.by_target(target)

@@ -5,6 +5,7 @@ cluster; requests go through the CSI socket as kubelet's would."""
 from __future__ import annotations
 
 import urllib.request
+from pathlib import Path
 
 import pytest
 import trio
@@ -26,6 +27,7 @@ from fusecsi.cluster.local import free_port
 from fusecsi.csi import csi_pb2 as pb
 
 Cap = pb.VolumeCapability
+SHAPE = "is not pods/<pod uid>/volumes/kubernetes.io~csi/<pv name>/mount"
 Rpc = pb.NodeServiceCapability.RPC
 
 
@@ -140,6 +142,27 @@ async def test_publish_validation(node):
         ),
         # mountd refuses targets outside the kubelet dir (EPERM)
         (variant(target_path=str(node.root / "elsewhere")), Status.INVALID_ARGUMENT, ""),
+        # kubelet's CSI target shape only: a bind above it would hide other pods' volumes
+        (variant(target_path=str(node.kubelet / "pods")), Status.INVALID_ARGUMENT, SHAPE),
+        (
+            variant(target_path=str(Path(target).parents[3])),  # <kubelet>/pods/<uid>
+            Status.INVALID_ARGUMENT,
+            SHAPE,
+        ),
+        (
+            variant(target_path=str(Path(target).parent / "other")),
+            Status.INVALID_ARGUMENT,
+            SHAPE,
+        ),
+        (
+            variant(target_path=str(node.kubelet / "pods" / ("x" * 10_000) / "mount")),
+            Status.INVALID_ARGUMENT,
+            "path of 10",
+        ),
+        # volume ids are bounded and checked even when the context names the source
+        (variant(volume_id="v" * 10_000), Status.INVALID_ARGUMENT, "volume_id is 10000 bytes"),
+        (variant(volume_id="vol\0x"), Status.INVALID_ARGUMENT, "NUL or control characters"),
+        (variant(volume_id="a/../b"), Status.INVALID_ARGUMENT, "contains a '..' segment"),
         # the directory does not exist in the cluster
         (
             variant(volume_context={**volume.context, "subpath": "never-created"}),
