@@ -110,3 +110,18 @@ def test_a_dead_fuse_mount_is_not_a_missing_mountpoint(tmp_path):
     assert proc.stderr.splitlines() == [
         f"fusecsi mount: ENOTCONN: mountpoint {target} is a dead FUSE mount: unmount it (umount -l)"
     ]
+
+
+def test_warnings_become_json_lines_in_a_role_log():
+    code = (
+        "import warnings, urllib3\n"
+        "from fusecsi import logs\n"
+        "logs.setup('controller')\n"
+        "warnings.warn('Unverified HTTPS request', urllib3.exceptions.InsecureRequestWarning)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    (line,) = proc.stderr.splitlines()
+    record = json.loads(line)
+    assert record["level"] == "warning" and "InsecureRequestWarning" in record["msg"]
