@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
-import logging
 import sys
 
 from fusecsi import __version__
@@ -142,17 +141,6 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def _report(command: str, exc: BaseException) -> None:
-    from fusecsi.errors import describe
-    from fusecsi.logs import active
-
-    line = f"fusecsi {command}: {describe(exc)}"
-    if active():
-        logging.getLogger("fusecsi").error(line)
-    else:
-        print(line, file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     selected = next((a for a in argv if not a.startswith("-")), None)
@@ -169,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:
-        from fusecsi.errors import unwrap
+        from fusecsi.errors import report, unwrap
 
         leaf = unwrap(exc)
         if isinstance(leaf, SystemExit):
             raise leaf from None
         if isinstance(leaf, KeyboardInterrupt):
             return 130
-        _report(args.command, leaf)
+        report(args.command, leaf)
         return 1

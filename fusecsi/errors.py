@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import logging
+import sys
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -23,3 +25,15 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, ValueError | OSError):
         return str(exc)
     return f"internal error: {type(exc).__name__}: {exc}"
+
+
+def report(command: str, exc: BaseException) -> None:
+    """`fusecsi <command>: <describe(exc)>`: a JSON line when the role logs (its stderr is
+    JSON lines only), else plain text."""
+    from fusecsi.logs import active
+
+    line = f"fusecsi {command}: {describe(exc)}"
+    if active():
+        logging.getLogger("fusecsi").error(line)
+    else:
+        print(line, file=sys.stderr)

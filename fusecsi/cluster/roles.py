@@ -6,7 +6,6 @@ import errno
 import fcntl
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -99,15 +98,17 @@ def run_role(role: str, args, serve) -> int:
     from fusecsi import logs
 
     logs.setup(role, args.log_level)
+    from fusecsi.errors import report
+
     try:
         token = load_token(args.token_file)
     except (OSError, ValueError) as exc:
-        print(f"fusecsi {role}: {exc}", file=sys.stderr)
+        report(role, exc)
         return 2
     try:
         lock = lock_data_dir(args.data_dir)
     except OSError as exc:
-        print(f"fusecsi {role}: {exc.strerror}", file=sys.stderr)
+        report(role, exc)
         return 1
     try:
         trio.run(serve, args, token)

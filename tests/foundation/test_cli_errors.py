@@ -94,6 +94,24 @@ def test_port_in_use_names_the_address(role, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (
+            ["--data-dir", "/proc/no-such-dir"],
+            1,
+            "/proc/no-such-dir: ENOENT: No such file or directory",
+        ),
+        (["--data-dir", "/tmp/x", "--token-file", "/etc"], 2, "/etc: EISDIR: Is a directory"),
+    ],
+)
+def test_start_up_errors_name_the_path(args, code, message):
+    proc = fusecsi("master", *args)
+    assert proc.returncode == code
+    (line,) = proc.stderr.splitlines()
+    assert json.loads(line)["msg"] == f"fusecsi master: {message}"
+
+
 def test_a_dead_fuse_mount_is_not_a_missing_mountpoint(tmp_path):
     target = tmp_path / "dead"
     target.mkdir()
