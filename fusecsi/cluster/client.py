@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ import trio
 
 from fusecsi.cluster.protocol import ForeignCluster, Pool, RPCError, RPCUnavailable
 from fusecsi.cluster.shortcircuit import ShortCircuit
-from fusecsi.cluster.writebehind import WriteBehind
+from fusecsi.cluster.writebehind import TRANSIENT, WriteBehind, WriteLost
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ROOT_INO",
@@ -33,6 +36,7 @@ __all__ = [
     "ClusterError",
     "ClusterUnavailable",
     "ClusterClient",
+    "WriteLost",
 ]
 
 ROOT_INO = 1
@@ -44,6 +48,8 @@ ALLOCATE_AHEAD = 8
 MAX_CACHED_FILES = 4096
 MAX_UNSYNCED = 65536
 WRITE_WINDOW = 8  # block-sized pieces in flight per client
+FIRST_BACKOFF = 0.05  # seconds before a piece is sent again to a worker that did not answer
+MAX_BACKOFF = 1.0
 MAX_ALLOCATE = 64
 READ_MAP_TTL = 1.0  # seconds a cached block map serves reads (see `forget_layout`)
 READ_MAP_WINDOW = 64  # blocks asked for at once when reading
@@ -293,10 +299,12 @@ class ClusterClient:
     ) -> Attr:
         if size is not None:
             # a size change discards uncommitted data past the committed length: publish ours
+            # (no further than a kept loss: the loss itself stays, see `write`)
             await self._behind.drain(ino)
             pending = self._pending.get(ino)
             if pending is not None:
-                await self.commit(ino, pending)
+                with contextlib.suppress(WriteLost):
+                    await self.commit(ino, pending)
             self._forget_blocks(ino)
         attr = await self._attr(
             "setattr", ino, mode, uid, gid, size, atime_ns, mtime_ns, idempotent=True
@@ -399,45 +407,123 @@ class ClusterClient:
     async def write(self, ino: int, offset: int, data: bytes) -> None:
         """Send `data` to the workers; returns once it is on its way (see writebehind.py).
 
-        Allocation and quota errors (EDQUOT, ENOSPC) are raised here; a failure on a worker is
-        raised by the next write, read or commit of the file. `data` must not change after
-        the call (bytes are kept as they are; other buffers are copied)."""
+        A refusal before anything was sent (EDQUOT, ENOSPC from the allocation, or no master
+        answering) raises and changes nothing. Any later failure (a piece whose worker
+        stayed away for the client's timeout, or refused it) means data may be missing: the
+        file keeps a `WriteLost` (errno EIO, or the worker's refusal) that every later write,
+        read and commit raises, and no commit publishes a length past its offset, until
+        `forget_writes`. `data` must not change after the call (bytes are kept as they are;
+        other buffers are copied)."""
         if offset < 0:
             raise ClusterError(errno.EINVAL, "negative offset")
         if not data:
             return
+        self._behind.check(ino)
         if not isinstance(data, bytes):
             data = bytes(data)
         bs = self._block_size or await self.block_size()
         end = offset + len(data)
         first, last = offset // bs, (end - 1) // bs
-        self._behind.check(ino)
         await self._write_layout(ino, first, last, end)
         view = memoryview(data)
-        for index in range(first, last + 1):
-            lo = max(offset, index * bs)
-            hi = min(end, (index + 1) * bs)
-            piece = view[lo - offset : hi - offset]
-            await self._behind.submit(
-                ino, lo, hi, partial(self._put, ino, index, lo - index * bs, piece, end)
-            )
+        try:
+            for index in range(first, last + 1):
+                lo = max(offset, index * bs)
+                hi = min(end, (index + 1) * bs)
+                piece = view[lo - offset : hi - offset]
+                await self._behind.submit(
+                    ino, lo, hi, partial(self._put, ino, index, lo - index * bs, piece, end)
+                )
+        except BaseException as exc:  # some pieces may be on their way, the others are not
+            self.write_lost(ino, offset, exc)
+            raise
         if end > self._pending.get(ino, 0):
             self._pending[ino] = end
 
+    def write_lost(self, ino: int, offset: int, exc: BaseException) -> None:
+        """Data from `offset` on that the caller had taken for `ino` (and acknowledged) was not
+        stored: keep the loss (see `write`)."""
+        why = exc if isinstance(exc, OSError) else RPCError(errno.EIO, repr(exc))
+        self._behind.lost(ino, offset, why)
+
+    def reserved(self, ino: int, offset: int, length: int) -> bool:
+        """True when a write of `length` bytes at `offset` needs no word from the master: its
+        blocks are placed and it ends within the length the master allowed (no await)."""
+        bs = self._block_size
+        layout = self._layouts.get(ino)
+        end = offset + length
+        if bs is None or layout is None or end > self._granted.get(ino, 0):
+            return False
+        return all(i in layout for i in range(offset // bs, (end - 1) // bs + 1))
+
+    async def reserve(self, ino: int, offset: int, length: int) -> int:
+        """Check, before taking data, that a write of `length` bytes at `offset` may be stored:
+        its blocks are placed (ENOSPC otherwise) and the quotas above the file leave room
+        (EDQUOT). Returns how many of the bytes fit (fewer at a quota: a short write), so a
+        refused write changes nothing. The room is not held for this file against others'."""
+        if length <= 0 or self.reserved(ino, offset, length):
+            return max(length, 0)
+        bs = self._block_size or await self.block_size()
+        end = offset + length
+        try:
+            await self._write_layout(ino, offset // bs, (end - 1) // bs, end)
+            return length
+        except ClusterError as exc:
+            if exc.errno != errno.EDQUOT:
+                raise
+            refused = exc
+        # at the quota: as much as still fits (the master's grant for a write ending at offset)
+        try:
+            await self._write_layout(ino, offset // bs, offset // bs, offset)
+        except ClusterError:
+            raise refused from None
+        fits = min(self._granted.get(ino, 0), end) - offset
+        if fits <= 0:
+            raise refused
+        await self._write_layout(ino, offset // bs, (offset + fits - 1) // bs, offset + fits)
+        return fits
+
+    def write_error(self, ino: int) -> ClusterError | None:
+        """The loss kept for `ino` (see `write`), if any."""
+        try:
+            self._behind.check(ino)
+        except WriteLost as exc:
+            return exc
+        return None
+
+    def forget_writes(self, ino: int) -> None:
+        """Nobody holds `ino` open for writing any more: drop its kept loss and the length
+        written but never published (the master's length is the file's length again)."""
+        self._behind.forget(ino)
+        self._pending.pop(ino, None)
+
     async def _put(self, ino: int, index: int, offset: int, data, end: int) -> None:
-        """Write one piece of one block to its replicas."""
-        for attempt in range(2):
+        """Write one piece of one block to its replicas. A worker that does not answer is
+        asked again (on a new connection, over TCP once its local socket is gone) until the
+        client's timeout: a worker restarted within it loses no write."""
+        deadline = trio.current_time() + self.timeout
+        delay = FIRST_BACKOFF
+        refreshed = False
+        while True:
             layout = self._layouts.get(ino)
             if layout is None or index not in layout:
                 layout = await self._write_layout(ino, index, index, end)
             block_id, addrs = layout[index]
             try:
-                await self._write_block(block_id, addrs, offset, data)
+                await self._write_block(block_id, addrs, offset, data, deadline)
             except ClusterError as exc:
                 # ENOENT: the block was freed under a cached map (a truncate elsewhere)
-                if exc.errno != errno.ENOENT or attempt:
+                if exc.errno == errno.ENOENT and not refreshed:
+                    refreshed = True
+                    self._forget_blocks(ino)
+                    continue
+                if exc.errno not in TRANSIENT or trio.current_time() + delay >= deadline:
+                    log.warning("write of block %d to %s failed: %s", block_id, addrs, exc)
                     raise
-                self._forget_blocks(ino)
+                if delay == FIRST_BACKOFF:
+                    log.info("write of block %d to %s, retrying: %s", block_id, addrs, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF)
                 continue
             self._unsynced.setdefault(ino, set()).add((block_id, tuple(addrs)))
             rmap = self._read_maps.get(ino)
@@ -502,9 +588,11 @@ class ClusterClient:
             # a stale block map (ENOENT) only matters when nothing worse happened
             raise min(errors, key=lambda e: e.errno == errno.ENOENT)
 
-    async def _write_block(self, block_id: int, addrs: list[str], offset: int, data) -> None:
+    async def _write_block(
+        self, block_id: int, addrs: list[str], offset: int, data, deadline: float
+    ) -> None:
         """To every replica at once: the one on this host (if any) through its files, the
-        others over TCP."""
+        others over TCP (each call ends by `deadline`)."""
         if not addrs:
             raise ClusterError(errno.EIO, f"block {block_id} has no live replica")
         pool, sc = self._workers, self._sc
@@ -518,7 +606,15 @@ class ClusterClient:
                     if exc.errno in (errno.ENOENT, errno.EDQUOT, errno.ENOSPC):
                         raise
                     # anything else: the worker's own path decides
-            await pool.call(addr, "write_block", block_id, offset, data, idempotent=True)
+            await pool.call(
+                addr,
+                "write_block",
+                block_id,
+                offset,
+                data,
+                idempotent=True,
+                time_limit=max(0.0, deadline - trio.current_time()),
+            )
 
         await self._each(one, addrs)
 
@@ -679,11 +775,11 @@ class ClusterClient:
         raise ClusterError(last.errno, f"block {block_id}: no replica readable: {last.strerror}")
 
     async def _settle(self, ino: int, durable: bool) -> None:
-        """Wait for the file's writes and raise a failed one; with `durable`, have the workers
+        """Wait for the file's writes and raise a kept loss; with `durable`, have the workers
         flush the blocks written since the last durable commit to their disks (blocks
         written through short-circuit included: the worker syncs the same files)."""
         await self._behind.drain(ino)
-        self._behind.check(ino, clear=True)
+        self._behind.check(ino)
         if durable:
             await self._sync_blocks(ino)
         elif len(self._unsynced.get(ino, ())) > MAX_UNSYNCED:
@@ -700,8 +796,15 @@ class ClusterClient:
     ) -> Attr:
         """`_settle` the file, then publish `size`; with `durable` (fsync) the master's
         journal holds the new length on disk before this returns (otherwise the blocks and
-        the length may sit in page caches)."""
-        await self._settle(ino, durable)
+        the length may sit in page caches). With a kept loss (see `write`) only the length
+        below the lost data is published, and the loss is raised."""
+        try:
+            await self._settle(ino, durable)
+        except WriteLost as lost:
+            # what was stored below the loss stays (the master keeps the longer length)
+            if lost.offset > 0:
+                await self._call("commit", ino, min(size, lost.offset), mtime_ns, idempotent=True)
+            raise
         attr = await self._attr("commit", ino, size, mtime_ns, idempotent=True)
         if durable:
             await self.sync_journal()  # the new length is on the master's disk too

@@ -7,8 +7,10 @@ work at once instead of taking turns). The rules that keep this safe:
 - a window bounds the pieces in flight for the whole client;
 - a piece waits for in-flight pieces of the same file whose byte ranges overlap it, so
   overlapping writes reach the worker in the order they were made;
-- a failure is kept for its file and raised by the next write, read or commit of that file
-  (commit is where the FUSE daemon reports write errors: flush, fsync, close);
+- a failure is kept for its file as a `WriteLost` naming the lowest offset that was not
+  stored, and raised by every later write, read and commit of that file until `forget`
+  (commit is where the FUSE daemon reports write errors: flush, fsync, close; a commit never
+  publishes a length past that offset);
 - `drain(ino)` waits for the file's pieces: read and commit call it first.
 """
 
@@ -25,6 +27,30 @@ from fusecsi.locks import acquire
 
 log = logging.getLogger(__name__)
 
+# Errors that mean "the worker did not answer", not "the worker refused".
+TRANSIENT = frozenset(
+    {
+        errno.ETIMEDOUT,
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EPIPE,
+        errno.ENOTCONN,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ESHUTDOWN,
+        errno.EAGAIN,
+    }
+)
+
+
+class WriteLost(RPCError):
+    """Data handed to the client for `ino` from `offset` on was not (all) stored."""
+
+    def __init__(self, code: int, message: str, offset: int) -> None:
+        super().__init__(code, message)
+        self.offset = offset
+
 
 class FileWrites:
     __slots__ = ("count", "idle", "error", "ranges")
@@ -32,7 +58,7 @@ class FileWrites:
     def __init__(self) -> None:
         self.count = 0
         self.idle = trio.Event()
-        self.error: RPCError | None = None
+        self.error: WriteLost | None = None
         self.ranges: list[tuple[int, int, trio.Event]] = []
 
 
@@ -42,16 +68,35 @@ class WriteBehind:
         self.window = trio.Semaphore(window)
         self.files: dict[int, FileWrites] = {}
 
-    def check(self, ino: int, *, clear: bool = False) -> None:
-        """Raise the failure kept for `ino`, if any (and forget it when `clear`)."""
+    def check(self, ino: int) -> None:
+        """Raise the loss kept for `ino`, if any."""
         state = self.files.get(ino)
         if state is not None and state.error is not None:
-            error = state.error
-            if clear:
-                state.error = None
-                if not state.count:
-                    del self.files[ino]
-            raise error
+            raise state.error
+
+    def lost(self, ino: int, offset: int, exc: OSError) -> WriteLost:
+        """Keep (and return) a loss of the data of `ino` from `offset` on; the lowest offset
+        and the first error win. A transient errno becomes EIO: the pieces were already
+        retried for as long as the caller allows, so asking again cannot bring them back."""
+        state = self.files.setdefault(ino, FileWrites())
+        old = state.error
+        code = exc.errno or errno.EIO
+        if code in TRANSIENT:
+            code = errno.EIO
+        if old is not None:
+            if old.offset <= offset:
+                return old
+            code, exc = old.errno, old.strerror
+        state.error = WriteLost(code, f"data from offset {offset} not stored: {exc}", offset)
+        return state.error
+
+    def forget(self, ino: int) -> None:
+        """Drop the loss kept for `ino` (its data was cut away, or nobody holds it open)."""
+        state = self.files.get(ino)
+        if state is not None:
+            state.error = None
+            if not state.count:
+                del self.files[ino]
 
     async def submit(self, ino: int, lo: int, hi: int, send: Callable[[], Awaitable]) -> None:
         """Start `send()` for the byte range [lo, hi) of `ino` once it may go."""
@@ -80,10 +125,10 @@ class WriteBehind:
         try:
             await send()
         except RPCError as exc:
-            state.error = state.error or exc
+            self.lost(ino, entry[0], exc)
         except Exception as exc:  # never let one write take the client down
             log.exception("background write failed")
-            state.error = state.error or RPCError(errno.EIO, f"write failed: {exc}")
+            self.lost(ino, entry[0], RPCError(errno.EIO, f"write failed: {exc!r}"))
         finally:
             self.window.release()
             self._finish(ino, state, entry)

@@ -19,25 +19,11 @@ import logging
 import trio
 from pyfuse3 import FUSEError
 
+from fusecsi.cluster.writebehind import TRANSIENT  # "not reachable now", not "refused"
 from fusecsi.logs import fields
 
 log = logging.getLogger(__name__)
 
-# Errors that say "the cluster is not reachable right now", not "the request is wrong".
-TRANSIENT = frozenset(
-    {
-        errno.ETIMEDOUT,
-        errno.ECONNREFUSED,
-        errno.ECONNRESET,
-        errno.ECONNABORTED,
-        errno.EPIPE,
-        errno.ENOTCONN,
-        errno.EHOSTUNREACH,
-        errno.ENETUNREACH,
-        errno.ESHUTDOWN,
-        errno.EAGAIN,
-    }
-)
 # A request refused at connect time never reached the server: safe to send again.
 NOT_DELIVERED = frozenset({errno.ECONNREFUSED})
 FIRST_BACKOFF = 0.05

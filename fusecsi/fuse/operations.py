@@ -226,7 +226,13 @@ class Operations(pyfuse3.Operations):
         return await self.call(self.client.read, ino, offset, size)
 
     async def _send(self, ino: int, offset: int, data: bytes) -> None:
-        await self.call(self.client.write, ino, offset, data)
+        try:
+            await self.call(self.client.write, ino, offset, data)
+        except BaseException as exc:  # these bytes were acknowledged by write() calls
+            if isinstance(exc, FUSEError):
+                exc = OSError(exc.errno, "write failed")
+            self.client.write_lost(ino, offset, exc)
+            raise
 
     async def _commit(self, node: OpenInode, durable: bool = False) -> None:
         """Everything written through this mount reaches the workers and its length the master
@@ -531,15 +537,25 @@ class Operations(pyfuse3.Operations):
 
     async def write(self, fh, off, buf):
         node = self.handles.files[fh].node
+        ino = node.ino
+        lost = self.client.write_error(ino)
+        if lost is not None:  # acknowledged data of this open file was not stored
+            raise FUSEError(lost.errno)
+        size = len(buf)
+        if not self.client.reserved(ino, off, size):
+            # refused here (EDQUOT, ENOSPC) the write changes nothing; at a quota only the
+            # bytes that fit are taken (a short write)
+            size = await self.call(self.client.reserve, ino, off, size)
+            buf = buf[:size]
         writer = node.writer
         if writer is None:
             writer = node.writer = WriteBuffer(
-                partial(self._send, node.ino), self.write_limit, node.size
+                partial(self._send, ino), self.write_limit, node.size
             )
         node.version += 1
         await writer.write(off, buf)
-        self.stats.written_bytes.add(amount=len(buf))
-        return len(buf)
+        self.stats.written_bytes.add(amount=size)
+        return size
 
     async def flush(self, fh):
         handle = self.handles.files.get(fh)
@@ -567,6 +583,8 @@ class Operations(pyfuse3.Operations):
             log.error("write lost at close", extra=fields(ino=node.ino, errno=exc.errno))
         finally:
             self.handles.close_file(fh)
+            if node.opens == 0:  # nobody left to tell of a loss: the master's length stands
+                self.client.forget_writes(node.ino)
         if not self.handles.files and (handle.reader is not None or node.writer is not None):
             self.idle()  # the last file that moved data closed
         if node.opens == 0 and node.orphan is not None:

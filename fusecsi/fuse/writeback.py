@@ -49,14 +49,14 @@ class WriteBuffer:
             self._chunks.append(data)
             self._len += len(data)
             self.written += 1
-            end = offset + len(data)
-            if end > self.size:
-                self.size = end
             while self._len:
                 boundary = (self._start // self._limit + 1) * self._limit
                 if self._start + self._len < boundary:
                     break
                 await self._send_buffered(boundary)
+            # only a write that did not fail may grow the file (the cluster client keeps the
+            # loss of a failed one and publishes no length past it)
+            self.size = max(self.size, offset + len(data))
         finally:
             self._lock.release()
 

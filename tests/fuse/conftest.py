@@ -63,3 +63,21 @@ def public_dir():
 def mnt(request, make_mount, fs_path) -> Mount:
     """A mount of a fresh cluster directory, with and without the kernel writeback cache."""
     return make_mount(fs_path, request.param)
+
+
+@pytest.fixture
+def own_cluster(tmp_path):
+    """A cluster of the test's own (one worker), for tests that inject faults."""
+    with LocalCluster(tmp_path / "cluster", workers=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def own_mount(own_cluster, tmp_path):
+    """`own_mount(options, name, env)` mounts /vol of the test's own cluster."""
+    mounts = MountSet(own_cluster.master_addrs, tmp_path)
+    run_cluster(mkdirs, own_cluster.master_addrs, "/vol")
+    try:
+        yield lambda options="", name="m", env=None: mounts("/vol", options, name, env=env)
+    finally:
+        mounts.close()

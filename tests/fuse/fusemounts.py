@@ -3,6 +3,7 @@ and cluster calls from synchronous test code."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -15,6 +16,12 @@ import trio
 from fusecsi.cluster.client import ClusterClient
 
 READY_TIMEOUT = 30
+MiB = 1 << 20
+
+
+def block(i: int) -> bytes:
+    """1 MiB of content distinct for every `i`."""
+    return hashlib.sha256(b"%d" % i).digest() * (MiB // 32)
 
 
 def mounted(path: str) -> bool:

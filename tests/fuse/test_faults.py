@@ -4,38 +4,12 @@ away (EIO after io-timeout, the daemon lives on). Each test has its own cluster.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import threading
 import time
 
 import pytest
-from fusemounts import MountSet, mkdirs, run_cluster
-
-from fusecsi.cluster.local import LocalCluster
-
-MiB = 1 << 20
-
-
-def block(i: int) -> bytes:
-    return hashlib.sha256(b"%d" % i).digest() * (MiB // 32)
-
-
-@pytest.fixture
-def own_cluster(tmp_path):
-    with LocalCluster(tmp_path / "cluster", workers=1) as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def own_mount(own_cluster, tmp_path):
-    """`own_mount(options, name)` mounts /vol of the test's own cluster."""
-    mounts = MountSet(own_cluster.master_addrs, tmp_path)
-    run_cluster(mkdirs, own_cluster.master_addrs, "/vol")
-    try:
-        yield lambda options="", name="m": mounts("/vol", options, name)
-    finally:
-        mounts.close()
+from fusemounts import MiB, block
 
 
 def test_master_killed_and_restarted_during_writes_loses_no_fsynced_data(own_cluster, own_mount):
