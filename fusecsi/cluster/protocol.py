@@ -329,6 +329,8 @@ HELLO_FRAME = 16 << 10  # the largest frame before hello(token) on a server with
 HELLO_TIMEOUT = 10.0  # a new connection's first request (hello when there is a token)
 IDLE_TIMEOUT = 600.0  # a connection with nothing in flight that sends nothing is closed
 STALL_TIMEOUT = 60.0  # a frame begun must keep moving
+# a client drops a pooled connection idle this long rather than race the server's close
+REUSE_IDLE = IDLE_TIMEOUT - 60
 MAX_CONNS = 4096
 MAX_CONNS_PER_PEER = 1024
 FD_RESERVE = 64  # descriptors kept for files, listeners and outgoing connections
@@ -661,6 +663,7 @@ class Connection:
         self._calls_waiting = trio.Event()
         self.broken: BaseException | None = None
         self.cancel_scope = trio.CancelScope()
+        self.last_call = trio.current_time()
 
     @property
     def in_flight(self) -> int:
@@ -747,6 +750,7 @@ class Connection:
         if not self.usable:
             raise self._unavailable()
         self._next_id += 1
+        self.last_call = trio.current_time()
         req_id = self._next_id
         self.frames.queue([REQUEST, req_id, method, list(args)])
         if not self._waiting:
@@ -836,6 +840,11 @@ class Pool:
                 conns[:] = [c for c in conns if c.usable]
                 return self._pick(address)
             if conn.in_flight == 0:
+                if trio.current_time() - conn.last_call > REUSE_IDLE:
+                    # the server closes it soon (IDLE_TIMEOUT): a request sent as it does
+                    # would be lost, so a fresh connection takes it
+                    conn.close()
+                    continue
                 return conn
             if best is None or conn.in_flight < best.in_flight:
                 best = conn

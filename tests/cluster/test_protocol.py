@@ -290,3 +290,23 @@ async def test_connections_beyond_the_per_peer_limit_are_closed_at_once():
         assert [await c.call("add", i, 1) for i, c in enumerate(kept)] == [1, 2, 3]
         assert server.open_conns == 3
         nursery.cancel_scope.cancel()
+
+
+async def test_a_pooled_connection_idle_near_the_server_limit_is_replaced(mock_clock):
+    # the server closes connections idle for IDLE_TIMEOUT; a client must never send a
+    # request on one just as that happens, so it opens a fresh one well before
+    from fusecsi.cluster import protocol
+
+    async with trio.open_nursery() as nursery:
+        addr = await _serve(nursery)
+        pool = Pool(nursery)
+        assert await pool.call(addr, "add", 1, 1) == 2
+        (first,) = pool._conns[addr]
+        mock_clock.jump(protocol.REUSE_IDLE - 1)
+        assert await pool.call(addr, "add", 1, 2) == 3
+        assert pool._conns[addr] == [first]  # still fresh enough
+        mock_clock.jump(protocol.REUSE_IDLE + 1)
+        assert await pool.call(addr, "add", 1, 3) == 4
+        assert not first.usable and pool._conns[addr][-1] is not first
+        pool.close()
+        nursery.cancel_scope.cancel()
