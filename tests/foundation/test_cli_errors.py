@@ -143,3 +143,15 @@ def test_warnings_become_json_lines_in_a_role_log():
     (line,) = proc.stderr.splitlines()
     record = json.loads(line)
     assert record["level"] == "warning" and "InsecureRequestWarning" in record["msg"]
+
+
+def test_fs_on_a_wrong_address_says_why():
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        refused = f"127.0.0.1:{closed.getsockname()[1]}"  # bound, not listening: refused
+        proc = fusecsi("fs", "--master-addrs", refused, "ls", "/")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"fusecsi fs ls: ECONNREFUSED: no master answered resolve: "
+        f"cannot connect to {refused}: connection refused"
+    ]
