@@ -93,11 +93,27 @@ def serve_metrics(address: str | None, server, *sources) -> None:
     metrics.serve(address, server.calls, *sources)
 
 
+# descriptors a server may hold: its connection limit follows (protocol.Server)
+WANTED_FILES = 65536
+
+
+def raise_file_limit() -> None:
+    """Lift the soft RLIMIT_NOFILE towards the hard one (1024 is a common default, which
+    would cap connections far below what one node's FUSE daemons open)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = WANTED_FILES if hard == resource.RLIM_INFINITY else min(hard, WANTED_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def run_role(role: str, args, serve) -> int:
     """The body of `run(args)` for a server role: logs, token, then `serve(args, token)`."""
     from fusecsi import logs
 
     logs.setup(role, args.log_level)
+    raise_file_limit()
     from fusecsi.errors import report
 
     try:

@@ -117,3 +117,31 @@ def test_idle_and_half_sent_connections_are_closed(cluster):
     while fds(pid) > before_fds + 8 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert fds(pid) <= before_fds + 8
+
+
+def test_a_low_soft_file_limit_is_raised(tmp_path):
+    # the connection limit follows RLIMIT_NOFILE: a soft 1024 would cap it near 960
+    import subprocess
+    import sys
+
+    from fusecsi.cluster.local import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        ["prlimit", "--nofile=1024:8192", sys.executable, "-m", "fusecsi", "master"]
+        + ["--data-dir", str(tmp_path), "--listen", address],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                call_sync(address, "cluster_info", timeout=2)
+                break
+            time.sleep(0.1)
+        with open(f"/proc/{proc.pid}/limits") as f:
+            (line,) = [row for row in f if row.startswith("Max open files")]
+        assert line.split()[3:5] == ["8192", "8192"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
