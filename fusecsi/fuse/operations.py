@@ -19,6 +19,7 @@ answered without a cluster call, within the same cache bounds.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -238,16 +239,17 @@ class Operations(pyfuse3.Operations):
         """Everything written through this mount reaches the workers and its length the master
         (`durable`: their disks, for fsync)."""
         writer = node.writer
-        await writer.drain()
-        if not writer.dirty:
-            if durable:
-                await self.call(self.client.sync, node.ino)
-            return
-        written = writer.written  # later writes stay dirty: this commit may not cover them
-        attr = await self._touch(
-            node.ino, self.client.commit, node.ino, writer.size, time.time_ns(), durable=durable
-        )
-        writer.committed = max(writer.committed, written)
+        async with writer.sizing:
+            await writer.drain()
+            if not writer.dirty:
+                if durable:
+                    await self.call(self.client.sync, node.ino)
+                return
+            written = writer.written  # later writes stay dirty: this commit may not cover them
+            attr = await self._touch(
+                node.ino, self.client.commit, node.ino, writer.size, time.time_ns(), durable=durable
+            )
+            writer.committed = max(writer.committed, written)
         node.size = attr.size
         self._seen[node.ino] = (attr.size, attr.mtime_ns)
 
@@ -316,9 +318,8 @@ class Operations(pyfuse3.Operations):
         ino = self.inodes.to_cluster(inode)
         changes = {}
         node = self.handles.inodes.get(ino)
+        writer = node.writer if node is not None and fields_.update_size else None
         if fields_.update_size:
-            if node is not None and node.writer is not None:
-                await node.writer.drain()
             changes["size"] = attr.st_size
         if fields_.update_mode:
             changes["mode"] = stat.S_IMODE(attr.st_mode)
@@ -330,14 +331,17 @@ class Operations(pyfuse3.Operations):
             changes["atime_ns"] = attr.st_atime_ns
         if fields_.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
-        new = await self._touch(ino, self.client.setattr, ino, **changes)
+        async with writer.sizing if writer is not None else contextlib.nullcontext():
+            if writer is not None:
+                await writer.drain()
+            new = await self._touch(ino, self.client.setattr, ino, **changes)
+            if writer is not None:
+                writer.truncated(new.size)
         if stat.S_ISDIR(new.mode):
             self.dir_attrs.put(new)
         if fields_.update_size and node is not None:
             node.size = new.size
             node.version += 1
-            if node.writer is not None:
-                node.writer.truncated(new.size)
         return self._entry(new)
 
     async def readlink(self, inode, ctx):

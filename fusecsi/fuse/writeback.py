@@ -22,7 +22,8 @@ SendFn = Callable[[int, bytes], Awaitable[None]]
 
 class WriteBuffer:
     __slots__ = (
-        "size", "written", "committed", "_send", "_limit", "_start", "_chunks", "_len", "_lock",
+        "size", "written", "committed", "sizing", "_send", "_limit", "_start", "_chunks", "_len",
+        "_lock",
     )  # fmt: skip
 
     def __init__(self, send: SendFn, limit: int, size: int) -> None:
@@ -38,6 +39,10 @@ class WriteBuffer:
         self._chunks: list[bytes] = []
         self._len = 0
         self._lock = trio.Lock()  # pieces of one file go out in order
+        # Held by a commit and by a truncate for their whole round trip: a commit that read
+        # `size` before a truncate must not reach the master after it (the length would grow
+        # back over the cut, as zeros).
+        self.sizing = trio.Lock()
 
     async def write(self, offset: int, data: bytes) -> None:
         await acquire(self._lock)  # the kernel waits for this reply

@@ -283,3 +283,37 @@ def test_sigterm_commits_a_file_still_open(own_cluster, own_mount):
         holder.kill()
         holder.wait()
     assert _stored(own_cluster, "open") == b"kept" * 1000
+
+
+# A reader: opens and reads the file as fast as it can (each open drops the kernel's cached
+# pages, so every read reaches the daemon), until its stdin closes.
+READER = """
+import os, select, sys
+while not select.select([sys.stdin], [], [], 0)[0]:
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    os.pread(fd, 4096, 0)
+    os.close(fd)
+"""
+
+
+def test_a_read_racing_a_truncate_never_publishes_the_old_length(mnt):
+    """A read commits the file's buffered writes first; a truncate by path at the same time
+    must win: the length the cluster keeps is the truncated one, never the written one."""
+    path = mnt / "cut"
+    path.write_bytes(b"")
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(path)], stdin=subprocess.PIPE)
+    try:
+        for round_ in range(40):
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, block(round_)[: MiB // 2], 0)  # buffered in the daemon
+                os.truncate(path, 198)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            assert os.stat(path).st_size == 198, f"round {round_}"
+            with open(path, "rb") as f:
+                assert f.read() == block(round_)[:198], f"round {round_}"
+    finally:
+        reader.stdin.close()
+        reader.wait()
