@@ -2,8 +2,11 @@
 
 A volume's directory is tagged `trusted.fusecsi.volume` = its volume id (the FUSE daemon hides
 and refuses that namespace to applications) and `trusted.fusecsi.owner` = the CreateVolume name
-holding it. DeleteVolume touches nothing that does not carry the tag for that very volume, and
-a cluster that does not answer is an error, never "already gone".
+holding it. The volume id carries a digest of the CreateVolume name, so a directory that a
+later volume got at the same path (a PVC re-created under its old name) is not the old
+volume's. DeleteVolume touches nothing that does not carry the tag for that very volume, never
+removes or renames a volume nested inside another, and a cluster that does not answer is an
+error, never "already gone".
 
 A volume's directory is born tagged and sized: one `mkvolume` call, which the master makes
 durable before it answers, so nobody ever sees the directory untagged or unlimited. The master
@@ -19,7 +22,7 @@ import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 from grpclib.const import Status
@@ -74,7 +77,7 @@ QUOTA_UPDATES = Tally(
 )
 DELETE_REFUSALS = Tally(
     "fusecsi_controller_delete_refusals_total",
-    "DeleteVolume calls refused because the directory is not tagged for the volume",
+    "DeleteVolume calls refused: the directory is not tagged for the volume or holds another",
 )
 METRICS = (VOLUMES_CREATED, VOLUMES_DELETED, QUOTA_UPDATES, DELETE_REFUSALS)
 
@@ -103,14 +106,27 @@ def fits(size: int, required: int, limit: int) -> bool:
     return (not required or size >= required) and (not limit or size <= limit)
 
 
-def archive_name(name: str, now: float) -> str:
-    """`<name>.archived-<UTC time>`, the name shortened if it would pass 255 bytes."""
+ARCHIVE_ATTEMPTS = 10  # archive names tried when one is taken (two archives in one second)
+
+
+def archive_name(name: str, now: float, attempt: int = 0) -> str:
+    """`<name>.archived-<UTC time>[-<attempt>]`, the name shortened to stay within 255 bytes."""
     suffix = time.strftime(".archived-%Y%m%dT%H%M%SZ", time.gmtime(now))
+    if attempt:
+        suffix += f"-{attempt}"
     room = 255 - len(suffix)
     encoded = name.encode()
     if len(encoded) > room:
         name = encoded[:room].decode(errors="ignore")
     return name + suffix
+
+
+def tag_ref(tag: bytes | None) -> VolumeRef | None:
+    """The volume a directory's tag names, None when it names none."""
+    try:
+        return VolumeRef.from_volume_id(tag.decode()) if tag is not None else None
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 @contextmanager
@@ -125,6 +141,8 @@ def cluster_errors(where: str) -> Iterator[None]:
         text = f"{where}: {errno.errorcode.get(code, code)} {exc.strerror or exc}"
         if code in UNAVAILABLE_ERRNOS:
             fail(Status.UNAVAILABLE, text)
+        if code == errno.ENOENT:  # the expected ones are handled where they can happen
+            fail(Status.ABORTED, f"{text} (changed while being examined; retry)")
         if code in (errno.EACCES, errno.EPERM):
             fail(Status.PERMISSION_DENIED, text)
         if code in (errno.ENOSPC, errno.EDQUOT):
@@ -234,10 +252,11 @@ class ControllerService:
         self._tokens[",".join(client.master_addrs)] = client.token
 
     async def _tag(self, client: ClusterClient, ino: int, name: bytes) -> bytes | None:
+        """The tag's value, None when there is none; any other error is the caller's."""
         try:
             return await self._call(client.getxattr, ino, name)
         except ClusterError as exc:
-            if exc.errno in (errno.ENODATA, errno.ENOENT):
+            if exc.errno == errno.ENODATA:
                 return None
             raise
 
@@ -263,6 +282,51 @@ class ControllerService:
         if entry is None or not stat.S_ISDIR(entry.mode):
             return entry, None
         return entry, await self._tag(client, entry.ino, TAG_VOLUME)
+
+    async def _volume_at(self, client: ClusterClient, path: str) -> bytes | None:
+        """The volume tag of the directory at `path`; None when it is missing or untagged."""
+        try:
+            entry = await self._call(client.resolve, path)
+        except ClusterError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            return None
+        if not stat.S_ISDIR(entry.mode):
+            return None
+        return await self._tag(client, entry.ino, TAG_VOLUME)
+
+    async def _refuse_nesting(self, client: ClusterClient, ref: VolumeRef) -> None:
+        """FAILED_PRECONDITION when a directory above the volume's is a volume: deleting or
+        archiving that one would take this one with it."""
+        parts = ref.path.split("/")[1:-1]
+        above = ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
+        tags = await self._together(*[(self._volume_at, client, path) for path in above])
+        for path, tag in zip(above, tags, strict=True):
+            if tag is not None:
+                fail(
+                    Status.FAILED_PRECONDITION,
+                    f"{ref.path} would be inside volume {tag.decode(errors='replace')} at "
+                    f"{path}; give path-pattern a layout where volumes do not nest",
+                )
+
+    async def _nested_volume(self, client: ClusterClient, entry, path: str) -> str | None:
+        """The path of a volume somewhere inside the directory `entry` at `path`, if any."""
+        todo = [(entry.ino, path)]
+        while todo:
+            ino, path = todo.pop()
+            cookie = 0
+            while batch := await self._call(client.readdir, ino, cookie):
+                cookie = batch[-1][2]
+                dirs = [(name, attr) for name, attr, _ in batch if stat.S_ISDIR(attr.mode)]
+                tags = await self._together(
+                    *[(self._tag, client, attr.ino, TAG_VOLUME) for _, attr in dirs]
+                )
+                for (name, attr), tag in zip(dirs, tags, strict=True):
+                    child = f"{path}/{name.decode(errors='replace')}"
+                    if tag is not None:
+                        return child
+                    todo.append((attr.ino, child))
+        return None
 
     async def _subpath(self, name: str, params: VolumeParams) -> str:
         labels = annotations = None
@@ -314,11 +378,11 @@ class ControllerService:
         async with self._names.hold(request.name):
             subpath = await self._subpath(request.name, params)
             try:
-                ref = params.ref(subpath)
+                ref = params.ref(subpath, request.name)
                 volume_id = ref.volume_id()
             except ValueError as exc:
                 invalid(str(exc))
-            async with self._paths.hold((ref.master_addrs, ref.path)):
+            async with self._paths.hold(self._place(ref)):
                 with cluster_errors(f"creating {ref.path} on {ref.master_addrs}"):
                     client = await self._client(ref.master_addrs, token)
                     capacity = await self._ensure(
@@ -336,6 +400,7 @@ class ControllerService:
         """The volume's directory exists, tagged for `volume_id` and held by `name`; returns
         its quota."""
         tags = {TAG_VOLUME: volume_id.encode(), TAG_OWNER: name.encode()}
+        await self._refuse_nesting(client, ref)
         try:
             await self._mkvolume(client, ref, tags, size)
             created = True
@@ -382,11 +447,14 @@ class ControllerService:
         )
         if tag is None:
             fail(Status.ALREADY_EXISTS, f"{ref.path} exists and was not created by fusecsi")
-        if tag != volume_id.encode():
-            other = tag.decode(errors="replace")
-            fail(Status.ALREADY_EXISTS, f"{ref.path} belongs to another volume ({other})")
-        if owner is None:
-            # a retained volume's directory, released by DeleteVolume: adopt it
+        held = tag_ref(tag)
+        ours = owner in (None, name.encode()) and held is not None and ref.same_but_digest(held)
+        if ours and tag != volume_id.encode():
+            # a retained volume's directory, or this one made under a version 1 id: tagged
+            # for this volume first, so the old volume's DeleteVolume no longer matches it
+            await self._durably(client, client.setxattr, entry.ino, TAG_VOLUME, volume_id.encode())
+            tag = volume_id.encode()
+        if ours and owner is None:  # released by DeleteVolume (retain): adopt it
             await self._together(
                 (client.setxattr, entry.ino, TAG_OWNER, name.encode()),
                 (client.set_quota, entry.ino, size, None),
@@ -395,12 +463,15 @@ class ControllerService:
             log.info("volume adopted", extra=fields(volume_id=volume_id, path=ref.path, name=name))
             VOLUMES_CREATED.add(ref.on_delete)
             return size
-        if owner != name.encode():
+        if owner is not None and owner != name.encode():
             fail(
                 Status.ALREADY_EXISTS,
                 f"{ref.path} is in use by volume {owner.decode(errors='replace')!r}; "
                 "give path-pattern a placeholder that tells volumes apart",
             )
+        if tag != volume_id.encode():
+            other = tag.decode(errors="replace")
+            fail(Status.ALREADY_EXISTS, f"{ref.path} belongs to another volume ({other})")
         if quota is None:
             await self._durably(client, client.set_quota, entry.ino, size, None)
             return size
@@ -422,45 +493,72 @@ class ControllerService:
             return pb.DeleteVolumeResponse()
         volume_id = ref.volume_id()
         token = self._token(request)
-        async with self._paths.hold((ref.master_addrs, ref.path)):
+        async with self._paths.hold(self._place(ref)):
             with cluster_errors(f"deleting {ref.path} on {ref.master_addrs}"):
                 client = await self._client(ref.master_addrs, token)
                 entry, tag = await self._find(client, ref)
                 if entry is None:
                     log.info("volume already gone", extra=fields(volume_id=volume_id))
                     return pb.DeleteVolumeResponse()
-                if tag != volume_id.encode():
-                    log.warning(
-                        "refusing to delete",
+                if tag != volume_id.encode() and tag_ref(tag) is not None:
+                    # another volume has the directory now (its path was given again): the
+                    # one asked for is gone, and what is there is not ours to touch
+                    log.info(
+                        "volume already gone; its directory belongs to another volume",
                         extra=fields(volume_id=volume_id, path=ref.path, tag=tag),
                     )
-                    message = (
-                        f"refusing to {ref.on_delete} {ref.path}: it is not tagged as "
-                        f"fusecsi volume {volume_id} (found {tag!r}); nothing was changed"
+                    return pb.DeleteVolumeResponse()
+                if tag != volume_id.encode():
+                    self._refuse_delete(
+                        ref,
+                        volume_id,
+                        f"it is not tagged as fusecsi volume {volume_id} (found {tag!r})",
                     )
-                    DELETE_REFUSALS.add()
-                    self.events.post_on_volume(volume_id, "DeleteRefused", message)
-                    fail(Status.FAILED_PRECONDITION, message)
+                if ref.on_delete != "retain":  # retain leaves the whole tree where it is
+                    nested = await self._nested_volume(client, entry, ref.path)
+                    if nested is not None:
+                        self._refuse_delete(ref, volume_id, f"volume {nested} is inside it")
                 await self._apply_policy(client, ref, entry, volume_id)
                 await self._call(client.sync_journal)
                 VOLUMES_DELETED.add(ref.on_delete)
         return pb.DeleteVolumeResponse()
+
+    def _refuse_delete(self, ref: VolumeRef, volume_id: str, why: str) -> NoReturn:
+        log.warning("refusing to delete", extra=fields(volume_id=volume_id, path=ref.path, why=why))
+        message = f"refusing to {ref.on_delete} {ref.path}: {why}; nothing was changed"
+        DELETE_REFUSALS.add()
+        self.events.post_on_volume(volume_id, "DeleteRefused", message)
+        fail(Status.FAILED_PRECONDITION, message)
+
+    @staticmethod
+    def _place(ref: VolumeRef) -> tuple[str, str]:
+        """The lock for changes at `ref.path`. Volumes that could nest share their first
+        path segment, so one lock for them makes create's nesting check and its mkvolume
+        one step."""
+        return ref.master_addrs, ref.path.split("/")[1]
 
     async def _apply_policy(self, client, ref: VolumeRef, entry, volume_id: str) -> None:
         if ref.on_delete == "delete":
             await self._call(client.remove_tree, ref.path)
             log.info("volume deleted", extra=fields(volume_id=volume_id, path=ref.path))
         elif ref.on_delete == "archive":
-            new_name = archive_name(ref.name, time.time())
             parent = await self._call(client.resolve, ref.parent_path)
-            await self._call(
-                client.rename,
-                parent.ino,
-                ref.name.encode(),
-                parent.ino,
-                new_name.encode(),
-                RENAME_NOREPLACE,
-            )
+            now = time.time()
+            for attempt in range(ARCHIVE_ATTEMPTS):
+                new_name = archive_name(ref.name, now, attempt)
+                try:
+                    await self._call(
+                        client.rename,
+                        parent.ino,
+                        ref.name.encode(),
+                        parent.ino,
+                        new_name.encode(),
+                        RENAME_NOREPLACE,
+                    )
+                    break
+                except ClusterError as exc:  # that name is taken: the next one
+                    if exc.errno != errno.EEXIST or attempt == ARCHIVE_ATTEMPTS - 1:
+                        raise
             log.info(
                 "volume archived",
                 extra=fields(volume_id=volume_id, path=ref.path, archived_as=new_name),
@@ -502,7 +600,7 @@ class ControllerService:
             if problem:
                 invalid(problem)
         ref = self._parse_existing(request.volume_id)
-        async with self._paths.hold((ref.master_addrs, ref.path)):
+        async with self._paths.hold(self._place(ref)):
             with cluster_errors(f"expanding {ref.path} on {ref.master_addrs}"):
                 client, entry = await self._existing(ref, request)
                 current = await self._quota(client, entry.ino)

@@ -1,8 +1,12 @@
 """Volume ids, StorageClass parameters and the paths they produce.
 
 A volume id is self-describing, so DeleteVolume and ControllerExpandVolume need nothing but
-the id: `1;<d|r|a>;<master-addrs>;<fs-path>;<subpath>` with `%` and `;` percent-escaped,
-at most 128 bytes. Every path that leaves this module has been checked to stay inside its
+the id: `2;<d|r|a>;<name digest>;<master-addrs>;<fs-path>;<subpath>` with `%` and `;`
+percent-escaped, at most 128 bytes. The name digest (8 hex digits of sha256 over the
+CreateVolume name, which is unique per PVC) tells apart two volumes that were given the same
+directory one after the other (a PVC deleted and re-created under the same name). Version 1
+ids (`1;<d|r|a>;<master-addrs>;<fs-path>;<subpath>`, made before it) still parse; they name
+only a path. Every path that leaves this module has been checked to stay inside its
 fs-path: no `.`/`..`, no empty or absolute pieces, no over-long names.
 """
 
@@ -12,7 +16,7 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fusecsi import mount_options
 
@@ -21,7 +25,9 @@ MAX_VOLUME_ID = 128
 MAX_NAME_BYTES = 255
 MAX_SUBPATH_SEGMENTS = 8
 MAX_FS_PATH_BYTES = 4096
-ID_VERSION = "1"
+ID_VERSION = "2"
+ID_VERSION_PATH_ONLY = "1"
+NAME_DIGEST_CHARS = 8
 
 # volume context keys (a static PV carries the same keys in volumeAttributes)
 CTX_MASTER_ADDRS = "master-addrs"
@@ -47,6 +53,12 @@ _ON_DELETE_NAMES = {code: name for name, code in ON_DELETE_CODES.items()}
 _HOST_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _ESCAPE = {"%": "%25", ";": "%3B"}
 _ESCAPED = re.compile(r"%(25|3[bB])")
+_DIGEST = re.compile(rf"^[0-9a-f]{{{NAME_DIGEST_CHARS}}}$")
+
+
+def name_digest(name: str) -> str:
+    """What a volume id keeps of the CreateVolume name: enough to tell two volumes apart."""
+    return hashlib.sha256(name.encode()).hexdigest()[:NAME_DIGEST_CHARS]
 
 
 def normalize_master_addrs(text: str) -> str:
@@ -163,12 +175,14 @@ def _unescape(text: str) -> str:
 
 @dataclass(frozen=True)
 class VolumeRef:
-    """Where a volume lives and what DeleteVolume does with it."""
+    """Where a volume lives, what DeleteVolume does with it and (`name_digest`, empty in
+    version 1 ids) which CreateVolume made it."""
 
     master_addrs: str
     fs_path: str
     subpath: str
     on_delete: str = "delete"
+    name_digest: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "master_addrs", normalize_master_addrs(self.master_addrs))
@@ -176,6 +190,8 @@ class VolumeRef:
         validate_subpath(self.subpath)
         if self.on_delete not in ON_DELETE_CODES:
             raise ValueError(f"on-delete {self.on_delete!r}: expected one of delete|retain|archive")
+        if self.name_digest and not _DIGEST.match(self.name_digest):
+            raise ValueError(f"name digest {self.name_digest!r}: expected {NAME_DIGEST_CHARS} hex")
 
     @property
     def path(self) -> str:
@@ -192,7 +208,9 @@ class VolumeRef:
         return self.subpath.rsplit("/", 1)[-1]
 
     def volume_id(self) -> str:
-        text = _id_text(self.on_delete, self.master_addrs, self.fs_path, self.subpath)
+        text = _id_text(
+            self.on_delete, self.name_digest, self.master_addrs, self.fs_path, self.subpath
+        )
         size = len(text.encode())
         if size > MAX_VOLUME_ID:
             raise ValueError(
@@ -203,14 +221,26 @@ class VolumeRef:
 
     @classmethod
     def from_volume_id(cls, text: str) -> VolumeRef:
+        """The volume an id names; ValueError unless it is one CreateVolume could have
+        answered (which includes: its canonical form fits in 128 bytes)."""
         parts = text.split(";") if isinstance(text, str) else []
-        if len(parts) != 5 or parts[0] != ID_VERSION:
+        if parts[:1] == [ID_VERSION_PATH_ONLY]:
+            parts.insert(2, "")  # no name digest
+        elif parts[:1] != [ID_VERSION] or len(parts) < 3 or not parts[2]:
+            raise ValueError(f"not a fusecsi volume id: {text!r}")
+        if len(parts) != 6:
             raise ValueError(f"not a fusecsi volume id: {text!r}")
         on_delete = _ON_DELETE_NAMES.get(parts[1])
         if on_delete is None:
             raise ValueError(f"volume id {text!r}: unknown on-delete code {parts[1]!r}")
-        addrs, fs_path, subpath = (_unescape(p) for p in parts[2:])
-        return cls(addrs, fs_path, subpath, on_delete)
+        addrs, fs_path, subpath = (_unescape(p) for p in parts[3:])
+        ref = cls(addrs, fs_path, subpath, on_delete, parts[2])
+        ref.volume_id()  # one CreateVolume could not have answered: ValueError
+        return ref
+
+    def same_but_digest(self, other: VolumeRef) -> bool:
+        """The same directory and policy, whichever CreateVolume made it."""
+        return replace(other, name_digest=self.name_digest) == self
 
     def context(self, options: mount_options.MountOptions) -> dict[str, str]:
         return {
@@ -221,9 +251,10 @@ class VolumeRef:
         }
 
 
-def _id_text(on_delete: str, master_addrs: str, fs_path: str, subpath: str) -> str:
-    pieces = (master_addrs, fs_path, subpath)
-    return ";".join([ID_VERSION, ON_DELETE_CODES[on_delete], *map(_escape, pieces)])
+def _id_text(on_delete: str, digest: str, master_addrs: str, fs_path: str, subpath: str) -> str:
+    code = ON_DELETE_CODES[on_delete]
+    version = [ID_VERSION, code, digest] if digest else [ID_VERSION_PATH_ONLY, code]
+    return ";".join([*version, *map(_escape, (master_addrs, fs_path, subpath))])
 
 
 def default_subpath(name: str, master_addrs: str, fs_path: str, on_delete: str) -> str:
@@ -231,7 +262,8 @@ def default_subpath(name: str, master_addrs: str, fs_path: str, on_delete: str) 
     hash of the whole name when the volume id would not fit otherwise (names may be longer
     than the id allows; Kubernetes' pvc-<uuid> names always fit)."""
     validate_name(name)
-    budget = MAX_VOLUME_ID - len(_id_text(on_delete, master_addrs, fs_path, "").encode())
+    room = _id_text(on_delete, "0" * NAME_DIGEST_CHARS, master_addrs, fs_path, "")
+    budget = MAX_VOLUME_ID - len(room.encode())
     if len(_escape(name).encode()) <= budget:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:16]
@@ -344,10 +376,13 @@ class VolumeParams:
         metadata = {PV_NAME: name, **self.metadata}
         return self.pattern.expand(metadata, labels, annotations)
 
-    def ref(self, subpath: str) -> VolumeRef:
+    def ref(self, subpath: str, name: str) -> VolumeRef:
+        """The volume CreateVolume `name` makes at `subpath`."""
         if self.master_addrs is None:
             raise ValueError(f"{P_MASTER_ADDRS} is required")
-        return VolumeRef(self.master_addrs, self.fs_path, subpath, self.on_delete)
+        return VolumeRef(
+            self.master_addrs, self.fs_path, subpath, self.on_delete, name_digest(name)
+        )
 
 
 def parse_parameters(params: Mapping[str, str], *, require_master: bool = True) -> VolumeParams:

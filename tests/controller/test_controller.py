@@ -12,6 +12,7 @@ import errno
 import re
 import signal
 import stat
+import time
 import urllib.request
 
 import pytest
@@ -37,6 +38,7 @@ from fusecsi import grpc_bridge, mount_options
 from fusecsi.cluster.client import ClusterError
 from fusecsi.cluster.local import LocalCluster, free_port
 from fusecsi.csi import csi_pb2 as pb
+from fusecsi.volumes import PV_NAME, PVC_NAME, PVC_NAMESPACE, name_digest
 
 __all__ = ["cluster", "controller", "csi", "kube_api", "module_spawn"]  # fixtures
 
@@ -97,7 +99,7 @@ async def test_create_with_defaults_tags_and_sizes_the_directory(csi, cluster):
     volume = reply.volume
     # sanity: no capacity -> a documented default
     assert volume.capacity_bytes == GiB
-    assert volume.volume_id == f"1;d;{cluster.master_addrs};/;{name}"
+    assert volume.volume_id == f"2;d;{name_digest(name)};{cluster.master_addrs};/;{name}"
     assert dict(volume.volume_context) == {
         "master-addrs": cluster.master_addrs,
         "fs-path": "/",
@@ -135,6 +137,12 @@ async def test_create_is_idempotent_and_refuses_another_capacity(csi, cluster):
     assert (await csi("CreateVolume", create_request(name, params(cluster)))).volume == one.volume
     bigger = create_request(name, params(cluster), required=2 * GiB, limit=2 * GiB)
     await expect(Status.ALREADY_EXISTS, csi("CreateVolume", bigger), "incompatible")
+    # a volume whose quota went missing gets it back from the retry
+    async with open_client(cluster.master_addrs) as client:
+        ino = (await client.resolve(f"/{name}")).ino
+        await client.set_quota(ino, None, None)
+        assert (await csi("CreateVolume", first)) == one
+        assert (await client.get_quota(ino)).max_bytes == GiB
 
 
 async def test_twenty_concurrent_identical_creates(csi, cluster):
@@ -159,16 +167,29 @@ async def test_concurrent_create_and_delete_of_one_volume_stay_consistent(csi, c
     request = create_request(name, params(cluster))
     volume_id = (await csi("CreateVolume", request)).volume.volume_id
     delete = pb.DeleteVolumeRequest(volume_id=volume_id)
+    answers = []
+
+    async def one(method, req):
+        answers.append(await csi(method, req))
+
     async with trio.open_nursery() as nursery:
         for i in range(16):
             nursery.start_soon(
-                csi, "CreateVolume" if i % 2 else "DeleteVolume", request if i % 2 else delete
+                one, "CreateVolume" if i % 2 else "DeleteVolume", request if i % 2 else delete
             )
+    assert len(answers) == 16  # every call succeeds, in whatever order they ran
     async with open_client(cluster.master_addrs) as client:
         entries = await names_in(client, "/")
-        if name.encode() in entries:
+        if name.encode() in entries:  # a create ran last: the whole volume is there
             attr = await client.resolve(f"/{name}")
             assert await client.getxattr(attr.ino, VOLUME_TAG) == volume_id.encode()
+            assert await client.getxattr(attr.ino, OWNER_TAG) == name.encode()
+            assert (await client.get_quota(attr.ino)).max_bytes == GiB
+        else:  # a delete ran last: a create now makes it again, a delete finds it gone
+            assert (await csi("CreateVolume", request)).volume.volume_id == volume_id
+            await csi("DeleteVolume", delete)
+            await csi("DeleteVolume", delete)
+            assert name.encode() not in await names_in(client, "/")
         assert not [n for n in entries if n.startswith(b".fusecsi")]
 
 
@@ -258,6 +279,7 @@ BAD_CREATES = [
         },
         "volume_content_source",
     ),
+    ("mutable parameters", {"mutable_parameters": {"a": "b"}}, "mutable_parameters"),
     ("volume too long for an id", {"fs-path": "/" + "f" * 120, "path-pattern": "p"}, "128"),
 ]
 
@@ -272,7 +294,7 @@ async def test_bad_create_requests_are_invalid_argument(csi, cluster, what, chan
         "parameters": params(cluster),
     }
     for key, value in change.items():
-        if key in fields or key == "volume_content_source":
+        if key in fields or key in ("volume_content_source", "mutable_parameters"):
             fields[key] = value
         else:
             fields["parameters"][key] = value
@@ -363,7 +385,13 @@ async def test_delete_policies(csi, cluster):
             ),
         )
         adopted = (await csi("CreateVolume", request)).volume
-        assert adopted.volume_id == ids["retain"]
+        assert adopted.volume_id == ids["retain"].replace(
+            name_digest("pv-retain"), name_digest("pv-retain-2")
+        )
+        assert await client.getxattr(retained.ino, OWNER_TAG) == b"pv-retain-2"
+        assert await client.getxattr(retained.ino, VOLUME_TAG) == adopted.volume_id.encode()
+        # the old volume's DeleteVolume sent again leaves the new holder alone
+        await csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=ids["retain"]))
         assert await client.getxattr(retained.ino, OWNER_TAG) == b"pv-retain-2"
 
 
@@ -385,14 +413,18 @@ async def test_delete_never_touches_what_fusecsi_did_not_create(csi, cluster):
                 csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=forged)),
                 "not tagged",
             )
-        # a directory tagged for another volume is refused too
+        # a directory tagged for another volume is that one's: the volume asked for is gone
         await client.setxattr(home.ino, VOLUME_TAG, b"1;d;elsewhere:1;/;x")
         forged = f"1;d;{cluster.master_addrs};{base};home"
+        await csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=forged))
+        await expect(Status.ALREADY_EXISTS, csi("CreateVolume", request), "another volume")
+        # ... and a tag that names no volume is refused
+        await client.setxattr(home.ino, VOLUME_TAG, b"garbage")
         await expect(
             Status.FAILED_PRECONDITION,
             csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=forged)),
+            "not tagged",
         )
-        await expect(Status.ALREADY_EXISTS, csi("CreateVolume", request), "another volume")
         # a file where the volume's directory would be
         await client.create((await client.resolve(base)).ino, b"afile", 0o644, 0, 0)
         file_id = f"1;d;{cluster.master_addrs};{base};afile"
@@ -400,6 +432,8 @@ async def test_delete_never_touches_what_fusecsi_did_not_create(csi, cluster):
             Status.FAILED_PRECONDITION,
             csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=file_id)),
         )
+        file_volume = create_request("afile", params(cluster, **{"fs-path": base}))
+        await expect(Status.ALREADY_EXISTS, csi("CreateVolume", file_volume), "not a directory")
         assert sorted(await names_in(client, base)) == [b"afile", b"home"]
         assert await client.read(f.ino, 0, 100) == b"years of work"
 
@@ -572,6 +606,10 @@ async def test_cluster_down_is_unavailable_and_loses_nothing(module_spawn, tmp_p
 
             wrong = create_request("pv-other", params(down), secrets={"token": "wrong"})
             await expect(Status.PERMISSION_DENIED, call("Controller", "CreateVolume", wrong))
+            forged = pb.DeleteVolumeRequest(volume_id=volume.volume_id, secrets={"token": "x"})
+            await expect(Status.PERMISSION_DENIED, call("Controller", "DeleteVolume", forged))
+            async with open_client(down.master_addrs, token) as client:
+                assert await names_in(client, "/") == [b"pv-keep"]
 
             down.kill_master()
             delete = pb.DeleteVolumeRequest(volume_id=volume.volume_id, secrets=secrets)
@@ -627,7 +665,7 @@ async def test_several_master_addresses_fail_over(csi, cluster):
     volume = (await csi("CreateVolume", request)).volume
     expected = ",".join(sorted([cluster.master_addrs, dead]))
     assert volume.volume_context["master-addrs"] == expected
-    assert volume.volume_id.split(";")[2] == expected
+    assert volume.volume_id.split(";")[3] == expected
     await csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=volume.volume_id))
 
 
@@ -638,3 +676,143 @@ def test_archive_names_stay_within_255_bytes():
     long = archive_name("é" * 127, 1_795_000_000)
     assert len(long.encode()) <= 255 and long.endswith(".archived-20261118T110640Z")
     assert long.startswith("é")
+
+
+@pytest.mark.parametrize("policy", ["delete", "archive", "retain"])
+async def test_a_reused_pvc_name_never_touches_the_new_volume(csi, cluster, policy):
+    """Issue 14 item 9: a PVC deleted and re-created under its name gets the same directory
+    from a namespace-name path-pattern; external-provisioner then sends DeleteVolume for the
+    old volume again (when it drops its finalizer). That call must leave the new one alone."""
+    base, namespace = unique("/reuse"), unique("ns")
+
+    def request(pv: str):
+        meta = {PVC_NAMESPACE: namespace, PVC_NAME: "data-web-0", PV_NAME: pv}
+        pattern = "${pvc.metadata.namespace}-${pvc.metadata.name}"
+        extra = {"fs-path": base, "on-delete": policy, "path-pattern": pattern, **meta}
+        return create_request(pv, params(cluster, **extra))
+
+    old = (await csi("CreateVolume", request("pvc-old"))).volume.volume_id
+    # re-created before the old volume is deleted: refused until it is
+    await expect(Status.ALREADY_EXISTS, csi("CreateVolume", request("pvc-new")), "pvc-old")
+    await csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=old))
+    new = (await csi("CreateVolume", request("pvc-new"))).volume.volume_id
+    assert new != old
+    path = f"{base}/{namespace}-data-web-0"
+    async with open_client(cluster.master_addrs) as client:
+        ino = (await client.resolve(path)).ino
+        f = await client.create(ino, b"new-data", 0o644, 0, 0)
+        await client.write(f.ino, 0, b"fresh")
+        await client.commit(f.ino, 5)
+        before = await names_in(client, base)
+        for _ in range(2):
+            await csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=old))
+        expand = pb.ControllerExpandVolumeRequest(
+            volume_id=old, capacity_range=pb.CapacityRange(required_bytes=5 * GiB)
+        )
+        await expect(Status.NOT_FOUND, csi("ControllerExpandVolume", expand))
+        assert await names_in(client, base) == before
+        assert (await client.resolve(path)).ino == ino
+        assert await client.getxattr(ino, VOLUME_TAG) == new.encode()
+        assert await client.getxattr(ino, OWNER_TAG) == b"pvc-new"
+        assert (await client.get_quota(ino)).max_bytes == GiB
+        assert await client.read(f.ino, 0, 10) == b"fresh"
+        # the new volume's own DeleteVolume applies the policy
+        await csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=new))
+        if policy == "retain":
+            with pytest.raises(ClusterError) as err:
+                await client.getxattr(ino, OWNER_TAG)
+            assert err.value.errno == errno.ENODATA
+        else:
+            assert f"{namespace}-data-web-0".encode() not in await names_in(client, base)
+
+
+async def test_volumes_never_nest(csi, cluster):
+    """Issue 23: deleting or archiving a volume would take a volume inside it along."""
+    base = unique("/nest")
+
+    def request(name: str, pattern: str, policy: str = "delete"):
+        extra = {"fs-path": base, "path-pattern": pattern, "on-delete": policy}
+        return create_request(name, params(cluster, **extra))
+
+    outer = (await csi("CreateVolume", request("pv-outer", "team"))).volume.volume_id
+    await expect(
+        Status.FAILED_PRECONDITION,
+        csi("CreateVolume", request("pv-inner", "team/${pv.metadata.name}")),
+        f"inside volume {re.escape(outer)}",
+    )
+    # the other way round: a volume's ancestor is no volume of its own
+    await csi("CreateVolume", request("pv-low", "crew/${pv.metadata.name}"))
+    await expect(
+        Status.ALREADY_EXISTS, csi("CreateVolume", request("pv-crew", "crew")), "not created by"
+    )
+    # fs-path of another class inside a volume, two levels below it
+    below = create_request("pv-below", params(cluster, **{"fs-path": f"{base}/team/sub"}))
+    await expect(Status.FAILED_PRECONDITION, csi("CreateVolume", below), f"at {base}/team;")
+    top = unique("top")  # a volume right below the root, and one two levels inside it
+    await csi("CreateVolume", create_request(top, params(cluster)))
+    inside = create_request("pv-inside", params(cluster, **{"fs-path": f"/{top}/a"}))
+    await expect(Status.FAILED_PRECONDITION, csi("CreateVolume", inside), f"at /{top};")
+    async with open_client(cluster.master_addrs) as client:
+        assert await names_in(client, f"{base}/team") == []
+        # volumes an older controller let nest: the outer one's delete or archive is
+        # refused, naming the inner one; retain keeps everything and may go ahead
+        for policy in ("delete", "archive", "retain"):
+            outer = (await csi("CreateVolume", request(f"pv-{policy}", policy, policy))).volume
+            home = await client.resolve(f"{base}/{policy}")
+            inner = await client.mkdir(home.ino, b"deep", 0o755, 0, 0)
+            inner = await client.mkdir(inner.ino, b"inner", 0o755, 0, 0)
+            await client.setxattr(inner.ino, VOLUME_TAG, b"1;d;m:1;/;legacy")
+            delete = csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=outer.volume_id))
+            if policy == "retain":
+                await delete
+            else:
+                await expect(Status.FAILED_PRECONDITION, delete, f"{policy}/deep/inner is inside")
+            assert (await client.resolve(f"{base}/{policy}/deep/inner")).ino == inner.ino
+            assert await client.getxattr(home.ino, VOLUME_TAG) == outer.volume_id.encode()
+
+
+async def test_over_long_volume_ids_name_no_volume(csi, cluster):
+    """Issue 23: a well-formed id whose canonical form passes 128 bytes was answered
+    INTERNAL by DeleteVolume; no CreateVolume answered it, so the volume does not exist."""
+    for volume_id in (
+        f"1;d;{cluster.master_addrs};/;" + "v" * 200,
+        f"2;d;{name_digest('x')};{cluster.master_addrs};/;" + "v" * 120,
+    ):
+        await csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=volume_id))
+        expand = pb.ControllerExpandVolumeRequest(
+            volume_id=volume_id, capacity_range=pb.CapacityRange(required_bytes=GiB)
+        )
+        await expect(Status.NOT_FOUND, csi("ControllerExpandVolume", expand))
+
+
+async def test_archive_names_never_collide(csi, cluster):
+    """Archives of one path within a second: each takes the next free name; with every name
+    taken the delete is refused and nothing moves."""
+    from fusecsi.controller import ARCHIVE_ATTEMPTS, archive_name
+
+    base = unique("/archives")
+    async with open_client(cluster.master_addrs) as client:
+        for directory, free in [("vol", ARCHIVE_ATTEMPTS - 1), ("all", None)]:
+            extra = {"fs-path": base, "on-delete": "archive", "path-pattern": directory}
+            request = create_request(f"pv-{directory}", params(cluster, **extra))
+            volume_id = (await csi("CreateVolume", request)).volume.volume_id
+            parent = await client.resolve(base)
+            now = time.time()
+            taken = {  # every name the archive could take in the next minute, but `free`
+                archive_name(directory, now + second, attempt).encode()
+                for second in range(-1, 60)
+                for attempt in range(ARCHIVE_ATTEMPTS)
+                if attempt != free
+            }
+            for name in taken:
+                await client.mkdir(parent.ino, name, 0o755, 0, 0)
+            delete = csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=volume_id))
+            left = set(await names_in(client, base)) - taken
+            if free is None:
+                await expect(Status.FAILED_PRECONDITION, delete, "EEXIST")
+                assert directory.encode() in await names_in(client, base)
+            else:
+                await delete
+                [archived] = set(await names_in(client, base)) - taken - left
+                pattern = rf"vol\.archived-\d{{8}}T\d{{6}}Z-{free}".encode()
+                assert re.fullmatch(pattern, archived), archived

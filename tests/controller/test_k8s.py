@@ -51,7 +51,7 @@ async def test_api_that_does_not_answer(kube_api, tmp_path):
         for url in (f"http://127.0.0.1:{silent.getsockname()[1]}", "http://127.0.0.1:9"):
             kube_api_copy = type(kube_api)(url=url)
             path = kube_api_copy.write_kubeconfig(tmp_path / "kubeconfig")
-            with pytest.raises(KubeUnavailable):
+            with pytest.raises(KubeUnavailable, match="claim|did not answer"):
                 await KubeApi(str(path), timeout=0.5).pvc_metadata("ns", "claim")
     finally:
         silent.close()

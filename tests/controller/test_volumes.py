@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fusecsi import mount_options
 from fusecsi.volumes import (
+    MAX_FS_PATH_BYTES,
     MAX_VOLUME_ID,
     PV_NAME,
     PVC_NAME,
@@ -15,6 +18,7 @@ from fusecsi.volumes import (
     PathPattern,
     VolumeRef,
     default_subpath,
+    name_digest,
     normalize_fs_path,
     normalize_master_addrs,
     parse_parameters,
@@ -36,12 +40,23 @@ def test_master_addrs_normalised(text, expected):
     assert normalize_master_addrs(text) == expected
 
 
+def test_master_addrs_limits():
+    assert normalize_master_addrs("a:65535") == "a:65535"
+    assert normalize_master_addrs("a:1") == "a:1"
+    host = ".".join(["h" * 63] * 3 + ["h" * 61])  # 253 bytes, the longest host name
+    assert normalize_master_addrs(host) == f"{host}:8995"
+    with pytest.raises(ValueError, match="not a host name"):
+        normalize_master_addrs(host + "h")
+    with pytest.raises(ValueError, match="not a host name"):
+        normalize_master_addrs("h" * 64)  # a label is at most 63 bytes
+
+
 @pytest.mark.parametrize(
     "text",
     ["", " ", "a:0", "a:65536", "a:x", "a,,b", "a b:1", "::1", "[::1", "[zz]:1", "-a:1", "a_b"],
 )
 def test_bad_master_addrs(text):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="master"):
         normalize_master_addrs(text)
 
 
@@ -49,8 +64,13 @@ def test_fs_path_rules():
     assert normalize_fs_path("/") == "/"
     assert normalize_fs_path("/a/b/") == "/a/b"
     for bad in ["", "a", "/a//b", "/a/../b", "/./a", "//", "/a\x00b", "/" + "x" * 256]:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="fs-path"):
             normalize_fs_path(bad)
+    longest = "/" + "/".join(["x" * 255] * 16)  # 16 names of 255 bytes: 4096 bytes
+    assert len(longest.encode()) == MAX_FS_PATH_BYTES
+    assert normalize_fs_path(longest) == longest
+    with pytest.raises(ValueError, match="longer than 4096"):
+        normalize_fs_path(longest[:-2] + "/xx")
 
 
 @pytest.mark.parametrize(
@@ -58,21 +78,38 @@ def test_fs_path_rules():
     ["", "/abs", "a/../b", "..", ".", "a//b", "a/", "a/./b", "x" * 256, "/".join("a" * 9), "a\nb"],
 )
 def test_subpath_traversal_and_shape_refused(text):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="subpath"):
         validate_subpath(text)
 
 
 def test_subpath_accepts_eight_segments_and_255_byte_names():
     assert validate_subpath("/".join("abcdefgh"))
-    assert validate_subpath("é" * 127)  # 254 bytes
+    assert validate_subpath("é" * 127 + "x")  # 255 bytes
+    with pytest.raises(ValueError, match="256 bytes is longer than 255"):
+        validate_subpath("é" * 128)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("a\x7fb", "control characters"), ("a\x1fb", "control characters"), ("a\udcffb", "UTF-8")],
+)
+def test_subpath_characters_refused(text, message):
+    with pytest.raises(ValueError, match=message):
+        validate_subpath(text)
+    assert validate_subpath("a\x80b~ é")  # C1 and other printable characters are names
 
 
 def test_volume_id_round_trip_and_escaping():
-    ref = VolumeRef("B:1,a:2", "/base;x%", "ns;1/pvc%41", "archive")
+    ref = VolumeRef("B:1,a:2", "/base;x%", "ns;1/pvc%41", "archive", name_digest("pvc-1"))
     vid = ref.volume_id()
-    assert vid == "1;a;a:2,b:1;/base%3Bx%25;ns%3B1/pvc%2541"
+    assert vid == f"2;a;{name_digest('pvc-1')};a:2,b:1;/base%3Bx%25;ns%3B1/pvc%2541"
     back = VolumeRef.from_volume_id(vid)
     assert back == ref and back.path == "/base;x%/ns;1/pvc%41"
+    # version 1 ids (no name digest) still parse and name the same directory
+    old = VolumeRef.from_volume_id("1;a;a:2,b:1;/base%3Bx%25;ns%3B1/pvc%2541")
+    assert old.name_digest == "" and old.path == back.path and old.same_but_digest(back)
+    assert old.volume_id() == "1;a;a:2,b:1;/base%3Bx%25;ns%3B1/pvc%2541"
+    assert not old.same_but_digest(VolumeRef("a:2,b:1", "/base;x%", "ns;1/pvc%41", "retain"))
     assert (back.parent_path, back.name) == ("/base;x%/ns;1", "pvc%41")
     assert VolumeRef("m:1", "/", "v").path == "/v"
     assert VolumeRef("m:1", "/", "v").parent_path == "/"
@@ -84,6 +121,13 @@ def test_volume_id_round_trip_and_escaping():
         "",
         "reallyfakevolumeid",
         "2;d;m:1;/;v",
+        "2;d;;m:1;/;v",
+        "2;d;0123456g;m:1;/;v",
+        "2;d;0123456;m:1;/;v",
+        "2;d;01234567;m:1;/;v;x",
+        "3;d;01234567;m:1;/;v",
+        "1;d;m:1;/;" + "v" * 119,  # 129 bytes: no CreateVolume answered it
+        "1;d;m;/;" + "v" * 120,  # 128 bytes, but 133 with the default port filled in
         "1;x;m:1;/;v",
         "1;d;m:1;/;v;extra",
         "1;d;m:1;/;../v",
@@ -96,7 +140,7 @@ def test_volume_id_round_trip_and_escaping():
     ],
 )
 def test_volume_ids_that_do_not_parse(text):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="volume id|more than 128|subpath|fs-path|master|digest"):
         VolumeRef.from_volume_id(text)
 
 
@@ -107,8 +151,12 @@ def test_volume_id_limit():
     with pytest.raises(ValueError, match="more than 128"):
         VolumeRef("m:1", "/", "v" * (MAX_VOLUME_ID - len(base) + 1)).volume_id()
     # escaping counts: one ';' costs three bytes
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="more than 128"):
         VolumeRef("m:1", "/", ";" * 40).volume_id()
+    digest = name_digest("x")
+    fits = VolumeRef("m:1", "/", "v" * (MAX_VOLUME_ID - len(base) - 9), name_digest=digest)
+    assert len(fits.volume_id()) == MAX_VOLUME_ID
+    assert VolumeRef.from_volume_id(fits.volume_id()) == fits
 
 
 names = st.text(
@@ -123,14 +171,19 @@ names = st.text(
     fs=st.lists(names, max_size=3),
     sub=st.lists(names, min_size=1, max_size=3),
     policy=st.sampled_from(["delete", "retain", "archive"]),
+    digest=st.sampled_from(["", name_digest("pvc-1")]),
 )
-def test_volume_id_round_trip_property(addrs, fs, sub, policy):
-    ref = VolumeRef(",".join(addrs), "/" + "/".join(fs), "/".join(sub), policy)
-    try:
-        vid = ref.volume_id()
-    except ValueError:
+def test_volume_id_round_trip_property(addrs, fs, sub, policy, digest):
+    ref = VolumeRef(",".join(addrs), "/" + "/".join(fs), "/".join(sub), policy, digest)
+    escaped = sum(2 * (ch in "%;") + len(ch.encode()) for ch in ref.fs_path + ref.subpath)
+    head = 6 + len(digest) + bool(digest)  # version, policy, digest and the separators
+    size = head + len(ref.master_addrs) + escaped
+    if size > MAX_VOLUME_ID:
+        with pytest.raises(ValueError, match=f"volume id would be {size} bytes"):
+            ref.volume_id()
         return
-    assert len(vid.encode()) <= MAX_VOLUME_ID
+    vid = ref.volume_id()
+    assert len(vid.encode()) == size
     assert VolumeRef.from_volume_id(vid) == ref
 
 
@@ -144,13 +197,22 @@ def test_default_subpath_always_fits_and_is_stable(name):
 
 def test_default_subpath_keeps_short_names_and_hashes_long_ones():
     assert default_subpath("pvc-1", "m:1", "/", "delete") == "pvc-1"
-    a = default_subpath("x" * 128, "m:1", "/", "delete")
-    b = default_subpath("x" * 127 + "y", "m:1", "/", "delete")
-    assert a != b and a.startswith("xxx")
-    with pytest.raises(ValueError):
+    # the id "2;d;<8 hex>;m:1;/;" leaves 109 bytes: a longer name keeps 92, '-', 16 hex
+    assert default_subpath("x" * 109, "m:1", "/", "delete") == "x" * 109
+    a = default_subpath("x" * 110, "m:1", "/", "delete")
+    assert a == "x" * 92 + "-" + hashlib.sha256(b"x" * 110).hexdigest()[:16]
+    b = default_subpath("x" * 109 + "y", "m:1", "/", "delete")
+    assert a != b and b.startswith("x" * 92 + "-")
+    # a ';' costs three bytes in the id: the kept prefix stops before one that does not fit
+    name = "x" * 91 + ";" + "x" * 30
+    c = default_subpath(name, "m:1", "/", "delete")
+    assert c == "x" * 91 + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    with pytest.raises(ValueError, match="'/'"):
         default_subpath("a/b", "m:1", "/", "delete")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not allowed"):
         default_subpath("..", "m:1", "/", "delete")
+    with pytest.raises(ValueError, match="no room"):
+        default_subpath("x" * 200, "m:1", "/" + "f" * 100, "delete")
 
 
 META = {PVC_NAMESPACE: "team-a", PVC_NAME: "data-web-0", PV_NAME: "pvc-123"}
@@ -172,7 +234,7 @@ def test_path_pattern_expansion():
     ["", "${pvc.metadata.uid}", "${pvc.metadata.labels.}", "${pvc.metadata.name", "${}", "a${b}"],
 )
 def test_path_pattern_syntax_errors(text):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="path-pattern"):
         PathPattern.parse(text)
 
 
@@ -190,7 +252,7 @@ def test_path_pattern_syntax_errors(text):
     ],
 )
 def test_path_pattern_results_stay_inside(pattern, annotations):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="path-pattern"):
         PathPattern.parse(pattern).expand(META, {}, annotations)
 
 
@@ -214,7 +276,8 @@ def test_parameters():
     assert (params.master_addrs, params.fs_path, params.on_delete) == ("m:1", "/k8s", "archive")
     assert params.options == mount_options.parse({"attr-timeout": "2"})
     assert params.subpath_for("pvc-9") == "claim"
-    assert params.ref("claim").volume_id() == "1;a;m:1;/k8s;claim"
+    digest = hashlib.sha256(b"pvc-9").hexdigest()[:8]
+    assert params.ref("claim", "pvc-9").volume_id() == f"2;a;{digest};m:1;/k8s;claim"
     defaults = parse_parameters({"master-addrs": "m"})
     assert (defaults.fs_path, defaults.on_delete, defaults.pattern) == ("/", "delete", None)
     assert defaults.subpath_for("pvc-9") == "pvc-9"
@@ -236,3 +299,47 @@ def test_parameters():
 def test_bad_parameters(params, message):
     with pytest.raises(ValueError, match=message):
         parse_parameters(params)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: normalize_master_addrs(""), "master-addrs is empty"),
+        (lambda: normalize_master_addrs(None), "master-addrs is empty"),
+        (lambda: normalize_master_addrs("a:1,,b:1"), "empty entry"),
+        (lambda: normalize_master_addrs("::1:80"), "write IPv6 addresses as"),
+        (lambda: validate_subpath(""), "subpath is empty"),
+        (lambda: validate_subpath(None), "subpath is empty"),
+        (lambda: validate_subpath("/v"), "must be relative"),
+        (lambda: VolumeRef("m:1", "/", "v", "shred"), "on-delete 'shred'"),
+        (lambda: VolumeRef.from_volume_id("1;x;m:1;/;v"), "unknown on-delete code 'x'"),
+        (lambda: VolumeRef.from_volume_id("2;d"), "not a fusecsi volume id"),
+        (lambda: parse_parameters({}, require_master=False).ref("v", "n"), "is required"),
+        (
+            lambda: PathPattern.parse("${pvc.metadata.labels.app}").expand(META, {}, {}),
+            "the PVC has no such label$",
+        ),
+        (
+            lambda: PathPattern.parse("${pvc.metadata.annotations.a}").expand(META, {}, {}),
+            "the PVC has no such annotation$",
+        ),
+    ],
+)
+def test_each_refusal_says_what_is_wrong(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_default_subpath_at_the_edge_of_the_budget():
+    # fs-path chosen so that exactly one byte of the name is left besides '-' and 16 hex
+    head = len("2;d;01234567;m:1;;")
+    fs_path = "/" + "f" * (MAX_VOLUME_ID - head - 18 - 1)
+    name = "abcdefghijklmnopqrs"  # 19 bytes: one more than fits
+    sub = default_subpath(name, "m:1", fs_path, "delete")
+    assert sub == "a-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    assert default_subpath(name[:-1], "m:1", fs_path, "delete") == name[:-1]
+    assert len(VolumeRef("m:1", fs_path, sub, name_digest=name_digest(name)).volume_id()) == 128
+    with pytest.raises(ValueError, match="no room"):
+        default_subpath(name, "m:1", fs_path + "f", "delete")
+    # without master-addrs (GetCapacity-style parameters) the name is kept as it is
+    assert parse_parameters({}, require_master=False).subpath_for("pvc-9") == "pvc-9"
