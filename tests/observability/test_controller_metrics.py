@@ -126,6 +126,8 @@ async def test_counters_and_a_refused_delete_event(metered, kube_api, module_spa
         assert on_pv["metadata"]["namespace"] == "default"
 
     assert on_claim["reason"] == "DeleteRefused" and on_claim["type"] == "Warning"
+    # what a person reads: no Python reprs
+    assert "None" not in on_claim["message"] and "b'" not in on_claim["message"]
     assert on_claim["involvedObject"] == {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
