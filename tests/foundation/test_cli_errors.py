@@ -155,3 +155,15 @@ def test_fs_on_a_wrong_address_says_why():
         f"fusecsi fs ls: ECONNREFUSED: no master answered resolve: "
         f"cannot connect to {refused}: connection refused"
     ]
+
+
+def test_mount_on_a_refusing_address_logs_one_json_line(tmp_path):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        refused = f"127.0.0.1:{closed.getsockname()[1]}"
+        proc = fusecsi("mount", "--master-addrs", refused, "--fs-path", "/", str(tmp_path))
+    assert proc.returncode == 1
+    (line,) = proc.stderr.splitlines()
+    assert json.loads(line)["err"] == (
+        f"ECONNREFUSED: no master answered resolve: cannot connect to {refused}: connection refused"
+    )
