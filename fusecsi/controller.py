@@ -90,6 +90,10 @@ CAPABILITIES = (
 )
 
 
+# the largest quota a volume gets: 2^63-1 (what a PVC of "8Ei" asks) would be no limit at all
+MAX_CAPACITY = 1 << 60
+
+
 def capacity_range(request: Any) -> tuple[int, int]:
     """(required, limit) bytes, 0 meaning unset."""
     if not request.HasField("capacity_range"):
@@ -99,6 +103,12 @@ def capacity_range(request: Any) -> tuple[int, int]:
         invalid("capacity_range must not be negative")
     if limit and required > limit:
         invalid(f"capacity_range required_bytes {required} exceeds limit_bytes {limit}")
+    if required > MAX_CAPACITY:
+        fail(
+            Status.OUT_OF_RANGE,
+            f"capacity_range required_bytes {required} is more than a volume can have "
+            f"(at most {MAX_CAPACITY} bytes, 1 EiB)",
+        )
     return required, limit
 
 

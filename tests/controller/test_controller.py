@@ -125,6 +125,13 @@ async def test_capacity_range_rules(csi, cluster):
     await expect(Status.INVALID_ARGUMENT, csi("CreateVolume", request), "exceeds")
     request = create_request(unique("cap"), params(cluster), required=-1)
     await expect(Status.INVALID_ARGUMENT, csi("CreateVolume", request), "negative")
+    # a PVC of 8Ei: no 8 EiB quota, a clear refusal
+    request = create_request(unique("cap"), params(cluster), required=2**63 - 1)
+    await expect(
+        Status.OUT_OF_RANGE,
+        csi("CreateVolume", request),
+        f"required_bytes {2**63 - 1} is more than a volume can have \\(at most {1 << 60} bytes",
+    )
 
 
 async def test_create_is_idempotent_and_refuses_another_capacity(csi, cluster):
