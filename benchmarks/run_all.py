@@ -4,8 +4,9 @@
     python benchmarks/run_all.py --quick    # short smoke runs
     python benchmarks/run_all.py --charts-only
 
-Each benchmark script prints its own table and writes benchmarks/results/<name>.json;
-this runner only sequences them and turns each JSON file into results/<name>.png.
+Each benchmark script prints its own table and writes benchmarks/results/<name>.json
+(results/quick/<name>.json with --quick: a smoke run never replaces committed numbers);
+this runner only sequences them and turns each JSON file into a PNG beside it.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import sys
 import time
 from pathlib import Path
 
+import _results  # noqa: E402 - benchmarks/ is on sys.path when run
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 
 
 def scripts() -> list[Path]:
-    return sorted(p for p in HERE.glob("*.py") if p.name != Path(__file__).name)
+    return sorted(
+        p for p in HERE.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_")
+    )
 
 
 # setup facts, sample counts and the spread around a median are not what a chart shows
@@ -88,7 +92,7 @@ def main() -> int:
             if subprocess.run(command, check=False).returncode != 0:
                 failed.append(script.name)
             print(f"    {script.name} took {time.monotonic() - started:.0f}s", flush=True)
-    for result in sorted(RESULTS.glob("*.json")):
+    for result in sorted(_results.directory(args.quick).glob("*.json")):
         print(f"chart: {chart(result)}")
     if failed:
         print(f"failed: {', '.join(failed)}")

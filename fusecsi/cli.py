@@ -3,11 +3,16 @@
 Role modules are imported only when their subcommand runs, so `fusecsi mount` (started
 once per FUSE daemon) does not pay for the gRPC or Kubernetes imports of other roles.
 Each role module provides `configure(parser)` and `run(args) -> int`.
+
+Every failure a user sees is one line and no traceback: a bad argument (exit 2) or a
+start-up/runtime error (exit 1), both naming what is wrong; roles that log JSON get it as
+their last JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -42,12 +47,95 @@ def _load(name: str):
         raise
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line (argparse's default prints the whole usage first)."""
+
+    roles: dict[str, argparse.ArgumentParser]
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _endpoint(value: str):
+    from fusecsi.unix_socket import endpoint_path
+
+    return endpoint_path(value)
+
+
+def _master_addrs(value: str):
+    # the parser the CSI side uses for `master-addrs`, so every role says the same thing
+    from fusecsi.volumes import normalize_master_addrs
+
+    return normalize_master_addrs(value)
+
+
+def _host_port(value: str):
+    from fusecsi.cluster.protocol import parse_addr
+
+    return parse_addr(value, 0)
+
+
+def _mountpoint(value: str):
+    """A missing path is a usage error; a dead FUSE mount on it is a runtime one, said so."""
+    import os
+    import stat
+
+    try:
+        info = os.stat(value)
+    except FileNotFoundError:
+        raise ValueError(f"mountpoint {value} does not exist") from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+            raise OSError(
+                exc.errno, f"mountpoint {value} is a dead FUSE mount: unmount it (umount -l)"
+            ) from None
+        raise
+    if not stat.S_ISDIR(info.st_mode):
+        raise ValueError(f"mountpoint {value} is not a directory")
+
+
+def _metrics_address(value: str):
+    from fusecsi.metrics import split_address
+
+    return split_address(value)
+
+
+# Flags several roles share, checked here once for every subcommand: dest -> check (raises
+# ValueError with the reason). The roles parse the values again as they always did.
+SHARED_FLAGS = {
+    "master_addrs": _master_addrs,
+    "listen": _host_port,
+    "advertise": _host_port,
+    "metrics_address": _metrics_address,
+    "endpoint": _endpoint,
+    "socket": _endpoint,
+    "mountd": _endpoint,
+    "mountpoint": _mountpoint,
+}
+
+
+def _check_shared_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """ValueError: a usage error (exit 2); OSError: a runtime one, raised to main."""
+    for dest, check in SHARED_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        try:
+            check(value)
+        except ValueError as exc:
+            # the mountpoint's message names it already
+            parser.error(str(exc) if dest == "mountpoint" else f"--{dest.replace('_', '-')}: {exc}")
+
+
 def build_parser(selected: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusecsi", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="fusecsi", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"fusecsi {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser.roles = {}
     for name, (_, help_text) in COMMANDS.items():
-        role_parser = sub.add_parser(name, help=help_text, description=help_text)
+        role_parser = parser.roles[name] = sub.add_parser(
+            name, help=help_text, description=help_text
+        )
         if name == selected:
             _load(name).configure(role_parser)
     return parser
@@ -58,8 +146,23 @@ def main(argv: list[str] | None = None) -> int:
     selected = next((a for a in argv if not a.startswith("-")), None)
     if selected not in COMMANDS:
         selected = None
-    args = build_parser(selected).parse_args(argv)
+    parser = build_parser(selected)
+    args = parser.parse_args(argv)
     if args.command is None:
         build_parser(None).print_help()
         return 2
-    return int(_load(args.command).run(args) or 0)
+    try:
+        _check_shared_flags(parser.roles[args.command], args)
+        return int(_load(args.command).run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        from fusecsi.errors import report, unwrap
+
+        leaf = unwrap(exc)
+        if isinstance(leaf, SystemExit):
+            raise leaf from None
+        if isinstance(leaf, KeyboardInterrupt):
+            return 130
+        report(args.command, leaf)
+        return 1

@@ -90,6 +90,10 @@ CAPABILITIES = (
 )
 
 
+# the largest quota a volume gets: 2^63-1 (what a PVC of "8Ei" asks) would be no limit at all
+MAX_CAPACITY = 1 << 60
+
+
 def capacity_range(request: Any) -> tuple[int, int]:
     """(required, limit) bytes, 0 meaning unset."""
     if not request.HasField("capacity_range"):
@@ -99,6 +103,12 @@ def capacity_range(request: Any) -> tuple[int, int]:
         invalid("capacity_range must not be negative")
     if limit and required > limit:
         invalid(f"capacity_range required_bytes {required} exceeds limit_bytes {limit}")
+    if required > MAX_CAPACITY:
+        fail(
+            Status.OUT_OF_RANGE,
+            f"capacity_range required_bytes {required} is more than a volume can have "
+            f"(at most {MAX_CAPACITY} bytes, 1 EiB)",
+        )
     return required, limit
 
 
@@ -330,6 +340,7 @@ class ControllerService:
 
     async def _subpath(self, name: str, params: VolumeParams) -> str:
         labels = annotations = None
+        claim_ref = ""
         if params.pattern is not None and params.pattern.needs_api:
             namespace, claim = params.metadata.get(PVC_NAMESPACE), params.metadata.get(PVC_NAME)
             if not namespace or not claim:
@@ -345,10 +356,16 @@ class ControllerService:
             except KubeError as exc:
                 fail(Status.FAILED_PRECONDITION, f"path-pattern: {exc}")
             labels, annotations = meta.labels, meta.annotations
+            claim_ref = f"{namespace}/{claim}"
         try:
             return params.subpath_for(name, labels, annotations)
         except ValueError as exc:
-            invalid(str(exc))
+            if not claim_ref:
+                invalid(str(exc))
+            # made from the PVC's labels or annotations: the user fixes the PVC, and
+            # FAILED_PRECONDITION is retried with the normal backoff (INVALID_ARGUMENT only
+            # after about 5 minutes)
+            fail(Status.FAILED_PRECONDITION, f"{exc}: fix PVC {claim_ref}")
 
     # -- RPCs ------------------------------------------------------------------------------
 
@@ -466,8 +483,11 @@ class ControllerService:
         if owner is not None and owner != name.encode():
             fail(
                 Status.ALREADY_EXISTS,
-                f"{ref.path} is in use by volume {owner.decode(errors='replace')!r}; "
-                "give path-pattern a placeholder that tells volumes apart",
+                f"{ref.path} is in use by volume {owner.decode(errors='replace')!r}: a PV "
+                "kept by reclaimPolicy Retain (move its directory aside: fusecsi fs "
+                f"--master-addrs {ref.master_addrs} mv {ref.path} {ref.path}.retained), or "
+                "another claim on the same path (give path-pattern a placeholder that tells "
+                "volumes apart)",
             )
         if tag != volume_id.encode():
             other = tag.decode(errors="replace")
@@ -512,7 +532,10 @@ class ControllerService:
                     self._refuse_delete(
                         ref,
                         volume_id,
-                        f"it is not tagged as fusecsi volume {volume_id} (found {tag!r})",
+                        "it carries no fusecsi tag"
+                        if tag is None
+                        else f"it is tagged {tag.decode(errors='replace')!r}, "
+                        f"not as fusecsi volume {volume_id}",
                     )
                 if ref.on_delete != "retain":  # retain leaves the whole tree where it is
                     nested = await self._nested_volume(client, entry, ref.path)

@@ -243,10 +243,43 @@ def leftover_mounts(under: Path) -> list[str]:
     return sorted(found, key=len, reverse=True)
 
 
-def kill_daemons_under(under: Path) -> None:
+def processes_under(under: Path, role: bytes = b"") -> list[int]:
+    """Pids of fusecsi processes (of `role`, e.g. b"mount", when given) whose command line
+    names a path below `under`: everything a stack in that work directory runs (not this
+    process: `fusecsi dev --work-dir` names it too)."""
     needle = str(under.resolve()).encode()
+    found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
         with contextlib.suppress(OSError):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"fusecsi" in cmdline and b"\0mount\0" in cmdline and needle in cmdline:
-                os.kill(int(pid), signal.SIGKILL)
+            if b"fusecsi" in cmdline and needle in cmdline:
+                if not role or b"\0" + role + b"\0" in cmdline:
+                    found.append(int(pid))
+    return found
+
+
+def kill_daemons_under(under: Path) -> None:
+    for pid in processes_under(under, b"mount"):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def stop_everything_under(under: Path, grace: float = 10.0) -> int:
+    """Stop a stack left running (`fusecsi dev --keep-running`): SIGTERM to every process,
+    SIGKILL to those still there after `grace`, then unmount what is left. How many
+    processes there were."""
+    pids = processes_under(under)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+        time.sleep(0.05)
+    for pid in processes_under(under):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    for mountpoint in leftover_mounts(under):
+        subprocess.run(["umount", "-l", mountpoint], check=False, capture_output=True)
+    return len(pids)

@@ -57,11 +57,17 @@ def event_body(involved: dict, reason: str, message: str, kind: str, component: 
     }
 
 
+TOLD_LIMIT = 10_000  # remembered Events; beyond, they may be posted once more
+
+
 class Events:
     def __init__(self, kube: KubeApi | None, component: str) -> None:
         self.kube = kube
         self.component = component
         self._send, self._receive = trio.open_memory_channel(QUEUE)
+        # (object uid, reason, message) already posted by post_on_volume: a refused
+        # DeleteVolume is retried by the provisioner for ever, and one Event says it all
+        self._told: set[tuple[str, str, str]] = set()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Post queued events, one at a time, until cancelled."""
@@ -116,6 +122,13 @@ class Events:
                     involved.setdefault("kind", "PersistentVolumeClaim")
                 except KubeNotFound:
                     pass  # the claim is gone: the PV carries the event
+            meta = involved.get("metadata") or {}
+            told = (meta.get("uid") or meta.get("name", ""), reason, message)
+            if told in self._told:
+                return
+            if len(self._told) >= TOLD_LIMIT:
+                self._told.clear()
+            self._told.add(told)
             await self._post(involved, reason, message, kind)
 
         self._queue(volume_id, reason, message, job)

@@ -64,3 +64,11 @@ def setup(role: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # warnings (urllib3's InsecureRequestWarning, deprecations) become JSON lines too, never
+    # raw text between them
+    logging.captureWarnings(True)
+
+
+def active() -> bool:
+    """Whether setup() ran: a role's stderr is then JSON lines only."""
+    return any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)

@@ -25,6 +25,7 @@ from fusecsi.capabilities import capability_problem
 from fusecsi.cluster.protocol import RPCUnavailable
 from fusecsi.csi import csi_pb2 as pb
 from fusecsi.logs import fields
+from fusecsi.mountd import inputs
 from fusecsi.mountd.client import MountdClient
 from fusecsi.validation import fail, invalid, require
 
@@ -44,6 +45,7 @@ ERRNO_STATUS = {
     errno.ENOENT: Status.NOT_FOUND,
     errno.ETIMEDOUT: Status.UNAVAILABLE,
     errno.ECONNREFUSED: Status.UNAVAILABLE,
+    errno.EPROTO: Status.UNAVAILABLE,
 }
 PROBE_TIMEOUT = 2.0
 SOURCE_KEYS = (volumes.CTX_MASTER_ADDRS, volumes.CTX_FS_PATH, volumes.CTX_SUBPATH)
@@ -173,6 +175,12 @@ class NodeService:
         self, request: pb.NodePublishVolumeRequest
     ) -> pb.NodePublishVolumeResponse:
         require(request, "volume_id", "target_path", "volume_capability")
+        try:
+            # unpublish takes any id: one published by an older version must still go
+            inputs.check_volume_id(request.volume_id)
+            inputs.check_path(request.target_path)
+        except ValueError as exc:
+            invalid(str(exc))
         readonly = check_capability(request.volume_capability) or request.readonly
         flags = list(request.volume_capability.mount.mount_flags)
         context = dict(request.volume_context)

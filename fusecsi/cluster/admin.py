@@ -12,8 +12,9 @@ import time
 import outcome
 import trio
 
+from fusecsi import errors
 from fusecsi.cluster import roles
-from fusecsi.cluster.client import Attr, ClusterClient, ClusterError
+from fusecsi.cluster.client import Attr, ClusterClient, ClusterError, ClusterUnavailable
 
 CHUNK = 8 << 20
 
@@ -199,6 +200,24 @@ def show(result, args) -> None:
             print(f"{key}: {value}")
 
 
+# errors whose standard text says it all (the master's message names inode numbers)
+PLAIN = frozenset({errno.ENOENT, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY})
+
+
+def failure(exc: Exception, args) -> str:
+    """One line: the path, the errno name and what it means; errors of the connection or of
+    a local file as they are."""
+    if not isinstance(exc, ClusterError) or isinstance(exc, ClusterUnavailable):
+        return errors.describe(exc)
+    name = errno.errorcode.get(exc.errno, "EIO")
+    if args.fs_command == "quota" and exc.errno == errno.ENODATA:
+        text = "no quota set on it or above it"
+    else:
+        text = os.strerror(exc.errno) if exc.errno in PLAIN else exc.strerror
+    paths = [args.src, args.dst] if args.fs_command == "mv" else [getattr(args, "path", "/")]
+    return f"{' -> '.join(paths)}: {name}: {text}"
+
+
 def run(args) -> int:
     try:
         token = roles.load_token(args.token_file)
@@ -210,9 +229,7 @@ def run(args) -> int:
 
         result = trio.run(main).unwrap()
     except (ClusterError, OSError, ValueError) as exc:
-        if isinstance(exc, OSError) and exc.errno:
-            exc = f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
-        print(f"fusecsi fs {args.fs_command}: {exc}", file=sys.stderr)
+        print(f"fusecsi fs {args.fs_command}: {failure(exc, args)}", file=sys.stderr)
         return 1
     show(result, args)
     return 0

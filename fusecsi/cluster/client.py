@@ -58,6 +58,9 @@ SHORT_CIRCUIT_ENV = "FUSECSI_SHORT_CIRCUIT"  # "0" turns short-circuit I/O off
 
 ClusterError = RPCError
 ClusterUnavailable = RPCUnavailable
+# how long a client that never reached a master keeps trying (fs, a new mount, the controller)
+FIRST_CONTACT = 2.0
+FIRST_ANSWER = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +204,7 @@ class ClusterClient:
         if pool is None:
             raise RuntimeError("use the client inside `async with`")
         deadline = trio.current_time() + self.timeout
+        first_contact = trio.current_time() + FIRST_CONTACT
         delay = 0.05
         n = len(self.master_addrs)
         last: RPCError | None = None
@@ -217,7 +221,9 @@ class ClusterClient:
                         method,
                         *args,
                         idempotent=idempotent,
-                        time_limit=remaining,
+                        # a never-reached address gets a short first answer (a silent peer
+                        # is no fusecsi master); once reached, the whole timeout
+                        time_limit=remaining if self._cluster_id else min(remaining, FIRST_ANSWER),
                     )
                 except RPCUnavailable as exc:
                     if exc.sent and not idempotent:
@@ -237,6 +243,13 @@ class ClusterClient:
                 self._current = i
                 return result
             if last is None or trio.current_time() + delay >= deadline:
+                raise self._gave_up(method, last, refused)
+            if self._cluster_id is None and (
+                last.errno == errno.EPROTO or trio.current_time() >= first_contact
+            ):
+                # no master ever answered: a wrong address (refused, no such host, another
+                # protocol) fails now, not after the timeout; once reached, a refusal is a
+                # master restarting and is waited for
                 raise self._gave_up(method, last, refused)
             await trio.sleep(delay)
             delay = min(delay * 2, 1.0)

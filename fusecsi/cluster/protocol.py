@@ -20,6 +20,7 @@ import hmac
 import inspect
 import logging
 import math
+import mmap
 import os
 import socket as stdsocket
 import struct
@@ -39,6 +40,9 @@ HEADER = struct.Struct(">I")
 BIN32 = struct.Struct(">BI")
 DEFAULT_MAX_FRAME = 64 << 20
 RECV_SIZE = 256 << 10
+# a connection's receive buffer starts this small and grows only with bytes that arrived,
+# so an idle or hostile connection costs a few KiB, not RECV_SIZE
+INITIAL_RECV = 4 << 10
 # Frames above this go out on their own instead of being joined with their neighbours.
 JOIN_LIMIT = 64 << 10
 HIGH_WATER = 16 << 20
@@ -75,6 +79,14 @@ class ForeignCluster(RPCError):
 
 class ProtocolError(Exception):
     """The peer sent something that is not a valid frame: the connection is dropped."""
+
+
+class ReadTimeout(Exception):
+    """No frame within the time given: `idle` when not a byte of one had arrived."""
+
+    def __init__(self, idle: bool) -> None:
+        super().__init__("idle" if idle else "stalled in the middle of a frame")
+        self.idle = idle
 
 
 def error_payload(exc: BaseException) -> list:
@@ -127,7 +139,7 @@ class FrameSocket:
         self.sock = sock
         self._fd = sock.fileno()
         self.max_frame = max_frame
-        self._buf = bytearray(RECV_SIZE)
+        self._buf = bytearray(INITIAL_RECV)
         self._start = 0
         self._end = 0
         self._out: list[bytes] = []
@@ -136,35 +148,65 @@ class FrameSocket:
         self._drained = trio.Event()
         self.closed = False
         self._busy = False
-        self._big = bytearray()
+        self._big: mmap.mmap | None = None
+        self.requests_running = 0  # (server side) async handlers still working for the peer
+        # (cancel scope, seconds): the deadline moves by `seconds` whenever bytes arrive
+        self._watch: tuple[trio.CancelScope, float] | None = None
 
     # -- reading
+
+    async def _recv_into(self, view, nbytes: int = 0) -> int:
+        n = await self.sock.recv_into(view, nbytes)
+        if n == 0:
+            raise EOFError
+        if self._watch is not None:
+            scope, stall = self._watch
+            scope.deadline = trio.current_time() + stall
+        return n
 
     async def _fill(self) -> None:
         if self._start == self._end:
             self._start = self._end = 0
         elif self._end == len(self._buf):
-            # compact: move the unread tail to the front
             tail = self._buf[self._start : self._end]
-            self._buf[: len(tail)] = tail
+            if self._start == 0:
+                # full of one unfinished frame: grow, by what arrived, up to RECV_SIZE
+                self._buf = bytearray(min(RECV_SIZE, 2 * len(self._buf)))
+            self._buf[: len(tail)] = tail  # compact: the unread tail to the front
             self._start, self._end = 0, len(tail)
-        n = await self.sock.recv_into(memoryview(self._buf)[self._end :])
-        if n == 0:
-            raise EOFError
-        self._end += n
+        self._end += await self._recv_into(memoryview(self._buf)[self._end :])
 
-    async def read_frame(self) -> Any:
-        """The next message, EOFError at a clean end, ProtocolError for a bad frame."""
+    async def read_frame(
+        self, limit: int | None = None, *, idle: float = math.inf, stall: float = math.inf
+    ) -> Any:
+        """The next message (frames above `limit`, default max_frame, are refused); EOFError
+        at a clean end, ProtocolError for a bad frame, ReadTimeout when no byte came for
+        `idle` seconds between frames or for `stall` seconds inside one."""
+        limit = self.max_frame if limit is None else limit
+        if idle == math.inf and stall == math.inf:
+            return await self._read_frame(limit)
+        with trio.CancelScope() as scope:
+            waiting = self._start == self._end
+            scope.deadline = trio.current_time() + (idle if waiting else stall)
+            self._watch = (scope, stall)
+            try:
+                return await self._read_frame(limit)
+            finally:
+                self._watch = None
+        # cancelled: no byte consumed from the buffer when it was idle, so reading again is safe
+        raise ReadTimeout(idle=waiting and self._start == self._end == 0)
+
+    async def _read_frame(self, limit: int) -> Any:
         while self._end - self._start < HEADER.size:
             await self._fill()
         (length,) = HEADER.unpack_from(self._buf, self._start)
-        if length > self.max_frame:
-            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
-        self._start += HEADER.size
-        have = self._end - self._start
-        if length <= len(self._buf) // 2 or have >= length:
-            while self._end - self._start < length:
+        if length > limit:
+            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {limit}")
+        have = self._end - self._start - HEADER.size
+        if length <= RECV_SIZE // 2 or have >= length:
+            while self._end - self._start < HEADER.size + length:
                 await self._fill()
+            self._start += HEADER.size
             view = memoryview(self._buf)[self._start : self._start + length]
             self._start += length
             try:
@@ -173,23 +215,23 @@ class FrameSocket:
                 raise ProtocolError(f"undecodable frame: {exc}") from None
             finally:
                 view.release()
-        # a large frame: receive it straight into a buffer kept for the next one (unpacking
-        # copies `bin` values out, so the buffer is free again once this frame is decoded)
-        if length > KEEP_BUFFER:
-            big = bytearray(length)
-        else:
-            if len(self._big) < length:
-                self._big = bytearray(max(length, 2 * len(self._big)))
+        self._start += HEADER.size
+        # a large frame: received into anonymous memory, whose pages are committed only as
+        # bytes arrive (a peer announcing 64 MiB and sending nothing costs nothing); a buffer
+        # up to KEEP_BUFFER is kept for the next large frame (unpacking copies `bin` values
+        # out, so it is free again once this frame is decoded)
+        if self._big is not None and len(self._big) >= length:
             big = self._big
+        else:
+            big = mmap.mmap(-1, length)
+            if length <= KEEP_BUFFER:
+                self._big = big
         with memoryview(big) as whole, whole[:length] as view:
             view[:have] = memoryview(self._buf)[self._start : self._end]
             self._start = self._end = 0
             got = have
             while got < length:
-                n = await self.sock.recv_into(view[got:], length - got)
-                if n == 0:
-                    raise EOFError
-                got += n
+                got += await self._recv_into(view[got:], length - got)
             try:
                 return unpack_frame(view)
             except Exception as exc:
@@ -282,8 +324,53 @@ class FrameSocket:
 Handler = Callable[..., Any]
 
 
+# Defaults of a server's limits (docs/contracts.md, "Hostile clients").
+HELLO_FRAME = 16 << 10  # the largest frame before hello(token) on a server with a token
+HELLO_TIMEOUT = 10.0  # a new connection's first request (hello when there is a token)
+IDLE_TIMEOUT = 600.0  # a connection with nothing in flight that sends nothing is closed
+STALL_TIMEOUT = 60.0  # a frame begun must keep moving
+# a client drops a pooled connection idle this long rather than race the server's close
+REUSE_IDLE = IDLE_TIMEOUT - 60
+MAX_CONNS = 4096
+MAX_CONNS_PER_PEER = 1024
+FD_RESERVE = 64  # descriptors kept for files, listeners and outgoing connections
+
+
+def _fd_bound() -> int:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return MAX_CONNS if soft == resource.RLIM_INFINITY else max(16, soft - FD_RESERVE)
+
+
+class _Throttled:
+    """A warning logged at most once per `interval`, with how many were left out."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._next = -math.inf
+        self._skipped = 0
+
+    def warn(self, message: str, *args: Any) -> None:
+        now = trio.current_time()
+        if now < self._next:
+            self._skipped += 1
+            return
+        if self._skipped:
+            message += f" (and {self._skipped} more like it)"
+        log.warning(message, *args)
+        self._next, self._skipped = now + self.interval, 0
+
+
 class Server:
-    """Serves a handler table on listening sockets; one misbehaving peer affects only itself."""
+    """Serves a handler table on listening sockets; one misbehaving peer affects only itself.
+
+    Hostile peers cost little: a frame before hello(token) is at most HELLO_FRAME bytes and
+    the first request must come within `hello_timeout`; a frame's announced length is never
+    allocated up front; connections are bounded per peer address and in total (new ones
+    beyond are closed at once); a connection idle for `idle_timeout` with nothing in flight,
+    or silent for `stall_timeout` inside a frame, is closed.
+    """
 
     def __init__(
         self,
@@ -292,12 +379,26 @@ class Server:
         token: str | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
         name: str = "rpc",
+        max_conns: int = MAX_CONNS,
+        max_conns_per_peer: int = MAX_CONNS_PER_PEER,
+        hello_timeout: float = HELLO_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
+        stall_timeout: float = STALL_TIMEOUT,
     ) -> None:
         self.handlers = dict(handlers)
         self.is_async = {k: inspect.iscoroutinefunction(v) for k, v in self.handlers.items()}
         self.token = token
         self.max_frame = max_frame
         self.name = name
+        self.max_conns = min(max_conns, _fd_bound())
+        self.max_conns_per_peer = max_conns_per_peer
+        self.hello_timeout = hello_timeout
+        self.idle_timeout = idle_timeout
+        self.stall_timeout = stall_timeout
+        self.open_conns = 0
+        self._per_peer: dict[str, int] = {}
+        self._refusals = _Throttled()
+        self._drops = _Throttled()
         # answers by (method, "OK" or errno name); methods nobody serves are not counted
         self.calls = Tally(
             f"fusecsi_{name}_rpcs_total", f"requests {name} answered", ["method", "code"]
@@ -320,16 +421,33 @@ class Server:
             task_status.started(listener.getsockname())
             while True:
                 try:
-                    conn, _ = await listener.accept()
+                    conn, addr = await listener.accept()
                 except OSError as exc:
                     if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        log.warning("accept failed: %s", exc)
+                        self._refusals.warn("%s: accept failed: %s", self.name, exc)
                         await trio.sleep(0.1)
                         continue
                     raise
-                nursery.start_soon(self._connection, conn)
+                # unix peers are all local (the socket's mode guards it): only the total counts
+                peer = addr[0] if isinstance(addr, tuple) else ""
+                if self.open_conns >= self.max_conns or (
+                    peer and self._per_peer.get(peer, 0) >= self.max_conns_per_peer
+                ):
+                    conn.close()
+                    self._refusals.warn(
+                        "%s: connection from %s refused: %d open (limits %d, %d per peer)",
+                        self.name,
+                        peer or "a local peer",
+                        self.open_conns,
+                        self.max_conns,
+                        self.max_conns_per_peer,
+                    )
+                    continue
+                self.open_conns += 1
+                self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+                nursery.start_soon(self._connection, conn, peer)
 
-    async def _connection(self, sock: trio.socket.SocketType) -> None:
+    async def _connection(self, sock: trio.socket.SocketType, peer: str) -> None:
         if sock.family in (stdsocket.AF_INET, stdsocket.AF_INET6):
             sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
         conn = FrameSocket(sock, self.max_frame)
@@ -340,14 +458,25 @@ class Server:
                     await self._read_loop(conn, nursery)
                 except (EOFError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
+                except ReadTimeout as exc:
+                    if not exc.idle:
+                        self._drops.warn(
+                            "%s: dropping connection from %s: %s", self.name, peer, exc
+                        )
                 except ProtocolError as exc:
-                    log.warning("%s: dropping connection: %s", self.name, exc)
+                    self._drops.warn("%s: dropping connection from %s: %s", self.name, peer, exc)
                     await self._last_word(conn, 0, ["EPROTO", str(exc)])
                 except Exception:
                     log.exception("%s: dropping connection after an internal error", self.name)
                 nursery.cancel_scope.cancel()
         finally:
             conn.close()
+            self.open_conns -= 1
+            left = self._per_peer[peer] - 1
+            if left:
+                self._per_peer[peer] = left
+            else:
+                del self._per_peer[peer]
 
     async def _last_word(self, conn: FrameSocket, req_id: Any, error: list) -> None:
         """Send one error reply and give it a moment to leave before the connection closes."""
@@ -356,11 +485,17 @@ class Server:
         with trio.move_on_after(1):
             await conn.flush()
 
+    async def _first_frame(self, conn: FrameSocket) -> Any:
+        """The first request, within hello_timeout; only a small one before hello(token)."""
+        limit = HELLO_FRAME if self.token is not None else self.max_frame
+        with trio.move_on_after(self.hello_timeout):
+            return await conn.read_frame(limit, stall=self.stall_timeout)
+        raise ReadTimeout(idle=False)
+
     async def _read_loop(self, conn: FrameSocket, nursery: trio.Nursery) -> None:
         authed = self.token is None
-        handlers, is_async = self.handlers, self.is_async
+        msg = await self._first_frame(conn)
         while True:
-            msg = await conn.read_frame()
             if (
                 not isinstance(msg, list)
                 or len(msg) != 4
@@ -383,32 +518,48 @@ class Server:
                     return
                 authed = True
                 conn.queue([REPLY, req_id, None, True])
-                continue
-            if not authed:
+            elif not authed:
                 await self._last_word(
                     conn, req_id, ["EACCES", "authentication required: send hello(token) first"]
                 )
                 return
-            handler = handlers.get(method)
-            if handler is None:
-                conn.queue([REPLY, req_id, ["ENOSYS", f"unknown method {method!r}"], None])
-            elif is_async[method]:
-                nursery.start_soon(self._call_async, conn, req_id, method, handler, args)
             else:
-                try:
-                    result = handler(*args)
-                except Exception as exc:
-                    self._reply_error(conn, req_id, method, exc)
-                else:
-                    self._reply(conn, req_id, result, method)
+                self._dispatch(conn, nursery, req_id, method, args)
+            msg = await self._next_frame(conn)
+
+    async def _next_frame(self, conn: FrameSocket) -> Any:
+        while True:
+            try:
+                return await conn.read_frame(idle=self.idle_timeout, stall=self.stall_timeout)
+            except ReadTimeout as exc:
+                if not exc.idle or not conn.requests_running:
+                    raise
+                # quiet while its requests run (a long publish): not idle
+
+    def _dispatch(self, conn: FrameSocket, nursery, req_id, method: str, args: list) -> None:
+        handler = self.handlers.get(method)
+        if handler is None:
+            conn.queue([REPLY, req_id, ["ENOSYS", f"unknown method {method!r}"], None])
+        elif self.is_async[method]:
+            nursery.start_soon(self._call_async, conn, req_id, method, handler, args)
+        else:
+            try:
+                result = handler(*args)
+            except Exception as exc:
+                self._reply_error(conn, req_id, method, exc)
+            else:
+                self._reply(conn, req_id, result, method)
 
     async def _call_async(self, conn, req_id, method, handler, args) -> None:
+        conn.requests_running += 1
         try:
             result = await handler(*args)
         except Exception as exc:
             self._reply_error(conn, req_id, method, exc)
         else:
             self._reply(conn, req_id, result, method)
+        finally:
+            conn.requests_running -= 1
 
     def _reply(self, conn: FrameSocket, req_id, result, method) -> None:
         self.calls.add(method, "OK")
@@ -443,7 +594,11 @@ def parse_addr(addr: str, default_port: int) -> tuple[str, int]:
         host, port = addr, ""
     if not host:
         raise ValueError(f"address {addr!r} has no host")
-    return host, int(port) if port else default_port
+    if not port:
+        return host, default_port
+    if not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"address {addr!r}: port must be 0-65535")
+    return host, int(port)
 
 
 async def open_socket(address: str, default_port: int = 0) -> trio.socket.SocketType:
@@ -476,6 +631,19 @@ async def open_socket(address: str, default_port: int = 0) -> trio.socket.Socket
     raise last or OSError(errno.ECONNREFUSED, f"cannot resolve {address}")
 
 
+def unreachable(address: str, exc: OSError) -> RPCUnavailable:
+    """ECONNREFUSED (what callers retry on) for any failed connect, with the reason in words:
+    no such host, connection refused, or the system's text."""
+    if isinstance(exc, stdsocket.gaierror):
+        reason = f"no such host ({exc.strerror})"
+    elif exc.errno == errno.ECONNREFUSED:
+        reason = "connection refused"
+    else:
+        name = errno.errorcode.get(exc.errno or 0)
+        reason = f"{name}: {exc.strerror}" if name else str(exc)
+    return RPCUnavailable(errno.ECONNREFUSED, f"cannot connect to {address}: {reason}")
+
+
 # Every call a client makes in this process, by method: a bisect and two list updates per
 # reply. The FUSE daemon exports it as its cluster RPC latency.
 CALL_SECONDS = Distribution(
@@ -495,6 +663,7 @@ class Connection:
         self._calls_waiting = trio.Event()
         self.broken: BaseException | None = None
         self.cancel_scope = trio.CancelScope()
+        self.last_call = trio.current_time()
 
     @property
     def in_flight(self) -> int:
@@ -568,6 +737,11 @@ class Connection:
         exc = self.broken
         if isinstance(exc, RPCError):
             return exc
+        if isinstance(exc, ProtocolError):
+            # an HTTP, gRPC or TLS server answers with bytes that are no reply frame
+            return RPCUnavailable(
+                errno.EPROTO, f"{self.address} is not a fusecsi server (its answer: {exc})"
+            )
         return RPCUnavailable(errno.ECONNRESET, f"connection to {self.address} lost: {exc}")
 
     async def call(self, method: str, *args: Any, deadline: float = math.inf) -> Any:
@@ -576,6 +750,7 @@ class Connection:
         if not self.usable:
             raise self._unavailable()
         self._next_id += 1
+        self.last_call = trio.current_time()
         req_id = self._next_id
         self.frames.queue([REQUEST, req_id, method, list(args)])
         if not self._waiting:
@@ -609,7 +784,7 @@ async def connect(
     try:
         sock = await open_socket(address, default_port)
     except OSError as exc:
-        raise RPCUnavailable(errno.ECONNREFUSED, f"cannot connect to {address}: {exc}") from None
+        raise unreachable(address, exc) from None
     conn = Connection(sock, address, max_frame)
     await nursery.start(conn.run)
     if token is not None:
@@ -665,6 +840,11 @@ class Pool:
                 conns[:] = [c for c in conns if c.usable]
                 return self._pick(address)
             if conn.in_flight == 0:
+                if trio.current_time() - conn.last_call > REUSE_IDLE:
+                    # the server closes it soon (IDLE_TIMEOUT): a request sent as it does
+                    # would be lost, so a fresh connection takes it
+                    conn.close()
+                    continue
                 return conn
             if best is None or conn.in_flight < best.in_flight:
                 best = conn
@@ -715,7 +895,10 @@ class Pool:
                 sent = True
                 return await conn.call(method, *args, deadline=deadline)
             except trio.TooSlowError:
-                exc = RPCUnavailable(errno.ETIMEDOUT, f"{method} on {address} timed out")
+                why = (
+                    "timed out" if sent else "no answer to a new connection: not a fusecsi server?"
+                )
+                exc = RPCUnavailable(errno.ETIMEDOUT, f"{method} on {address}: {why}")
                 exc.sent = sent
                 raise exc from None
             except RPCUnavailable as exc:
@@ -763,15 +946,20 @@ def call_sync(
         try:
             sock.connect(target)
         except OSError as exc:
-            raise RPCUnavailable(
-                errno.ECONNREFUSED, f"cannot connect to {address}: {exc}"
-            ) from None
+            raise unreachable(address, exc) from None
         calls = ([["hello", [token]]] if token is not None else []) + [[method, list(args)]]
         sock.sendall(b"".join(encode([REQUEST, i + 1, m, a]) for i, (m, a) in enumerate(calls)))
         result = None
         for _ in calls:
             (length,) = HEADER.unpack(_recv_exact(sock, HEADER.size))
-            _, _, err, result = unpack_frame(_recv_exact(sock, length))
+            try:
+                if length > DEFAULT_MAX_FRAME:
+                    raise ValueError(f"a frame of {length} bytes")
+                _, _, err, result = unpack_frame(_recv_exact(sock, length))
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                raise RPCUnavailable(
+                    errno.EPROTO, f"{address} is not a fusecsi server (its answer: {exc})"
+                ) from None
             if err is not None:
                 raise RPCError(str(err[0]), str(err[1]))
         return result

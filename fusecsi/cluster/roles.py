@@ -6,7 +6,6 @@ import errno
 import fcntl
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -79,6 +78,9 @@ async def bind(address: str, default_port: int) -> trio.socket.SocketType:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         await sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
     except BaseException:
         sock.close()
         raise
@@ -91,20 +93,38 @@ def serve_metrics(address: str | None, server, *sources) -> None:
     metrics.serve(address, server.calls, *sources)
 
 
+# descriptors a server may hold: its connection limit follows (protocol.Server)
+WANTED_FILES = 65536
+
+
+def raise_file_limit() -> None:
+    """Lift the soft RLIMIT_NOFILE towards the hard one (1024 is a common default, which
+    would cap connections far below what one node's FUSE daemons open)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = WANTED_FILES if hard == resource.RLIM_INFINITY else min(hard, WANTED_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def run_role(role: str, args, serve) -> int:
     """The body of `run(args)` for a server role: logs, token, then `serve(args, token)`."""
     from fusecsi import logs
 
     logs.setup(role, args.log_level)
+    raise_file_limit()
+    from fusecsi.errors import report
+
     try:
         token = load_token(args.token_file)
     except (OSError, ValueError) as exc:
-        print(f"fusecsi {role}: {exc}", file=sys.stderr)
+        report(role, exc)
         return 2
     try:
         lock = lock_data_dir(args.data_dir)
     except OSError as exc:
-        print(f"fusecsi {role}: {exc.strerror}", file=sys.stderr)
+        report(role, exc)
         return 1
     try:
         trio.run(serve, args, token)

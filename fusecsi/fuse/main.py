@@ -14,12 +14,11 @@ import logging
 import os
 import signal
 import stat
-import sys
 
 import pyfuse3
 import trio
 
-from fusecsi import logs, metrics, mount_options
+from fusecsi import errors, logs, metrics, mount_options
 from fusecsi.fuse import kernel
 from fusecsi.fuse.calls import unwrap
 from fusecsi.fuse.operations import Operations
@@ -179,8 +178,7 @@ def run(args) -> int:
     try:
         settings = Settings(args)
     except (ValueError, OSError) as exc:
-        log.error("bad arguments", extra=fields(err=str(exc)))
-        print(f"fusecsi mount: {exc}", file=sys.stderr)
+        log.error("bad arguments", extra=fields(err=str(exc)))  # the log is JSON lines only
         return 2
     try:
         base_ino = trio.run(_preflight, settings)
@@ -188,12 +186,11 @@ def run(args) -> int:
         exc = unwrap(raised)
         if not isinstance(exc, OSError | trio.TooSlowError):
             raise
-        what = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+        what = "timed out" if isinstance(exc, trio.TooSlowError) else errors.describe(exc)
         log.error(
             "fs-path not usable",
             extra=fields(fs_path=settings.fs_path, master_addrs=settings.master_addrs, err=what),
         )
-        print(f"fusecsi mount: fs-path {settings.fs_path}: {what}", file=sys.stderr)
         return 1
     ops = Operations(None, base_ino, settings.options)
     ops.idle = _memory_trimmer()

@@ -22,11 +22,12 @@ from functools import partial
 
 import trio
 
+from fusecsi.errors import describe, unwrap
 from fusecsi.events import Events
 from fusecsi.locks import KeyedLocks
 from fusecsi.logs import fields
 from fusecsi.metrics import Distribution, Tally
-from fusecsi.mountd import mounts
+from fusecsi.mountd import inputs, mounts
 from fusecsi.mountd.daemons import Daemon, DaemonFailed, cmdline_matches, spawn
 from fusecsi.mountd.table import Entry, Key, Ref, Table, write_atomic
 
@@ -49,6 +50,10 @@ CRASH_WINDOW = 10.0
 # layers go at unpublish. Past this many, a target is reset instead: mounts are a node-wide
 # limited resource, and only a daemon crash-looping for minutes gets here.
 MAX_LAYERS = 16
+
+
+# a cluster that does not answer, as a publish reports it (the node plugin: UNAVAILABLE)
+UNREACHABLE = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPROTO})
 
 
 def _err(code: int, message: str) -> OSError:
@@ -190,15 +195,18 @@ class Supervisor:
 
     # ------------------------------------------------------------ inputs
 
-    async def resolve_target(self, target, code: int) -> str:
-        """The real path of `target`; `code` when it is outside the kubelet dir.
+    async def resolve_target(self, target, code: int, *, publish: bool = False) -> str:
+        """The real path of `target`; `code` when it is outside the kubelet dir or (to
+        publish) not kubelet's CSI target shape (inputs.TARGET_SHAPE).
 
         Only the parent is resolved (it is an ordinary directory that kubelet made); the
         last component is never followed, so a broken mount at the target cannot hang it
         and a symlink there cannot redirect the bind.
         """
-        if not isinstance(target, str) or not target.startswith("/") or "\0" in target:
-            raise _err(errno.EINVAL, f"target {target!r} must be an absolute path")
+        try:
+            inputs.check_path(target)
+        except ValueError as exc:
+            raise _err(errno.EINVAL, f"target: {exc}") from None
         parent, name = os.path.split(target.rstrip("/"))
         if name in ("", ".", ".."):
             raise _err(errno.EINVAL, f"target {target!r} has no final directory name")
@@ -208,6 +216,11 @@ class Supervisor:
             raise _err(code, f"target {target!r} is outside the kubelet dir {self.kubelet_dir}")
         if real == self.state_dir or real.startswith(self.state_dir + "/"):
             raise _err(code, f"target {target!r} is inside mountd's state dir")
+        if publish:
+            try:
+                inputs.check_target_shape(real[len(self.kubelet_dir.rstrip("/")) + 1 :])
+            except ValueError as exc:
+                raise _err(code, str(exc)) from None
         return real
 
     def _metrics_file(self, key_id: str) -> str:
@@ -246,8 +259,10 @@ class Supervisor:
     ) -> dict:
         from fusecsi import volumes
 
-        if not isinstance(volume_id, str) or not volume_id:
-            raise _err(errno.EINVAL, "volume_id is empty")
+        try:
+            inputs.check_volume_id(volume_id)
+        except ValueError as exc:
+            raise _err(errno.EINVAL, str(exc)) from None
         if not isinstance(readonly, bool):
             raise _err(errno.EINVAL, "readonly must be a boolean")
         if token is not None and not isinstance(token, str):
@@ -260,7 +275,7 @@ class Supervisor:
             subpath = volumes.validate_subpath(subpath)
         except (ValueError, TypeError, AttributeError) as exc:
             raise _err(errno.EINVAL, str(exc)) from None
-        target = await self.resolve_target(target, errno.EPERM)
+        target = await self.resolve_target(target, errno.EPERM, publish=True)
         ref = Ref(volume_id, target, subpath, readonly, pod_namespace, pod_name)
         async with self.target_locks.hold(target):
             found = self.table.by_target(target)
@@ -479,6 +494,14 @@ class Supervisor:
             rt.state, rt.message = "broken", exc.strerror
             with contextlib.suppress(OSError):
                 await self._unmount(entry.mountpoint, lazy=True)
+            if exc.errno == errno.ETIMEDOUT:
+                raise
+            # say why when the cluster is the cause: the CSI caller answers UNAVAILABLE then
+            why = await self._cluster_error(entry, token)
+            if why is not None and why.errno in UNREACHABLE:
+                raise _err(
+                    why.errno, f"cluster {key.master_addrs} unreachable: {why.strerror}"
+                ) from None
             raise
         if not mounts.is_fuse_mount(mounts.top_mount(entry.mountpoint)):
             with trio.CancelScope(shield=True):
@@ -759,6 +782,10 @@ class Supervisor:
 
     async def _cluster_answers(self, entry: Entry, token: str | None = None) -> bool:
         """Whether the key's cluster answers (with `token`, else the stored one)."""
+        return await self._cluster_error(entry, token) is None
+
+    async def _cluster_error(self, entry: Entry, token: str | None = None) -> OSError | None:
+        """Why the key's cluster does not answer (None when it does)."""
         from fusecsi.cluster.client import ClusterClient
 
         token = token or self._load_token(entry.key.id)
@@ -769,10 +796,11 @@ class Supervisor:
                 )
                 async with client:
                     await client.statfs()
-                return True
-            except Exception:
-                return False
-        return False
+                return None
+            except Exception as raised:
+                exc = unwrap(raised)
+                return exc if isinstance(exc, OSError) else _err(errno.EIO, describe(exc))
+        return _err(errno.ETIMEDOUT, f"no answer within {self.probe_timeout:g}s")
 
     # ------------------------------------------------------------ restart
 

@@ -107,3 +107,32 @@ async def test_admin_command(secured, tmp_path):
         assert refused.returncode == 1 and b"authentication" in refused.stderr
 
     await trio.to_thread.run_sync(scenario)
+
+
+async def test_fs_errors_are_one_line_with_the_path_and_errno_name(secured, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    cases = [
+        (["mkdir", "/errs"], None),
+        (["mkdir", "/errs"], "fusecsi fs mkdir: /errs: EEXIST: File exists"),
+        (["quota", "/errs"], "fusecsi fs quota: /errs: ENODATA: no quota set on it or above it"),
+        (["ls", "/missing"], "fusecsi fs ls: /missing: ENOENT: No such file or directory"),
+        (
+            ["mv", "/missing", "/x"],
+            "fusecsi fs mv: /missing -> /x: ENOENT: No such file or directory",
+        ),
+        (["mkdir", "/errs/a/b"], "fusecsi fs mkdir: /errs/a/b: ENOENT: No such file or directory"),
+        (
+            ["put", str(tmp_path / "absent"), "/errs/f"],
+            f"fusecsi fs put: {tmp_path / 'absent'}: ENOENT: No such file or directory",
+        ),
+    ]
+
+    def scenario():
+        for args, message in cases:
+            proc = fs(secured, *args, token_file=token_file, check=message is None)
+            if message is not None:
+                assert proc.returncode == 1
+                assert proc.stderr.decode().splitlines() == [message]
+
+    await trio.to_thread.run_sync(scenario)

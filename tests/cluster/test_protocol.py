@@ -273,3 +273,40 @@ def fuzz_server():
     yield host, int(port)
     box["stop"].run_sync_soon(box["scope"].cancel)
     thread.join(10)
+
+
+async def test_connections_beyond_the_per_peer_limit_are_closed_at_once():
+    async with trio.open_nursery() as nursery:
+        server = Server(HANDLERS, name="test", max_conns_per_peer=3)
+        sock = trio.socket.socket()
+        await sock.bind(("127.0.0.1", 0))
+        host, port = await nursery.start(server.serve, sock)
+        addr = f"{host}:{port}"
+        kept = [await connect(nursery, addr) for _ in range(3)]
+        extra = await connect(nursery, addr)
+        with pytest.raises(RPCError) as caught:
+            await extra.call("add", 1, 2)
+        assert caught.value.errno == errno.ECONNRESET
+        assert [await c.call("add", i, 1) for i, c in enumerate(kept)] == [1, 2, 3]
+        assert server.open_conns == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_pooled_connection_idle_near_the_server_limit_is_replaced(mock_clock):
+    # the server closes connections idle for IDLE_TIMEOUT; a client must never send a
+    # request on one just as that happens, so it opens a fresh one well before
+    from fusecsi.cluster import protocol
+
+    async with trio.open_nursery() as nursery:
+        addr = await _serve(nursery)
+        pool = Pool(nursery)
+        assert await pool.call(addr, "add", 1, 1) == 2
+        (first,) = pool._conns[addr]
+        mock_clock.jump(protocol.REUSE_IDLE - 1)
+        assert await pool.call(addr, "add", 1, 2) == 3
+        assert pool._conns[addr] == [first]  # still fresh enough
+        mock_clock.jump(protocol.REUSE_IDLE + 1)
+        assert await pool.call(addr, "add", 1, 3) == 4
+        assert not first.usable and pool._conns[addr][-1] is not first
+        pool.close()
+        nursery.cancel_scope.cancel()

@@ -125,6 +125,13 @@ async def test_capacity_range_rules(csi, cluster):
     await expect(Status.INVALID_ARGUMENT, csi("CreateVolume", request), "exceeds")
     request = create_request(unique("cap"), params(cluster), required=-1)
     await expect(Status.INVALID_ARGUMENT, csi("CreateVolume", request), "negative")
+    # a PVC of 8Ei: no 8 EiB quota, a clear refusal
+    request = create_request(unique("cap"), params(cluster), required=2**63 - 1)
+    await expect(
+        Status.OUT_OF_RANGE,
+        csi("CreateVolume", request),
+        f"required_bytes {2**63 - 1} is more than a volume can have \\(at most {1 << 60} bytes",
+    )
 
 
 async def test_create_is_idempotent_and_refuses_another_capacity(csi, cluster):
@@ -411,7 +418,7 @@ async def test_delete_never_touches_what_fusecsi_did_not_create(csi, cluster):
             await expect(
                 Status.FAILED_PRECONDITION,
                 csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=forged)),
-                "not tagged",
+                "it carries no fusecsi tag; nothing was changed$",
             )
         # a directory tagged for another volume is that one's: the volume asked for is gone
         await client.setxattr(home.ino, VOLUME_TAG, b"1;d;elsewhere:1;/;x")
@@ -423,7 +430,7 @@ async def test_delete_never_touches_what_fusecsi_did_not_create(csi, cluster):
         await expect(
             Status.FAILED_PRECONDITION,
             csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=forged)),
-            "not tagged",
+            "it is tagged 'garbage', not as fusecsi volume ",
         )
         # a file where the volume's directory would be
         await client.create((await client.resolve(base)).ino, b"afile", 0o644, 0, 0)
@@ -542,10 +549,15 @@ async def test_path_pattern_from_pvc_labels_and_annotations(csi, cluster, kube_a
         namespace, "evil", labels={"app": "web"}, annotations={"example.com/tier": "../../x"}
     )
     kube_api.add_pvc(namespace, "bare")
-    for name, match in [("evil", r"\.\."), ("bare", "no such label")]:
+    # (FAILED_PRECONDITION: the user fixes the PVC and the provisioner's normal backoff
+    # retries, where INVALID_ARGUMENT waits about 5 minutes)
+    for name, match in [
+        ("evil", r"\.\..*: fix PVC " + namespace + "/evil$"),
+        ("bare", "the PVC has no such label: fix PVC " + namespace + "/bare$"),
+    ]:
         meta = {**metadata, "csi.storage.k8s.io/pvc/name": name}
         request = create_request(unique("pv"), params(cluster, **{"path-pattern": pattern, **meta}))
-        await expect(Status.INVALID_ARGUMENT, csi("CreateVolume", request), match)
+        await expect(Status.FAILED_PRECONDITION, csi("CreateVolume", request), match)
     meta = {**metadata, "csi.storage.k8s.io/pvc/name": "absent"}
     request = create_request(unique("pv"), params(cluster, **{"path-pattern": pattern, **meta}))
     await expect(Status.FAILED_PRECONDITION, csi("CreateVolume", request), "not found")
@@ -555,7 +567,14 @@ async def test_path_pattern_from_pvc_labels_and_annotations(csi, cluster, kube_a
     first = create_request("pv-a", params(cluster, **{"path-pattern": shared, **metadata}))
     await csi("CreateVolume", first)
     second = create_request("pv-b", params(cluster, **{"path-pattern": shared, **metadata}))
-    await expect(Status.ALREADY_EXISTS, csi("CreateVolume", second), "in use by volume 'pv-a'")
+    refused = await expect(
+        Status.ALREADY_EXISTS, csi("CreateVolume", second), "in use by volume 'pv-a'"
+    )
+    # says what a kept (Retain) PV's directory needs, not only the pattern
+    assert "reclaimPolicy Retain (move its directory aside: fusecsi fs --master-addrs " in (
+        refused.message
+    )
+    assert "give path-pattern a placeholder that tells volumes apart" in refused.message
 
 
 async def test_path_pattern_without_a_kubernetes_api(module_spawn, cluster, tmp_path):

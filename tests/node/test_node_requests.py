@@ -5,6 +5,7 @@ cluster; requests go through the CSI socket as kubelet's would."""
 from __future__ import annotations
 
 import urllib.request
+from pathlib import Path
 
 import pytest
 import trio
@@ -26,6 +27,7 @@ from fusecsi.cluster.local import free_port
 from fusecsi.csi import csi_pb2 as pb
 
 Cap = pb.VolumeCapability
+SHAPE = "is not pods/<pod uid>/volumes/kubernetes.io~csi/<pv name>/mount"
 Rpc = pb.NodeServiceCapability.RPC
 
 
@@ -140,6 +142,27 @@ async def test_publish_validation(node):
         ),
         # mountd refuses targets outside the kubelet dir (EPERM)
         (variant(target_path=str(node.root / "elsewhere")), Status.INVALID_ARGUMENT, ""),
+        # kubelet's CSI target shape only: a bind above it would hide other pods' volumes
+        (variant(target_path=str(node.kubelet / "pods")), Status.INVALID_ARGUMENT, SHAPE),
+        (
+            variant(target_path=str(Path(target).parents[3])),  # <kubelet>/pods/<uid>
+            Status.INVALID_ARGUMENT,
+            SHAPE,
+        ),
+        (
+            variant(target_path=str(Path(target).parent / "other")),
+            Status.INVALID_ARGUMENT,
+            SHAPE,
+        ),
+        (
+            variant(target_path=str(node.kubelet / "pods" / ("x" * 10_000) / "mount")),
+            Status.INVALID_ARGUMENT,
+            "path of 10",
+        ),
+        # volume ids are bounded and checked even when the context names the source
+        (variant(volume_id="v" * 10_000), Status.INVALID_ARGUMENT, "volume_id is 10000 bytes"),
+        (variant(volume_id="vol\0x"), Status.INVALID_ARGUMENT, "NUL or control characters"),
+        (variant(volume_id="a/../b"), Status.INVALID_ARGUMENT, "contains a '..' segment"),
         # the directory does not exist in the cluster
         (
             variant(volume_context={**volume.context, "subpath": "never-created"}),
@@ -232,3 +255,40 @@ async def test_metrics_histogram_counts_calls(node):
     ]
     for method, code in [("NodeGetInfo", "OK"), ("NodeUnpublishVolume", "INVALID_ARGUMENT")]:
         assert any(f'method="{method}"' in c and f'code="{code}"' in c for c in counts), counts
+
+
+async def _not_fusecsi(listener) -> None:
+    """A peer that answers every connection like an HTTP server."""
+    while True:
+        conn, _ = await listener.accept()
+        with conn:
+            await conn.recv(100)
+            await conn.send(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+
+async def test_unreachable_master_is_unavailable_with_the_address_and_why(node):
+    volume = await node.volume("unreached")
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    http = f"127.0.0.1:{listener.getsockname()[1]}"
+    refused = f"127.0.0.1:{free_port()}"
+    cases = [
+        (refused, f"cannot connect to {refused}: connection refused"),
+        ("no-such-host.invalid:8995", "cannot connect to no-such-host.invalid:8995: no such host"),
+        (http, f"{http} is not a fusecsi server"),
+    ]
+    async with trio.open_nursery() as nursery, grpc_bridge.connect(str(node.csi_socket)) as call:
+        nursery.start_soon(_not_fusecsi, listener)
+        for address, why in cases:
+            context = {**volume.context, "master-addrs": address}
+            message = await expect(
+                call,
+                "NodePublishVolume",
+                publish_request(volume, node.target(), context=context),
+                Status.UNAVAILABLE,
+                why,
+            )
+            assert f"cluster {address} unreachable" in message
+        nursery.cancel_scope.cancel()
+    assert await node.refs() == []
