@@ -6,7 +6,9 @@ holding it. The volume id carries a digest of the CreateVolume name, so a direct
 later volume got at the same path (a PVC re-created under its old name) is not the old
 volume's. DeleteVolume touches nothing that does not carry the tag for that very volume, never
 removes or renames a volume nested inside another, and a cluster that does not answer is an
-error, never "already gone".
+error, never "already gone". Directories a path-pattern needs between fs-path and a volume are
+born tagged `trusted.fusecsi.parent`; DeleteVolume (on-delete delete) removes those, and only
+those, again while they are empty.
 
 A volume's directory is born tagged and sized: one `mkvolume` call, which the master makes
 durable before it answers, so nobody ever sees the directory untagged or unlimited. The master
@@ -41,6 +43,7 @@ from fusecsi.volumes import (
     PVC_NAMESPACE,
     VolumeParams,
     VolumeRef,
+    join,
     parse_parameters,
 )
 
@@ -49,6 +52,11 @@ log = logging.getLogger("fusecsi.controller")
 DEFAULT_CAPACITY = 1 << 30  # CreateVolume without a capacity range gets 1 GiB
 TAG_VOLUME = b"trusted.fusecsi.volume"
 TAG_OWNER = b"trusted.fusecsi.owner"
+# on a directory between fs-path and a volume that fusecsi made for a path-pattern (value:
+# the fs-path it was made below); DeleteVolume removes it again once it is empty
+TAG_PARENT = b"trusted.fusecsi.parent"
+PARENT_MODE = 0o755
+PARENT_ATTEMPTS = 3  # parents made again when a racing delete removed them meanwhile
 VOLUME_MODE = 0o777  # pods run as any user; the volume is theirs alone
 UNAVAILABLE_ERRNOS = {
     errno.ETIMEDOUT,
@@ -439,13 +447,60 @@ class ControllerService:
         """The master resolves the parent path and makes the directory in one step: no inode
         of ours can be stale (a renamed parent, a rebuilt cluster)."""
         make = (client.mkvolume, ref.parent_path, ref.name.encode(), VOLUME_MODE, tags, size)
-        try:
-            await self._call(*make)
-        except ClusterError as exc:
-            if exc.errno != errno.ENOENT:
+        for attempt in range(PARENT_ATTEMPTS):
+            try:
+                await self._call(*make)
+                return
+            except ClusterError as exc:
+                if exc.errno != errno.ENOENT or attempt == PARENT_ATTEMPTS - 1:
+                    raise
+            # the first volume under its parent, or a racing DeleteVolume (in another
+            # controller) removed the parent it had just left empty: make it (again)
+            await self._make_parents(client, ref)
+
+    async def _make_parents(self, client, ref: VolumeRef) -> None:
+        """fs-path (untagged: the StorageClass's, never removed by fusecsi), then each
+        directory between it and the volume that is missing, born tagged TAG_PARENT (one
+        durable mkvolume without a quota) so that DeleteVolume may remove it when empty."""
+        await self._call(client.mkdirs, ref.fs_path)
+        here = ref.fs_path
+        for part in ref.subpath.split("/")[:-1]:
+            tags = {TAG_PARENT: ref.fs_path.encode()}
+            try:
+                await self._call(client.mkvolume, here, part.encode(), PARENT_MODE, tags, None)
+                log.info("parent directory created", extra=fields(path=join(here, part)))
+            except ClusterError as exc:
+                if exc.errno != errno.EEXIST:  # there already, made by whoever: used as is
+                    raise
+            here = join(here, part)
+
+    async def _remove_empty_parents(self, client, ref: VolumeRef) -> int:
+        """Bottom-up, each directory between the volume's and fs-path that fusecsi made
+        (tagged TAG_PARENT) while it is empty; how many were removed. A directory not
+        tagged, not empty (another volume, or a create racing this one) or gone ends the
+        walk; fs-path and what is above it are never touched."""
+        parts = ref.subpath.split("/")[:-1]
+        removed = 0
+        while parts:
+            path, above = join(ref.fs_path, "/".join(parts)), ref.fs_path
+            if len(parts) > 1:
+                above = join(ref.fs_path, "/".join(parts[:-1]))
+            try:
+                entry = await self._call(client.resolve, path)
+                if not stat.S_ISDIR(entry.mode):
+                    break
+                if await self._tag(client, entry.ino, TAG_PARENT) is None:
+                    break  # not made by fusecsi: never removed
+                parent = await self._call(client.resolve, above)
+                await self._call(client.rmdir, parent.ino, parts[-1].encode())
+            except ClusterError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.ENOTDIR):
+                    break
                 raise
-            await self._call(client.mkdirs, ref.parent_path)  # first volume under it
-            await self._call(*make)
+            log.info("empty parent directory removed", extra=fields(path=path))
+            removed += 1
+            parts.pop()
+        return removed
 
     async def _existing_volume(self, client, ref, volume_id, name, size, required, limit) -> int:
         """CreateVolume for a name that exists: the same volume again, or a retained one."""
@@ -519,6 +574,9 @@ class ControllerService:
                 entry, tag = await self._find(client, ref)
                 if entry is None:
                     log.info("volume already gone", extra=fields(volume_id=volume_id))
+                    # a call that failed after removing the volume: its empty parents too
+                    if ref.on_delete == "delete" and await self._remove_empty_parents(client, ref):
+                        await self._call(client.sync_journal)
                     return pb.DeleteVolumeResponse()
                 if tag != volume_id.encode() and tag_ref(tag) is not None:
                     # another volume has the directory now (its path was given again): the
@@ -542,6 +600,8 @@ class ControllerService:
                     if nested is not None:
                         self._refuse_delete(ref, volume_id, f"volume {nested} is inside it")
                 await self._apply_policy(client, ref, entry, volume_id)
+                if ref.on_delete == "delete":  # archive and retain leave a directory there
+                    await self._remove_empty_parents(client, ref)
                 await self._call(client.sync_journal)
                 VOLUMES_DELETED.add(ref.on_delete)
         return pb.DeleteVolumeResponse()

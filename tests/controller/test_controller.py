@@ -45,6 +45,7 @@ __all__ = ["cluster", "controller", "csi", "kube_api", "module_spawn"]  # fixtur
 Mode = pb.VolumeCapability.AccessMode.Mode
 VOLUME_TAG = b"trusted.fusecsi.volume"
 OWNER_TAG = b"trusted.fusecsi.owner"
+PARENT_TAG = b"trusted.fusecsi.parent"
 
 
 def params(cluster, **extra) -> dict:
@@ -444,13 +445,19 @@ async def test_delete_never_touches_what_fusecsi_did_not_create(csi, cluster):
         assert sorted(await names_in(client, base)) == [b"afile", b"home"]
         assert await client.read(f.ino, 0, 100) == b"years of work"
 
-        # deleting a nested volume removes its directory and nothing above it
-        request = create_request(
-            "pv-n", params(cluster, **{"fs-path": base, "path-pattern": "ns/${pv.metadata.name}"})
-        )
-        volume_id = (await csi("CreateVolume", request)).volume.volume_id
-        await csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=volume_id))
-        assert await names_in(client, f"{base}/ns") == []
+        # deleting a nested volume removes its directory and nothing above it but the
+        # empty parent fusecsi made for it
+        await client.mkdirs(f"{base}/mine")
+        for parent in ("ns", "mine"):
+            pattern = parent + "/${pv.metadata.name}"
+            request = create_request(
+                "pv-n", params(cluster, **{"fs-path": base, "path-pattern": pattern})
+            )
+            volume_id = (await csi("CreateVolume", request)).volume.volume_id
+            await csi("DeleteVolume", pb.DeleteVolumeRequest(volume_id=volume_id))
+        assert await names_in(client, f"{base}/mine") == []
+        assert sorted(await names_in(client, base)) == [b"afile", b"home", b"mine"]
+        assert await client.read(f.ino, 0, 100) == b"years of work"
 
 
 async def test_delete_request_checks(csi, cluster):
@@ -835,3 +842,55 @@ async def test_archive_names_never_collide(csi, cluster):
                 [archived] = set(await names_in(client, base)) - taken - left
                 pattern = rf"vol\.archived-\d{{8}}T\d{{6}}Z-{free}".encode()
                 assert re.fullmatch(pattern, archived), archived
+
+
+async def test_empty_parents_made_by_a_path_pattern_go_with_the_volume(csi, cluster):
+    """Issue 18: `<fs-path>/<namespace>` made for a namespace's first volume is removed with
+    its last one, when fusecsi made it and it is empty; nothing else is ever removed."""
+    base = unique("/parents")
+
+    def request(namespace: str, name: str, policy: str = "delete"):
+        meta = {PVC_NAMESPACE: namespace, PVC_NAME: name}
+        pattern = "${pvc.metadata.namespace}/x/${pvc.metadata.name}"
+        extra = {"fs-path": base, "on-delete": policy, "path-pattern": pattern, **meta}
+        return create_request(unique("pv"), params(cluster, **extra))
+
+    async def create(namespace: str, name: str, policy: str = "delete") -> pb.DeleteVolumeRequest:
+        reply = await csi("CreateVolume", request(namespace, name, policy))
+        return pb.DeleteVolumeRequest(volume_id=reply.volume.volume_id)
+
+    async with open_client(cluster.master_addrs) as client:
+        await client.mkdirs(f"{base}/own")  # a user's directory: used, never removed
+        a, b = await create("team", "a"), await create("team", "b")
+        for made in ("team", "team/x"):
+            attr = await client.resolve(f"{base}/{made}")
+            assert await client.getxattr(attr.ino, PARENT_TAG) == base.encode()
+        with pytest.raises(ClusterError):
+            await client.getxattr((await client.resolve(base)).ino, PARENT_TAG)
+        await csi("DeleteVolume", a)
+        assert await names_in(client, f"{base}/team/x") == [b"b"]  # b is still in there
+        await csi("DeleteVolume", b)
+        assert await names_in(client, base) == [b"own"]  # team/x, then team: both empty
+        await csi("DeleteVolume", b)  # again: already gone, nothing else touched
+
+        # the user's own directory stays; the one fusecsi made inside it goes
+        await csi("DeleteVolume", await create("own", "c"))
+        assert await names_in(client, f"{base}/own") == []
+
+        # a file someone left in a parent fusecsi made: the walk stops there, quietly
+        busy = await create("busy", "d")
+        await client.create((await client.resolve(f"{base}/busy")).ino, b"note", 0o644, 0, 0)
+        await csi("DeleteVolume", busy)
+        assert await names_in(client, f"{base}/busy") == [b"note"]
+
+        # archive and retain keep a directory in the parent: it stays
+        for policy in ("archive", "retain"):
+            await csi("DeleteVolume", await create(policy, "e", policy))
+            assert len(await names_in(client, f"{base}/{policy}/x")) == 1
+
+        # made again, tagged again, for the namespace's next volume
+        again = await create("team", "f")
+        attr = await client.resolve(f"{base}/team")
+        assert await client.getxattr(attr.ino, PARENT_TAG) == base.encode()
+        await csi("DeleteVolume", again)
+        assert sorted(await names_in(client, base)) == [b"archive", b"busy", b"own", b"retain"]

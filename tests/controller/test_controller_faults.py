@@ -221,3 +221,33 @@ async def test_a_directory_vanishing_mid_call_is_aborted(
         assert err.value.status is Status.ABORTED, err.value.message
         assert re.search(message, err.value.message), err.value.message
         assert await snapshot(client, scenario.root) == before
+
+
+async def test_a_parent_removed_by_a_racing_delete_is_made_again(cluster, controller_sock, proxy):
+    """Issue 18: DeleteVolume (in another controller) removes an empty parent a path-pattern
+    made just after CreateVolume made it again: the volume's mkvolume answers ENOENT, and
+    CreateVolume makes the parent once more and succeeds."""
+    async with (
+        grpc_bridge.connect(str(controller_sock)) as call,
+        open_client(cluster.master_addrs) as client,
+    ):
+        base = unique("/faults")
+
+        def request(name: str):
+            params = {"master-addrs": proxy.address, "fs-path": base, "path-pattern": "ns/" + name}
+            return create_request(unique("pv"), params)
+
+        proxy.reset()
+        await call("Controller", "CreateVolume", request("first"))  # shows the steps
+        made = [i for i, method in enumerate(proxy.calls) if method == "mkvolume"]
+        assert len(made) == 3, proxy.calls  # the volume (ENOENT), its parent, the volume
+        await client.remove_tree(base)
+        proxy.reset()
+        proxy.fault_at(made[-1], errno.ENOENT)  # the parent vanished once more
+        reply = await call("Controller", "CreateVolume", request("second"))
+        attr = await client.resolve(f"{base}/ns/second")
+        assert await client.getxattr(attr.ino, b"trusted.fusecsi.volume") == (
+            reply.volume.volume_id.encode()
+        )
+        parent = await client.resolve(f"{base}/ns")
+        assert await client.getxattr(parent.ino, b"trusted.fusecsi.parent") == base.encode()
