@@ -413,12 +413,49 @@ class ControllerService:
                     capacity = await self._ensure(
                         client, ref, volume_id, request.name, size, required, limit
                     )
+        self._warn_if_never_deleted(params, ref)
         return pb.CreateVolumeResponse(
             volume=pb.Volume(
                 volume_id=volume_id,
                 capacity_bytes=capacity,
                 volume_context=ref.context(params.options),
             )
+        )
+
+    def _warn_if_never_deleted(self, params: VolumeParams, ref: VolumeRef) -> None:
+        """A Warning Event on the PVC when its StorageClass has reclaimPolicy Retain and
+        on-delete is not retain: Kubernetes never calls DeleteVolume then, so on-delete never
+        runs. Queued (never delays or fails CreateVolume); once per claim."""
+        if ref.on_delete == "retain":
+            return
+        namespace, claim = params.metadata.get(PVC_NAMESPACE), params.metadata.get(PVC_NAME)
+        if not namespace or not claim:
+            return  # no --extra-create-metadata: no PVC to read or to tell
+        kube, policy, path = self.kube, ref.on_delete, ref.path
+
+        async def message(pvc: dict) -> str | None:
+            spec, meta = pvc.get("spec") or {}, pvc.get("metadata") or {}
+            name = spec.get("storageClassName") or (meta.get("annotations") or {}).get(
+                "volume.beta.kubernetes.io/storage-class"
+            )
+            if not name:
+                return None
+            storage_class = await kube.run(kube.read_storage_class, name)
+            if storage_class.get("reclaimPolicy") != "Retain":
+                return None
+            return (
+                f"StorageClass {name} has reclaimPolicy Retain, so Kubernetes never calls "
+                f"DeleteVolume and its on-delete: {policy} never runs: {path} stays, held by "
+                "the PV, when this claim is deleted. Set on-delete: retain to say so, or "
+                "reclaimPolicy: Delete to have on-delete applied"
+            )
+
+        self.events.post_on_claim(
+            namespace,
+            claim,
+            "OnDeleteNeverRuns",
+            message,
+            about=f"whether reclaimPolicy Retain keeps on-delete: {policy} from running",
         )
 
     async def _ensure(self, client, ref, volume_id, name, size, required, limit) -> int:

@@ -8,6 +8,8 @@ Which object an event lands on:
 - a volume (DeleteVolume, ControllerExpandVolume carry only the volume id): the PVC named in
   the claimRef of the PV whose CSI volume handle is the id, while that PVC still exists;
   else the PV itself (a refused delete usually runs after the PVC is gone);
+- a claim (CreateVolume names the PVC in its extra-create-metadata): that PVC, when a check
+  of it (and of what it names, such as its StorageClass) finds something to say;
 - a pod: the pod kubelet named in the publish (podInfoOnMount), if it still exists.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import datetime
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -122,16 +125,49 @@ class Events:
                     involved.setdefault("kind", "PersistentVolumeClaim")
                 except KubeNotFound:
                     pass  # the claim is gone: the PV carries the event
-            meta = involved.get("metadata") or {}
-            told = (meta.get("uid") or meta.get("name", ""), reason, message)
-            if told in self._told:
-                return
-            if len(self._told) >= TOLD_LIMIT:
-                self._told.clear()
-            self._told.add(told)
-            await self._post(involved, reason, message, kind)
+            await self._post_once(involved, reason, message, kind)
 
         self._queue(volume_id, reason, message, job)
+
+    async def _post_once(self, involved: dict, reason: str, message: str, kind: str) -> None:
+        """Post unless this very Event (object, reason, message) was posted already."""
+        meta = involved.get("metadata") or {}
+        told = (meta.get("uid") or meta.get("name", ""), reason, message)
+        if told in self._told:
+            return
+        if len(self._told) >= TOLD_LIMIT:
+            self._told.clear()
+        self._told.add(told)
+        await self._post(involved, reason, message, kind)
+
+    def post_on_claim(
+        self,
+        namespace: str,
+        name: str,
+        reason: str,
+        check: Callable[[dict], Awaitable[str | None]],
+        *,
+        about: str,
+        kind="Warning",
+    ) -> None:
+        """Once per claim and message: read the PVC, and post `await check(pvc)` on it
+        unless that is None. `about` says what is checked (the log line when nothing can be
+        posted)."""
+
+        async def job() -> None:
+            try:
+                pvc = await self.kube.run(
+                    self.kube.read_object, "PersistentVolumeClaim", namespace, name
+                )
+            except KubeNotFound:
+                log.info("event not posted: PVC is gone", extra=fields(pvc=f"{namespace}/{name}"))
+                return
+            pvc.setdefault("kind", "PersistentVolumeClaim")
+            message = await check(pvc)
+            if message is not None:
+                await self._post_once(pvc, reason, message, kind)
+
+        self._queue(f"{namespace}/{name}", reason, about, job)
 
     def post_on_pod(
         self, namespace: str, name: str, reason: str, message: str, kind="Warning"

@@ -1,6 +1,6 @@
 """The one user of the kubernetes client: reading a PVC's labels and annotations for a
-path-pattern, finding the objects a volume or pod belongs to, and posting Events
-(`fusecsi/events.py` decides when).
+path-pattern and a StorageClass's reclaimPolicy, finding the objects a volume or pod belongs
+to, and posting Events (`fusecsi/events.py` decides when).
 
 The client is blocking and slow to import, so it is imported on first use and every call
 runs in a thread under a deadline. Configuration: a kubeconfig file (--kubeconfig or
@@ -52,14 +52,16 @@ class KubeApi:
         self.kubeconfig = kubeconfig or os.environ.get("KUBECONFIG") or None
         self.timeout = timeout
         self._limiter = trio.CapacityLimiter(4)
+        self._client = None
         self._core = None
+        self._storage = None
 
     @property
     def configured(self) -> bool:
         return _configured(self.kubeconfig)
 
-    def _core_api(self):
-        if self._core is None:
+    def _api_client(self):
+        if self._client is None:
             if not self.configured:
                 raise KubeNotConfigured(
                     "no Kubernetes API configured: not running in a cluster and neither "
@@ -76,8 +78,22 @@ class KubeApi:
                     api_client = client.ApiClient(configuration)
             except Exception as exc:
                 raise KubeNotConfigured(f"cannot load Kubernetes configuration: {exc}") from None
-            self._core = client.CoreV1Api(api_client)
+            self._client = api_client
+        return self._client
+
+    def _core_api(self):
+        if self._core is None:
+            from kubernetes import client
+
+            self._core = client.CoreV1Api(self._api_client())
         return self._core
+
+    def _storage_api(self):
+        if self._storage is None:
+            from kubernetes import client
+
+            self._storage = client.StorageV1Api(self._api_client())
+        return self._storage
 
     def _json(self, what: str, call, *args, **kwargs) -> dict:
         """One API call's JSON answer, its failures mapped onto KubeError and subclasses."""
@@ -116,6 +132,11 @@ class KubeApi:
             "PersistentVolumeClaim": core.read_namespaced_persistent_volume_claim,
         }[kind]
         return self._json(f"{kind} {namespace}/{name}", call, name, namespace)
+
+    def read_storage_class(self, name: str) -> dict:
+        """A StorageClass (storage.k8s.io/v1; blocking: call through `run`)."""
+        storage = self._storage_api()
+        return self._json(f"StorageClass {name}", storage.read_storage_class, name)
 
     def volume_pv(self, volume_handle: str) -> dict | None:
         """The PersistentVolume whose CSI volume handle is `volume_handle` (blocking)."""

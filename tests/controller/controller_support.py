@@ -2,7 +2,7 @@
 `fusecsi controller` processes, and a small fake Kubernetes API server.
 
 The fake API server exists because a real kube-apiserver cannot run here: it serves only the
-calls fusecsi makes (GET a PVC or a pod, list PVs, POST an Event) from dicts the test fills
+calls fusecsi makes (GET a PVC, a pod or a StorageClass, list PVs, POST an Event) from dicts the test fills
 in, and records every Event POSTed so tests can assert on them.
 """
 
@@ -30,12 +30,13 @@ GiB = 1 << 30
 
 @dataclass
 class FakeKubeApi:
-    """PVCs and pods by (namespace, name), PVs by name; `requests` records every path asked
+    """PVCs and pods by (namespace, name), PVs and StorageClasses by name; `requests` records every path asked
     for, `events` every Event posted."""
 
     pvcs: dict[tuple[str, str], dict] = field(default_factory=dict)
     pods: dict[tuple[str, str], dict] = field(default_factory=dict)
     pvs: dict[str, dict] = field(default_factory=dict)
+    storage_classes: dict[str, dict] = field(default_factory=dict)
     forbidden: set[str] = field(default_factory=set)  # namespaces answered with 403
     requests: list[str] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
@@ -60,7 +61,18 @@ class FakeKubeApi:
     def events_about(self, name: str) -> list[dict]:
         return [e for e in list(self.events) if e["involvedObject"]["name"] == name]
 
-    def add_pvc(self, namespace: str, name: str, labels=None, annotations=None) -> None:
+    def add_storage_class(self, name: str, reclaim_policy: str) -> None:
+        self.storage_classes[name] = {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {"name": name, "uid": f"uid-sc-{name}"},
+            "provisioner": "fusecsi.io",
+            "reclaimPolicy": reclaim_policy,
+        }
+
+    def add_pvc(
+        self, namespace: str, name: str, labels=None, annotations=None, storage_class=None
+    ) -> None:
         metadata = {"namespace": namespace, "name": name, "uid": f"uid-{namespace}-{name}"}
         if labels is not None:
             metadata["labels"] = labels
@@ -72,6 +84,8 @@ class FakeKubeApi:
             "metadata": metadata,
             "spec": {"accessModes": ["ReadWriteOnce"]},
         }
+        if storage_class is not None:
+            self.pvcs[namespace, name]["spec"]["storageClassName"] = storage_class
 
     def write_kubeconfig(self, path: Path) -> Path:
         path.write_text(
@@ -101,6 +115,8 @@ def _handler(api: FakeKubeApi):
                     found = api.pvcs.get((parts[3], parts[5]))
                 elif parts[4] == "pods":
                     found = api.pods.get((parts[3], parts[5]))
+            elif parts[:4] == ["apis", "storage.k8s.io", "v1", "storageclasses"]:
+                found = api.storage_classes.get(parts[4]) if len(parts) == 5 else None
             elif parts == ["api", "v1", "persistentvolumes"]:
                 found = {"kind": "PersistentVolumeList", "items": list(api.pvs.values())}
             body, code = (found, 200) if found else ({"kind": "Status", "code": 404}, 404)

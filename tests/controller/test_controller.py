@@ -894,3 +894,75 @@ async def test_empty_parents_made_by_a_path_pattern_go_with_the_volume(csi, clus
         assert await client.getxattr(attr.ino, PARENT_TAG) == base.encode()
         await csi("DeleteVolume", again)
         assert sorted(await names_in(client, base)) == [b"archive", b"busy", b"own", b"retain"]
+
+
+async def until(check, what: str, deadline: float = 30.0):
+    """`check()` once it is truthy (a condition, polled; the deadline only ends a hang)."""
+    end = time.monotonic() + deadline
+    while not (found := check()):
+        assert time.monotonic() < end, f"{what}: not within {deadline}s"
+        await trio.sleep(0.05)
+    return found
+
+
+async def test_on_delete_under_reclaim_policy_retain_is_warned_on_the_pvc(csi, cluster, kube_api):
+    """Issue 18: with reclaimPolicy Retain Kubernetes never calls DeleteVolume, so an
+    on-delete other than retain never runs: a Warning Event on the PVC says so, once."""
+    namespace, base = unique("warn"), unique("/warn")
+    kube_api.add_storage_class("kept", "Retain")
+    kube_api.add_storage_class("dropped", "Delete")
+    kube_api.forbidden.add(namespace + "-locked")
+
+    def request(claim: str, policy: str, ns: str = namespace):
+        meta = {PVC_NAMESPACE: ns, PVC_NAME: claim, PV_NAME: "pv-" + claim}
+        extra = {"fs-path": base, "on-delete": policy, **meta}
+        return create_request("pv-" + claim, params(cluster, **extra))
+
+    for claim, storage_class in [("a", "kept"), ("b", "kept"), ("c", "dropped"), ("d", "kept")]:
+        kube_api.add_pvc(namespace, claim, storage_class=storage_class)
+    kube_api.add_pvc(namespace, "no-class")
+    for claim, policy, ns in [
+        ("a", "delete", namespace),
+        ("a", "delete", namespace),  # the same CreateVolume again: no second Event
+        ("b", "retain", namespace),  # says what happens: nothing to warn about
+        ("c", "archive", namespace),  # reclaimPolicy Delete: on-delete runs
+        ("no-class", "delete", namespace),
+        ("absent", "delete", namespace),  # no such PVC, or one we may not read: the
+        ("x", "delete", namespace + "-locked"),  # volume is made all the same
+        ("d", "archive", namespace),
+    ]:
+        volume = (await csi("CreateVolume", request(claim, policy, ns))).volume
+        assert volume.volume_context["subpath"] == "pv-" + claim
+    [last] = await until(lambda: kube_api.events_about("d"), "the Event on PVC d")
+    assert "on-delete: archive never runs" in last["message"]
+    # Events are posted in order: every earlier one is in by now
+    [warning] = kube_api.events_about("a")
+    for claim in ("b", "c", "no-class", "absent", "x"):
+        assert kube_api.events_about(claim) == [], claim
+    assert "/apis/storage.k8s.io/v1/storageclasses/kept" in kube_api.requests
+    assert warning["reason"] == "OnDeleteNeverRuns" and warning["type"] == "Warning"
+    assert warning["involvedObject"]["kind"] == "PersistentVolumeClaim"
+    assert warning["involvedObject"]["namespace"] == namespace
+    assert warning["message"] == (
+        "StorageClass kept has reclaimPolicy Retain, so Kubernetes never calls DeleteVolume "
+        f"and its on-delete: delete never runs: {base}/pv-a stays, held by the PV, when this "
+        "claim is deleted. Set on-delete: retain to say so, or reclaimPolicy: Delete to have "
+        "on-delete applied"
+    )
+
+
+async def test_the_retain_check_without_a_kubernetes_api_is_logged(module_spawn, cluster, tmp_path):
+    proc, sock = start_controller(module_spawn, tmp_path)
+    meta = {PVC_NAMESPACE: "ns", PVC_NAME: "claim", PV_NAME: "pv-unchecked"}
+    request = create_request("pv-unchecked", params(cluster, **{"fs-path": "/unchecked", **meta}))
+    async with grpc_bridge.connect(str(sock)) as call:
+        await call("Controller", "CreateVolume", request)
+    line = await until(
+        lambda: [
+            line
+            for line in read_log(proc).splitlines()
+            if "no Kubernetes API configured" in line and "reclaimPolicy Retain" in line
+        ],
+        "the log line",
+    )
+    assert "on-delete: delete" in line[0]

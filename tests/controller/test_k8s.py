@@ -55,3 +55,11 @@ async def test_api_that_does_not_answer(kube_api, tmp_path):
                 await KubeApi(str(path), timeout=0.5).pvc_metadata("ns", "claim")
     finally:
         silent.close()
+
+
+async def test_reads_a_storage_class(kube_api, tmp_path):
+    kube_api.add_storage_class("kept", "Retain")
+    api = KubeApi(str(kube_api.write_kubeconfig(tmp_path / "kubeconfig")))
+    assert (await api.run(api.read_storage_class, "kept"))["reclaimPolicy"] == "Retain"
+    with pytest.raises(KubeNotFound, match="StorageClass absent not found"):
+        await api.run(api.read_storage_class, "absent")
