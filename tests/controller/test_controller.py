@@ -966,3 +966,39 @@ async def test_the_retain_check_without_a_kubernetes_api_is_logged(module_spawn,
         "the log line",
     )
     assert "on-delete: delete" in line[0]
+
+
+async def test_create_racing_the_delete_of_the_last_volume_in_a_parent(
+    controller, cluster, module_spawn, tmp_path
+):
+    """Two controllers (no lock shared): one deletes the last volume of a parent (and the
+    parent with it) while the other creates a volume in that parent. Both succeed, whatever
+    the order: the create makes the parent again when it vanished under it."""
+    _, sock = start_controller(module_spawn, tmp_path)
+    base = unique("/race-parents")
+
+    def request(name: str):
+        extra = {"fs-path": base, "path-pattern": "ns/x/${pv.metadata.name}", PV_NAME: name}
+        return create_request(name, params(cluster, **extra))
+
+    async with (
+        grpc_bridge.connect_many([str(controller[1]), str(sock)]) as (one, other),
+        open_client(cluster.master_addrs) as client,
+    ):
+        for round_ in range(12):
+            reply = await one("Controller", "CreateVolume", request(f"a{round_}"))
+            first = reply.volume.volume_id
+            made = []
+
+            async def create(round_=round_, made=made) -> None:
+                reply = await other("Controller", "CreateVolume", request(f"b{round_}"))
+                made.append(reply.volume.volume_id)
+
+            async with trio.open_nursery() as nursery:
+                delete = pb.DeleteVolumeRequest(volume_id=first)
+                nursery.start_soon(one, "Controller", "DeleteVolume", delete)
+                nursery.start_soon(create)
+            attr = await client.resolve(f"{base}/ns/x/b{round_}")
+            assert await client.getxattr(attr.ino, VOLUME_TAG) == made[0].encode()
+            await other("Controller", "DeleteVolume", pb.DeleteVolumeRequest(volume_id=made[0]))
+            assert await names_in(client, base) == []
