@@ -56,7 +56,7 @@ TAG_OWNER = b"trusted.fusecsi.owner"
 # the fs-path it was made below); DeleteVolume removes it again once it is empty
 TAG_PARENT = b"trusted.fusecsi.parent"
 PARENT_MODE = 0o755
-PARENT_ATTEMPTS = 3  # parents made again when a racing delete removed them meanwhile
+PARENT_ATTEMPTS = 4  # parents made again when a racing delete removed them meanwhile
 VOLUME_MODE = 0o777  # pods run as any user; the volume is theirs alone
 UNAVAILABLE_ERRNOS = {
     errno.ETIMEDOUT,
@@ -303,15 +303,23 @@ class ControllerService:
 
     async def _volume_at(self, client: ClusterClient, path: str) -> bytes | None:
         """The volume tag of the directory at `path`; None when it is missing or untagged."""
-        try:
-            entry = await self._call(client.resolve, path)
-        except ClusterError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
-                raise
-            return None
-        if not stat.S_ISDIR(entry.mode):
-            return None
-        return await self._tag(client, entry.ino, TAG_VOLUME)
+        for attempt in range(PARENT_ATTEMPTS):
+            try:
+                entry = await self._call(client.resolve, path)
+            except ClusterError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    raise
+                return None
+            if not stat.S_ISDIR(entry.mode):
+                return None
+            try:
+                return await self._tag(client, entry.ino, TAG_VOLUME)
+            except ClusterError as exc:
+                # removed after it was resolved (an empty parent going with its last
+                # volume): look again at what is at the path now
+                if exc.errno != errno.ENOENT or attempt == PARENT_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _refuse_nesting(self, client: ClusterClient, ref: VolumeRef) -> None:
         """FAILED_PRECONDITION when a directory above the volume's is a volume: deleting or
@@ -486,14 +494,15 @@ class ControllerService:
         make = (client.mkvolume, ref.parent_path, ref.name.encode(), VOLUME_MODE, tags, size)
         for attempt in range(PARENT_ATTEMPTS):
             try:
+                if attempt:
+                    # the first volume under its parent, or a racing DeleteVolume (in another
+                    # controller) removed a parent it had just left empty: make it (again)
+                    await self._make_parents(client, ref)
                 await self._call(*make)
                 return
             except ClusterError as exc:
                 if exc.errno != errno.ENOENT or attempt == PARENT_ATTEMPTS - 1:
                     raise
-            # the first volume under its parent, or a racing DeleteVolume (in another
-            # controller) removed the parent it had just left empty: make it (again)
-            await self._make_parents(client, ref)
 
     async def _make_parents(self, client, ref: VolumeRef) -> None:
         """fs-path (untagged: the StorageClass's, never removed by fusecsi), then each
