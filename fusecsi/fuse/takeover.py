@@ -22,6 +22,7 @@ answered (FUSE_NOTIFY_RESEND, Linux 6.9): they are served again, not left hangin
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -34,6 +35,7 @@ import trio
 from fusecsi.fuse.handlestore import HandleStore
 
 INIT_FILE = "init"
+HANDLES_FILE = "handles"
 FUSE_INIT = 26
 NOTIFY_RESEND = 7
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOATIME = 0x1, 0x2, 0x4, 0x400
@@ -66,6 +68,8 @@ def mount(mountpoint: str, source: str, fstype: str, options: set[str], conn_dir
         try:
             init = _read_init(fd)
             os.makedirs(conn_dir, mode=0o700, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # a new connection has no handles
+                os.unlink(os.path.join(conn_dir, HANDLES_FILE))
             _write_atomic(os.path.join(conn_dir, INIT_FILE), init)
         except BaseException:
             _libc.umount2(mountpoint.encode(), MNT_DETACH)
@@ -130,9 +134,6 @@ class Takeover:
             os.write(self.fuse_fd, header)
         except OSError as exc:
             raise OSError(exc.errno, f"FUSE_NOTIFY_RESEND refused: {exc.strerror}") from exc
-
-
-HANDLES_FILE = "handles"
 
 
 def handle_store(conn_dir: str) -> HandleStore:

@@ -24,6 +24,7 @@ from fusecsi.mountd import cgroups
 log = logging.getLogger(__name__)
 
 LOG_LIMIT = 8 << 20  # a daemon's log is rotated once when it grows past this
+PIDFD_GETFD = 438  # syscall number (x86_64 and arm64 alike)
 
 
 class DaemonFailed(OSError):
@@ -37,8 +38,12 @@ def mount_command(
     ready_fd: int,
     mountpoint: str,
     metrics_file: str | None = None,
+    fuse_fd: int | None = None,
+    connection: str | None = None,
 ):
     metrics = ["--metrics-file", metrics_file] if metrics_file else []
+    if fuse_fd is not None:
+        metrics += ["--fuse-fd", str(fuse_fd), "--connection", connection]
     return [
         sys.executable,
         "-m",
@@ -136,6 +141,8 @@ async def spawn(
     deadline: float,
     nursery: trio.Nursery,
     metrics_file: str | None = None,
+    fuse_fd: int | None = None,
+    connection: str | None = None,
 ) -> Daemon:
     """Start a daemon and wait for its READY line; DaemonFailed (ETIMEDOUT/EIO) otherwise.
 
@@ -148,7 +155,9 @@ async def spawn(
     read_fd, write_fd = os.pipe()
     log_fd = _open_log(log_path)
     try:
-        cmd = mount_command(master_addrs, fs_path, options, write_fd, mountpoint, metrics_file)
+        cmd = mount_command(
+            master_addrs, fs_path, options, write_fd, mountpoint, metrics_file, fuse_fd, connection
+        )
         popen = await trio.to_thread.run_sync(
             lambda: subprocess.Popen(
                 cmd,
@@ -156,7 +165,7 @@ async def spawn(
                 stdout=log_fd,
                 stderr=log_fd,
                 env=env,
-                pass_fds=(write_fd,),
+                pass_fds=(write_fd,) if fuse_fd is None else (write_fd, fuse_fd),
                 start_new_session=True,
                 close_fds=True,
             )
@@ -243,3 +252,29 @@ def cmdline_matches(pid: int, mountpoint: str) -> bool:
     """Whether `pid` is (still) a `fusecsi mount` serving `mountpoint`, not a reused pid."""
     args = process_args(pid)
     return args is not None and b"mount" in args and os.fsencode(mountpoint) in args
+
+
+def take_fuse_fd(pid: int) -> int | None:
+    """A duplicate of the /dev/fuse descriptor of daemon `pid` (pidfd_getfd), so a mountd
+    that adopts a running daemon keeps its connection too; None if it has none."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for name in names:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{name}") == "/dev/fuse":
+                return _pidfd_getfd(pid, int(name))
+    return None
+
+
+def _pidfd_getfd(pid: int, fd: int) -> int | None:
+    import ctypes
+
+    pidfd = os.pidfd_open(pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        got = libc.syscall(PIDFD_GETFD, pidfd, fd, 0)  # the new fd is close-on-exec
+        return got if got >= 0 else None
+    finally:
+        os.close(pidfd)

@@ -1,4 +1,4 @@
-"""A process living on a FUSE mount while its daemon is killed and replaced (test_takeover.py).
+"""A process living on a FUSE mount while its daemon is killed and replaced (takeover tests).
 
 `takeover_load.py DIR RESULT`: with its working directory in DIR it runs, one thread each,
 a reader of a file it holds open, relative-path calls through its cwd, reads through an
@@ -16,9 +16,11 @@ import errno
 import json
 import mmap
 import os
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 RECORD = 16
 HELD_SIZE = 1 << 20
@@ -147,6 +149,31 @@ def main() -> None:
     report = {name: vars(w) for name, w in workers.items()}
     with open(result, "w") as f:
         json.dump(report, f)
+
+
+def start(directory, result) -> subprocess.Popen:
+    """Run the load in a process of its own (never the test's: see KeptMount)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen(
+        [sys.executable, __file__, str(directory), str(result)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout.readline() == b"READY\n"
+    return proc
+
+
+def finish(proc: subprocess.Popen, result) -> dict:
+    proc.stdin.close()
+    assert proc.wait(timeout=120) == 0
+    return json.loads(Path(result).read_text())
+
+
+def summary(report: dict) -> str:
+    return json.dumps(
+        {k: {n: v[n] for n in ("calls", "longest", "lost")} for k, v in report.items()}
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""Takeover through mountd: it keeps each mount's /dev/fuse descriptor, so a killed daemon's
+replacement serves the same mount; targets are not re-bound and open files keep working."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import takeover_load
+import trio
+from mountd_stack import (  # noqa: F401 - fixtures
+    cluster_fixture,
+    eventually,
+    make_dirs,
+    mountd_fixture,
+)
+
+from fusecsi.mountd import mounts
+
+KILLS = int(os.environ.get("FUSECSI_TAKEOVER_KILLS", "3"))
+
+
+async def test_killed_daemon_is_taken_over_without_a_rebind(mountd, cluster, tmp_path):
+    await make_dirs(cluster, "/take/v")
+    target = mountd.target("pod-1", "v")
+    await mountd.publish("vol-take", "/take", "v", target)
+    layers = len(mounts.stack_at(target))
+    report_path = tmp_path / "report.json"
+    load = await trio.to_thread.run_sync(takeover_load.start, target, report_path)
+    try:
+        for _ in range(KILLS):
+            await trio.sleep(0.5)
+            [row] = await mountd.client.list()
+            os.kill(row["pid"], signal.SIGKILL)
+
+            async def replaced(old=row["pid"]):
+                [now] = await mountd.client.list()
+                return now["pid"] != old and now["state"] == "running"
+
+            await eventually(replaced, deadline=10, what="takeover")
+        await trio.sleep(0.5)
+    finally:
+        report = await trio.to_thread.run_sync(takeover_load.finish, load, report_path)
+    print(takeover_load.summary(report))
+    for name, worker in report.items():
+        assert worker["errors"] == [], name
+    assert len(mounts.stack_at(target)) == layers  # the same mount serves: nothing re-bound
+    [row] = await mountd.client.list()
+    assert row["restarts"] == KILLS and mountd.daemon_pids() == [row["pid"]]
+    await mountd.client.unpublish("vol-take", target)
+    assert mountd.daemon_pids() == [] and mountd.fuse_mounts() == ([], [])
