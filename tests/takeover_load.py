@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 RECORD = 16
+STALL = 0.05
 HELD_SIZE = 1 << 20
 MAP_SIZE = 4 << 20
 stop = threading.Event()
@@ -38,14 +39,18 @@ class Worker:
         self.longest = 0.0
         self.errors: list[str] = []
         self.lost = 0
+        self.stalls: list[float] = []  # calls slower than STALL seconds
 
     def timed(self, fn, *args):
         start = time.monotonic()
         try:
             return fn(*args)
         finally:
-            self.longest = max(self.longest, time.monotonic() - start)
+            took = time.monotonic() - start
+            self.longest = max(self.longest, took)
             self.calls += 1
+            if took > STALL:
+                self.stalls.append(took)
 
     def run(self, body) -> None:
         while not stop.is_set():
@@ -171,9 +176,16 @@ def finish(proc: subprocess.Popen, result) -> dict:
 
 
 def summary(report: dict) -> str:
-    return json.dumps(
-        {k: {n: v[n] for n in ("calls", "longest", "lost")} for k, v in report.items()}
-    )
+    """Calls, EIOs for lost writes, and the stalls: how many, median, 99th percentile, longest."""
+    out = {}
+    for name, w in report.items():
+        stalls = sorted(w["stalls"]) or [0.0]
+        p50, p99 = (
+            round(stalls[min(len(stalls) - 1, int(q * len(stalls)))], 3) for q in (0.5, 0.99)
+        )
+        out[name] = dict(calls=w["calls"], lost=w["lost"], stalls=len(w["stalls"]))
+        out[name].update(p50=p50, p99=p99, longest=round(w["longest"], 3))
+    return json.dumps(out)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,8 @@ async def _serve(ops: Operations, settings: Settings, taking: Takeover | None) -
             async for signum in signals:
                 log.info("unmounting", extra=fields(signal=signal.Signals(signum).name))
                 break
+            if taking is not None:  # a handover: what is not read yet waits for the next daemon
+                pyfuse3.terminate()
             with trio.CancelScope(shield=True), trio.move_on_after(settings.io_timeout):
                 await ops.drain_all()
             pyfuse3.terminate()

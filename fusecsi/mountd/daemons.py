@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 LOG_LIMIT = 8 << 20  # a daemon's log is rotated once when it grows past this
 PIDFD_GETFD = 438  # syscall number (x86_64 and arm64 alike)
+LEADER_POLL = 0.25  # seconds between looks at a daemon's main thread (see leader_exited)
 
 
 class DaemonFailed(OSError):
@@ -97,14 +98,16 @@ class Daemon:
     async def _watch(self) -> None:
         if self._pidfd is not None:
             try:
-                await trio.lowlevel.wait_readable(self._pidfd)
+                while not leader_exited(self.pid):
+                    with trio.move_on_after(LEADER_POLL):
+                        await trio.lowlevel.wait_readable(self._pidfd)
+                        break
             except BaseException:
                 self._close()  # mountd is stopping; the daemon lives on
                 raise
             if self.popen is not None:
-                # it has exited (the pidfd said so), so this returns at once
                 with contextlib.suppress(Exception):
-                    self.returncode = self.popen.wait(timeout=1)
+                    self.returncode = self.popen.poll()
             self._close()
         self.exited.set()
 
@@ -246,6 +249,18 @@ def process_args(pid: int) -> list[bytes] | None:
     except (OSError, IndexError):
         return None
     return None if state in (b"Z", b"X") else args
+
+
+def leader_exited(pid: int) -> bool:
+    """Whether the process's main thread is gone. A killed daemon can linger with one thread
+    stuck in the kernel on its own mount (a notify_store waiting for a page that a read in
+    flight locks): the pidfd reports its exit only once that read is answered, and with
+    takeover only the next daemon answers it. So its death is seen here, not waited for."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def cmdline_matches(pid: int, mountpoint: str) -> bool:

@@ -16,6 +16,7 @@ import trio
 from fusecsi import mount_options
 from fusecsi.cluster.client import ClusterClient
 from fusecsi.fuse import kernel, takeover
+from fusecsi.mountd.daemons import leader_exited
 
 READY_TIMEOUT = 30
 MiB = 1 << 20
@@ -73,6 +74,19 @@ class Mount:
     def connection_args(self) -> tuple[list[str], tuple]:
         return [], ()
 
+    def kill(self) -> None:
+        """SIGKILL the daemon and remove its mount: a crash, before a fresh mount."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.wait_dead()
+        cleanup_mount(self.path)
+
+    def wait_dead(self, seconds: float = 30) -> None:
+        """Until the daemon's main thread is gone (a thread stuck in the kernel on the mount
+        may wait for the next daemon: see mountd's daemons.leader_exited)."""
+        deadline = time.monotonic() + seconds
+        while not leader_exited(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 
@@ -113,17 +127,25 @@ class KeptMount(Mount):
         return ["--fuse-fd", str(self.fd), "--connection", conn], (self.fd,)
 
     def replace(self, sig: int = signal.SIGKILL) -> None:
-        """Stop the daemon with `sig` and start another on the same connection."""
+        """Stop the daemon with `sig` and start another on the same connection, once its main
+        thread is gone (a thread stuck on the mount may wait for the next daemon)."""
         self.proc.send_signal(sig)
-        self.proc.wait(timeout=30)
+        self.wait_dead()
         self.start()
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         code = super().stop(sig)
+        self._drop()
+        return code
+
+    def kill(self) -> None:
+        super().kill()
+        self._drop()
+
+    def _drop(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        return code
 
 
 class MountSet:
