@@ -796,7 +796,9 @@ class Supervisor:
             self._outage(rt, "mount_broken")
             return f"{entry.mountpoint} is no longer mounted"
         try:
-            await self._blocking(os.statvfs, entry.mountpoint)
+            if not await self._statfs_while_alive(entry, rt.daemon):
+                self._outage(rt, "daemon_exited")
+                return "daemon exited"
         except OSError as exc:
             if exc.errno in DEAD:
                 self._outage(rt, "mount_broken")
@@ -825,6 +827,21 @@ class Supervisor:
             return rt.message
         rt.sick, rt.message, rt.cluster_lost = 0, "", False
         return None
+
+    async def _statfs_while_alive(self, entry: Entry, daemon: Daemon) -> bool:
+        """A statfs of the mount; False as soon as the daemon dies: on a kept connection the
+        call waits for the next daemon, which this check would otherwise hold up."""
+        async with trio.open_nursery() as nursery:
+
+            async def died() -> None:
+                await daemon.exited.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(died)
+            await self._blocking(os.statvfs, entry.mountpoint)
+            nursery.cancel_scope.cancel()
+            return True
+        return False
 
     async def _cluster_answers(self, entry: Entry, token: str | None = None) -> bool:
         """Whether the key's cluster answers (with `token`, else the stored one)."""

@@ -17,7 +17,9 @@ from mountd_stack import (  # noqa: F401 - fixtures
 
 from fusecsi.mountd import mounts
 
-KILLS = int(os.environ.get("FUSECSI_TAKEOVER_KILLS", "3"))
+KILLS = 2
+# past the crash-loop pause after each early death (1 s, then 2 s: supervisor.CRASH_WINDOW)
+PAUSE = 1.5
 
 
 async def test_killed_daemon_is_taken_over_without_a_rebind(mountd, cluster, tmp_path):
@@ -29,7 +31,7 @@ async def test_killed_daemon_is_taken_over_without_a_rebind(mountd, cluster, tmp
     load = await trio.to_thread.run_sync(takeover_load.start, target, report_path)
     try:
         for _ in range(KILLS):
-            await trio.sleep(0.5)
+            await trio.sleep(PAUSE)
             [row] = await mountd.client.list()
             os.kill(row["pid"], signal.SIGKILL)
 
@@ -48,4 +50,34 @@ async def test_killed_daemon_is_taken_over_without_a_rebind(mountd, cluster, tmp
     [row] = await mountd.client.list()
     assert row["restarts"] == KILLS and mountd.daemon_pids() == [row["pid"]]
     await mountd.client.unpublish("vol-take", target)
+    assert mountd.daemon_pids() == [] and mountd.fuse_mounts() == ([], [])
+
+
+async def test_a_restarted_mountd_takes_over_the_daemons_it_adopted(mountd, cluster, tmp_path):
+    """The new mountd takes a duplicate of the adopted daemon's descriptor (pidfd_getfd)."""
+    await make_dirs(cluster, "/adopt/v")
+    target = mountd.target("pod-1", "v")
+    await mountd.publish("vol-adopt", "/adopt", "v", target)
+    layers = len(mounts.stack_at(target))
+    mountd.kill()
+    mountd.start()
+    [row] = await mountd.client.list()
+    report_path = tmp_path / "report.json"
+    load = await trio.to_thread.run_sync(takeover_load.start, target, report_path)
+    try:
+        await trio.sleep(0.5)
+        os.kill(row["pid"], signal.SIGKILL)
+
+        async def replaced():
+            [now] = await mountd.client.list()
+            return now["pid"] != row["pid"] and now["state"] == "running"
+
+        await eventually(replaced, deadline=10, what="takeover")
+        await trio.sleep(0.5)
+    finally:
+        report = await trio.to_thread.run_sync(takeover_load.finish, load, report_path)
+    for name, worker in report.items():
+        assert worker["errors"] == [], name
+    assert len(mounts.stack_at(target)) == layers
+    await mountd.client.unpublish("vol-adopt", target)
     assert mountd.daemon_pids() == [] and mountd.fuse_mounts() == ([], [])
