@@ -47,6 +47,15 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 MNT_DETACH = 2
 
 
+def supported(release: str | None = None) -> bool:
+    """Whether the kernel can resend what a dead daemon had read (Linux 6.9+)."""
+    parts = (release or os.uname().release).split(".")
+    try:
+        return (int(parts[0]), int(parts[1].split("-")[0])) >= (6, 9)
+    except (IndexError, ValueError):
+        return False
+
+
 def mount(mountpoint: str, source: str, fstype: str, options: set[str], conn_dir: str) -> int:
     """Mount a FUSE connection at `mountpoint`, record its INIT in `conn_dir`; the descriptor.
 

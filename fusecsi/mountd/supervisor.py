@@ -94,6 +94,7 @@ class Supervisor:
         stop_grace: float = 5.0,
         events: Events | None = None,
         daemon_metrics: bool = False,
+        takeover: bool = True,
     ) -> None:
         self.state_dir = os.path.realpath(state_dir)
         self.kubelet_dir = os.path.realpath(kubelet_dir)
@@ -105,6 +106,7 @@ class Supervisor:
         self.metrics_dir = os.path.join(self.state_dir, "metrics")
         self.connections_dir = os.path.join(self.state_dir, "connections")
         self.daemon_metrics = daemon_metrics
+        self.takeover = takeover  # mount connections ourselves and keep them (takeover.py)
         self.events = events or Events(None, "fusecsi-mountd")
         self.publishes = Tally("fusecsi_mountd_publishes_total", "publishes that succeeded")
         self.unpublishes = Tally("fusecsi_mountd_unpublishes_total", "targets unpublished")
@@ -475,7 +477,8 @@ class Supervisor:
             os.makedirs(entry.mountpoint, mode=0o755, exist_ok=True)
             if mounts.top_mount(entry.mountpoint) is not None:
                 await self._unmount(entry.mountpoint, lazy=True)
-            rt.conn_fd = await self._blocking(self._mount_connection, entry)
+            if self.takeover:
+                rt.conn_fd = await self._blocking(self._mount_connection, entry)
         try:
             daemon = await spawn(
                 master_addrs=key.master_addrs,
@@ -488,7 +491,7 @@ class Supervisor:
                 deadline=self.ready_timeout,
                 nursery=self._nursery,
                 fuse_fd=rt.conn_fd,
-                connection=self._connection_dir(key.id),
+                connection=self._connection_dir(key.id) if rt.conn_fd is not None else None,
             )
         except DaemonFailed as exc:
             rt.state, rt.message = "broken", exc.strerror
@@ -831,6 +834,7 @@ class Supervisor:
     async def _statfs_while_alive(self, entry: Entry, daemon: Daemon) -> bool:
         """A statfs of the mount; False as soon as the daemon dies: on a kept connection the
         call waits for the next daemon, which this check would otherwise hold up."""
+        answered, error = False, None
         async with trio.open_nursery() as nursery:
 
             async def died() -> None:
@@ -838,10 +842,15 @@ class Supervisor:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(died)
-            await self._blocking(os.statvfs, entry.mountpoint)
+            try:
+                await self._blocking(os.statvfs, entry.mountpoint)
+                answered = True
+            except OSError as exc:  # raised below: out of a nursery it would come grouped
+                error = exc
             nursery.cancel_scope.cancel()
-            return True
-        return False
+        if error is not None:
+            raise error
+        return answered
 
     async def _cluster_answers(self, entry: Entry, token: str | None = None) -> bool:
         """Whether the key's cluster answers (with `token`, else the stored one)."""

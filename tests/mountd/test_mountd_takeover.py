@@ -22,11 +22,29 @@ KILLS = 2
 PAUSE = 1.5
 
 
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def zombies(parent: int) -> list[int]:
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == b"Z" and int(fields[1]) == parent:
+            found.append(int(name))
+    return found
+
+
 async def test_killed_daemon_is_taken_over_without_a_rebind(mountd, cluster, tmp_path):
     await make_dirs(cluster, "/take/v")
     target = mountd.target("pod-1", "v")
     await mountd.publish("vol-take", "/take", "v", target)
     layers = len(mounts.stack_at(target))
+    descriptors = open_fds(mountd.proc.pid)
     report_path = tmp_path / "report.json"
     load = await trio.to_thread.run_sync(takeover_load.start, target, report_path)
     try:
@@ -49,6 +67,7 @@ async def test_killed_daemon_is_taken_over_without_a_rebind(mountd, cluster, tmp
     assert len(mounts.stack_at(target)) == layers  # the same mount serves: nothing re-bound
     [row] = await mountd.client.list()
     assert row["restarts"] == KILLS and mountd.daemon_pids() == [row["pid"]]
+    assert open_fds(mountd.proc.pid) == descriptors and zombies(mountd.proc.pid) == []
     await mountd.client.unpublish("vol-take", target)
     assert mountd.daemon_pids() == [] and mountd.fuse_mounts() == ([], [])
 
