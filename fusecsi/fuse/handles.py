@@ -2,12 +2,20 @@
 
 Several handles (and processes) may have one inode open; they share one write-back
 buffer, so a read through any handle sees every write made through this mount.
+
+With a HandleStore (a daemon serving a kept connection, takeover.py) every handle is also
+written to the store, with whether its inode holds acknowledged but uncommitted writes, so a
+replacement daemon can answer the same handles (`adopt`) and report such writes as lost.
 """
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 
+import pyfuse3
+
+from fusecsi.fuse.handlestore import DIR, READER, WRITER, HandleStore
 from fusecsi.fuse.listings import Scan
 from fusecsi.fuse.readahead import ReadAhead
 from fusecsi.fuse.writeback import WriteBuffer
@@ -23,6 +31,8 @@ class OpenInode:
     version: int = 0  # bumped on every local change, to drop stale read-ahead
     # Where the file was moved when it was unlinked while open: (directory, name).
     orphan: tuple[int, bytes] | None = None
+    fhs: list[int] = field(default_factory=list)  # its handles, kept only with a store
+    unsaved: bool = False  # the store says it holds writes not committed
 
     @property
     def current_size(self) -> int:
@@ -47,15 +57,18 @@ class DirHandle:
 
 
 class HandleTable:
-    __slots__ = ("files", "dirs", "inodes", "_next")
+    __slots__ = ("files", "dirs", "inodes", "_next", "store")
 
-    def __init__(self) -> None:
+    def __init__(self, store: HandleStore | None = None) -> None:
         self.files: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self.inodes: dict[int, OpenInode] = {}
         self._next = 1
+        self.store = store
 
-    def _fh(self) -> int:
+    def _fh(self, ino: int, kind: int, dirty: bool = False) -> int:
+        if self.store is not None:
+            return self.store.add(ino, kind, dirty)
         fh = self._next
         self._next += 1
         return fh
@@ -66,11 +79,23 @@ class HandleTable:
             node = self.inodes[ino] = OpenInode(ino, size)
         elif node.writer is None or not node.writer.dirty:
             node.size = size if node.writer is None else max(size, node.writer.size)
+        fh = self._fh(ino, WRITER if writable else READER, node.unsaved)
+        return fh, self._add(fh, node, writable)
+
+    def adopt(self, fh: int, ino: int, size: int, writable: bool) -> None:
+        """A handle a dead daemon issued on this connection (from the store)."""
+        node = self.inodes.get(ino)
+        if node is None:
+            node = self.inodes[ino] = OpenInode(ino, size)
+        self._add(fh, node, writable)
+
+    def _add(self, fh: int, node: OpenInode, writable: bool) -> Handle:
         node.opens += 1
         node.writers += writable
-        fh = self._fh()
+        if self.store is not None:
+            node.fhs.append(fh)
         handle = self.files[fh] = Handle(node, writable)
-        return fh, handle
+        return handle
 
     def close_file(self, fh: int) -> Handle | None:
         """Forget a handle; the caller finishes the inode when `handle.node.opens` is 0."""
@@ -80,9 +105,61 @@ class HandleTable:
             handle.node.writers -= handle.writable
             if handle.node.opens == 0:
                 del self.inodes[handle.node.ino]
+            if self.store is not None:
+                handle.node.fhs.remove(fh)
+                self.store.remove(fh)
         return handle
 
     def open_dir(self, ino: int) -> int:
-        fh = self._fh()
+        fh = self._fh(ino, DIR)
         self.dirs[fh] = DirHandle(ino)
         return fh
+
+    def close_dir(self, fh: int) -> DirHandle | None:
+        handle = self.dirs.pop(fh, None)
+        if handle is not None and self.store is not None:
+            self.store.remove(fh)
+        return handle
+
+    def wrote(self, node: OpenInode) -> None:
+        """A write to `node` is about to be acknowledged (before it is committed)."""
+        if self.store is not None and not node.unsaved:
+            self._mark(node, True)
+
+    def committed(self, node: OpenInode) -> None:
+        """A commit of `node` succeeded; it may have covered every write."""
+        if node.unsaved and (node.writer is None or not node.writer.dirty):
+            self._mark(node, False)
+
+    def _mark(self, node: OpenInode, unsaved: bool) -> None:
+        node.unsaved = unsaved
+        for fh in node.fhs:
+            self.store.mark(fh, unsaved)
+
+
+async def adopt_handles(ops) -> int:
+    """Answer the handles a dead daemon issued: each file handle is opened again on its
+    inode; an inode that held acknowledged writes not yet committed keeps them as lost (EIO
+    at the next write, fsync or close, and no length published past what the master has)."""
+    handles = ops.handles
+    records = handles.store.records()
+    for fh, ino, kind, dirty in records:
+        if kind == DIR:
+            handles.dirs[fh] = DirHandle(ino)
+            continue
+        node = handles.inodes.get(ino)
+        size = node.size if node is not None else await _size(ops, ino)
+        handles.adopt(fh, ino, size, kind == WRITER)
+        if dirty:
+            handles.inodes[ino].unsaved = True
+            ops.client.write_lost(ino, size, OSError(errno.EIO, "lost with a FUSE daemon"))
+    return len(records)
+
+
+async def _size(ops, ino: int) -> int:
+    try:
+        return (await ops.call(ops.client.getattr, ino)).size
+    except pyfuse3.FUSEError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+        return 0  # removed meanwhile: the kernel still closes its handle

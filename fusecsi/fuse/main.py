@@ -5,6 +5,11 @@ fs-path is checked on the cluster first (a missing path is a clear error, nothin
 mounted). With `--ready-fd N` the daemon writes READY to fd N once the mount answers a
 stat, so a supervisor can wait for it; on failure it writes nothing and exits non-zero.
 SIGTERM/SIGINT commit buffered writes, unmount and exit 0.
+
+With `--fuse-fd N --connection DIR` the daemon serves a FUSE connection someone else mounted
+and keeps (takeover.py): it may be the first daemon of that mount or the replacement of a
+dead one, and on SIGTERM it commits and exits without unmounting (the owner unmounts, or
+starts the next daemon: an upgrade).
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ import pyfuse3
 import trio
 
 from fusecsi import errors, logs, metrics, mount_options
-from fusecsi.fuse import kernel
+from fusecsi.fuse import kernel, takeover
 from fusecsi.fuse.calls import unwrap
+from fusecsi.fuse.handles import HandleTable, adopt_handles
 from fusecsi.fuse.operations import Operations
+from fusecsi.fuse.takeover import Takeover
 from fusecsi.logs import fields
 
 log = logging.getLogger("fusecsi.mount")
@@ -39,6 +46,10 @@ def configure(parser) -> None:
     )
     parser.add_argument("--token-file", help=f"file holding the cluster token (or set {TOKEN_ENV})")
     parser.add_argument("--ready-fd", type=int, help="write READY to this fd once mounted")
+    parser.add_argument(
+        "--fuse-fd", type=int, help="serve this mounted /dev/fuse descriptor (with --connection)"
+    )
+    parser.add_argument("--connection", metavar="DIR", help="the connection's INIT and handles")
     metrics.add_flag(parser)
     parser.add_argument(
         "--metrics-file",
@@ -57,7 +68,12 @@ class Settings:
         self.fs_path = normalize_fs_path(args.fs_path)
         self.options = mount_options.parse_arg(args.options)
         self.mountpoint = os.path.abspath(args.mountpoint)
-        if not os.path.isdir(self.mountpoint):
+        self.fuse_fd = args.fuse_fd
+        self.connection = args.connection
+        if (self.fuse_fd is None) != (self.connection is None):
+            raise ValueError("--fuse-fd and --connection go together")
+        # a mounted connection answers only once we serve it: no stat of it before
+        if self.fuse_fd is None and not os.path.isdir(self.mountpoint):
             raise ValueError(f"mountpoint {self.mountpoint} is not a directory")
         self.ready_fd = args.ready_fd
         self.metrics_address = args.metrics_address
@@ -99,7 +115,7 @@ async def _preflight(settings: Settings) -> int:
     return attr.ino
 
 
-async def _serve(ops: Operations, settings: Settings) -> int:
+async def _serve(ops: Operations, settings: Settings, taking: Takeover | None) -> int:
     client = _client(settings)
     async with client, trio.open_nursery() as nursery:
         ops.client = client
@@ -109,8 +125,15 @@ async def _serve(ops: Operations, settings: Settings) -> int:
                 ops.set_block_size(int((await client.statfs())["block_size"]))
             except Exception as exc:  # keep the default; the first requests will tell
                 log.warning("cluster block size unknown", extra=fields(err=str(unwrap(exc))))
+        if taking is not None:
+            with trio.fail_after(settings.io_timeout):
+                adopted = await adopt_handles(ops)
+            log.info("taking over", extra=fields(fuse_fd=settings.fuse_fd, handles=adopted))
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             nursery.start_soon(_session, nursery.cancel_scope)
+            if taking is not None and not await _take_over(taking, settings.io_timeout):
+                nursery.cancel_scope.cancel()
+                return 1
             if not await _answers(settings.mountpoint, settings.io_timeout):
                 log.error("mount does not answer", extra=fields(mountpoint=settings.mountpoint))
                 nursery.cancel_scope.cancel()
@@ -128,6 +151,8 @@ async def _serve(ops: Operations, settings: Settings) -> int:
             async for signum in signals:
                 log.info("unmounting", extra=fields(signal=signal.Signals(signum).name))
                 break
+            if taking is not None:  # a handover: what is not read yet waits for the next daemon
+                pyfuse3.terminate()
             with trio.CancelScope(shield=True), trio.move_on_after(settings.io_timeout):
                 await ops.drain_all()
             pyfuse3.terminate()
@@ -139,6 +164,20 @@ async def _session(cancel_scope: trio.CancelScope) -> None:
         await pyfuse3.main(min_tasks=2, max_tasks=MAX_TASKS)
     finally:
         cancel_scope.cancel()  # unmounted (or terminated): stop everything else
+
+
+async def _take_over(taking: Takeover, seconds: float) -> bool:
+    with trio.move_on_after(seconds):
+        await taking.attached.wait()
+    if not taking.attached.is_set():
+        log.error("libfuse did not take the recorded INIT")
+        return False
+    try:
+        taking.resend()
+    except OSError as exc:
+        log.error("cannot take over the connection", extra=fields(err=str(exc)))
+        return False
+    return True
 
 
 async def _answers(mountpoint: str, seconds: float) -> bool:
@@ -194,10 +233,17 @@ def run(args) -> int:
         return 1
     ops = Operations(None, base_ino, settings.options)
     ops.idle = _memory_trimmer()
+    taking = None
     try:
+        where = settings.mountpoint
+        if settings.fuse_fd is not None:
+            taking = Takeover(settings.fuse_fd, settings.connection)
+            ops.handles = HandleTable(takeover.handle_store(settings.connection))
+            ops.init = taking.attach  # libfuse calls it while processing INIT
+            where = taking.mountpoint
         pyfuse3.init(
             ops,
-            settings.mountpoint,
+            where,
             kernel.fuse_options(settings.master_addrs, settings.fs_path, settings.options),
         )
     except Exception as exc:
@@ -205,7 +251,7 @@ def run(args) -> int:
         return 1
     code = 1
     try:
-        code = trio.run(_serve, ops, settings)
+        code = trio.run(_serve, ops, settings, taking)
     except Exception:
         log.exception("daemon failed")
     finally:

@@ -250,6 +250,7 @@ class Operations(pyfuse3.Operations):
                 node.ino, self.client.commit, node.ino, writer.size, time.time_ns(), durable=durable
             )
             writer.committed = max(writer.committed, written)
+            self.handles.committed(node)
         node.size = attr.size
         self._seen[node.ino] = (attr.size, attr.mtime_ns)
 
@@ -558,6 +559,7 @@ class Operations(pyfuse3.Operations):
             )
         node.version += 1
         await writer.write(off, buf)
+        self.handles.wrote(node)  # kept for a replacement daemon (takeover)
         self.stats.written_bytes.add(amount=size)
         return size
 
@@ -655,7 +657,7 @@ class Operations(pyfuse3.Operations):
             self.listings.end(scan)
 
     async def releasedir(self, fh):
-        handle = self.handles.dirs.pop(fh, None)
+        handle = self.handles.close_dir(fh)
         if handle is not None and handle.scan is not None:
             self.listings.end(handle.scan)
 

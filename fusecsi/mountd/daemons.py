@@ -24,6 +24,8 @@ from fusecsi.mountd import cgroups
 log = logging.getLogger(__name__)
 
 LOG_LIMIT = 8 << 20  # a daemon's log is rotated once when it grows past this
+PIDFD_GETFD = 438  # syscall number (x86_64 and arm64 alike)
+LEADER_POLL = 0.25  # seconds between looks at a daemon's main thread (see leader_exited)
 
 
 class DaemonFailed(OSError):
@@ -37,8 +39,12 @@ def mount_command(
     ready_fd: int,
     mountpoint: str,
     metrics_file: str | None = None,
+    fuse_fd: int | None = None,
+    connection: str | None = None,
 ):
     metrics = ["--metrics-file", metrics_file] if metrics_file else []
+    if fuse_fd is not None:
+        metrics += ["--fuse-fd", str(fuse_fd), "--connection", connection]
     return [
         sys.executable,
         "-m",
@@ -92,14 +98,16 @@ class Daemon:
     async def _watch(self) -> None:
         if self._pidfd is not None:
             try:
-                await trio.lowlevel.wait_readable(self._pidfd)
+                while not leader_exited(self.pid):
+                    with trio.move_on_after(LEADER_POLL):
+                        await trio.lowlevel.wait_readable(self._pidfd)
+                        break
             except BaseException:
                 self._close()  # mountd is stopping; the daemon lives on
                 raise
             if self.popen is not None:
-                # it has exited (the pidfd said so), so this returns at once
                 with contextlib.suppress(Exception):
-                    self.returncode = self.popen.wait(timeout=1)
+                    self.returncode = self.popen.poll()
             self._close()
         self.exited.set()
 
@@ -136,6 +144,8 @@ async def spawn(
     deadline: float,
     nursery: trio.Nursery,
     metrics_file: str | None = None,
+    fuse_fd: int | None = None,
+    connection: str | None = None,
 ) -> Daemon:
     """Start a daemon and wait for its READY line; DaemonFailed (ETIMEDOUT/EIO) otherwise.
 
@@ -148,7 +158,9 @@ async def spawn(
     read_fd, write_fd = os.pipe()
     log_fd = _open_log(log_path)
     try:
-        cmd = mount_command(master_addrs, fs_path, options, write_fd, mountpoint, metrics_file)
+        cmd = mount_command(
+            master_addrs, fs_path, options, write_fd, mountpoint, metrics_file, fuse_fd, connection
+        )
         popen = await trio.to_thread.run_sync(
             lambda: subprocess.Popen(
                 cmd,
@@ -156,7 +168,7 @@ async def spawn(
                 stdout=log_fd,
                 stderr=log_fd,
                 env=env,
-                pass_fds=(write_fd,),
+                pass_fds=(write_fd,) if fuse_fd is None else (write_fd, fuse_fd),
                 start_new_session=True,
                 close_fds=True,
             )
@@ -239,7 +251,45 @@ def process_args(pid: int) -> list[bytes] | None:
     return None if state in (b"Z", b"X") else args
 
 
+def leader_exited(pid: int) -> bool:
+    """Whether the process's main thread is gone. A killed daemon can linger with one thread
+    stuck in the kernel on its own mount (a notify_store waiting for a page that a read in
+    flight locks): the pidfd reports its exit only once that read is answered, and with
+    takeover only the next daemon answers it. So its death is seen here, not waited for."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
 def cmdline_matches(pid: int, mountpoint: str) -> bool:
     """Whether `pid` is (still) a `fusecsi mount` serving `mountpoint`, not a reused pid."""
     args = process_args(pid)
     return args is not None and b"mount" in args and os.fsencode(mountpoint) in args
+
+
+def take_fuse_fd(pid: int) -> int | None:
+    """A duplicate of the /dev/fuse descriptor of daemon `pid` (pidfd_getfd), so a mountd
+    that adopts a running daemon keeps its connection too; None if it has none."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for name in names:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{name}") == "/dev/fuse":
+                return _pidfd_getfd(pid, int(name))
+    return None
+
+
+def _pidfd_getfd(pid: int, fd: int) -> int | None:
+    import ctypes
+
+    pidfd = os.pidfd_open(pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        got = libc.syscall(PIDFD_GETFD, pidfd, fd, 0)  # the new fd is close-on-exec
+        return got if got >= 0 else None
+    finally:
+        os.close(pidfd)

@@ -75,6 +75,12 @@ def configure(parser) -> None:
         "own under it and so outlives mountd's container (default: daemons stay in mountd's)",
     )
     metrics.add_flag(parser)
+    parser.add_argument(
+        "--no-takeover",
+        action="store_true",
+        help="let daemons mount by themselves: a dead daemon's mount is then replaced and "
+        "re-bound, not taken over (off by itself on kernels before 6.9)",
+    )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--json", action="store_true", help="status: print JSON, not a table")
 
@@ -85,6 +91,7 @@ def run(args) -> int:
 
         return print_status(args.socket, as_json=args.json)
     from fusecsi.events import Events
+    from fusecsi.fuse import takeover
     from fusecsi.k8s import KubeApi
     from fusecsi.mountd import cgroups
     from fusecsi.mountd.supervisor import Supervisor
@@ -103,6 +110,7 @@ def run(args) -> int:
             probe_timeout=args.probe_timeout,
             events=Events(KubeApi(args.kubeconfig), "fusecsi-mountd"),
             daemon_metrics=bool(args.metrics_address),  # files only when someone exports them
+            takeover=not args.no_takeover and takeover.supported(),
         )
         supervisor.lock_state_dir()
         trio.run(serve, args, supervisor, path)

@@ -14,6 +14,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import stat
 import time
@@ -22,13 +23,15 @@ from functools import partial
 
 import trio
 
+from fusecsi import mount_options
 from fusecsi.errors import describe, unwrap
 from fusecsi.events import Events
+from fusecsi.fuse import kernel, takeover
 from fusecsi.locks import KeyedLocks
 from fusecsi.logs import fields
 from fusecsi.metrics import Distribution, Tally
 from fusecsi.mountd import inputs, mounts
-from fusecsi.mountd.daemons import Daemon, DaemonFailed, cmdline_matches, spawn
+from fusecsi.mountd.daemons import Daemon, DaemonFailed, cmdline_matches, spawn, take_fuse_fd
 from fusecsi.mountd.table import Entry, Key, Ref, Table, write_atomic
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,9 @@ class Runtime:
     broken_since: float = 0.0
     cluster_lost: bool = False  # the last failed check found the cluster silent too
     told_broken: set[str] = field(default_factory=set)  # targets whose pod heard it
+    # mountd's duplicate of the mount's /dev/fuse descriptor: while it is open a dead
+    # daemon's mount waits for the next daemon instead of failing (takeover)
+    conn_fd: int | None = None
 
 
 class Supervisor:
@@ -93,6 +99,7 @@ class Supervisor:
         stop_grace: float = 5.0,
         events: Events | None = None,
         daemon_metrics: bool = False,
+        takeover: bool = True,
     ) -> None:
         self.state_dir = os.path.realpath(state_dir)
         self.kubelet_dir = os.path.realpath(kubelet_dir)
@@ -102,7 +109,9 @@ class Supervisor:
         # with daemon_metrics, each daemon writes its metrics to <key id>.prom here and mountd
         # re-exports them
         self.metrics_dir = os.path.join(self.state_dir, "metrics")
+        self.connections_dir = os.path.join(self.state_dir, "connections")
         self.daemon_metrics = daemon_metrics
+        self.takeover = takeover  # mount connections ourselves and keep them (takeover.py)
         self.events = events or Events(None, "fusecsi-mountd")
         self.publishes = Tally("fusecsi_mountd_publishes_total", "publishes that succeeded")
         self.unpublishes = Tally("fusecsi_mountd_unpublishes_total", "targets unpublished")
@@ -158,6 +167,7 @@ class Supervisor:
             self.tokens_dir,
             self.logs_dir,
             self.metrics_dir,
+            self.connections_dir,
         ):
             os.makedirs(path, mode=0o700, exist_ok=True)
         fd = os.open(os.path.join(self.state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -472,12 +482,18 @@ class Supervisor:
     # ------------------------------------------------------------ daemons
 
     async def _start_daemon(self, entry: Entry, token: str | None = None) -> None:
+        """Start the key's daemon: on the kept connection when there is one (takeover),
+        else on a new mount of its own."""
         key, rt = entry.key, self._rt(entry.key.id)
         token = token or self._load_token(key.id)
         rt.state = "starting"
-        os.makedirs(entry.mountpoint, mode=0o755, exist_ok=True)
-        if mounts.top_mount(entry.mountpoint) is not None:
-            await self._unmount(entry.mountpoint, lazy=True)
+        fresh = rt.conn_fd is None
+        if fresh:
+            os.makedirs(entry.mountpoint, mode=0o755, exist_ok=True)
+            if mounts.top_mount(entry.mountpoint) is not None:
+                await self._unmount(entry.mountpoint, lazy=True)
+            if self.takeover:
+                rt.conn_fd = await self._blocking(self._mount_connection, entry)
         try:
             daemon = await spawn(
                 master_addrs=key.master_addrs,
@@ -489,11 +505,15 @@ class Supervisor:
                 metrics_file=self._metrics_file(key.id) if self.daemon_metrics else None,
                 deadline=self.ready_timeout,
                 nursery=self._nursery,
+                fuse_fd=rt.conn_fd,
+                connection=self._connection_dir(key.id) if rt.conn_fd is not None else None,
             )
         except DaemonFailed as exc:
             rt.state, rt.message = "broken", exc.strerror
-            with contextlib.suppress(OSError):
-                await self._unmount(entry.mountpoint, lazy=True)
+            if fresh:
+                self._drop_connection(rt)
+                with contextlib.suppress(OSError):
+                    await self._unmount(entry.mountpoint, lazy=True)
             if exc.errno == errno.ETIMEDOUT:
                 raise
             # say why when the cluster is the cause: the CSI caller answers UNAVAILABLE then
@@ -512,6 +532,40 @@ class Supervisor:
         self._adopt(entry, daemon)
         await self._save_token(key.id, token)
         await self.persist()
+
+    def _connection_dir(self, key_id: str) -> str:
+        return os.path.join(self.connections_dir, key_id)
+
+    def _mount_connection(self, entry: Entry) -> int:
+        key = entry.key
+        options = kernel.fuse_options(
+            key.master_addrs, key.fs_path, mount_options.parse_arg(key.options)
+        )
+        source = kernel.fsname(key.master_addrs, key.fs_path)
+        conn_dir = self._connection_dir(key.id)
+        return takeover.mount(entry.mountpoint, source, mounts.FUSE_FSTYPE, options, conn_dir)
+
+    def _take_connection(self, entry: Entry) -> int | None:
+        """A duplicate of an adopted daemon's descriptor, if its INIT was recorded (a daemon
+        that mounted by itself, from an older mountd, cannot be taken over)."""
+        if os.path.exists(os.path.join(self._connection_dir(entry.key.id), takeover.INIT_FILE)):
+            return take_fuse_fd(entry.pid)
+        return None
+
+    def _drop_connection(self, rt: Runtime) -> None:
+        """Close our duplicate: the connection ends with the last daemon holding it."""
+        if rt.conn_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(rt.conn_fd)
+            rt.conn_fd = None
+
+    def _keeps_connection(self, entry: Entry, rt: Runtime) -> bool:
+        """Whether a new daemon can take over the mount: we hold its descriptor and it is
+        still the live mount at the mountpoint (nobody unmounted or aborted it)."""
+        if rt.conn_fd is not None and mounts.is_fuse_mount(mounts.top_mount(entry.mountpoint)):
+            return True
+        self._drop_connection(rt)
+        return False
 
     def _adopt(self, entry: Entry, daemon: Daemon) -> None:
         rt = self._rt(entry.key.id)
@@ -555,6 +609,8 @@ class Supervisor:
                 await rt.daemon.stop(self.stop_grace)
             with contextlib.suppress(OSError):
                 await self._unmount(entry.mountpoint, lazy=True)
+            self._drop_connection(rt)
+            shutil.rmtree(self._connection_dir(key_id), ignore_errors=True)
             self.table.entries.pop(key_id, None)
             self.runtime.pop(key_id, None)
             await self.persist()
@@ -590,9 +646,21 @@ class Supervisor:
         elif old is None and entry.pid and cmdline_matches(entry.pid, entry.mountpoint):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(entry.pid, signal.SIGKILL)
-        await self._unmount(entry.mountpoint, lazy=True)
+        taken = self._keeps_connection(entry, rt)
+        if not taken:
+            await self._unmount(entry.mountpoint, lazy=True)
         try:
-            await self._start_daemon(entry, token)
+            try:
+                await self._start_daemon(entry, token)
+            except OSError:
+                if not taken:
+                    raise
+                # the kept connection did not work out: a mount of its own, as without it
+                log.exception("takeover failed", extra=fields(key_id=key_id))
+                taken = False
+                self._drop_connection(rt)
+                await self._unmount(entry.mountpoint, lazy=True)
+                await self._start_daemon(entry, token)
         except OSError as exc:
             rt.state, rt.message = "broken", f"{reason}; restart failed: {exc.strerror or exc}"
             self._backoff(rt, True)
@@ -600,13 +668,13 @@ class Supervisor:
             self._tell_broken(entry, list(entry.refs.values()), rt.message)
             raise
         entry.restarts += 1
-        failed = await self._rebind(entry, list(entry.refs.values()), cause)
+        failed = await self._rebind(entry, list(entry.refs.values()), cause, taken)
         # a crash loop backs off even when each replacement re-binds fine
         self._backoff(rt, failed or crashed_fast)
         await self.persist()
         log.info("recovered", extra=fields(key_id=key_id, pid=entry.pid, restarts=entry.restarts))
 
-    async def _rebind(self, entry: Entry, refs: list[Ref], cause: str) -> bool:
+    async def _rebind(self, entry: Entry, refs: list[Ref], cause: str, taken: bool = False) -> bool:
         """Bind the live daemon's mount on top of each target; True if one failed.
 
         A target counts as served only once a statfs through the target itself answers.
@@ -642,11 +710,15 @@ class Supervisor:
                 if ref.target in reset
                 else ""
             )
+            how = (
+                "a new daemon took it over; open files kept working"
+                if taken and ref.target not in reset
+                else f"was restored; files opened before that must be reopened{restart}"
+            )
             self._tell(
                 ref,
                 "MountRecovered",
-                f"the FUSE mount of volume {ref.volume_id} at {ref.target} broke ({cause}) and "
-                f"was restored; files opened before that must be reopened{restart}",
+                f"the FUSE mount of volume {ref.volume_id} at {ref.target} broke ({cause}); {how}",
             )
         return bool(failed)
 
@@ -750,7 +822,9 @@ class Supervisor:
             self._outage(rt, "mount_broken")
             return f"{entry.mountpoint} is no longer mounted"
         try:
-            await self._blocking(os.statvfs, entry.mountpoint)
+            if not await self._statfs_while_alive(entry, rt.daemon):
+                self._outage(rt, "daemon_exited")
+                return "daemon exited"
         except OSError as exc:
             if exc.errno in DEAD:
                 self._outage(rt, "mount_broken")
@@ -779,6 +853,27 @@ class Supervisor:
             return rt.message
         rt.sick, rt.message, rt.cluster_lost = 0, "", False
         return None
+
+    async def _statfs_while_alive(self, entry: Entry, daemon: Daemon) -> bool:
+        """A statfs of the mount; False as soon as the daemon dies: on a kept connection the
+        call waits for the next daemon, which this check would otherwise hold up."""
+        answered, error = False, None
+        async with trio.open_nursery() as nursery:
+
+            async def died() -> None:
+                await daemon.exited.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(died)
+            try:
+                await self._blocking(os.statvfs, entry.mountpoint)
+                answered = True
+            except OSError as exc:  # raised below: out of a nursery it would come grouped
+                error = exc
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return answered
 
     async def _cluster_answers(self, entry: Entry, token: str | None = None) -> bool:
         """Whether the key's cluster answers (with `token`, else the stored one)."""
@@ -810,6 +905,7 @@ class Supervisor:
         for entry in list(self.table.entries.values()):
             rt = self._rt(entry.key.id)
             if await self._adoptable(entry):
+                rt.conn_fd = self._take_connection(entry)
                 self._adopt(entry, Daemon(entry.pid))
                 log.info("adopted daemon", extra=fields(key_id=entry.key.id, pid=entry.pid))
             else:

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import trio
 
+from fusecsi import mount_options
 from fusecsi.cluster.client import ClusterClient
+from fusecsi.fuse import kernel, takeover
+from fusecsi.mountd.daemons import leader_exited
 
 READY_TIMEOUT = 30
 MiB = 1 << 20
@@ -46,15 +49,17 @@ class Mount:
         self.log = mountpoint.parent / f"{mountpoint.name}.log"
 
     def start(self) -> Mount:
-        self.path.mkdir(parents=True, exist_ok=True)
+        if not mounted(str(self.path)):  # a kept connection answers only once served
+            self.path.mkdir(parents=True, exist_ok=True)
         read_end, write_end = os.pipe()
         cmd = [sys.executable, "-m", "fusecsi", "mount", "--master-addrs", self.master_addrs]
         cmd += ["--fs-path", self.fs_path, "--ready-fd", str(write_end), str(self.path)]
         if self.options:
             cmd[4:4] = ["--options", self.options]
+        cmd[4:4], fds = self.connection_args()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                cmd, pass_fds=(write_end,), stderr=log, stdout=log, env=self.env
+                cmd, pass_fds=(write_end, *fds), stderr=log, stdout=log, env=self.env
             )
         os.close(write_end)
         try:
@@ -65,6 +70,22 @@ class Mount:
             self.stop()
             raise RuntimeError(f"mount did not come up: {self.ready!r}\n{self.log_text()}")
         return self
+
+    def connection_args(self) -> tuple[list[str], tuple]:
+        return [], ()
+
+    def kill(self) -> None:
+        """SIGKILL the daemon and remove its mount: a crash, before a fresh mount."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.wait_dead()
+        cleanup_mount(self.path)
+
+    def wait_dead(self, seconds: float = 30) -> None:
+        """Until the daemon's main thread is gone (a thread stuck in the kernel on the mount
+        may wait for the next daemon: see mountd's daemons.leader_exited)."""
+        deadline = time.monotonic() + seconds
+        while not leader_exited(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
@@ -87,6 +108,46 @@ class Mount:
         return self.path / other
 
 
+class KeptMount(Mount):
+    """A mount whose /dev/fuse descriptor the test process keeps, as mountd does: its daemon
+    can die and a new one take the same connection over (fusecsi/fuse/takeover.py). The
+    test process must hold no file on the mount while it starts a daemon (the child would
+    flush it on exec, waiting for the daemon it is about to become)."""
+
+    fd: int | None = None
+
+    def connection_args(self) -> tuple[list[str], tuple]:
+        conn = str(self.path) + ".conn"
+        if self.fd is None:
+            options = kernel.fuse_options(
+                self.master_addrs, self.fs_path, mount_options.parse_arg(self.options)
+            )
+            source = kernel.fsname(self.master_addrs, self.fs_path)
+            self.fd = takeover.mount(str(self.path), source, "fuse.fusecsi", options, conn)
+        return ["--fuse-fd", str(self.fd), "--connection", conn], (self.fd,)
+
+    def replace(self, sig: int = signal.SIGKILL) -> None:
+        """Stop the daemon with `sig` and start another on the same connection, once its main
+        thread is gone (a thread stuck on the mount may wait for the next daemon)."""
+        self.proc.send_signal(sig)
+        self.wait_dead()
+        self.start()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        code = super().stop(sig)
+        self._drop()
+        return code
+
+    def kill(self) -> None:
+        super().kill()
+        self._drop()
+
+    def _drop(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class MountSet:
     """The mounts one test makes: `mounts(fs_path, options, name=...)`; `close()` stops all."""
 
@@ -95,9 +156,11 @@ class MountSet:
         self.base_dir = base_dir
         self.mounts: list[Mount] = []
 
-    def __call__(self, fs_path: str, options: str = "", name=None, where=None, env=None):
+    def __call__(
+        self, fs_path: str, options: str = "", name=None, where=None, env=None, kept=False
+    ):
         where = where or self.base_dir / (name or f"mnt{len(self.mounts)}")
-        m = Mount(self.master_addrs, fs_path, where, options, env=env)
+        m = (KeptMount if kept else Mount)(self.master_addrs, fs_path, where, options, env=env)
         self.mounts.append(m)
         return m.start()
 

@@ -7,7 +7,8 @@ system calls (tests/fuse/fsactor.py). Every answer must match the model: the sam
 sizes, listings and errno names.
 
 With faults, a worker or the master is SIGKILLed and restarted at a random moment while the
-operations go on, or mount A's daemon is SIGKILLed and mounted again. Then:
+operations go on, or mount A's daemon is SIGKILLed and mounted again, or SIGKILLed and
+taken over by a new daemon on the same connection (open handles stay open). Then:
 - an acknowledged change holds: whatever close or fsync acknowledged is read back exactly,
   also after every process of the cluster and both daemons are killed at the end of a case;
 - a file whose writes failed, or whose daemon died with its handles open, reads back as a
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy
 import pytest
 from fsactor import Actor, pack, unpack
-from fusemounts import Mount, cleanup_mount, mkdirs, run_cluster
+from fusemounts import KeptMount, Mount, mkdirs, run_cluster
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
@@ -100,7 +101,7 @@ class Stage:
         self.base = base
         self.cluster = LocalCluster(base / "cluster", workers=1, block_size=BLOCK).start()
         run_cluster(mkdirs, self.cluster.master_addrs, "/model")
-        self.a = Mount(self.cluster.master_addrs, "/model", base / "a", MOUNT_OPTIONS).start()
+        self.a = KeptMount(self.cluster.master_addrs, "/model", base / "a", MOUNT_OPTIONS).start()
         self.b = Mount(self.cluster.master_addrs, "/model", base / "b", B_OPTIONS).start()
         self.model = base / "model"
         self.model.mkdir()
@@ -114,9 +115,7 @@ class Stage:
         return self.b if actor == 2 else self.a
 
     def restart_daemon(self, mount: Mount) -> None:
-        mount.proc.send_signal(signal.SIGKILL)
-        mount.proc.wait()
-        cleanup_mount(mount.path)
+        mount.kill()
         mount.start()
 
     def background_fault(self, kind: str, delay: float) -> None:
@@ -151,9 +150,7 @@ class Stage:
         self.cluster.kill_worker(0)
         self.cluster.kill_master()
         for mount in (self.a, self.b):
-            mount.proc.send_signal(signal.SIGKILL)
-            mount.proc.wait()
-            cleanup_mount(mount.path)
+            mount.kill()
         self.cluster.start_master()
         self.cluster.start_worker(0)
         self.a.start()
@@ -499,6 +496,24 @@ def machine(stage: Stage, faults: bool):
                 self.drop(handle)
             for ino in {h.ino for h in lost if h.flags != "r"}:
                 self.settle_file(ino)
+
+        @precondition(lambda self: faults)
+        @rule()
+        def daemon_taken_over(self):
+            """Handles stay open; a file with writes not yet fsync'd or closed reports them
+            lost (EIO) at its next call, here an fsync, and is settled like any loss."""
+            stage.join_fault()
+            stage.log.append("daemon A killed and taken over")
+            stage.a.replace(signal.SIGKILL)
+            for handle in [h for h in self.handles if h.actor < 2 and h.flags != "r"]:
+                if handle not in self.handles:
+                    continue  # closed by the loss of another handle of its file
+                got = self.sut(handle.actor, "fsync", handle.sut)
+                if self.faulty(got):
+                    self.lost_handle(handle)
+                else:
+                    assert got == self.model(handle.actor, "fsync", handle.model)
+                    self.acknowledged(handle.ino)
 
         # ---------------------------------------------------------------- the end
 

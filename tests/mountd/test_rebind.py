@@ -1,5 +1,6 @@
 """Re-binding after a daemon died, with a fault at one exact point: mountd's Supervisor runs
-in the test's trio loop and `mounts.bind_beneath` is wrapped (the only stand-in here)."""
+in the test's trio loop and `mounts.bind_beneath` is wrapped (the only stand-in here).
+Takeover is off: a re-bind is what happens without it (older kernels, or when it fails)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ async def test_subpath_gone_during_a_rebind_leaves_the_dead_mount_never_an_empty
     tmp_path, cluster, monkeypatch
 ):
     await make_dirs(cluster, "/gone/v")
-    async with supervisor_in_process(tmp_path / "node") as sup:
+    async with supervisor_in_process(tmp_path / "node", takeover=False) as sup:
         target = await publish(sup, cluster, "/gone", "v", "pod-1")
         assert read_write(target, "f", "still on the cluster")
         bind, moved = mounts.bind_beneath, []
@@ -87,7 +88,7 @@ async def test_stacked_layers_are_capped_and_the_target_reset_past_the_cap(
 ):
     monkeypatch.setattr(supervisor, "MAX_LAYERS", 2)
     await make_dirs(cluster, "/cap/v")
-    async with supervisor_in_process(tmp_path / "node") as sup:
+    async with supervisor_in_process(tmp_path / "node", takeover=False) as sup:
         target = await publish(sup, cluster, "/cap", "v", "pod-1")
         assert read_write(target, "f", "layers")
         await kill_daemon_and_wait(sup, restarts=1)
