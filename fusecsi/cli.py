@@ -120,6 +120,8 @@ def _check_shared_flags(parser: argparse.ArgumentParser, args: argparse.Namespac
         value = getattr(args, dest, None)
         if value is None:
             continue
+        if dest == "mountpoint" and getattr(args, "fuse_fd", None) is not None:
+            continue  # mountd mounted it already and waits for this very daemon: a stat hangs
         try:
             check(value)
         except ValueError as exc:
