@@ -44,6 +44,7 @@ from fusecsi.logs import fields
 
 log = logging.getLogger(__name__)
 
+MAX_NAME = 255
 ORPHANS = b".fusecsi-orphans"  # in fs-path's top directory, hidden from the mount
 READDIR_PAGE = 1000
 # at least 4 MiB ahead of a sequential reader: 1 GiB reads ~610 -> ~670 MB/s against 2 MiB
@@ -112,10 +113,14 @@ class Operations(pyfuse3.Operations):
         entry.attr_timeout = self.attr_timeout
         entry.st_mode = attr.mode
         entry.st_nlink = attr.nlink
+        entry.st_rdev = attr.rdev
         entry.st_uid = attr.uid
         entry.st_gid = attr.gid
         size = attr.size
         node = self.handles.inodes.get(ino)
+        if node is not None and node.orphan is not None:
+            # unlinked while open: only the hidden name keeps it, which is none of the user's
+            entry.st_nlink = max(0, attr.nlink - 1)
         if node is not None and node.writer is not None:
             # Never less than this mount wrote: `attr` may predate a commit still on its way
             # (or just done), and a smaller size would let the kernel's i_size go backwards
@@ -274,6 +279,8 @@ class Operations(pyfuse3.Operations):
     # -- names
 
     async def lookup(self, parent_inode, name, ctx):
+        if len(name) > MAX_NAME:  # before the listings: they would call it absent
+            raise FUSEError(errno.ENAMETOOLONG)
         parent = self.inodes.to_cluster(parent_inode)
         if self._hidden(parent, name):
             return self._negative(self.entry_timeout)
@@ -355,12 +362,15 @@ class Operations(pyfuse3.Operations):
         return attr
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        if not stat.S_ISREG(mode):
-            raise FUSEError(errno.EPERM)  # only regular files live on the cluster
-        mode = stat.S_IMODE(mode)
-        return self._learn(
-            await self._make(self.client.create, parent_inode, name, mode, ctx.uid, ctx.gid)
-        )
+        if stat.S_ISREG(mode):
+            attr = await self._make(
+                self.client.create, parent_inode, name, stat.S_IMODE(mode), ctx.uid, ctx.gid
+            )
+        else:  # FIFOs, sockets, devices: the cluster keeps the inode, the kernel its I/O
+            attr = await self._make(
+                self.client.mknod, parent_inode, name, mode, rdev, ctx.uid, ctx.gid
+            )
+        return self._learn(attr)
 
     async def mkdir(self, parent_inode, name, mode, ctx):
         mode = stat.S_IMODE(mode)
@@ -671,7 +681,7 @@ class Operations(pyfuse3.Operations):
         out.f_files = int(info["total_inodes"])
         out.f_ffree = int(info["free_inodes"])
         out.f_favail = out.f_ffree
-        out.f_namemax = 255
+        out.f_namemax = MAX_NAME
         return out
 
     # -- extended attributes
