@@ -357,8 +357,10 @@ class ClusterClient:
     async def removexattr(self, ino: int, name: bytes) -> None:
         await self._call("removexattr", ino, name)
 
-    async def statfs(self) -> dict:
-        return await self._call("statfs", idempotent=True)
+    async def statfs(self, ino: int | None = None) -> dict:
+        """The cluster's totals, or with `ino` those of the nearest quota above it."""
+        args = () if ino is None else (ino,)
+        return await self._call("statfs", *args, idempotent=True)
 
     # ------------------------------------------------------------ quotas and paths
 

@@ -245,16 +245,31 @@ class MasterService:
     def get_quota(self, ino):
         return self.ns.quota_info(self.ns.nearest_quota(ino))
 
-    def statfs(self):
+    def statfs(self, ino=None):
+        """The cluster's totals; for a path (`ino`) under a quota, the nearest quota's limits
+        instead (free: what the quota leaves, never more than the cluster has), as df in a
+        volume should show."""
         workers = self.live_workers()
         total_inodes = 1 << 32
-        return {
+        out = {
             "total_bytes": sum(w.capacity for w in workers),
             "free_bytes": sum(w.free for w in workers),
             "total_inodes": total_inodes,
             "free_inodes": max(0, total_inodes - self.ns.statfs_inodes()),
             "block_size": self.ns.block_size,
         }
+        if ino is not None:
+            try:
+                node = self.ns.nearest_quota(ino)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+                return out
+            for kind, limit, used in zip(("bytes", "inodes"), node.quota, node.used, strict=True):
+                if limit is not None:
+                    out[f"total_{kind}"] = limit
+                    out[f"free_{kind}"] = min(max(0, limit - used), out[f"free_{kind}"])
+        return out
 
     def cluster_info(self):
         now = time.monotonic()
