@@ -38,6 +38,7 @@ from fusecsi.fuse.handles import HandleTable, OpenInode
 from fusecsi.fuse.inodes import ROOT_INODE, InodeMap, LookupCounts
 from fusecsi.fuse.listings import Listings
 from fusecsi.fuse.readahead import ReadAhead
+from fusecsi.fuse.statfs_inode import StatfsInode
 from fusecsi.fuse.stats import OpStats
 from fusecsi.fuse.writeback import WriteBuffer
 from fusecsi.logs import fields
@@ -94,6 +95,7 @@ class Operations(pyfuse3.Operations):
         self._store_limiter = trio.CapacityLimiter(1)
         self._store_backlog = 0  # bytes of read-around pieces not yet in the kernel
         self.stats = OpStats()
+        self.statfs_inode = StatfsInode()
         self.idle = lambda: None  # called when no file with data I/O is open any more
 
     def set_block_size(self, block_size: int) -> None:
@@ -669,14 +671,19 @@ class Operations(pyfuse3.Operations):
         # namespace changes are acknowledged once journaled; this waits for the disk
         await self.call(self.client.sync_journal)
 
+    def init(self) -> None:
+        self.statfs_inode.install()  # the session exists now (FUSE_INIT)
+
     async def statfs(self, ctx):
-        info = await self.call(self.client.statfs)
+        kernel_ino = self.statfs_inode.take()  # first, before any await (statfs_inode.py)
+        self.statfs_inode.install()  # (no-op after the first call)
+        ino = self.base if kernel_ino is None else self.inodes.to_cluster(kernel_ino)
+        info = await self.call(self.client.statfs, ino)  # a volume's quota, as df shows it
         out = pyfuse3.StatvfsData()
-        bsize = int(info.get("block_size") or 4096)
-        out.f_bsize = bsize
-        out.f_frsize = bsize
-        out.f_blocks = int(info["total_bytes"]) // bsize
-        out.f_bfree = int(info["free_bytes"]) // bsize
+        out.f_bsize = int(info.get("block_size") or PAGE)  # the I/O size worth asking for
+        out.f_frsize = PAGE  # the unit of the counts: a 10 MiB quota is not 0 blocks of 16 MiB
+        out.f_blocks = int(info["total_bytes"]) // PAGE
+        out.f_bfree = int(info["free_bytes"]) // PAGE
         out.f_bavail = out.f_bfree
         out.f_files = int(info["total_inodes"])
         out.f_ffree = int(info["free_inodes"])
