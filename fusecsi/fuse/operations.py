@@ -94,6 +94,7 @@ class Operations(pyfuse3.Operations):
         self._orphan_dir: int | None = None
         self._store_limiter = trio.CapacityLimiter(1)
         self._store_backlog = 0  # bytes of read-around pieces not yet in the kernel
+        self._direct: set[int] = set()  # handles opened O_DIRECT: the page cache is not read
         self.stats = OpStats()
         self.statfs_inode = StatfsInode()
         self.idle = lambda: None  # called when no file with data I/O is open any more
@@ -480,6 +481,8 @@ class Operations(pyfuse3.Operations):
             self._seen[ino] = seen
             await self._invalidate_attrs(ino)
         fh, _ = self.handles.open_file(ino, attr.size, writable)
+        if flags & os.O_DIRECT:
+            self._direct.add(fh)
         return FileInfo(fh=fh, keep_cache=keep)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -515,7 +518,7 @@ class Operations(pyfuse3.Operations):
                 partial(self._store_around, node),
             )
         # pages pushed into the kernel must not race a write made through this mount
-        around = node.writers == 0 and node.writer is None
+        around = node.writers == 0 and node.writer is None and fh not in self._direct
         data = await reader.read(off, size, node.version, node.current_size, around)
         self.stats.read_bytes.add(amount=len(data))
         return data
@@ -595,6 +598,7 @@ class Operations(pyfuse3.Operations):
             log.error("write lost at close", extra=fields(ino=node.ino, errno=exc.errno))
         finally:
             self.handles.close_file(fh)
+            self._direct.discard(fh)
             if node.opens == 0:  # nobody left to tell of a loss: the master's length stands
                 self.client.forget_writes(node.ino)
         if not self.handles.files and (handle.reader is not None or node.writer is not None):
