@@ -72,8 +72,9 @@ class ReadAhead:
     async def read(
         self, offset: int, size: int, version: int, file_size: int, around: bool = False
     ) -> bytes | memoryview:
-        """`size` bytes at `offset` (a view of a window when they lie in one); `version` changes whenever this mount modified the file;
-        `around`: nobody can be writing the file through this mount right now."""
+        """`size` bytes at `offset` (a view of a window when they lie in one); `version`
+        changes whenever this mount modified the file; `around`: nobody can be writing the
+        file through this mount right now."""
         if version != self._version:
             self._windows.clear()
             self._version = version
