@@ -74,6 +74,7 @@ class Attr:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
+    rdev: int = 0  # devices only (the master sends it for them alone)
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +320,12 @@ class ClusterClient:
     async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
         return await self._attr("create", parent, name, mode, uid, gid)
 
+    async def mknod(
+        self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
+    ) -> Attr:
+        """A FIFO, socket or device (type bits in `mode`): an inode without data."""
+        return await self._attr("mknod", parent, name, mode, rdev, uid, gid)
+
     async def create_batch(
         self, parent: int, names: list[bytes], mode: int = 0o644, uid: int = 0, gid: int = 0
     ) -> int:
@@ -363,8 +370,10 @@ class ClusterClient:
     async def removexattr(self, ino: int, name: bytes) -> None:
         await self._call("removexattr", ino, name)
 
-    async def statfs(self) -> dict:
-        return await self._call("statfs", idempotent=True)
+    async def statfs(self, ino: int | None = None) -> dict:
+        """The cluster's totals, or with `ino` those of the nearest quota above it."""
+        args = () if ino is None else (ino,)
+        return await self._call("statfs", *args, idempotent=True)
 
     # ------------------------------------------------------------ quotas and paths
 

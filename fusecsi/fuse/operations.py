@@ -39,12 +39,14 @@ from fusecsi.fuse.handles import HandleTable, OpenInode
 from fusecsi.fuse.inodes import ROOT_INODE, InodeMap, LookupCounts
 from fusecsi.fuse.listings import Listings
 from fusecsi.fuse.readahead import ReadAhead
+from fusecsi.fuse.statfs_inode import StatfsInode
 from fusecsi.fuse.stats import OpStats
 from fusecsi.fuse.writeback import WriteBuffer
 from fusecsi.logs import fields
 
 log = logging.getLogger(__name__)
 
+MAX_NAME = 255
 ORPHANS = b".fusecsi-orphans"  # in fs-path's top directory, hidden from the mount
 READDIR_PAGE = 1000
 # at least 4 MiB ahead of a sequential reader: 1 GiB reads ~610 -> ~670 MB/s against 2 MiB
@@ -93,7 +95,9 @@ class Operations(pyfuse3.Operations):
         self._orphan_dir: int | None = None
         self._store_limiter = trio.CapacityLimiter(1)
         self._store_backlog = 0  # bytes of read-around pieces not yet in the kernel
+        self._direct: set[int] = set()  # handles opened O_DIRECT: the page cache is not read
         self.stats = OpStats()
+        self.statfs_inode = StatfsInode()
         self.idle = lambda: None  # called when no file with data I/O is open any more
 
     def set_block_size(self, block_size: int) -> None:
@@ -113,10 +117,14 @@ class Operations(pyfuse3.Operations):
         entry.attr_timeout = self.attr_timeout
         entry.st_mode = attr.mode
         entry.st_nlink = attr.nlink
+        entry.st_rdev = attr.rdev
         entry.st_uid = attr.uid
         entry.st_gid = attr.gid
         size = attr.size
         node = self.handles.inodes.get(ino)
+        if node is not None and node.orphan is not None:
+            # unlinked while open: only the hidden name keeps it, which is none of the user's
+            entry.st_nlink = max(0, attr.nlink - 1)
         if node is not None and node.writer is not None:
             # Never less than this mount wrote: `attr` may predate a commit still on its way
             # (or just done), and a smaller size would let the kernel's i_size go backwards
@@ -277,6 +285,8 @@ class Operations(pyfuse3.Operations):
     # -- names
 
     async def lookup(self, parent_inode, name, ctx):
+        if len(name) > MAX_NAME:  # before the listings: they would call it absent
+            raise FUSEError(errno.ENAMETOOLONG)
         parent = self.inodes.to_cluster(parent_inode)
         if self._hidden(parent, name):
             return self._negative(self.entry_timeout)
@@ -360,12 +370,15 @@ class Operations(pyfuse3.Operations):
         return attr
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        if not stat.S_ISREG(mode):
-            raise FUSEError(errno.EPERM)  # only regular files live on the cluster
-        mode = stat.S_IMODE(mode)
-        return self._learn(
-            await self._make(self.client.create, parent_inode, name, mode, ctx.uid, ctx.gid)
-        )
+        if stat.S_ISREG(mode):
+            attr = await self._make(
+                self.client.create, parent_inode, name, stat.S_IMODE(mode), ctx.uid, ctx.gid
+            )
+        else:  # FIFOs, sockets, devices: the cluster keeps the inode, the kernel its I/O
+            attr = await self._make(
+                self.client.mknod, parent_inode, name, mode, rdev, ctx.uid, ctx.gid
+            )
+        return self._learn(attr)
 
     async def mkdir(self, parent_inode, name, mode, ctx):
         mode = stat.S_IMODE(mode)
@@ -473,6 +486,8 @@ class Operations(pyfuse3.Operations):
             self._seen[ino] = seen
             await self._invalidate_attrs(ino)
         fh, _ = self.handles.open_file(ino, attr.size, writable)
+        if flags & os.O_DIRECT:
+            self._direct.add(fh)
         return FileInfo(fh=fh, keep_cache=keep)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -508,7 +523,7 @@ class Operations(pyfuse3.Operations):
                 partial(self._store_around, node),
             )
         # pages pushed into the kernel must not race a write made through this mount
-        around = node.writers == 0 and node.writer is None
+        around = node.writers == 0 and node.writer is None and fh not in self._direct
         data = await reader.read(off, size, node.version, node.current_size, around)
         self.stats.read_bytes.add(amount=len(data))
         return data
@@ -589,6 +604,7 @@ class Operations(pyfuse3.Operations):
             log.error("write lost at close", extra=fields(ino=node.ino, errno=exc.errno))
         finally:
             self.handles.close_file(fh)
+            self._direct.discard(fh)
             if node.opens == 0:  # nobody left to tell of a loss: the master's length stands
                 self.client.forget_writes(node.ino)
         if not self.handles.files and (handle.reader is not None or node.writer is not None):
@@ -665,19 +681,24 @@ class Operations(pyfuse3.Operations):
         # namespace changes are acknowledged once journaled; this waits for the disk
         await self.call(self.client.sync_journal)
 
+    def init(self) -> None:
+        self.statfs_inode.install()  # the session exists now (FUSE_INIT)
+
     async def statfs(self, ctx):
-        info = await self.call(self.client.statfs)
+        kernel_ino = self.statfs_inode.take()  # first, before any await (statfs_inode.py)
+        self.statfs_inode.install()  # (no-op after the first call)
+        ino = self.base if kernel_ino is None else self.inodes.to_cluster(kernel_ino)
+        info = await self.call(self.client.statfs, ino)  # a volume's quota, as df shows it
         out = pyfuse3.StatvfsData()
-        bsize = int(info.get("block_size") or 4096)
-        out.f_bsize = bsize
-        out.f_frsize = bsize
-        out.f_blocks = int(info["total_bytes"]) // bsize
-        out.f_bfree = int(info["free_bytes"]) // bsize
+        out.f_bsize = int(info.get("block_size") or PAGE)  # the I/O size worth asking for
+        out.f_frsize = PAGE  # the unit of the counts: a 10 MiB quota is not 0 blocks of 16 MiB
+        out.f_blocks = int(info["total_bytes"]) // PAGE
+        out.f_bfree = int(info["free_bytes"]) // PAGE
         out.f_bavail = out.f_bfree
         out.f_files = int(info["total_inodes"])
         out.f_ffree = int(info["free_inodes"])
         out.f_favail = out.f_ffree
-        out.f_namemax = 255
+        out.f_namemax = MAX_NAME
         return out
 
     # -- extended attributes

@@ -71,9 +71,10 @@ class ReadAhead:
 
     async def read(
         self, offset: int, size: int, version: int, file_size: int, around: bool = False
-    ) -> bytes:
-        """`size` bytes at `offset`; `version` changes whenever this mount modified the file;
-        `around`: nobody can be writing the file through this mount right now."""
+    ) -> bytes | memoryview:
+        """`size` bytes at `offset` (a view of a window when they lie in one); `version`
+        changes whenever this mount modified the file; `around`: nobody can be writing the
+        file through this mount right now."""
         if version != self._version:
             self._windows.clear()
             self._version = version
@@ -109,7 +110,7 @@ class ReadAhead:
                 raise win.error
             lo = max(offset - index * window, 0)
             hi = min(offset + size - index * window, window)
-            parts.append(win.data[lo:hi])
+            parts.append(memoryview(win.data)[lo:hi])  # a slice of bytes would copy it
             if len(win.data) < hi:
                 break  # end of file
         return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -34,6 +34,8 @@ def _records(ns: Namespace) -> list[list]:
     do(ns.plan_rm(10, b"b7", False, 8))
     do(ns.plan_mv(10, b"b8", 1, b"moved", 0, 9))
     do(ns.plan_attr(11, 0o600, None, None, 10, None, 77, 10))
+    do(ns.plan_mk(10, b"dev", 13, stat.S_IFCHR | 0o600, 0, 0, 11, None, 0x10305))
+    do(ns.plan_mk(10, b"fifo", 14, stat.S_IFIFO | 0o644, 0, 0, 12))
     do(["worker", "w1", "127.0.0.1:1"])
     do(["ids", 1000])
     return out
@@ -53,6 +55,7 @@ def test_checkpoint_roundtrip_is_exact():
     assert again.quota_info(q) == ns.quota_info(ns.nearest_quota(11))
     # cookies survive: the listing continues where it was
     assert again.readdir(10, 0, 5) == ns.readdir(10, 0, 5)
+    assert again.get(13).attr() == ns.get(13).attr() and again.get(13).attr()[9] == 0x10305
 
 
 async def test_replay_rebuilds_the_same_state(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import stat
 
 import pytest
@@ -254,6 +255,37 @@ async def test_symlinks_and_hard_links(client, top):
         await client.link(d.ino, top.ino, b"dlink")
     with raises(errno.EEXIST):
         await client.link(g.ino, top.ino, b"d")
+
+
+async def test_special_files_are_inodes_without_data(client, top):
+    fifo = await client.mknod(top.ino, b"fifo", stat.S_IFIFO | 0o640, 0, 5, 6)
+    assert stat.S_ISFIFO(fifo.mode) and stat.S_IMODE(fifo.mode) == 0o640 and fifo.rdev == 0
+    assert (fifo.uid, fifo.gid, fifo.nlink, fifo.size) == (5, 6, 1, 0)
+    sock = await client.mknod(top.ino, b"sock", stat.S_IFSOCK | 0o755, 0, 0, 0)
+    assert stat.S_ISSOCK(sock.mode)
+    dev = os.makedev(8, 1)
+    blk = await client.mknod(top.ino, b"blk", stat.S_IFBLK | 0o600, dev, 0, 0)
+    chr_ = await client.mknod(top.ino, b"chr", stat.S_IFCHR | 0o666, os.makedev(1, 3), 0, 0)
+    assert stat.S_ISBLK(blk.mode) and blk.rdev == dev and chr_.rdev == os.makedev(1, 3)
+    assert await client.lookup(top.ino, b"blk") == blk
+    assert [a.rdev for _, a, _ in await client.readdir(top.ino)] == [0, 0, dev, os.makedev(1, 3)]
+    linked = await client.link(blk.ino, top.ino, b"blk2")
+    assert linked.nlink == 2 and linked.rdev == dev
+    await client.rename(top.ino, b"fifo", top.ino, b"fifo2")
+    changed = await client.setattr(sock.ino, mode=0o600, uid=9, mtime_ns=10**9)
+    assert stat.S_ISSOCK(changed.mode) and stat.S_IMODE(changed.mode) == 0o600
+    with raises(errno.EINVAL):  # no data: no length
+        await client.setattr(blk.ino, size=0)
+    for mode in (stat.S_IFREG | 0o644, stat.S_IFDIR | 0o755, stat.S_IFLNK | 0o777):
+        with raises(errno.EINVAL):
+            await client.mknod(top.ino, b"x", mode, 0, 0, 0)
+    with raises(errno.EEXIST):
+        await client.mknod(top.ino, b"sock", stat.S_IFIFO | 0o644, 0, 0, 0)
+    for name in (b"fifo2", b"sock", b"blk", b"blk2", b"chr"):
+        await client.unlink(top.ino, name)
+    assert await client.readdir(top.ino) == []
+    with raises(errno.ENOENT):
+        await client.getattr(blk.ino)
 
 
 async def test_xattrs(client, top):

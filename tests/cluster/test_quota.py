@@ -143,3 +143,20 @@ async def _path(client, ino):
                 return name.decode()
         cookie = page[-1][2]
     raise AssertionError("not found")
+
+
+async def test_statfs_of_a_path_under_a_quota_shows_the_quota(client, top):
+    cluster = await client.statfs()
+    fs = await client.statfs(top.ino)  # no quota: the cluster's totals
+    assert (fs["total_bytes"], fs["total_inodes"]) == (cluster["total_bytes"], 1 << 32)
+    vol = await client.mkdir(top.ino, b"vol", 0o755, 0, 0)
+    await client.set_quota(vol.ino, 5 * BLOCK, None)
+    f = await _file(client, vol.ino, b"f", BLOCK // 2)
+    for ino in (vol.ino, f.ino):  # a directory, or a file whose parent has the quota
+        fs = await client.statfs(ino)
+        assert (fs["total_bytes"], fs["free_bytes"]) == (5 * BLOCK, 5 * BLOCK - BLOCK // 2)
+        assert fs["total_inodes"] == cluster["total_inodes"]  # no inode limit: the cluster's
+    await client.set_quota(vol.ino, 1 << 60, 10)  # free never more than the cluster has
+    fs = await client.statfs(vol.ino)
+    assert fs["total_bytes"] == 1 << 60 and fs["free_bytes"] <= cluster["total_bytes"]
+    assert (fs["total_inodes"], fs["free_inodes"]) == (10, 9)

@@ -27,6 +27,7 @@ MAX_XATTR_NAME = 255
 MAX_XATTR_VALUE = 64 << 10
 MAX_READDIR = 10000
 DIR_SIZE = 4096
+MAX_RDEV = (1 << 32) - 1  # FUSE carries device numbers in 32 bits
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 XATTR_CREATE = 1
@@ -59,6 +60,7 @@ class Inode:
         "entries",  # directories: {name: ino}
         "order",  # directories: DirOrder (stable readdir cookies)
         "target",  # symlinks
+        "rdev",  # character and block devices: the device number (the kernel does their I/O)
         "xattrs",
         "blocks",  # regular files: {block index: [block id, [worker ids]]}
         "used",  # directories: [bytes, inodes] of the whole subtree
@@ -77,6 +79,7 @@ class Inode:
         self.entries: dict[bytes, int] | None = None
         self.order: DirOrder | None = None
         self.target: bytes | None = None
+        self.rdev = 0
         self.xattrs: dict[bytes, bytes] | None = None
         self.blocks: dict[int, list] | None = None
         self.used: list[int] | None = None
@@ -98,7 +101,7 @@ class Inode:
         return self.entries is not None
 
     def attr(self) -> list:
-        return [
+        row = [
             self.ino,
             self.mode,
             self.nlink,
@@ -109,6 +112,9 @@ class Inode:
             self.mtime,
             self.ctime,
         ]
+        if self.rdev:  # only devices carry a tenth field: older clients read every other attr
+            row.append(self.rdev)
+        return row
 
     def contribution(self) -> tuple[int, int]:
         """(bytes, inodes) one entry naming this inode adds to its parent's subtree."""
@@ -321,12 +327,13 @@ class Namespace:
 
     # ------------------------------------------------------------ plans
 
-    def plan_mk(self, parent, name, ino, mode, uid, gid, ts, target=None) -> list:
+    def plan_mk(self, parent, name, ino, mode, uid, gid, ts, target=None, rdev=0) -> list:
         d = self.dir(parent)
         name = check_name(name)
         check_int(uid, "uid", 0, 1 << 32)
         check_int(gid, "gid", 0, 1 << 32)
         check_int(mode, "mode", 0, 0o177777)
+        check_int(rdev, "rdev", 0, MAX_RDEV)
         if target is not None and (not isinstance(target, bytes) or not target):
             raise fail(errno.EINVAL, "a symlink target must be non-empty bytes")
         if target is not None and len(target) > MAX_SYMLINK:
@@ -334,7 +341,8 @@ class Namespace:
         if name in d.entries:
             raise fail(errno.EEXIST, f"{name!r} exists")
         self._check(d.ino, 0, 1)
-        return ["mk", d.ino, name, ino, mode, uid, gid, ts, target]
+        record = ["mk", d.ino, name, ino, mode, uid, gid, ts, target]
+        return [*record, rdev] if rdev else record
 
     def plan_mkvol(self, parent, name, ino, mode, ts, xattrs, max_bytes) -> list:
         """A directory born with xattrs and a byte quota (the controller's volumes)."""
@@ -557,10 +565,11 @@ class Namespace:
         if self.next_id > self.id_limit:
             self.id_limit = self.next_id
 
-    def _apply_mk(self, parent, name, ino, mode, uid, gid, ts, target) -> list:
+    def _apply_mk(self, parent, name, ino, mode, uid, gid, ts, target, rdev=0) -> list:
         d = self.inodes[parent]
         node = Inode(ino, mode, uid, gid, ts)
         node.target = target
+        node.rdev = rdev
         if target is not None:
             node.size = len(target)
         self.inodes[ino] = node
@@ -749,8 +758,10 @@ class Namespace:
                 if n.blocks:
                     holding += [b[0] for b in n.blocks.values() if b[0] in self.holding]
                 extra = [list(n.links.items()), n.target, blocks]
+                if n.rdev:
+                    extra.append(n.rdev)
             xattrs = None if n.xattrs is None else list(n.xattrs.items())
-            nodes.append([*n.attr(), xattrs, extra])
+            nodes.append([*n.attr()[:9], xattrs, extra])  # rdev is in extra
         return {
             "block_size": self.block_size,
             "next_id": self.next_id,
@@ -775,6 +786,7 @@ class Namespace:
             n.atime, n.mtime, n.ctime = atime, mtime, ctime
             n.xattrs = None if xattrs is None else dict(xattrs)
             n.target = n.blocks = None
+            n.rdev = 0
             if stat.S_ISDIR(mode):
                 n.parent, listing, next_seq, n.used, n.quota = extra
                 n.links = None
@@ -786,7 +798,8 @@ class Namespace:
                 n.entries = {row[0]: row[1] for row in listing}
                 ns.quotas += n.quota is not None
             else:
-                links, n.target, blocks = extra
+                links, n.target, blocks, *rdev = extra  # rdev: devices only
+                n.rdev = rdev[0] if rdev else 0
                 n.parent, n.entries, n.order, n.used, n.quota = 0, None, None, None, None
                 n.links = dict(links)
                 if blocks is not None:

@@ -48,6 +48,8 @@ CHECKPOINT_INTERVAL = 300.0  # seconds; a checkpoint also follows every `checkpo
 # namespace knows is back: they re-register within a few heartbeats
 STARTUP_GRACE = 2 * WORKER_DEAD_AFTER
 MARK_RECORD = 65536  # block ids per "data" journal record
+DEVICES = (stat.S_IFCHR, stat.S_IFBLK)
+SPECIAL = (stat.S_IFIFO, stat.S_IFSOCK, *DEVICES)
 
 
 @dataclass
@@ -91,7 +93,7 @@ class MasterService:
 
     def handlers(self) -> dict:
         names = (
-            "lookup getattr setattr mkdir create symlink unlink rmdir rename link readdir "
+            "lookup getattr setattr mkdir create mknod symlink unlink rmdir rename link readdir "
             "readlink getxattr setxattr listxattr removexattr statfs layout allocate commit "
             "set_quota get_quota resolve mkdirs remove_tree create_batch register heartbeat "
             "unregister cluster_info mkvolume sync_journal blocks_written"
@@ -243,16 +245,31 @@ class MasterService:
     def get_quota(self, ino):
         return self.ns.quota_info(self.ns.nearest_quota(ino))
 
-    def statfs(self):
+    def statfs(self, ino=None):
+        """The cluster's totals; for a path (`ino`) under a quota, the nearest quota's limits
+        instead (free: what the quota leaves, never more than the cluster has), as df in a
+        volume should show."""
         workers = self.live_workers()
         total_inodes = 1 << 32
-        return {
+        out = {
             "total_bytes": sum(w.capacity for w in workers),
             "free_bytes": sum(w.free for w in workers),
             "total_inodes": total_inodes,
             "free_inodes": max(0, total_inodes - self.ns.statfs_inodes()),
             "block_size": self.ns.block_size,
         }
+        if ino is not None:
+            try:
+                node = self.ns.nearest_quota(ino)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+                return out
+            for kind, limit, used in zip(("bytes", "inodes"), node.quota, node.used, strict=True):
+                if limit is not None:
+                    out[f"total_{kind}"] = limit
+                    out[f"free_{kind}"] = min(max(0, limit - used), out[f"free_{kind}"])
+        return out
 
     def cluster_info(self):
         now = time.monotonic()
@@ -315,9 +332,10 @@ class MasterService:
 
     # ------------------------------------------------------------ namespace mutations
 
-    def _make(self, parent, name, mode, uid, gid, target=None):
+    def _make(self, parent, name, mode, uid, gid, target=None, rdev=0):
         ino = self._ids(1)
-        return self._commit(self.ns.plan_mk(parent, name, ino, mode, uid, gid, self._now(), target))
+        record = self.ns.plan_mk(parent, name, ino, mode, uid, gid, self._now(), target, rdev)
+        return self._commit(record)
 
     def mkdir(self, parent, name, mode, uid, gid):
         check_int(mode, "mode")
@@ -326,6 +344,15 @@ class MasterService:
     def create(self, parent, name, mode, uid, gid):
         check_int(mode, "mode")
         return self._make(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+
+    def mknod(self, parent, name, mode, rdev, uid, gid):
+        """A FIFO, socket or device: only its inode lives here, the kernel does its I/O."""
+        check_int(mode, "mode")
+        kind = stat.S_IFMT(mode)
+        if kind not in SPECIAL:
+            raise fail(errno.EINVAL, f"mknod makes FIFOs, sockets and devices, not mode {mode:o}")
+        rdev = rdev if kind in DEVICES else 0  # checked in plan_mk
+        return self._make(parent, name, kind | (mode & 0o7777), uid, gid, None, rdev)
 
     def symlink(self, parent, name, target, uid, gid):
         return self._make(parent, name, stat.S_IFLNK | 0o777, uid, gid, target)

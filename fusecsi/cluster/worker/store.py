@@ -21,7 +21,6 @@ import fcntl
 import os
 import secrets
 import threading
-import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -29,10 +28,15 @@ from pathlib import Path
 
 from fusecsi.cluster.worker.directio import pread_direct, pwrite_all
 
+try:  # the same CRC-32 as zlib's, with SIMD: ~8x faster, a third of a GiB read's CPU before
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover (a dependency; zlib gives the same checksums)
+    from zlib import crc32
+
 CHUNK = 64 << 10
 SYNC_THREADS = 16
 CRC_SIZE = 4
-_ZERO_CRC = zlib.crc32(bytes(CHUNK))
+_ZERO_CRC = crc32(bytes(CHUNK))
 MAX_EXTERNAL = 4096  # blocks handed out for short-circuit writes whose size is re-read
 
 
@@ -76,11 +80,11 @@ def write_at(fd: int, crc_fd: int, offset: int, data, *, wait: bool = True) -> t
         for i in range(first, last + 1):
             start, stop = i * CHUNK, min((i + 1) * CHUNK, new_len)
             if offset <= start and stop <= end:
-                crcs[i - first] = zlib.crc32(view[start - offset : stop - offset])
+                crcs[i - first] = crc32(view[start - offset : stop - offset])
             elif old_len <= start and stop <= offset and stop - start == CHUNK:
                 crcs[i - first] = _ZERO_CRC  # a whole chunk of the hole the write opened
             else:
-                crcs[i - first] = zlib.crc32(os.pread(fd, stop - start, start))
+                crcs[i - first] = crc32(os.pread(fd, stop - start, start))
         os.pwrite(crc_fd, memoryview(crcs).cast("B"), first * CRC_SIZE)
         return old_len, new_len
     finally:
@@ -124,7 +128,7 @@ def read_at(
     view = memoryview(data)
     for k in range((stop - start + CHUNK - 1) // CHUNK):
         lo = k * CHUNK
-        if k >= len(crcs) or zlib.crc32(view[lo : lo + CHUNK]) != crcs[k]:
+        if k >= len(crcs) or crc32(view[lo : lo + CHUNK]) != crcs[k]:
             raise OSError(errno.EIO, f"block {name}: checksum mismatch in chunk {first + k}")
     if offset == start and end == stop:
         return data
@@ -143,7 +147,7 @@ def truncate_at(fd: int, crc_fd: int, length: int) -> tuple[int, int]:
         os.ftruncate(crc_fd, chunks * CRC_SIZE)
         if length % CHUNK:
             start = (chunks - 1) * CHUNK
-            crc = array.array("I", [zlib.crc32(os.pread(fd, length - start, start))])
+            crc = array.array("I", [crc32(os.pread(fd, length - start, start))])
             os.pwrite(crc_fd, memoryview(crc).cast("B"), (chunks - 1) * CRC_SIZE)
         return old_len, length
     finally:
