@@ -1,0 +1,143 @@
+"""Publish and recovery when one step goes wrong at one exact point: mountd's Supervisor
+runs in the test's trio loop; the stand-ins (monkeypatch) are a `_ensure_daemon` whose
+mount is unmounted right after it returned, a `mounts.bind_beneath` that mounts a tmpfs
+instead of the volume, and a `_start_daemon` that fails. Daemons, mounts and the cluster
+are real."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+
+import pytest
+from mountd_stack import (  # noqa: F401 - fixtures
+    TOKEN,
+    cluster_fixture,
+    eventually,
+    exists,
+    make_dirs,
+    read_text,
+    read_write,
+    supervisor_in_process,
+)
+
+from fusecsi.mountd import mounts
+
+
+def target_of(sup, pod: str) -> str:
+    parent = os.path.join(sup.kubelet_dir, "pods", pod, "volumes", "kubernetes.io~csi", "v")
+    os.makedirs(parent, exist_ok=True)
+    return os.path.join(parent, "mount")
+
+
+async def publish(sup, cluster, fs_path: str, target: str, volume_id: str = "vol-paths"):
+    return await sup.publish(
+        volume_id, cluster.master_addrs, fs_path, "v", "", target, False, TOKEN
+    )
+
+
+def wrong_bind(base, subpath, target, **flags):
+    """A bind that produces some other mount than the volume's."""
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", target], check=True)
+
+
+async def test_a_mount_gone_before_the_bind_fails_the_publish_with_eio(
+    tmp_path, cluster, monkeypatch
+):
+    await make_dirs(cluster, "/paths-a/v")
+    async with supervisor_in_process(tmp_path / "node") as sup:
+        ensure = sup._ensure_daemon
+
+        async def ensure_then_lose_the_mount(key, token):
+            entry, started = await ensure(key, token)
+            mounts.umount(entry.mountpoint, lazy=True)
+            return entry, started
+
+        monkeypatch.setattr(sup, "_ensure_daemon", ensure_then_lose_the_mount)
+        target = target_of(sup, "pod-a")
+        with pytest.raises(OSError) as info:
+            await publish(sup, cluster, "/paths-a", target)
+        assert info.value.errno == errno.EIO
+        assert "is not a live fuse.fusecsi mount" in info.value.strerror, info.value
+        assert not exists(target)  # nothing bound, not even the directory made
+        assert sup.table.entries == {}  # the daemon started for it is released
+
+
+async def test_a_bind_that_shows_another_mount_is_undone_and_fails_with_eio(
+    tmp_path, cluster, monkeypatch
+):
+    await make_dirs(cluster, "/paths-b/v")
+    async with supervisor_in_process(tmp_path / "node") as sup:
+        monkeypatch.setattr(mounts, "bind_beneath", wrong_bind)
+        target = target_of(sup, "pod-b")
+        with pytest.raises(OSError) as info:
+            await publish(sup, cluster, "/paths-b", target)
+        assert info.value.errno == errno.EIO
+        assert f"bind onto {target} did not produce the expected mount" in info.value.strerror
+        assert mounts.stack_at(target) == []  # the wrong mount is gone again
+        assert sup.table.entries == {}
+
+
+async def test_a_failed_rebind_keeps_the_dead_mount_and_a_later_one_ends_the_outage(
+    tmp_path, cluster, monkeypatch
+):
+    await make_dirs(cluster, "/paths-c/v")
+    async with supervisor_in_process(tmp_path / "node") as sup:
+        target = target_of(sup, "pod-c")
+        await publish(sup, cluster, "/paths-c", target)
+        assert read_write(target, "f", "across a failed re-bind")
+        [entry] = sup.table.entries.values()
+        rt = sup.runtime[entry.key.id]
+        real_bind = mounts.bind_beneath
+        monkeypatch.setattr(mounts, "bind_beneath", wrong_bind)
+        os.kill(entry.pid, signal.SIGKILL)
+        await eventually(lambda: target in rt.broken_targets, deadline=30, what="a failed re-bind")
+        assert "did not produce the expected mount" in rt.broken_targets[target]
+        # only the wrong mount was undone: the target still shows the dead one, never the
+        # empty local directory under it
+        with pytest.raises(OSError) as info:
+            os.listdir(target)
+        assert info.value.errno == errno.ENOTCONN
+        assert rt.cause in ("daemon_exited", "mount_broken") and rt.broken_since > 0  # goes on
+        assert target in rt.told_broken
+
+        monkeypatch.setattr(mounts, "bind_beneath", real_bind)
+        await eventually(
+            lambda: not rt.broken_targets and not sup.key_locks.busy(entry.key.id),
+            deadline=30,
+            what="a re-bind once binds work again",
+        )
+        assert read_text(os.path.join(target, "f")) == "across a failed re-bind"
+        assert rt.cause == "" and rt.broken_since == 0.0  # the outage is over
+        assert rt.told_broken == set()  # a next outage is told again
+        await sup.unpublish("vol-paths", target)
+        assert mounts.stack_at(target) == []
+
+
+async def test_a_failed_restart_is_broken_with_its_reason_and_backs_off(
+    tmp_path, cluster, monkeypatch
+):
+    await make_dirs(cluster, "/paths-d/v")
+    async with supervisor_in_process(tmp_path / "node") as sup:
+        target = target_of(sup, "pod-d")
+        await publish(sup, cluster, "/paths-d", target)
+        [entry] = sup.table.entries.values()
+        rt = sup.runtime[entry.key.id]
+        attempts = []
+
+        async def failing_start(entry, token=None):
+            attempts.append(entry.key.id)
+            raise OSError(errno.EIO, "no daemon today")
+
+        monkeypatch.setattr(sup, "_start_daemon", failing_start)
+        os.kill(entry.pid, signal.SIGKILL)
+        await eventually(lambda: attempts and rt.state == "broken", deadline=30, what="broken")
+        assert rt.message.endswith("; restart failed: no daemon today"), rt.message
+        assert rt.backoff >= 2.0  # the next attempt waits
+        assert entry.restarts == 0  # nothing was re-bound on top of a failed restart
+        assert target in rt.told_broken
+        with pytest.raises(OSError) as info:
+            os.listdir(target)
+        assert info.value.errno == errno.ENOTCONN
