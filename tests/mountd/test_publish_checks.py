@@ -12,6 +12,7 @@ import os
 import subprocess
 
 import pytest
+import trio
 from mountd_stack import (  # noqa: F401 - fixtures
     TOKEN,
     cluster_fixture,
@@ -136,3 +137,19 @@ async def test_publishing_the_same_target_again_says_no_daemon_started(tmp_path,
         assert len(mounts.stack_at(target)) == 1
         await sup.unpublish("vol-checks", target)
         assert mounts.stack_at(target) == []
+
+
+async def test_a_bound_target_is_answered_while_its_key_is_busy(tmp_path, cluster):
+    """kubelet repeats NodePublish; for a target that is bound already the answer must not
+    wait for the key's lock (held for the whole of a recovery or another publish)."""
+    await make_dirs(cluster, "/checks/v")
+    async with supervisor_in_process(tmp_path / "node") as sup:
+        parent = os.path.join(sup.kubelet_dir, "pods", "p", "volumes", "kubernetes.io~csi", "v")
+        os.makedirs(parent)
+        target = os.path.join(parent, "mount")
+        first = await publish(sup, cluster, target)
+        async with sup.key_locks.hold(first["key"]):
+            with trio.fail_after(30):  # a hang, not a duration, fails this
+                again = await publish(sup, cluster, target)
+        assert again == {**first, "daemon_started": False}
+        await sup.unpublish("vol-checks", target)
