@@ -205,6 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explain", type=Path, help="JSON {mutant key: why it is equivalent}")
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--only", help="run only mutants whose key contains one of A,B,...")
+    parser.add_argument(
+        "--carry",
+        type=Path,
+        action="append",
+        default=[],
+        help="output of an earlier run on the same code: the mutants it killed count as killed "
+        "without running again (sound while tests were only added or tightened since)",
+    )
     args = parser.parse_args(argv)
     explained = json.loads(args.explain.read_text()) if args.explain else {}
 
@@ -216,6 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         everything = [m for m in everything if any(k in m.key for k in args.only.split(","))]
 
+    carried: dict[str, tuple[str, float]] = {}
+    for log in args.carry:
+        for row in log.read_text().splitlines():
+            verdict, _, key = row.partition(" ")
+            if verdict in ("killed", "timeout"):
+                carried[key.strip()] = ("killed", 0.0)
+    carried = {m.key: carried[m.key] for m in everything if m.key in carried}
+
     started = time.monotonic()
     copies = [make_copy() for _ in range(args.jobs)]
     verdict, base_time = run_tests(copies[0], args.tests, 3600)
@@ -226,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(everything)} mutants; unmutated tests took {base_time:.1f}s", flush=True)
 
     free = list(copies)
-    results: dict[str, tuple[str, float]] = {}
+    results: dict[str, tuple[str, float]] = dict(carried)
 
     def one(mutant: Mutant) -> None:
         workdir = free.pop()
@@ -241,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{results[mutant.key][0]:8} {mutant.key}", flush=True)
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(one, everything))
+        list(pool.map(one, [m for m in everything if m.key not in carried]))
     for workdir in copies:
         shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.monotonic() - started
@@ -262,6 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(killed) / max(1, len(everything) - len(survivors) + len(unexplained)):.1%}",
         f"- run time: {elapsed / 60:.1f} min with {args.jobs} job(s); unmutated tests "
         f"{base_time:.1f}s",
+        *(
+            [
+                f"- {len(carried)} mutants counted as killed by the earlier run(s) in "
+                f"{', '.join(str(c) for c in args.carry)} (same code) and not run again"
+            ]
+            if carried
+            else []
+        ),
         "",
         "## Survivors",
         "",
