@@ -12,6 +12,7 @@ import signal
 import subprocess
 
 import pytest
+import trio
 from mountd_stack import (  # noqa: F401 - fixtures
     TOKEN,
     cluster_fixture,
@@ -141,3 +142,58 @@ async def test_a_failed_restart_is_broken_with_its_reason_and_backs_off(
         with pytest.raises(OSError) as info:
             os.listdir(target)
         assert info.value.errno == errno.ENOTCONN
+
+
+async def test_a_publish_that_waited_while_its_target_was_rebound_binds_nothing_more(
+    tmp_path, cluster
+):
+    """The target lost its mount; a repeated publish finds it unbound and waits for the key,
+    which a re-bind holds: once it gets the key the target is served, and it stacks no
+    second bind on it. (Health checks run only when woken here, so the test holds the key.)"""
+    await make_dirs(cluster, "/paths-e/v")
+    async with supervisor_in_process(tmp_path / "node", health_interval=3600) as sup:
+        target = target_of(sup, "pod-e")
+        first = await publish(sup, cluster, "/paths-e", target)
+        [entry] = sup.table.entries.values()
+        answers = []
+
+        async def publish_again():
+            answers.append(await publish(sup, cluster, "/paths-e", target))
+
+        async with trio.open_nursery() as nursery:
+            async with sup.key_locks.hold(entry.key.id):
+                mounts.umount(target)  # from outside
+                nursery.start_soon(publish_again)
+                lock = sup.key_locks._slots[entry.key.id][0]
+                await eventually(
+                    lambda: lock.statistics().tasks_waiting == 1,
+                    deadline=30,
+                    what="the publish waiting for the key",
+                )
+                assert not await sup._rebind(entry, list(entry.refs.values()), "target_lost")
+                assert len(mounts.stack_at(target)) == 1
+        assert answers == [{**first, "daemon_started": False}]
+        assert len(mounts.stack_at(target)) == 1  # not a second bind on top
+        await sup.unpublish("vol-paths", target)
+        assert mounts.stack_at(target) == []
+
+
+async def test_a_failed_publish_leaves_the_daemon_that_serves_other_targets(tmp_path, cluster):
+    await make_dirs(cluster, "/paths-f/v")
+    async with supervisor_in_process(tmp_path / "node") as sup:
+        served = target_of(sup, "pod-f1")
+        await publish(sup, cluster, "/paths-f", served)
+        assert read_write(served, "f", "still served")
+        [entry] = sup.table.entries.values()
+        pid = entry.pid
+        other = target_of(sup, "pod-f2")
+        with pytest.raises(OSError) as info:
+            await sup.publish(
+                "vol-f2", cluster.master_addrs, "/paths-f", "missing", "", other, False, TOKEN
+            )
+        assert info.value.errno == errno.ENOENT
+        assert "subpath 'missing' is missing under /paths-f" in info.value.strerror
+        assert list(sup.table.entries.values()) == [entry] and entry.pid == pid
+        assert sup.runtime[entry.key.id].state == "running"
+        assert read_text(os.path.join(served, "f")) == "still served"
+        await sup.unpublish("vol-paths", served)
