@@ -1,12 +1,13 @@
 """Publish and recovery when one step goes wrong at one exact point: mountd's Supervisor
 runs in the test's trio loop; the stand-ins (monkeypatch) are a `_ensure_daemon` whose
 mount is unmounted right after it returned, a `mounts.bind_beneath` that mounts a tmpfs
-instead of the volume, and a `_start_daemon` that fails. Daemons, mounts and the cluster
-are real."""
+instead of the volume, a `_start_daemon` that fails, and a lowered `MAX_LAYERS`. Daemons,
+mounts and the cluster are real; pod events are read from the log (no Kubernetes API)."""
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from mountd_stack import (  # noqa: F401 - fixtures
     supervisor_in_process,
 )
 
-from fusecsi.mountd import mounts
+from fusecsi.mountd import mounts, supervisor
 
 
 def target_of(sup, pod: str) -> str:
@@ -197,3 +198,43 @@ async def test_a_failed_publish_leaves_the_daemon_that_serves_other_targets(tmp_
         assert sup.runtime[entry.key.id].state == "running"
         assert read_text(os.path.join(served, "f")) == "still served"
         await sup.unpublish("vol-paths", served)
+
+
+def told(caplog, reason: str) -> list[str]:
+    """Messages of the pod events of `reason` (logged: no Kubernetes API is configured)."""
+    return [
+        r.fields["message"]
+        for r in caplog.records
+        if getattr(r, "fields", {}).get("reason") == reason and "message" in r.fields
+    ]
+
+
+async def test_the_pod_is_told_of_each_recovery_and_of_a_reset_target(
+    tmp_path, cluster, monkeypatch, caplog
+):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(supervisor, "MAX_LAYERS", 2)
+    await make_dirs(cluster, "/paths-g/v")
+    async with supervisor_in_process(tmp_path / "node") as sup:
+        target = target_of(sup, "pod-g")
+        await sup.publish(
+            "vol-g", cluster.master_addrs, "/paths-g", "v", "", target, False, TOKEN, "ns", "pod-g"
+        )
+        [entry] = sup.table.entries.values()
+        for restarts in (1, 2):
+            os.kill(entry.pid, signal.SIGKILL)
+            await eventually(
+                lambda n=restarts: len(told(caplog, "MountRecovered")) == n,
+                deadline=30,
+                what=f"recovery {restarts} told",
+            )
+        first, second = told(caplog, "MountRecovered")
+        start = f"the FUSE mount of volume vol-g at {target} broke ("
+        assert first.startswith(start) and second.startswith(start)
+        assert first.endswith("was restored; files opened before that must be reopened")
+        assert second.endswith(
+            "must be reopened; it was reset after 2 recoveries, so running containers keep "
+            "the dead mount until they restart"
+        )
+        assert told(caplog, "MountBroken") == []  # both re-binds worked
+        await sup.unpublish("vol-g", target)
