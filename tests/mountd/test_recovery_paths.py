@@ -21,6 +21,7 @@ from mountd_stack import (  # noqa: F401 - fixtures
     eventually,
     exists,
     make_dirs,
+    mountd_fixture,
     read_text,
     read_write,
     supervisor_in_process,
@@ -289,3 +290,37 @@ async def test_a_publish_cancelled_during_its_bind_leaves_no_bind(tmp_path, clus
         await cancelled_publish(sup, cluster, monkeypatch, "bind_beneath", target)
         assert sup.table.entries == {}
         assert mounts.stack_at(target) == []
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: it runs nothing any more)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+async def test_a_live_daemon_that_lost_its_mount_while_mountd_was_down_is_killed(mountd, cluster):
+    """Not adoptable (its mount is gone) but still running: the restarted mountd kills it
+    before it starts the replacement, so no orphan daemon stays connected to the cluster."""
+    await make_dirs(cluster, "/paths-i/v")
+    target = mountd.target("pod-i", "v")
+    await mountd.publish("vol-i", "/paths-i", "v", target)
+    assert read_write(target, "f", "orphan")
+    [row] = await mountd.client.list()
+    mountd.kill()
+    mounts.umount(row["mountpoint"], lazy=True)
+    assert not gone(row["pid"])
+    mountd.start()
+
+    async def replaced():
+        [now] = await mountd.client.list()
+        return now["state"] == "running" and now["pid"] not in (None, row["pid"])
+
+    await eventually(replaced, deadline=30, what="replacement")
+    await eventually(lambda: gone(row["pid"]), deadline=30, what="the old daemon killed")
+    await eventually(
+        lambda: read_text(os.path.join(target, "f")) == "orphan", deadline=30, what="re-bind"
+    )
+    await mountd.client.unpublish("vol-i", target)
