@@ -324,3 +324,22 @@ async def test_a_live_daemon_that_lost_its_mount_while_mountd_was_down_is_killed
         lambda: read_text(os.path.join(target, "f")) == "orphan", deadline=30, what="re-bind"
     )
     await mountd.client.unpublish("vol-i", target)
+
+
+async def test_a_bind_refused_with_another_errno_fails_the_publish_with_that_errno(
+    tmp_path, cluster, monkeypatch
+):
+    await make_dirs(cluster, "/paths-j/v")
+    async with supervisor_in_process(tmp_path / "node") as sup:
+
+        def refused(base, subpath, target, **flags):
+            raise OSError(errno.EPERM, "bind refused by a security module")
+
+        monkeypatch.setattr(mounts, "bind_beneath", refused)
+        target = target_of(sup, "pod-j")
+        with pytest.raises(OSError) as info:
+            await publish(sup, cluster, "/paths-j", target)
+        assert info.value.errno == errno.EPERM
+        assert info.value.strerror == "bind refused by a security module"
+        assert not exists(target)  # the directory it made is removed again
+        assert sup.table.entries == {}
