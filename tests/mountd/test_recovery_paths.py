@@ -2,8 +2,9 @@
 runs in the test's trio loop; the stand-ins (monkeypatch) are a `_ensure_daemon` whose
 mount is unmounted right after it returned, a `mounts.bind_beneath` that mounts a tmpfs
 instead of the volume or fails with EPERM, a bind or read-only remount held in its thread
-while the publish is cancelled, a `_start_daemon` that fails, and a lowered `MAX_LAYERS`. Daemons,
-mounts and the cluster are real; pod events are read from the log (no Kubernetes API)."""
+while the publish is cancelled, a `_start_daemon` that fails, and a lowered `MAX_LAYERS`.
+Daemons, mounts and the cluster are real; pod events are read from the log (no Kubernetes
+API)."""
 
 from __future__ import annotations
 
