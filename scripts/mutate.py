@@ -23,6 +23,7 @@ import ast
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -196,7 +197,72 @@ def make_copy() -> Path:
     return workdir
 
 
+def relabel(report: Path, explained: dict[str, str], carry: list[Path]) -> int:
+    """Refresh a written report: each survivor's reason from the current --explain file, and
+    survivors that a later run (--carry, same code) killed move to the killed ones."""
+    later = set()
+    for log in carry:
+        for row in log.read_text().splitlines():
+            verdict, _, key = row.partition(" ")
+            if verdict in ("killed", "timeout"):
+                later.add(key.strip())
+    out, survivors, total, moved = [], [], 0, 0
+    for line in report.read_text().splitlines():
+        if line.startswith("| `"):
+            cells = re.split(r"(?<!\\) \| ", line[2:-2])
+            key = cells[0].strip("`")
+            if key in later:
+                moved += 1
+                continue
+            cells[3] = explained.get(key, "UNEXPLAINED").replace("|", "\\|")
+            survivors.append(key)
+            line = "| " + " | ".join(cells) + " |"
+        elif line.startswith("- mutants: "):
+            total = int(line.split()[2].rstrip(";"))
+            line = (
+                "- mutants: {total}; killed {killed}; survived {survived} ({explained_n} "
+                "explained as equivalent, {unexplained} unexplained)"
+            )
+        elif line.startswith("- score "):
+            line = "- score (killed / all): {score}; with equivalent ones left out: {strict}"
+        out.append(line)
+    unexplained = [k for k in survivors if k not in explained]
+    killed = total - len(survivors)
+    values = {
+        "total": total,
+        "killed": killed,
+        "survived": len(survivors),
+        "explained_n": len(survivors) - len(unexplained),
+        "unexplained": len(unexplained),
+        "score": f"{killed / max(1, total):.1%}",
+        "strict": f"{killed / max(1, killed + len(unexplained)):.1%}",
+    }
+    text = "\n".join(
+        line.format(**values) if "{" in line and line.startswith("- ") else line for line in out
+    )
+    if moved:
+        note = (
+            f"- relabelled: {moved} survivor(s) killed by a later run on the same code "
+            f"({', '.join(str(c) for c in carry)})"
+        )
+        text = text.replace("\n\n## Survivors", f"\n{note}\n\n## Survivors", 1)
+    report.write_text(text + "\n")
+    print(f"{len(survivors)} survivors, {len(unexplained)} unexplained; {report}")
+    return 1 if unexplained else 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "relabel":
+        # scripts/mutate.py relabel REPORT [--explain FILE] [--carry LOG ...]
+        parser = argparse.ArgumentParser(prog="mutate.py relabel")
+        parser.add_argument("report", type=Path)
+        parser.add_argument("--explain", type=Path)
+        parser.add_argument("--carry", type=Path, action="append", default=[])
+        args = parser.parse_args(argv[1:])
+        explained = json.loads(args.explain.read_text()) if args.explain else {}
+        return relabel(args.report, explained, args.carry)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", action="append", required=True, help="FILE[:func,...]")
     parser.add_argument("--tests", action="append", required=True, help="pytest arguments")
