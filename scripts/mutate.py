@@ -13,6 +13,11 @@ out. The report lists the score and every survivor, with the explanation given f
     scripts/mutate.py --target fusecsi/volumes.py --tests tests/controller/test_volumes.py \\
         --report docs/mutation/volumes.md
 
+After tests were added, `--carry LOG` (the printed output of an earlier run on the same
+code) counts the mutants that run killed as killed and runs only the others; and
+`scripts/mutate.py relabel REPORT --explain FILE [--carry LOG]` refreshes a written report's
+reasons and drops survivors a later run killed, without running anything.
+
 Needs no CI; the report says how long the run took.
 """
 
