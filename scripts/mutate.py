@@ -13,6 +13,11 @@ out. The report lists the score and every survivor, with the explanation given f
     scripts/mutate.py --target fusecsi/volumes.py --tests tests/controller/test_volumes.py \\
         --report docs/mutation/volumes.md
 
+After tests were added, `--carry LOG` (the printed output of an earlier run on the same
+code) counts the mutants that run killed as killed and runs only the others; and
+`scripts/mutate.py relabel REPORT --explain FILE [--carry LOG]` refreshes a written report's
+reasons and drops survivors a later run killed, without running anything.
+
 Needs no CI; the report says how long the run took.
 """
 
@@ -23,6 +28,7 @@ import ast
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -196,7 +202,72 @@ def make_copy() -> Path:
     return workdir
 
 
+def relabel(report: Path, explained: dict[str, str], carry: list[Path]) -> int:
+    """Refresh a written report: each survivor's reason from the current --explain file, and
+    survivors that a later run (--carry, same code) killed move to the killed ones."""
+    later = set()
+    for log in carry:
+        for row in log.read_text().splitlines():
+            verdict, _, key = row.partition(" ")
+            if verdict in ("killed", "timeout"):
+                later.add(key.strip())
+    out, survivors, total, moved = [], [], 0, 0
+    for line in report.read_text().splitlines():
+        if line.startswith("| `"):
+            cells = re.split(r"(?<!\\) \| ", line[2:-2])
+            key = cells[0].strip("`")
+            if key in later:
+                moved += 1
+                continue
+            cells[3] = explained.get(key, "UNEXPLAINED").replace("|", "\\|")
+            survivors.append(key)
+            line = "| " + " | ".join(cells) + " |"
+        elif line.startswith("- mutants: "):
+            total = int(line.split()[2].rstrip(";"))
+            line = (
+                "- mutants: {total}; killed {killed}; survived {survived} ({explained_n} "
+                "explained as equivalent, {unexplained} unexplained)"
+            )
+        elif line.startswith("- score "):
+            line = "- score (killed / all): {score}; with equivalent ones left out: {strict}"
+        out.append(line)
+    unexplained = [k for k in survivors if k not in explained]
+    killed = total - len(survivors)
+    values = {
+        "total": total,
+        "killed": killed,
+        "survived": len(survivors),
+        "explained_n": len(survivors) - len(unexplained),
+        "unexplained": len(unexplained),
+        "score": f"{killed / max(1, total):.1%}",
+        "strict": f"{killed / max(1, killed + len(unexplained)):.1%}",
+    }
+    text = "\n".join(
+        line.format(**values) if "{" in line and line.startswith("- ") else line for line in out
+    )
+    if moved:
+        note = (
+            f"- relabelled: {moved} survivor(s) killed by a later run on the same code "
+            f"({', '.join(str(c) for c in carry)})"
+        )
+        text = text.replace("\n\n## Survivors", f"\n{note}\n\n## Survivors", 1)
+    report.write_text(text + "\n")
+    print(f"{len(survivors)} survivors, {len(unexplained)} unexplained; {report}")
+    return 1 if unexplained else 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "relabel":
+        # scripts/mutate.py relabel REPORT [--explain FILE] [--carry LOG ...]
+        parser = argparse.ArgumentParser(prog="mutate.py relabel")
+        parser.add_argument("report", type=Path)
+        parser.add_argument("--explain", type=Path)
+        parser.add_argument("--carry", type=Path, action="append", default=[])
+        args = parser.parse_args(argv[1:])
+        explained = json.loads(args.explain.read_text()) if args.explain else {}
+        return relabel(args.report, explained, args.carry)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", action="append", required=True, help="FILE[:func,...]")
     parser.add_argument("--tests", action="append", required=True, help="pytest arguments")
@@ -205,6 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explain", type=Path, help="JSON {mutant key: why it is equivalent}")
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--only", help="run only mutants whose key contains one of A,B,...")
+    parser.add_argument(
+        "--carry",
+        type=Path,
+        action="append",
+        default=[],
+        help="output of an earlier run on the same code: the mutants it killed count as killed "
+        "without running again (sound while tests were only added or tightened since)",
+    )
     args = parser.parse_args(argv)
     explained = json.loads(args.explain.read_text()) if args.explain else {}
 
@@ -216,6 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         everything = [m for m in everything if any(k in m.key for k in args.only.split(","))]
 
+    carried: dict[str, tuple[str, float]] = {}
+    for log in args.carry:
+        for row in log.read_text().splitlines():
+            verdict, _, key = row.partition(" ")
+            if verdict in ("killed", "timeout"):
+                carried[key.strip()] = ("killed", 0.0)
+    carried = {m.key: carried[m.key] for m in everything if m.key in carried}
+
     started = time.monotonic()
     copies = [make_copy() for _ in range(args.jobs)]
     verdict, base_time = run_tests(copies[0], args.tests, 3600)
@@ -226,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(everything)} mutants; unmutated tests took {base_time:.1f}s", flush=True)
 
     free = list(copies)
-    results: dict[str, tuple[str, float]] = {}
+    results: dict[str, tuple[str, float]] = dict(carried)
 
     def one(mutant: Mutant) -> None:
         workdir = free.pop()
@@ -241,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{results[mutant.key][0]:8} {mutant.key}", flush=True)
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(one, everything))
+        list(pool.map(one, [m for m in everything if m.key not in carried]))
     for workdir in copies:
         shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.monotonic() - started
@@ -262,6 +349,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(killed) / max(1, len(everything) - len(survivors) + len(unexplained)):.1%}",
         f"- run time: {elapsed / 60:.1f} min with {args.jobs} job(s); unmutated tests "
         f"{base_time:.1f}s",
+        *(
+            [
+                f"- {len(carried)} mutants counted as killed by the earlier run(s) in "
+                f"{', '.join(str(c) for c in args.carry)} (same code) and not run again"
+            ]
+            if carried
+            else []
+        ),
         "",
         "## Survivors",
         "",

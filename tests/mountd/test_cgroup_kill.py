@@ -70,7 +70,9 @@ def remove_tree(cgroup: Path) -> None:
     for _ in range(1000):  # the kill is asynchronous; rmdir takes only empty cgroups
         if not populated(cgroup):
             break
-        time.sleep(0.01)
+        time.sleep(0.01)  # a poll of the condition, not a guess at a duration
+    else:
+        raise AssertionError(f"{cgroup} still populated after cgroup.kill")
     for path, _, _ in sorted(os.walk(cgroup), key=lambda walk: -len(walk[0])):
         os.rmdir(path)
 

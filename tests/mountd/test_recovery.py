@@ -205,8 +205,9 @@ async def test_restart_in_the_middle_of_a_recovery_rebinds_targets_left_on_the_d
     table = json.loads((mountd.state_dir / "table.json").read_text())
     table["entries"][0]["pid"] = daemon.pid
     (mountd.state_dir / "table.json").write_text(json.dumps(table))
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as info:
         os.listdir(target)  # still the dead connection
+    assert info.value.errno == errno.ENOTCONN
 
     mountd.start()
     await eventually(all_serve({target: "kept across the crash"}, "f"), deadline=10, what="re-bind")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import subprocess
 
 import pytest
 import trio
+import trio.testing
 
 from fusecsi import mount_options
 from fusecsi.locks import KeyedLocks, acquire
@@ -47,8 +49,12 @@ def test_keys_share_across_spellings_and_split_on_path_or_options():
     digest = mount_options.parse_arg("").digest()  # the contract's key id, spelled out
     assert a.id == hashlib.sha256(f"127.0.0.1:8995|/base|{digest}".encode()).hexdigest()[:16]
     assert Key.normalized("127.0.0.1", "/base", "attr-timeout=2").id != a.id
-    for bad in (("", "/base", ""), ("127.0.0.1", "rel", ""), ("127.0.0.1", "/b", "nope=1")):
-        with pytest.raises(ValueError):
+    for bad, message in (
+        (("", "/base", ""), "master-addrs is empty"),
+        (("127.0.0.1", "rel", ""), "fs-path 'rel' must be an absolute path"),
+        (("127.0.0.1", "/b", "nope=1"), "unknown mount option 'nope'"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
             Key.normalized(*bad)
 
 
@@ -126,8 +132,9 @@ def test_bind_beneath_refuses_symlinks_and_reports_missing_paths(tmpfs, tmp_path
     link = tmp_path / "link"
     link.symlink_to(target)
     (tmpfs / "ok").mkdir()
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as info:
         mounts.bind_beneath(str(tmpfs), "ok", str(link))  # a symlinked target is not followed
+    assert info.value.errno == errno.ENOTDIR
     assert mounts.top_mount(str(target)) is None
 
 
@@ -153,17 +160,24 @@ async def test_keyed_locks_serialise_one_name_and_let_others_run():
     locks = KeyedLocks()
     order = []
 
-    async def hold(name, tag, delay):
+    release_a = trio.Event()
+
+    async def hold(name, tag, until=None, *, task_status=trio.TASK_STATUS_IGNORED):
         async with locks.hold(name):
             order.append(f"{tag}+")
-            await trio.sleep(delay)
+            task_status.started()
+            if until is not None:
+                await until.wait()
             order.append(f"{tag}-")
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(hold, "k", "a", 0.05)
-        await trio.sleep(0.01)
-        nursery.start_soon(hold, "k", "b", 0)
-        nursery.start_soon(hold, "other", "c", 0)
+        await nursery.start(hold, "k", "a", release_a)  # a holds "k" from here on
+        nursery.start_soon(hold, "k", "b")
+        await nursery.start(hold, "other", "c")  # another name is not held up by a
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == ["a+", "c+", "c-"]  # b waits for "k"
+        assert locks.busy("k")
+        release_a.set()
     assert order.index("a-") < order.index("b+")
     assert order.index("c+") < order.index("a-")
     assert not locks.busy("k") and not locks.busy("other")
@@ -184,7 +198,7 @@ async def test_acquire_takes_a_free_lock_before_anything_else_runs():
         await acquire(window)
         assert ran == []
         nursery.start_soon(acquire, window)  # busy: waits for the release
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()
         assert window.value == 0 and ran == ["other"]
         window.release()
     assert window.value == 0
