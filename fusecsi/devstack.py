@@ -216,17 +216,24 @@ class Container:
             await self._changed.wait()
 
     async def outage(self, since: float) -> float:
-        """Wait until rounds after `since` failed and then work again; the seconds from the
-        first failed round to the first good one after it (what the container saw)."""
+        """Wait until the container's I/O works again after `since` (a kill); the seconds it
+        saw no I/O: from its first failed round to the first good one after it, or, when the
+        replacement daemon took over the connection and nothing failed, the stall between
+        the last round before `since` and the first one after it."""
 
         def recovered(rounds) -> bool:
             later = [r for r in rounds if r[2] > since]
             first_bad = next((i for i, r in enumerate(later) if not r[0]), None)
-            return first_bad is not None and any(r[0] for r in later[first_bad:])
+            if first_bad is None:
+                return bool(later)
+            return any(r[0] for r in later[first_bad:])
 
         await self.wait_for(recovered)
         later = [r for r in self.rounds if r[2] > since]
-        bad = next(r for r in later if not r[0])
+        bad = next((r for r in later if not r[0]), None)
+        if bad is None:
+            before = [r[2] for r in self.rounds if r[2] <= since]
+            return later[0][2] - (before[-1] if before else since)
         good = next(r for r in later if r[0] and r[2] > bad[2])
         return good[2] - bad[2]
 

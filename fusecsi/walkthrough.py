@@ -417,7 +417,7 @@ class Walkthrough:
         await self.in_pod(pods[0], 'echo "written after recovery" > "$DATA/after.txt"')
         took = trio.current_time() - killed_at
         self.step(
-            f"mountd replaced it and re-bound all {len(pages)} targets in {took:.1f}s; "
+            f"mountd replaced it and all {len(pages)} targets serve again in {took:.1f}s; "
             "the pods read and write again without restarting"
         )
         outages = {}
@@ -426,8 +426,9 @@ class Walkthrough:
                 outages[name] = await container.outage(killed_clock)
         check(len(outages) == len(containers), "every running container reads and writes again")
         self.show(
-            "inside each container: I/O on /usr/share/nginx/html from its first failure to its "
-            "first success again (nothing restarted, nothing reopened but its file)",
+            "inside each container: how long I/O on /usr/share/nginx/html stopped (first failure "
+            "to first success, or the stall when the new daemon took the connection over); "
+            "nothing restarted, nothing reopened but its file",
             table(
                 ["POD", "NO I/O FOR", "FIRST ERROR"],
                 [
