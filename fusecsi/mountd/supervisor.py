@@ -297,7 +297,8 @@ class Supervisor:
                         f"target {target} already holds volume {old.volume_id} "
                         f"(subpath {old.subpath}, readonly {old.readonly}, key {entry.key.id})",
                     )
-                if self._bound(entry, ref):
+                # a dead daemon's mount keeps its fstype and device: ask for a live one too
+                if self._bound(entry, ref) and self._live_mount(entry):
                     self.publishes.add()
                     return self._answer(entry, False)
             elif mounts.top_mount(target) is not None:

@@ -61,7 +61,7 @@ class Mountd:
             str(self.kubelet_dir),
         ]
         for name, value in self.flags.items():
-            args += [f"--{name}", str(value)]
+            args += [f"--{name}"] if value is True else [f"--{name}", str(value)]
         self.starts += 1
         # a killed mountd leaves its socket file; the new one replaces it once it is ready
         with contextlib.suppress(FileNotFoundError):
@@ -157,7 +157,8 @@ async def supervisor_in_process(base: Path, **options):
     from fusecsi.mountd.supervisor import Supervisor
 
     (base / "kubelet").mkdir(parents=True, exist_ok=True)
-    options = {"linger": 0, "health_interval": 0.1, **options}
+    # the fault points these tests hit are on the re-bind path: takeover only when asked
+    options = {"linger": 0, "health_interval": 0.1, "takeover": False, **options}
     supervisor = Supervisor(str(base / "state"), str(base / "kubelet"), **options)
     try:
         async with trio.open_nursery() as nursery:

@@ -2,7 +2,8 @@
 
 The "container" is a process in its own mount namespace holding a slave copy of the target
 at another path, as runc sets up `mountPropagation: HostToContainer`; the kubelet dir is a
-shared mount, as kubelet makes it. Only a new mount stacked on the target reaches it.
+shared mount, as kubelet makes it. Only a new mount stacked on the target reaches it — or,
+with takeover (the default), the same mount served by the replacement daemon.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import trio
 from mountd_stack import (  # noqa: F401 - fixtures
     another_mountd,
@@ -27,13 +29,15 @@ from fusecsi.mountd import mounts
 RECOVERY_DEADLINE = 30.0  # the old code never recovers a container: fail, do not hang
 
 
+@pytest.mark.parametrize("takeover", [True, False], ids=["takeover", "rebind"])
 async def test_a_hosttocontainer_container_reads_and_writes_again_after_a_daemon_crash(
-    tmp_path, cluster
+    tmp_path, cluster, takeover
 ):
     base = tmp_path / "node"
     share_like_kubelet(base / "kubelet")
     await make_dirs(cluster, "/ctr/v")
-    with another_mountd(base, cluster) as node:
+    flags = {} if takeover else {"no-takeover": True}
+    with another_mountd(base, cluster, **flags) as node:
         target = node.target("pod-1", "v")
         await node.publish("vol-ctr", "/ctr", "v", target)
         assert read_write(target, "before", "written before the crash")
@@ -47,8 +51,8 @@ async def test_a_hosttocontainer_container_reads_and_writes_again_after_a_daemon
                 took = await container.outage(killed)
             print(f"the container read and wrote again {took:.2f}s after its first failure")
             nursery.cancel_scope.cancel()
-        # the new mount sits on top of the dead one; unpublish removes both
-        assert len(mounts.stack_at(target)) == 2
+        # takeover: the same mount, served again; else the new one sits on the dead one
+        assert len(mounts.stack_at(target)) == (1 if takeover else 2)
         assert read_text(os.path.join(target, "before")) == "written before the crash"
         assert await node.client.unpublish("vol-ctr", target) == {"removed": True}
         assert mounts.stack_at(target) == [] and node.fuse_mounts() == ([], [])

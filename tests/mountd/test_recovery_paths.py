@@ -349,3 +349,31 @@ async def test_a_bind_refused_with_another_errno_fails_the_publish_with_that_err
         assert info.value.strerror == "bind refused by a security module"
         assert not exists(target)  # the directory it made is removed again
         assert sup.table.entries == {}
+
+
+async def test_a_repeated_publish_never_answers_ok_for_a_dead_daemon(tmp_path, cluster):
+    """kubelet publishes again while the daemon is dead and its recovery has not run yet: the
+    answer waits for a serving daemon (its key's lock), never OK on the dead mount."""
+    await make_dirs(cluster, "/paths-r/v")
+    async with supervisor_in_process(tmp_path / "node", takeover=False) as sup:
+        target = target_of(sup, "pod-r")
+        answer = await publish(sup, cluster, "/paths-r", target)
+        rt = sup.runtime[answer["key"]]
+        held, release = trio.Event(), trio.Event()
+
+        async def hold_the_key_lock() -> None:  # recovery cannot run meanwhile
+            async with sup.key_locks.hold(answer["key"]):
+                held.set()
+                await release.wait()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hold_the_key_lock)
+            await held.wait()
+            os.kill(rt.daemon.pid, signal.SIGKILL)
+            await eventually(lambda: not rt.daemon.alive, deadline=10, what="the daemon seen dead")
+            with trio.move_on_after(1) as waited:
+                await publish(sup, cluster, "/paths-r", target)
+            assert waited.cancelled_caught, "answered OK while the daemon was dead"
+            release.set()
+        await publish(sup, cluster, "/paths-r", target)  # served again once the lock is free
+        assert read_write(target, "after", "served")
