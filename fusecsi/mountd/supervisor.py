@@ -669,7 +669,11 @@ class Supervisor:
             self._tell_broken(entry, list(entry.refs.values()), rt.message)
             raise
         entry.restarts += 1
+        # healthy only once the targets are served again, not when the daemon alone is up
+        rt.state = "recovering"
         failed = await self._rebind(entry, list(entry.refs.values()), cause, taken)
+        if rt.state == "recovering":
+            rt.state = "running"
         # a crash loop backs off even when each replacement re-binds fine
         self._backoff(rt, failed or crashed_fast)
         await self.persist()
