@@ -1,0 +1,30 @@
+"""Engines: the distributed filesystems fusecsi drives, behind one seam (see base.py).
+
+Each engine is a package `fusecsi/engines/<name>/` whose `__init__` defines
+`NODE: NodeEngine` (mountd's half) and `open_namespace(cluster, *, timeout) -> Namespace`
+(the controller's half). Packages are imported only when used, so a role pays only for the
+engines it serves.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from fusecsi.engines.base import BadParameter, Cluster, Namespace, NodeEngine
+
+NAMES = ("embedded", "juicefs", "seaweedfs", "curvine")
+DEFAULT = "embedded"
+
+
+def _package(name: str):
+    if name not in NAMES:
+        raise BadParameter(f"unknown engine {name!r} (known: {', '.join(NAMES)})")
+    return importlib.import_module(f"fusecsi.engines.{name}")
+
+
+def node_engine(name: str) -> NodeEngine:
+    return _package(name).NODE
+
+
+def open_namespace(cluster: Cluster, *, timeout: float) -> Namespace:
+    return _package(cluster.engine).open_namespace(cluster, timeout=timeout)
