@@ -74,11 +74,10 @@ def split_addrs(addrs: str | Sequence[str]) -> list[tuple[str, int]]:
 
 
 class _Connection:
-    """One TCP connection to one master, one RPC at a time."""
+    """One TCP connection to one master (the client sends one RPC at a time on it)."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.lock = trio.Lock()
 
     async def exchange(self, request: framing.Frame) -> framing.Frame:
         await self.stream.send_all(request.encode())
@@ -91,6 +90,8 @@ class _Connection:
                     f"reply to request {reply.req_id} (code {reply.code}) "
                     f"while waiting for {request.req_id} (code {request.code})"
                 )
+            if reply.response not in (framing.REP_SUCCESS, framing.REP_ERROR):
+                raise framing.FrameError(f"reply with response status {reply.response}")
             return reply
 
 
@@ -108,6 +109,8 @@ class MasterClient:
         self.attempt_timeout = max(timeout / len(self.addrs), min(timeout, 1.0))
         self._leader: int | None = None
         self._connections: dict[int, _Connection] = {}
+        # one RPC at a time per master: concurrent calls queue (metadata RPCs are short)
+        self._locks = [trio.Lock() for _ in self.addrs]
 
     def label(self, index: int) -> str:
         host, port = self.addrs[index]
@@ -132,12 +135,12 @@ class MasterClient:
                 await trio.aclose_forcefully(connection.stream)
 
     async def _attempt(self, index: int, request: framing.Frame) -> framing.Frame:
-        connection = self._connections.get(index)
-        if connection is None:
-            host, port = self.addrs[index]
-            connection = _Connection(await trio.open_tcp_stream(host, port))
-            self._connections[index] = connection
-        async with connection.lock:
+        async with self._locks[index]:
+            connection = self._connections.get(index)
+            if connection is None:
+                host, port = self.addrs[index]
+                connection = _Connection(await trio.open_tcp_stream(host, port))
+                self._connections[index] = connection
             try:
                 return await connection.exchange(request)
             except BaseException:
@@ -178,10 +181,6 @@ class MasterClient:
                 if reply.response == framing.REP_SUCCESS:
                     self._leader = index
                     return self._decode(index, reply, reply_type)
-                if reply.response != framing.REP_ERROR:
-                    await self._drop(index)
-                    failures[index] = f"reply with response status {reply.response}"
-                    continue
                 error = framing.decode_error(reply.data)
                 if error.kind == framing.NOT_LEADER_MASTER:
                     failures[index] = "not the leader"

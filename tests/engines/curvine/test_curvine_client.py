@@ -164,3 +164,19 @@ async def test_a_reply_to_another_request_is_a_broken_connection(nursery):
         with pytest.raises(Unreachable) as raised:
             await client.file_status("/")
     assert "while waiting for" in str(raised.value)
+
+
+async def test_concurrent_calls_share_one_connection(master):
+    results = []
+    async with MasterClient(master.address, timeout=5) as client:
+
+        async def one(n: int) -> None:
+            await client.mkdir(f"/c{n}", create_parent=False)
+            results.append((await client.file_status(f"/c{n}")).path)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(20):
+                nursery.start_soon(one, n)
+        assert len(client._connections) == 1
+    assert sorted(results) == sorted(f"/c{n}" for n in range(20))
+    assert len({req_id for _, req_id in master.requests}) == 40
