@@ -29,6 +29,7 @@ from fusecsi.engines.juicefs.node import FSTYPE, SERVE_DIRECTLY, mount_argv
 
 log = logging.getLogger(__name__)
 
+PREFIX = "fusecsi-juicefs-"
 IDLE_SECONDS = 60.0
 STOP_GRACE = 5.0
 # fresh views: other clients (the nodes) change the tree under the controller
@@ -39,17 +40,52 @@ PRIVATE_ARGS = [
     "--entry-cache=0",
     "--dir-entry-cache=0",
 ]
-_PR_SET_PDEATHSIG = 1
 _MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def _dying_with_us(argv: list[str]) -> list[str]:
+    """argv run under util-linux's setpriv, which sets the parent-death signal and execs it
+    (a preexec_fn would do the same, but is unsafe in a process with threads)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", *argv] if setpriv else argv
 
 
 def _open_private(path: str, mode: str):
     return open(path, mode, opener=lambda p, f: os.open(p, f, 0o600))
+
+
+def _remove_unmounted(base: str) -> bool:
+    """Remove a private mount's temp dir, but only once its mountpoint is an empty directory
+    (never a tree of the filesystem through a mount that is still there)."""
+    try:
+        os.rmdir(os.path.join(base, "mnt"))  # EBUSY / ENOTEMPTY while anything is there
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("leaving %s: %s", base, exc.strerror)
+        return False
+    shutil.rmtree(base, ignore_errors=True)
+    return True
+
+
+def sweep_stale() -> None:
+    """Remove the temp dirs of private mounts whose controller process is gone (killed: the
+    parent-death signal made JuiceFS unmount, but the directory stayed)."""
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        base = os.path.join(tmp, name)
+        if not name.startswith(PREFIX) or os.path.islink(base):
+            continue
+        try:
+            with open(os.path.join(base, "owner")) as f:
+                owner = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            continue  # not ours or not written yet
+        if owner == os.getpid() or os.path.exists(f"/proc/{owner}"):
+            continue
+        if mounted_fstype(os.path.join(base, "mnt")) is None:
+            _remove_unmounted(base)
 
 
 def mounted_fstype(path: str) -> str | None:
@@ -85,19 +121,21 @@ class PrivateMount:
         )
 
     async def start(self, seconds: float) -> None:
-        self.base = tempfile.mkdtemp(prefix="fusecsi-juicefs-")
+        sweep_stale()
+        self.base = tempfile.mkdtemp(prefix=PREFIX)
+        with _open_private(os.path.join(self.base, "owner"), "w") as f:
+            f.write(str(os.getpid()))
         os.mkdir(self.root, 0o700)
         log_path = os.path.join(self.base, "mount.log")
         argv = mount_argv(self.meta, "/", self.root, os.path.join(self.base, "cache"), [])
         with _open_private(log_path, "wb") as log_file:
             self.process = await trio.lowlevel.open_process(
-                argv + PRIVATE_ARGS,
+                _dying_with_us(argv + PRIVATE_ARGS),
                 env={**environment(self.meta), **SERVE_DIRECTLY},
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         try:
             with trio.fail_after(seconds):
@@ -134,13 +172,8 @@ class PrivateMount:
                     code = ctypes.get_errno()
                     log.warning("leaving %s: umount: %s", self.base, os.strerror(code))
                     return
-            try:
-                os.rmdir(self.root)  # fails on anything left in it: then keep it
-            except OSError as exc:
-                log.warning("leaving %s: %s", self.base, exc.strerror)
-                return
-            shutil.rmtree(self.base, ignore_errors=True)
-            self.base = ""
+            if _remove_unmounted(self.base):
+                self.base = ""
 
 
 _POOL: trio.lowlevel.RunVar = trio.lowlevel.RunVar("fusecsi_juicefs_private_mounts")

@@ -211,3 +211,55 @@ async def test_private_mount_is_shared_then_stopped_when_idle(redis_fs, monkeypa
     assert not _exists(base)
     assert privmount.mounted_fstype(f"{base}/mnt") is None
     assert process.returncode is not None
+
+
+HOLDER = """
+import sys, trio
+from fusecsi.engines import open_namespace
+from fusecsi.engines.base import Cluster
+
+async def main():
+    cluster = Cluster("juicefs", sys.argv[1], {"metaurl": sys.argv[2]})
+    async with open_namespace(cluster, timeout=20) as ns:
+        print(ns._mount.base, ns._mount.process.pid, flush=True)
+        await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_a_killed_controller_leaves_no_mount_behind(redis_fs):
+    import subprocess
+    import sys
+
+    holder = await trio.to_thread.run_sync(
+        lambda: subprocess.Popen(
+            [sys.executable, "-c", HOLDER, redis_fs.cluster.address, redis_fs.metaurl],
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )
+    )
+    try:
+        line = await trio.to_thread.run_sync(holder.stdout.readline)
+        base, pid = line.decode().split()
+        assert privmount.mounted_fstype(f"{base}/mnt") == "fuse.juicefs"
+    finally:
+        holder.kill()
+        holder.wait()
+    for _ in range(100):  # the parent-death signal: JuiceFS unmounts and exits
+        if privmount.mounted_fstype(f"{base}/mnt") is None and not _alive(int(pid)):
+            break
+        await trio.sleep(0.1)
+    assert privmount.mounted_fstype(f"{base}/mnt") is None
+    assert not _alive(int(pid))
+    assert _exists(base)  # the killed controller could not remove it...
+    async with open_namespace(redis_fs.cluster, timeout=20):
+        assert not _exists(base)  # ...the next private mount sweeps it
