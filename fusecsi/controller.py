@@ -151,16 +151,6 @@ def as_csi_errors(where: str) -> Iterator[None]:
         fail(Status.INTERNAL, text)
 
 
-def node_engine(name: str):
-    """The engine's node half (for parse_cluster); INVALID_ARGUMENT when this build lacks it."""
-    try:
-        return engines.node_engine(name)
-    except BadParameter as exc:
-        invalid(str(exc))
-    except (ImportError, AttributeError):
-        invalid(f"engine {name!r} is not available in this build of fusecsi")
-
-
 class ControllerService:
     def __init__(
         self,
@@ -170,8 +160,10 @@ class ControllerService:
         default_secrets: Mapping[str, Mapping[str, str]] | None = None,
         call_timeout: float = 10.0,
         events: Events | None = None,
+        registry: Any = engines,
     ) -> None:
         self.namespaces = namespaces
+        self.registry = registry  # `node_engine(name)`: fusecsi.engines; tests give a fake
         self.kube = kube
         self.events = events or Events(None, "fusecsi-controller")
         # per engine, the secrets of requests that carry none (the embedded cluster's token
@@ -189,6 +181,16 @@ class ControllerService:
         """The request's secrets over the engine's defaults (an empty value is no value)."""
         given = {k: v for k, v in getattr(request, "secrets", {}).items() if v}
         return {**self.default_secrets.get(engine, {}), **given}
+
+    def _node_engine(self, name: str) -> Any:
+        """The engine's node half (for parse_cluster); INVALID_ARGUMENT when this build
+        lacks it."""
+        try:
+            return self.registry.node_engine(name)
+        except BadParameter as exc:
+            invalid(str(exc))
+        except (ImportError, AttributeError):
+            invalid(f"engine {name!r} is not available in this build of fusecsi")
 
     async def _namespace(self, cluster: Cluster) -> Namespace:
         return await self.namespaces.get(cluster)
@@ -259,7 +261,7 @@ class ControllerService:
             invalid(str(exc))
         secrets = self._secrets(params.engine, request)
         try:
-            cluster = node_engine(params.engine).parse_cluster(params.cluster_params, secrets)
+            cluster = self._node_engine(params.engine).parse_cluster(params.cluster_params, secrets)
         except BadParameter as exc:
             invalid(str(exc))
         async with self._names.hold(request.name):
@@ -433,7 +435,7 @@ class ControllerService:
             return pb.GetCapacityResponse(available_capacity=0)
         if any(map(capability_problem, request.volume_capabilities)):
             return pb.GetCapacityResponse(available_capacity=0)
-        engine = node_engine(params.engine)
+        engine = self._node_engine(params.engine)
         secrets = self._capacity_secrets(params, engine)
         try:
             cluster = engine.parse_cluster(params.cluster_params, secrets)

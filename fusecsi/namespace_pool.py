@@ -5,6 +5,7 @@ until the pool's task is cancelled."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -27,8 +28,14 @@ def _key(cluster: Cluster) -> _Key:
 class NamespacePool:
     """Owned by the task running `run`; every Namespace is closed when it is cancelled."""
 
-    def __init__(self, *, timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        open_namespace: Callable[..., Namespace] = engines.open_namespace,
+    ) -> None:
         self.timeout = timeout  # what each Namespace's own calls may take
+        self._open_namespace = open_namespace  # the registry's; tests give a fake engine's
         self._open: dict[_Key, Namespace] = {}
         self._opening = KeyedLocks()
         self._nursery: trio.Nursery | None = None
@@ -60,7 +67,7 @@ class NamespacePool:
         key = _key(cluster)
         opened = False
         try:
-            async with engines.open_namespace(cluster, timeout=self.timeout) as namespace:
+            async with self._open_namespace(cluster, timeout=self.timeout) as namespace:
                 task_status.started(namespace)
                 opened = True
                 await trio.sleep_forever()
