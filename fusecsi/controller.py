@@ -358,7 +358,7 @@ class ControllerService:
         fail(Status.FAILED_PRECONDITION, str(exc))
 
     @staticmethod
-    def _parse_existing(volume_id: str) -> VolumeRef:
+    def _ref_or_not_found(volume_id: str) -> VolumeRef:
         try:
             return VolumeRef.from_volume_id(volume_id)
         except ValueError as exc:
@@ -376,7 +376,7 @@ class ControllerService:
             problem = capability_problem(request.volume_capability)
             if problem:
                 invalid(problem)
-        ref = self._parse_existing(request.volume_id)
+        ref = self._ref_or_not_found(request.volume_id)
         cluster = self._volume_cluster(ref, self._secrets(ref.engine, request))
 
         def quota_failed(exc: BaseException) -> None:
@@ -402,7 +402,7 @@ class ControllerService:
         self, request: pb.ValidateVolumeCapabilitiesRequest
     ) -> pb.ValidateVolumeCapabilitiesResponse:
         require(request, "volume_id", "volume_capabilities")
-        ref = self._parse_existing(request.volume_id)
+        ref = self._ref_or_not_found(request.volume_id)
         cluster = self._volume_cluster(ref, self._secrets(ref.engine, request))
         with as_csi_errors(f"looking up {ref.path} on {ref.address}"):
             await self.rules.existing(await self._namespace(cluster), ref)

@@ -134,7 +134,7 @@ class VolumeRules:
 
     # -- plumbing ------------------------------------------------------------------------
 
-    async def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    async def _in_time(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         with trio.fail_after(self.call_timeout):
             return await fn(*args)
 
@@ -146,7 +146,7 @@ class VolumeRules:
 
         async def one(i: int, fn, *args) -> None:
             try:
-                results[i] = await self._call(fn, *args)
+                results[i] = await self._in_time(fn, *args)
             except Exception as exc:
                 errors.append(exc)
 
@@ -159,17 +159,17 @@ class VolumeRules:
 
     async def _changed_then_synced(self, ns: Namespace, fn, *args) -> None:
         """`fn(*args)`, then wait until the engine has it durable."""
-        await self._call(fn, *args)
-        await self._call(ns.sync)
+        await self._in_time(fn, *args)
+        await self._in_time(ns.sync)
 
     # -- reading -------------------------------------------------------------------------
 
     async def find(self, ns: Namespace, ref: VolumeRef) -> tuple[Node | None, bytes | None]:
         """(entry, volume tag) at the volume's path; None where missing."""
-        entry = await self._call(ns.lookup, ref.path)
+        entry = await self._in_time(ns.lookup, ref.path)
         if entry is None or not entry.is_dir:
             return entry, None
-        return entry, await self._call(ns.get_tag, ref.path, TAG_VOLUME)
+        return entry, await self._in_time(ns.get_tag, ref.path, TAG_VOLUME)
 
     async def existing(self, ns: Namespace, ref: VolumeRef) -> Node:
         """The volume's directory; NoSuchVolume unless it exists and is tagged for it."""
@@ -182,11 +182,11 @@ class VolumeRules:
     async def _volume_at(self, ns: Namespace, path: str) -> bytes | None:
         """The volume tag of the directory at `path`; None when it is missing or untagged."""
         for attempt in range(PARENT_ATTEMPTS):
-            entry = await self._call(ns.lookup, path)
+            entry = await self._in_time(ns.lookup, path)
             if entry is None or not entry.is_dir:
                 return None
             try:
-                return await self._call(ns.get_tag, path, TAG_VOLUME)
+                return await self._in_time(ns.get_tag, path, TAG_VOLUME)
             except OSError as exc:
                 # removed after it was looked up (an empty parent going with its last
                 # volume): look again at what is at the path now
@@ -212,7 +212,7 @@ class VolumeRules:
         todo = [path]
         while todo:
             here = todo.pop()
-            dirs = [node.path for node in await self._call(ns.listdir, here) if node.is_dir]
+            dirs = [node.path for node in await self._in_time(ns.listdir, here) if node.is_dir]
             tags = await self._together(*[(ns.get_tag, child, TAG_VOLUME) for child in dirs])
             for child, tag in zip(dirs, tags, strict=True):
                 if tag is not None:
@@ -257,7 +257,7 @@ class VolumeRules:
                     # the first volume under its parent, or a racing release (in another
                     # controller) removed a parent it had just left empty: make it (again)
                     await self._make_parents(ns, ref)
-                await self._call(ns.mkdir_tagged, ref.path, VOLUME_MODE, tags, size)
+                await self._in_time(ns.mkdir_tagged, ref.path, VOLUME_MODE, tags, size)
                 return
             except OSError as exc:
                 if exc.errno != errno.ENOENT or attempt == PARENT_ATTEMPTS - 1:
@@ -267,12 +267,12 @@ class VolumeRules:
         """fs-path (untagged: the StorageClass's, never removed by fusecsi), then each
         directory between it and the volume that is missing, born tagged TAG_PARENT (no
         quota) so that release by delete may remove it when empty."""
-        await self._call(ns.mkdirs, ref.fs_path)
+        await self._in_time(ns.mkdirs, ref.fs_path)
         here = ref.fs_path
         for part in ref.subpath.split("/")[:-1]:
             path = join(here, part)
             try:
-                await self._call(
+                await self._in_time(
                     ns.mkdir_tagged, path, PARENT_MODE, {TAG_PARENT: ref.fs_path.encode()}, None
                 )
                 log.info("parent directory created", extra=fields(path=path))
@@ -287,7 +287,7 @@ class VolumeRules:
         """CreateVolume for a path that exists: the same volume again, a retained one, or a
         half-made one (an engine that tags after mkdir, interrupted)."""
         volume_id = ref.volume_id()
-        entry = await self._call(ns.lookup, ref.path)
+        entry = await self._in_time(ns.lookup, ref.path)
         if entry is None:
             raise Changed(f"{ref.path} changed while being created; retry")
         if not entry.is_dir:
@@ -313,7 +313,7 @@ class VolumeRules:
                 (ns.set_tag, ref.path, TAG_OWNER, name.encode()),
                 (ns.set_quota, ref.path, size),
             )
-            await self._call(ns.sync)
+            await self._in_time(ns.sync)
             log.info("volume adopted", extra=fields(volume_id=volume_id, path=ref.path, name=name))
             return Ensured(size, "adopted")
         if owner is not None and owner != name.encode():
@@ -350,7 +350,7 @@ class VolumeRules:
         `on_failure` hears a failure of the change itself (not of finding the volume)."""
         async with self._places.hold(place(ref)):
             await self.existing(ns, ref)
-            current = await self._call(ns.get_quota, ref.path)
+            current = await self._in_time(ns.get_quota, ref.path)
             if current is not None and target < current:
                 raise CannotShrink(f"cannot shrink volume from {current} to {target} bytes")
             if current != target:
@@ -379,7 +379,7 @@ class VolumeRules:
                 log.info("volume already gone", extra=fields(volume_id=volume_id))
                 # a call that failed after removing the volume: its empty parents too
                 if ref.on_delete == "delete" and await self._remove_empty_parents(ns, ref):
-                    await self._call(ns.sync)
+                    await self._in_time(ns.sync)
                 return "gone"
             if tag != volume_id.encode() and tag_ref(tag) is not None:
                 # another volume has the directory now (its path was given again): the one
@@ -404,13 +404,13 @@ class VolumeRules:
             done = await self._apply_policy(ns, ref)
             if ref.on_delete == "delete":  # archive and retain leave a directory there
                 await self._remove_empty_parents(ns, ref)
-            await self._call(ns.sync)
+            await self._in_time(ns.sync)
         return done
 
     async def _apply_policy(self, ns: Namespace, ref: VolumeRef) -> str:
         volume_id = ref.volume_id()
         if ref.on_delete == "delete":
-            await self._call(ns.remove_tree, ref.path)
+            await self._in_time(ns.remove_tree, ref.path)
             log.info("volume deleted", extra=fields(volume_id=volume_id, path=ref.path))
             return "deleted"
         if ref.on_delete == "archive":
@@ -418,7 +418,7 @@ class VolumeRules:
             for attempt in range(ARCHIVE_ATTEMPTS):
                 new_name = archive_name(ref.name, now, attempt)
                 try:
-                    await self._call(ns.rename, ref.path, join(ref.parent_path, new_name))
+                    await self._in_time(ns.rename, ref.path, join(ref.parent_path, new_name))
                     break
                 except OSError as exc:  # that name is taken: the next one
                     if exc.errno != errno.EEXIST or attempt == ARCHIVE_ATTEMPTS - 1:
@@ -430,7 +430,7 @@ class VolumeRules:
             return "archived"
         # retain: keep everything, release the directory for a later claim to adopt
         try:
-            await self._call(ns.remove_tag, ref.path, TAG_OWNER)
+            await self._in_time(ns.remove_tag, ref.path, TAG_OWNER)
         except OSError as exc:
             if exc.errno != errno.ENODATA:
                 raise
@@ -447,12 +447,12 @@ class VolumeRules:
         while parts:
             path = join(ref.fs_path, "/".join(parts))
             try:
-                entry = await self._call(ns.lookup, path)
+                entry = await self._in_time(ns.lookup, path)
                 if entry is None or not entry.is_dir:
                     break
-                if await self._call(ns.get_tag, path, TAG_PARENT) is None:
+                if await self._in_time(ns.get_tag, path, TAG_PARENT) is None:
                     break  # not made by fusecsi: never removed
-                await self._call(ns.rmdir, path)
+                await self._in_time(ns.rmdir, path)
             except OSError as exc:
                 if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.ENOTDIR):
                     break
@@ -466,4 +466,4 @@ class VolumeRules:
 
     async def capacity(self, ns: Namespace, fs_path: str) -> int:
         """Bytes a new volume below `fs_path` could still get."""
-        return await self._call(ns.capacity, fs_path)
+        return await self._in_time(ns.capacity, fs_path)

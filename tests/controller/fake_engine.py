@@ -49,6 +49,7 @@ class FakeTree:
         # non-atomic mkdir_tagged: the next one stops (EIO) after this many of its steps
         # (0: right after the mkdir; 1: after the first tag; ...)
         self.stop_after_steps: int | None = None
+        self.open_fails: OSError | None = None  # what opening a Namespace raises
         self.refuse: dict[str, int] = {}  # method -> errno its next call fails with
         self.unsynced = 0  # changes acknowledged but not yet synced
         self.calls: list[str] = []
@@ -117,6 +118,8 @@ class FakeNamespace:
         self.quota_enforced = tree.quota_enforced
 
     async def __aenter__(self) -> FakeNamespace:
+        if self.tree.open_fails is not None:  # e.g. an engine's private mount not coming up
+            raise self.tree.open_fails
         self.tree.opened_with.append(dict(self.cluster.secrets))
         return self
 

@@ -22,6 +22,7 @@ from grpclib.exceptions import GRPCError
 
 from fusecsi.controller import ControllerService
 from fusecsi.csi import csi_pb2 as pb
+from fusecsi.engines.base import Unreachable
 from fusecsi.namespace_pool import NamespacePool
 from fusecsi.volume_rules import TAG_OWNER, TAG_PARENT, TAG_VOLUME
 from fusecsi.volumes import VolumeRef, name_digest
@@ -385,6 +386,14 @@ async def test_a_cluster_that_does_not_answer_is_unavailable(fake, how):
     setattr(fake.tree, how, False)
     await fake.delete(volume.volume_id)  # never "already gone" meanwhile: it is still there
     assert fake.tree.names("/") == []
+
+
+async def test_a_namespace_that_cannot_open_is_unavailable_and_tried_again(fake):
+    fake.tree.open_fails = Unreachable("the engine's mount did not come up")
+    await expect(Status.UNAVAILABLE, fake.create("vol"), "mount did not come up")
+    fake.tree.open_fails = None
+    await fake.create("vol")
+    assert fake.tree.names("/") == ["vol"]
 
 
 async def test_ids_issued_before_keep_working(nursery):
