@@ -14,7 +14,13 @@ import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
-from fusecsi.cluster.client import RENAME_NOREPLACE, ClusterClient, ClusterUnavailable
+from fusecsi.cluster.client import (
+    RENAME_NOREPLACE,
+    ROOT_INO,
+    Attr,
+    ClusterClient,
+    ClusterUnavailable,
+)
 from fusecsi.engines.base import Cluster, Namespace, Node, Unreachable
 
 FIRST_COOKIE = 0  # readdir from the first entry
@@ -34,7 +40,7 @@ def _split(path: str) -> tuple[str, bytes]:
     parent, _, name = path.rpartition("/")
     if not name:
         raise OSError(errno.EINVAL, f"{path!r} names no entry below the root")
-    return parent or "/", name.encode()
+    return parent or "/", name.encode(errors="surrogateescape")
 
 
 class EmbeddedNamespace:
@@ -55,10 +61,26 @@ class EmbeddedNamespace:
     async def __aexit__(self, *exc) -> None:
         await self._client.__aexit__(*exc)
 
+    async def _attr(self, path: str) -> Attr:
+        """What is at `path`: the master resolves it in one call; a path with a name that is
+        not UTF-8 (one listdir found inside a volume, decoded with surrogateescape) is
+        walked name by name, as the master's paths are text."""
+        try:
+            path.encode()
+        except UnicodeEncodeError:
+            attr = await self._client.getattr(ROOT_INO)
+            for part in path.strip("/").split("/"):
+                attr = await self._client.lookup(attr.ino, part.encode(errors="surrogateescape"))
+            return attr
+        return await self._client.resolve(path)
+
+    async def _ino(self, path: str) -> int:
+        return (await self._attr(path)).ino
+
     async def lookup(self, path: str) -> Node | None:
         with _unreachable_as_seam_error():
             try:
-                attr = await self._client.resolve(path)
+                attr = await self._attr(path)
             except OSError as exc:
                 if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                     return None
@@ -67,7 +89,7 @@ class EmbeddedNamespace:
 
     async def listdir(self, path: str) -> list[Node]:
         with _unreachable_as_seam_error():
-            ino = (await self._client.resolve(path)).ino
+            ino = await self._ino(path)
             found: list[Node] = []
             cookie = FIRST_COOKIE
             while batch := await self._client.readdir(ino, cookie):
@@ -91,7 +113,7 @@ class EmbeddedNamespace:
 
     async def get_tag(self, path: str, name: bytes) -> bytes | None:
         with _unreachable_as_seam_error():
-            ino = (await self._client.resolve(path)).ino
+            ino = await self._ino(path)
             try:
                 return await self._client.getxattr(ino, name)
             except OSError as exc:
@@ -101,17 +123,17 @@ class EmbeddedNamespace:
 
     async def set_tag(self, path: str, name: bytes, value: bytes) -> None:
         with _unreachable_as_seam_error():
-            ino = (await self._client.resolve(path)).ino
+            ino = await self._ino(path)
             await self._client.setxattr(ino, name, value)
 
     async def remove_tag(self, path: str, name: bytes) -> None:
         with _unreachable_as_seam_error():
-            ino = (await self._client.resolve(path)).ino
+            ino = await self._ino(path)
             await self._client.removexattr(ino, name)
 
     async def get_quota(self, path: str) -> int | None:
         with _unreachable_as_seam_error():
-            ino = (await self._client.resolve(path)).ino
+            ino = await self._ino(path)
             try:
                 quota = await self._client.get_quota(ino)
             except OSError as exc:
@@ -123,22 +145,22 @@ class EmbeddedNamespace:
 
     async def set_quota(self, path: str, max_bytes: int) -> None:
         with _unreachable_as_seam_error():
-            ino = (await self._client.resolve(path)).ino
+            ino = await self._ino(path)
             await self._client.set_quota(ino, max_bytes, None)
 
     async def rename(self, src: str, dst: str) -> None:
         (src_parent, src_name), (dst_parent, dst_name) = _split(src), _split(dst)
         with _unreachable_as_seam_error():
-            src_ino = (await self._client.resolve(src_parent)).ino
+            src_ino = await self._ino(src_parent)
             dst_ino = src_ino
             if dst_parent != src_parent:
-                dst_ino = (await self._client.resolve(dst_parent)).ino
+                dst_ino = await self._ino(dst_parent)
             await self._client.rename(src_ino, src_name, dst_ino, dst_name, RENAME_NOREPLACE)
 
     async def rmdir(self, path: str) -> None:
         parent, name = _split(path)
         with _unreachable_as_seam_error():
-            await self._client.rmdir((await self._client.resolve(parent)).ino, name)
+            await self._client.rmdir(await self._ino(parent), name)
 
     async def remove_tree(self, path: str) -> None:
         with _unreachable_as_seam_error():
