@@ -16,7 +16,7 @@ def configure(parser) -> None:
     parser.add_argument(
         "--token-file",
         default=None,
-        help="cluster token for requests without a `token` secret (else $FUSECSI_TOKEN)",
+        help="embedded cluster token for requests without a `token` secret (else $FUSECSI_TOKEN)",
     )
     parser.add_argument(
         "--kubeconfig",
@@ -38,22 +38,29 @@ def default_token(args) -> str | None:
     return os.environ.get("FUSECSI_TOKEN") or None
 
 
+def default_secrets(args) -> dict[str, dict[str, str]]:
+    """Per engine, the secrets for requests that carry none."""
+    token = default_token(args)
+    return {"embedded": {"token": token}} if token else {}
+
+
 async def serve(args) -> None:
     from fusecsi import controller as service
     from fusecsi.events import Events
     from fusecsi.k8s import KubeApi
+    from fusecsi.namespace_pool import NamespacePool
 
-    # the client gives up a little before our deadline, so its clearer error wins
-    clients = service.ClusterClients(timeout=args.cluster_timeout * 0.8)
+    # an engine's own calls give up a little before our deadline, so their clearer error wins
+    namespaces = NamespacePool(timeout=args.cluster_timeout * 0.8)
     kube = KubeApi(args.kubeconfig, timeout=args.cluster_timeout)
     events = Events(kube, "fusecsi-controller")
     async with trio.open_nursery() as nursery:
-        await nursery.start(clients.run)
+        await nursery.start(namespaces.run)
         await nursery.start(events.run)
         controller = service.ControllerService(
-            clients,
+            namespaces,
             kube,
-            default_token=default_token(args),
+            default_secrets=default_secrets(args),
             call_timeout=args.cluster_timeout,
             events=events,
         )
@@ -61,7 +68,7 @@ async def serve(args) -> None:
         metrics.serve_csi(server, args.metrics_address, *service.METRICS)
         gctune.settle()
         await run_until_signal(server, args.endpoint, args.grace)
-        nursery.cancel_scope.cancel()  # closes every cluster client
+        nursery.cancel_scope.cancel()  # closes every namespace
 
 
 def run(args) -> int:

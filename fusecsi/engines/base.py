@@ -124,14 +124,22 @@ class Namespace(Protocol):
         self, path: str, mode: int, tags: Mapping[bytes, bytes], quota_bytes: int | None
     ) -> None:
         """Create the directory `path` (its parent exists) with its tags and quota; EEXIST
-        when the name is taken. Engines that can do it in one step do it atomically; the
-        others tag right after mkdir, and the controller treats an untagged fresh directory
-        it just made as its own only through the tag it wrote."""
+        when the name is taken; ENOENT when the parent is missing. Durable when it answers
+        (no `sync` follows it). Engines that can do it in one step do it atomically; the
+        others tag right after mkdir, in the order of `tags` (the first one is what makes the
+        directory fusecsi's), then set the quota, and the controller treats an untagged fresh
+        directory it just made as its own only through the tag it wrote."""
 
-    async def get_tag(self, path: str, name: bytes) -> bytes | None: ...
+    async def get_tag(self, path: str, name: bytes) -> bytes | None:
+        """The tag's value; None when the directory has no such tag (ENOENT: no `path`)."""
+
     async def set_tag(self, path: str, name: bytes, value: bytes) -> None: ...
-    async def remove_tag(self, path: str, name: bytes) -> None: ...
-    async def get_quota(self, path: str) -> int | None: ...
+    async def remove_tag(self, path: str, name: bytes) -> None:
+        """ENODATA when there is no such tag."""
+
+    async def get_quota(self, path: str) -> int | None:
+        """The directory's own quota in bytes (not an ancestor's); None when it has none."""
+
     async def set_quota(self, path: str, max_bytes: int) -> None: ...
     async def rename(self, src: str, dst: str) -> None:
         """Rename without replacing: EEXIST when `dst` exists."""
