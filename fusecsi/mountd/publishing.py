@@ -246,7 +246,10 @@ class Publishing:
     def _bound(self, entry: Entry, ref: Ref) -> bool:
         """The target shows the key's current mount at the ref's subpath."""
         top, source = mounts.top_mounts(ref.target, entry.mountpoint)
-        return self._serves(entry, top, source) and top.root == "/" + ref.subpath
+        if not self._serves(entry, top, source):
+            return False
+        # a daemon's mount may itself show a directory of its filesystem (a bind, --subdir)
+        return top.root == source.root.rstrip("/") + "/" + ref.subpath
 
     def _serves(self, entry: Entry, top, source) -> bool:
         """`top` is a bind of the daemon's live mount `source` (same device), not a dead one."""
