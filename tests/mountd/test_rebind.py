@@ -27,7 +27,13 @@ async def publish(sup, cluster, fs_path: str, subpath: str, pod: str) -> str:
     os.makedirs(target)
     target = os.path.join(target, "mount")
     await sup.publish(
-        f"vol-{pod}", cluster.master_addrs, fs_path, subpath, "", target, False, TOKEN
+        volume_id=f"vol-{pod}",
+        cluster=cluster.master_addrs,
+        fs_path=fs_path,
+        subpath=subpath,
+        target=target,
+        readonly=False,
+        secrets={"token": TOKEN},
     )
     return target
 

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import threading
+from functools import partial
 
 import pytest
 import trio
@@ -282,7 +283,16 @@ async def cancelled_publish(sup, cluster, monkeypatch, step: str, target: str) -
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
-                sup.publish, "vol-h", cluster.master_addrs, "/paths-h", "v", "", target, True, TOKEN
+                partial(
+                    sup.publish,
+                    volume_id="vol-h",
+                    cluster=cluster.master_addrs,
+                    fs_path="/paths-h",
+                    subpath="v",
+                    target=target,
+                    readonly=True,
+                    secrets={"token": TOKEN},
+                )
             )
             await eventually(entered.is_set, deadline=30, what=f"{step} entered")
             nursery.cancel_scope.cancel()
