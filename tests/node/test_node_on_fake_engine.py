@@ -1,6 +1,6 @@
 """The node service and mountd on a fake engine (fake_engine.py): no cluster, real mountd.
 
-The Supervisor and its control API run in the test's trio loop on a real unix socket, the
+mountd's Supervisor and its control API run in the test's trio loop on a real unix socket, the
 NodeService is called directly, the fake's daemons are real processes with real bind mounts.
 What these tests check is the node side's own logic, table-driven: request checks, the
 engine and secrets reaching mountd, the single-writer rule under concurrency, stats through
@@ -9,21 +9,18 @@ the engine, recovery of a killed daemon.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import signal
-import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
 import trio
-from fake_engine import FakeNode
+from fake_engine import FAKE, TOKEN, fake_cluster, fake_target, resolve, supervisor_on_fake
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from fusecsi import engines, unix_socket
+from fusecsi import unix_socket
 from fusecsi.csi import csi_pb2 as pb
 from fusecsi.mountd import api, mounts
 from fusecsi.mountd.client import MountdClient
@@ -31,12 +28,6 @@ from fusecsi.mountd.supervisor import Supervisor
 from fusecsi.node import NodeService
 
 Mode = pb.VolumeCapability.AccessMode
-FAKE = FakeNode()
-TOKEN = "fake-token-51c2"
-
-
-def resolve(name: str):
-    return FAKE if name == "fake" else engines.node_engine(name)
 
 
 class FakeNodeStack:
@@ -48,10 +39,7 @@ class FakeNodeStack:
         return {k: v for k, v in {**base, "subpath": subpath, **changes}.items() if v}
 
     def target(self) -> str:
-        parent = Path(self.sup.kubelet_dir, "pods", str(uuid.uuid4()), "volumes")
-        parent = parent / "kubernetes.io~csi" / "pv"
-        parent.mkdir(parents=True)
-        return str(parent / "mount")
+        return fake_target(self.sup)
 
     def request(
         self,
@@ -83,49 +71,15 @@ class FakeNodeStack:
         )
 
 
-@pytest.fixture(name="fake_cluster")
-def fake_cluster_fixture(tmp_path):
-    """The fake's cluster: a tmpfs with two volume directories; every mount under
-    tmp_path is gone afterwards."""
-    cluster = tmp_path / "cluster"
-    cluster.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(cluster)], check=True)
-    try:
-        (cluster / ".token").write_text(TOKEN)
-        for name in ("v1", "v2"):
-            (cluster / "base" / name).mkdir(parents=True)
-        (tmp_path / "kubelet").mkdir()
-        yield cluster
-    finally:
-        for entry in reversed(mounts.mounts_under(str(tmp_path))):
-            subprocess.run(["umount", "-l", entry.mountpoint], check=False)
-
-
 @pytest.fixture(name="fake")
-async def fake_fixture(tmp_path, fake_cluster):
-    cluster = fake_cluster
-    sup = Supervisor(
-        str(tmp_path / "state"),
-        str(tmp_path / "kubelet"),
-        linger=0,
-        health_interval=0.2,
-        ready_timeout=10,
-        takeover=False,
-        engines=resolve,
-    )
+async def fake_fixture(tmp_path):
     socket = str(tmp_path / "mountd.sock")
     service = NodeService("node-a", MountdClient(socket), engines=resolve)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sup.run)
+    with fake_cluster(tmp_path) as cluster:
+        async with supervisor_on_fake(tmp_path) as sup, trio.open_nursery() as nursery:
             await nursery.start(api.server(sup).serve, unix_socket.bind(socket))
             yield FakeNodeStack(tmp_path, sup, service, cluster)
             nursery.cancel_scope.cancel()
-    finally:
-        for entry in list(sup.table.entries.values()):
-            if entry.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(entry.pid, signal.SIGKILL)
 
 
 async def grpc_status(call) -> tuple[Status, str]:
