@@ -77,17 +77,10 @@ def _from_volume_id(volume_id: str) -> dict[str, str]:
     except ValueError:
         return {}
     decoded = ref.context(mount_options.DEFAULTS)
+    # an id names no options: the defaults it would spell are the embedded engine's
+    decoded.pop(volumes.CTX_OPTIONS, None)
     engine = getattr(ref, "engine", "")
     return {**decoded, CTX_ENGINE: engine} if engine else decoded
-
-
-def _options(engine: NodeEngine, text: str) -> str:
-    parsed = table.parse_options(text)
-    normalize = getattr(engine, "normalize_options", None)
-    if normalize is not None:
-        return normalize(parsed)
-    engine.check_options(parsed)
-    return ",".join(f"{k}={v}" for k, v in sorted(parsed.items()))
 
 
 def resolve_source(
@@ -124,7 +117,7 @@ def resolve_source(
             cluster=engine.parse_cluster(found, dict(secrets or {})),
             fs_path=volumes.normalize_fs_path(found[volumes.CTX_FS_PATH]),
             subpath=volumes.validate_subpath(found[volumes.CTX_SUBPATH]),
-            options=_options(engine, options),
+            options=table.canonical_options(engine, options),
         )
     except ValueError as exc:  # BadParameter included
         invalid(f"volume {volume_id!r}: {exc}")

@@ -31,6 +31,17 @@ def parse_options(text: str) -> dict[str, str]:
     return raw
 
 
+def canonical_options(engine, text: str) -> str:
+    """The engine's canonical `k=v,...` form of `text` (ValueError/BadParameter when it is
+    off the engine's allow-list): two spellings of the same options share a daemon."""
+    parsed = parse_options(text)
+    normalize = getattr(engine, "normalize_options", None)
+    if normalize is not None:
+        return normalize(parsed)
+    engine.check_options(parsed)
+    return ",".join(f"{k}={v}" for k, v in sorted(parsed.items()))
+
+
 @dataclass(frozen=True)
 class Key:
     engine: str
@@ -48,13 +59,7 @@ class Key:
             address = normalize_address(address)
         if not address.strip():
             raise ValueError("cluster address is empty")
-        parsed = parse_options(options)
-        normalize = getattr(engine, "normalize_options", None)
-        if normalize is not None:
-            canonical = normalize(parsed)
-        else:
-            engine.check_options(parsed)
-            canonical = ",".join(f"{k}={v}" for k, v in sorted(parsed.items()))
+        canonical = canonical_options(engine, options)
         return cls(engine.name, address.strip(), volumes.normalize_fs_path(fs_path), canonical)
 
     @cached_property
