@@ -104,6 +104,9 @@ class Daemon:
 
 # what a daemon's environment keeps of mountd's (the rest, secrets included, stays behind)
 ENV_KEPT = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "PYTHONHOME")
+ENV_KEPT += ("SSL_CERT_FILE", "SSL_CERT_DIR")  # an engine reaching object storage over TLS
+ENV_KEPT += tuple(p + "_PROXY" for p in ("HTTP", "HTTPS", "NO"))
+ENV_KEPT += tuple(p + "_proxy" for p in ("http", "https", "no"))
 ENV_KEPT_PREFIXES = ("LC_", "FUSECSI_", "COVERAGE_")
 ENV_DROPPED = ("FUSECSI_TOKEN",)
 READY_POLL = 0.1  # seconds between looks at mountinfo while a daemon comes up

@@ -179,3 +179,15 @@ def test_launch_placeholders_are_the_only_substitutions():
     assert fill("--x={ready_fd}", values) == "--x=7"
     assert fill("{unknown} {}", values) == "{unknown} {}"  # braces of its own stay
     assert replace(Launch(argv=["a"]), ready="ready-fd").takeover_argv == []
+
+
+def test_a_daemon_gets_a_minimal_environment_and_its_launch_env(monkeypatch):
+    from fusecsi.mountd.daemons import daemon_env
+
+    monkeypatch.setenv("FUSECSI_TOKEN", "mountd-token")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-daemons")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    env = daemon_env({"META_PASSWORD": "given"})
+    assert "FUSECSI_TOKEN" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+    assert env["PATH"] == os.environ["PATH"] and env["LC_ALL"] == "C.UTF-8"
+    assert env["META_PASSWORD"] == "given"
