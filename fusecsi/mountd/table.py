@@ -14,10 +14,11 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from fusecsi import volumes
+from fusecsi import engines, volumes
 
 TABLE_VERSION = 1
-DEFAULT_ENGINE = "embedded"  # tables written before engines existed hold only its keys
+# tables written before engines existed hold only the default engine's keys
+DEFAULT_ENGINE = engines.DEFAULT
 
 
 def parse_options(text: str) -> dict[str, str]:
