@@ -242,3 +242,18 @@ def test_top_mount_finds_paths_that_mountinfo_escapes(tmpfs, tmp_path):
     assert found is not None and found.root == "/v" and found.mountpoint == str(odd)
     assert mounts.top_mount(str(tmp_path / "a b")) is None
     assert mounts.unmount_all(str(odd)) == 1
+
+
+def test_the_embedded_launch_keeps_the_token_off_argv_and_env():
+    cluster = EMBEDDED.parse_cluster({"master-addrs": "Host-A:8995,host-a"}, {"token": "s3cr3t"})
+    assert cluster.address == "host-a:8995" and cluster.secrets == {"token": "s3cr3t"}
+    launch = EMBEDDED.launch(cluster, "/base", {"attr-timeout": "2"}, "/state/mounts/k")
+    assert "s3cr3t" not in " ".join(launch.argv) and "s3cr3t" not in str(launch.env)
+    assert launch.files == {"token": b"s3cr3t"} and launch.ready == "ready-fd"
+    assert launch.argv[launch.argv.index("--token-file") + 1] == "{private}/token"
+    assert launch.argv[-1] == "/state/mounts/k" and "{ready_fd}" in launch.argv
+    # no token: no file and no --token-file
+    bare = EMBEDDED.launch(EMBEDDED.parse_cluster({"master-addrs": "h"}, {}), "/", {}, "/m")
+    assert bare.files == {} and "--token-file" not in bare.argv
+    with pytest.raises(ValueError, match="master-addrs is empty"):
+        EMBEDDED.parse_cluster({}, {"token": "t"})
