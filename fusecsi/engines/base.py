@@ -61,6 +61,11 @@ class Launch:
     # "ready-fd": the daemon writes READY to the fd that replaces `{ready_fd}` in argv (the
     # embedded daemon); "mountinfo": ready once `fstype` is mounted there and statfs answers
     ready: str = "mountinfo"
+    # appended when mountd mounted the connection itself and keeps it (`takeover`):
+    # `{fuse_fd}` is the /dev/fuse descriptor to serve, `{connection}` a private directory
+    takeover_argv: list[str] = field(default_factory=list)
+    # appended when mountd re-exports daemon metrics: `{metrics_file}` is where to write them
+    metrics_argv: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,14 @@ class NodeEngine(Protocol):
 
     def usage(self, volume_dir: str) -> Usage:
         """What one volume uses, read through the live mount (`volume_dir` is the volume's
-        directory inside the key's mount); quota-less engines report total_bytes None."""
+        directory inside the key's mount); quota-less engines report total_bytes None.
+        OSError ENODATA: nothing is known (mountd then reports the mount's statfs only)."""
+
+    # Optional members, looked up with getattr by mountd:
+    # - normalize_options(options) -> str: the canonical `k=v,...` form of the options (two
+    #   spellings of the same options share a daemon); default: sorted `k=v` pairs.
+    # - kernel_mount(cluster, fs_path, options) -> (source, libfuse options): required when
+    #   `takeover` is True; mountd mounts the connection with them (fusecsi/fuse/takeover.py).
 
 
 @dataclass(frozen=True)
