@@ -1,4 +1,4 @@
-"""The CSI controller service on a fake engine (fake_engine.py says why it is a fake): the
+"""The CSI controller service on a fake engine (fake_namespace.py says why it is a fake): the
 volume rules must hold for any Namespace, including one whose mkdir_tagged is not atomic,
 one whose quotas are not enforced, and one that stops answering.
 
@@ -16,7 +16,7 @@ import re
 
 import pytest
 import trio
-from fake_engine import FakeRegistry, FakeTree
+from fake_namespace import FakeRegistry, FakeTree
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
