@@ -39,6 +39,7 @@ _TAG_NAME = re.compile(rb"[a-z0-9][a-z0-9._-]{0,200}")
 _DIR_BIT = 1 << 31  # Go's os.ModeDir in the filer's JSON `Mode`
 _VALUE_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 _PAGE = 1000
+MAX_TAG_VALUE = 64 * 1024  # encoded; the filer's header limit is 1 MiB for all of them
 
 
 def _clean(path: str) -> str:
@@ -62,7 +63,10 @@ def _header_name(name: bytes) -> str:
 
 
 def encode_value(value: bytes) -> str:
-    return "=" + quote_from_bytes(value, safe=_VALUE_SAFE)
+    encoded = "=" + quote_from_bytes(value, safe=_VALUE_SAFE)
+    if len(encoded) > MAX_TAG_VALUE:
+        raise OSError(errno.EINVAL, f"seaweedfs: a tag value of {len(value)} bytes is too large")
+    return encoded
 
 
 def decode_value(stored: bytes) -> bytes:
@@ -215,8 +219,9 @@ class FilerNamespace:
         all_tags = dict(tags)
         if quota_bytes is not None:
             all_tags[QUOTA_TAG] = str(int(quota_bytes)).encode()
-        for name in all_tags:
-            _header_name(name)  # refuse a bad name before anything is created
+        for name, value in all_tags.items():  # refuse a bad tag before any mkdir
+            _header_name(name)
+            encode_value(value)
         await self._existing(posixpath.dirname(path), want_dir=True)
         await self._mkdir(path, mode)
         if not all_tags:

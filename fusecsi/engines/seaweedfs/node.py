@@ -49,6 +49,11 @@ class SeaweedNode:
     def check_options(self, options_: Mapping[str, str]) -> None:
         options.normalise(options_)
 
+    def normalize_options(self, options_: Mapping[str, str]) -> str:
+        """Canonical `k=v,...` (mountd's optional hook): `readOnly=yes` and
+        `readOnly=true` name the same daemon."""
+        return ",".join(f"{name}={value}" for name, value in options.normalise(options_).items())
+
     def launch(
         self, cluster: Cluster, fs_path: str, options_: Mapping[str, str], mountpoint: str
     ) -> Launch:
@@ -60,9 +65,9 @@ class SeaweedNode:
             "-filer=" + ",".join(map(str, filers)),
             "-filer.path=" + check_fs_path(fs_path),
             "-dir=" + mountpoint,
-            # per-key state in the key's private directory: a restart reuses the socket
-            # path (weed removes a stale one), two keys never share a cache
-            "-localSocket={private}/weed-mount.sock",
+            # the chunk cache in the key's private directory: two keys never share one.
+            # (-localSocket stays weed's default, /tmp/seaweedfs-mount-<hash of -dir>.sock:
+            # a socket path under a long state directory could pass the 108-byte limit)
             "-cacheDir={private}/cache",
             *options.argv(options_),
         ]

@@ -164,8 +164,7 @@ class SeaweedBackend:
         self._spawn(
             "filer",
             ["filer", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-port={fp}", f"-port.grpc={fg}",
-             f"-master={self.master_addr}", f"-defaultStoreDir={self._dir('filer')}",
-             f"-localSocket={self.base / 'filer.sock'}"],
+             f"-master={self.master_addr}", f"-defaultStoreDir={self._dir('filer')}"],
             env,
         )  # fmt: skip
 

@@ -107,7 +107,7 @@ def test_mount_serves_volumes_and_comes_back_after_sigkill(backend, tmp_path):
     try:
         with running(launch, private, log) as proc:
             first_ready = wait_ready(str(mnt), proc, log)
-            assert (private / "weed-mount.sock").exists()  # per-key state stays private
+            assert (private / "cache").is_dir()  # per-key cache stays private
 
             (v1 / "small").write_bytes(b"one")
             (v2 / "small").write_bytes(b"two-two")
@@ -205,5 +205,8 @@ def test_cluster_and_options_are_checked_in_one_line():
             NODE.check_options(options)
         assert "\n" not in str(bad.value) and "seaweedfs" in str(bad.value)
     NODE.check_options({"writebackCache": "false", "replication": "001", "collection": "k8s"})
+    assert NODE.normalize_options({"readOnly": "yes", "cacheCapacityMB": "064"}) == (
+        "cacheCapacityMB=64,readOnly=true"
+    )
     with pytest.raises(OSError):
         NODE.launch(cluster, "/a/../etc", {}, "/m")

@@ -127,6 +127,24 @@ async def test_refusals(backend):
         assert root.value.errno == errno.EBUSY
 
 
+async def test_failed_tagging_takes_the_fresh_directory_back(backend, monkeypatch):
+    base = fresh_base()
+    async with ns_of(backend) as ns:
+        await ns.mkdirs(base)
+        with pytest.raises(OSError) as too_large:
+            await ns.mkdir_tagged(base + "/v", 0o755, {VOLUME: b"x" * (2 << 20)}, None)
+        assert too_large.value.errno == errno.EINVAL
+        assert await ns.lookup(base + "/v") is None  # refused before the mkdir
+
+        # without our own limit the filer refuses the tag (its header limit is 1 MiB)
+        # after the mkdir succeeded: the fresh directory must not stay behind untagged
+        monkeypatch.setattr(namespace_module, "MAX_TAG_VALUE", 1 << 30)
+        with pytest.raises(OSError):
+            await ns.mkdir_tagged(base + "/v", 0o755, {VOLUME: b"x" * (2 << 20)}, None)
+        assert await ns.lookup(base + "/v") is None
+        await ns.mkdir_tagged(base + "/v", 0o755, {VOLUME: b"v"}, None)  # the name is free
+
+
 async def test_rename_does_not_replace(backend):
     base = fresh_base()
     async with ns_of(backend) as ns:
