@@ -45,9 +45,12 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 
 class SeaweedBackend:
-    def __init__(self, base_dir: Path, *, jwt_key: str | None = None) -> None:
+    def __init__(
+        self, base_dir: Path, *, jwt_key: str | None = None, jwt_read_key: str | None = None
+    ) -> None:
         self.base = Path(base_dir) / "seaweedfs"
-        self.jwt_key = jwt_key
+        self.jwt_key = jwt_key  # the filer's signing keys for HTTP writes and reads
+        self.jwt_read_key = jwt_read_key
         self.weed = weed_binary()
         self.master = (_free_port(), _free_port())  # (http, grpc)
         self.volume = (_free_port(), _free_port())
@@ -78,7 +81,11 @@ class SeaweedBackend:
 
     @property
     def secrets(self) -> dict[str, str]:
-        return {"jwt-filer-signing-key": self.jwt_key} if self.jwt_key else {}
+        secrets = {
+            "jwt-filer-signing-key": self.jwt_key,
+            "jwt-filer-signing-read-key": self.jwt_read_key,
+        }
+        return {name: value for name, value in secrets.items() if value}
 
     def log(self, name: str) -> str:
         return (self.base / f"{name}.log").read_text(errors="replace")
@@ -160,7 +167,11 @@ class SeaweedBackend:
 
     def _start_filer(self) -> None:
         fp, fg = self.filer
-        env = {"WEED_JWT_FILER_SIGNING_KEY": self.jwt_key} if self.jwt_key else {}
+        env = {}
+        if self.jwt_key:
+            env["WEED_JWT_FILER_SIGNING_KEY"] = self.jwt_key
+        if self.jwt_read_key:
+            env["WEED_JWT_FILER_SIGNING_READ_KEY"] = self.jwt_read_key
         self._spawn(
             "filer",
             ["filer", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-port={fp}", f"-port.grpc={fg}",
@@ -204,11 +215,9 @@ class SeaweedBackend:
     def _wait_filer(self) -> None:
         self._wait(f"{self.filer_url}/healthz", "filer")
         # ready for data, not only for metadata: one small file through the whole path
-        headers = {}
-        if self.jwt_key:
-            from fusecsi.engines.seaweedfs.http import jwt_hs256
+        from fusecsi.engines.seaweedfs.http import jwt_hs256
 
-            headers["Authorization"] = "Bearer " + jwt_hs256(self.jwt_key)
+        headers = {"Authorization": "Bearer " + jwt_hs256(self.jwt_key)} if self.jwt_key else {}
         deadline = time.monotonic() + STARTUP_TIMEOUT
         url = f"{self.filer_url}/.fusecsi-test-ready"
         while True:
@@ -216,6 +225,7 @@ class SeaweedBackend:
                 put = urllib.request.Request(url, data=b"ok", method="PUT", headers=headers)
                 with urllib.request.urlopen(put, timeout=10):
                     pass
+                # (a DELETE is a write: the write key signs it too)
                 delete = urllib.request.Request(url, method="DELETE", headers=headers)
                 with urllib.request.urlopen(delete, timeout=10):
                     return
