@@ -5,6 +5,9 @@ gRPC port is then port+10000, SeaweedFS's convention) or `host:port.grpcport`.
 `master-addrs` (optional, same forms) is only used for free capacity: the filer's HTTP API
 does not report it. The recorded address is `filers` or `filers;masters=masters`.
 
+Other keys are left alone: the node hands over the whole volume context (fs-path, subpath,
+pod info, ...), so a key this engine does not know is not an error here.
+
 Secrets (CSI secret, never argv or logs): `jwt-filer-signing-key` and
 `jwt-filer-signing-read-key`, the filer's `jwt.filer_signing[.read]` keys, needed only by
 the controller (its HTTP calls); `weed mount` talks gRPC, which those keys do not guard.

@@ -39,6 +39,8 @@ def check_fs_path(fs_path: str) -> str:
 
 class SeaweedNode:
     name = addresses.ENGINE
+    # volume-context keys a static PV must set (mountd-seam reads this optional member)
+    parameters = ("filer-addrs",)
     fstype = "fuse.seaweedfs"
     # weed mount opens /dev/fuse itself and has no way to take over a held connection
     takeover = False
