@@ -49,7 +49,9 @@ def parse_endpoints(text: str, what: str) -> list[Endpoint]:
         match = _ADDRESS.match(item)
         ports = [int(p) for p in (match.group("port"), match.group("grpc")) if p] if match else []
         if not match or not all(0 < port < 65536 for port in ports):
-            raise BadParameter(f"{what}: {item!r} is not host:port or host:port.grpcport")
+            raise BadParameter(
+                f"seaweedfs: {what}: {item!r} is not host:port or host:port.grpcport"
+            )
         endpoints.append(Endpoint(match.group("host"), *ports))
     return endpoints
 

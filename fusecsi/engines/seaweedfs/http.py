@@ -127,7 +127,7 @@ async def request(
             try:
                 stream = await trio.open_tcp_stream(host, port)
             except OSError as exc:
-                reasons.append(f"{host}:{port} {exc.strerror or exc}")
+                reasons.append(f"{host}:{port} {_reason(exc)}")
                 continue
             async with stream:
                 lines = [
@@ -143,10 +143,22 @@ async def request(
                     return await _exchange(stream, raw)
                 except trio.BrokenResourceError as exc:
                     raise Unreachable(
-                        f"{what} {host}:{port} dropped the connection: {exc}",
+                        f"seaweedfs: {what} {host}:{port} dropped the connection: {exc}",
                         errno.ECONNRESET,
                     ) from None
     names = ", ".join(f"{h}:{p}" for h, p in endpoints)
     if scope.cancelled_caught:
-        raise Unreachable(f"no {what} answered within {within:g}s ({names})")
-    raise Unreachable(f"no {what} answered ({'; '.join(reasons)})", errno.ECONNREFUSED)
+        raise Unreachable(f"seaweedfs: no {what} answered within {within:g}s ({names})")
+    raise Unreachable(f"seaweedfs: no {what} answered ({'; '.join(reasons)})", errno.ECONNREFUSED)
+
+
+def _reason(exc: BaseException) -> str:
+    """The root of a connect failure (trio wraps each attempt's error in a group)."""
+    cause = exc.__cause__
+    while isinstance(cause, BaseExceptionGroup):
+        cause = cause.exceptions[0]
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.rsplit(": ", 1)[-1].lower()
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc)

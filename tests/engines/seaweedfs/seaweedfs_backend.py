@@ -130,7 +130,7 @@ class SeaweedBackend:
 
     def close(self) -> None:
         for name in reversed(list(self.procs)):
-            self._stop(name)
+            self._stop(name, graceful=False)  # the data is thrown away: no need to wait
         for port in (*self.master, *self.volume, *self.filer):
             for kind in ("master", "volume", "filer"):
                 for form in (f"{kind}-{port}", f"{kind}-grpc-{port}"):
@@ -154,11 +154,11 @@ class SeaweedBackend:
         )
         log.close()
 
-    def _stop(self, name: str) -> None:
+    def _stop(self, name: str, *, graceful: bool = True) -> None:
         proc = self.procs.pop(name, None)
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM if graceful else signal.SIGKILL)
         try:
             proc.wait(timeout=3)  # a clean stop is quick; tests need no more than that
         except subprocess.TimeoutExpired:
