@@ -16,7 +16,8 @@ What the filer gives, and what that means here:
   The filer also refuses a move into a directory whose path merely starts with the
   source's; such a rename goes through a temporary name beside the source.
 - Quotas are recorded as the tag `trusted.fusecsi.quota-bytes`, never enforced.
-- Delete of a missing path answers 204, so rmdir / remove_tree look the path up first.
+- Delete of a missing path answers 204, so rmdir looks the path up first (ENOENT);
+  remove_tree of nothing is fine, as the contract says.
 """
 
 from __future__ import annotations
@@ -307,9 +308,14 @@ class FilerNamespace:
             raise self._error(response, "rmdir", path)
 
     async def remove_tree(self, path: str) -> None:
+        """Delete the directory and everything below it; nothing there is fine."""
         if _clean(path) == "/":
             raise OSError(errno.EBUSY, "seaweedfs: will not remove /")
-        await self._existing(path, want_dir=True)
+        entry = await self._entry(path)
+        if entry is None:
+            return
+        if not entry.get("Mode", 0) & _DIR_BIT:
+            raise OSError(errno.ENOTDIR, f"seaweedfs: {path} is not a directory")
         response = await self._call(
             "DELETE", path, {"recursive": "true", "ignoreRecursiveError": "false"}
         )
@@ -322,8 +328,9 @@ class FilerNamespace:
     async def capacity(self, path: str) -> int:
         """Free bytes on the volume servers' disks (the masters list them): raw space,
         before replication, and regardless of the volume-count limit. Without
-        `master-addrs` the filer alone cannot tell, so this fails with ENOTSUP."""
-        await self._existing(path, want_dir=True)
+        `master-addrs` the filer alone cannot tell, so this fails with ENOTSUP. The same
+        for every `path` (it need not exist yet): there is no directory quota to cap it."""
+        _clean(path)
         if not self._masters:
             raise OSError(
                 errno.ENOTSUP,
