@@ -3,7 +3,11 @@
 `filer-addrs` (required) lists filers as SeaweedFS writes them: `host:port` (the filer's
 gRPC port is then port+10000, SeaweedFS's convention) or `host:port.grpcport`.
 `master-addrs` (optional, same forms) is only used for free capacity: the filer's HTTP API
-does not report it. The recorded address is `filers` or `filers;masters=masters`.
+does not report it. The address (the cluster's name in volume ids and sharing keys) is the
+filers alone: masters do not name the cluster, and every byte of the address is a byte less
+for the directory name in a 128-byte volume id. Cluster has no field for what does not name
+the cluster, so the masters travel in `Cluster.secrets` under `master-addrs` (not a secret;
+there it is simply never logged, and not part of the cluster's identity).
 
 Other keys are left alone: the node hands over the whole volume context (fs-path, subpath,
 pod info, ...), so a key this engine does not know is not an error here.
@@ -23,6 +27,7 @@ from fusecsi.engines.base import BadParameter, Cluster
 
 ENGINE = "seaweedfs"
 SECRET_KEYS = ("jwt-filer-signing-key", "jwt-filer-signing-read-key")
+MASTERS_KEY = "master-addrs"
 _ADDRESS = re.compile(
     r"^(?P<host>[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})(?:\.(?P<grpc>\d{1,5}))?$"
 )
@@ -64,19 +69,17 @@ def parse_cluster(parameters: Mapping[str, str], secrets: Mapping[str, str]) -> 
         )
     filers = parse_endpoints(filers_text, "filer-addrs")
     address = ",".join(map(str, filers))
-    masters_text = parameters.get("master-addrs", "").strip()
-    if masters_text:
-        address += ";masters=" + ",".join(map(str, parse_endpoints(masters_text, "master-addrs")))
     kept = {key: secrets[key] for key in SECRET_KEYS if secrets.get(key)}
+    masters_text = parameters.get(MASTERS_KEY, "").strip()
+    if masters_text:
+        kept[MASTERS_KEY] = ",".join(map(str, parse_endpoints(masters_text, MASTERS_KEY)))
     return Cluster(ENGINE, address, kept)
 
 
-def split_address(address: str) -> tuple[list[Endpoint], list[Endpoint]]:
-    """(filers, masters) of a recorded address."""
-    filers_text, _, rest = address.partition(";")
-    masters: list[Endpoint] = []
-    if rest:
-        if not rest.startswith("masters="):
-            raise BadParameter(f"seaweedfs: malformed cluster address {address!r}")
-        masters = parse_endpoints(rest.removeprefix("masters="), "master-addrs")
-    return parse_endpoints(filers_text, "filer-addrs"), masters
+def filers_of(cluster: Cluster) -> list[Endpoint]:
+    return parse_endpoints(cluster.address, "filer-addrs")
+
+
+def masters_of(cluster: Cluster) -> list[Endpoint]:
+    text = cluster.secrets.get(MASTERS_KEY, "")
+    return parse_endpoints(text, MASTERS_KEY) if text else []

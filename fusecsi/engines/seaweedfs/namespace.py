@@ -82,9 +82,8 @@ class FilerNamespace:
     quota_enforced = False
 
     def __init__(self, cluster: Cluster, *, timeout: float) -> None:
-        filers, masters = addresses.split_address(cluster.address)
-        self._filers = [f.http for f in filers]
-        self._masters = [m.http for m in masters]
+        self._filers = [f.http for f in addresses.filers_of(cluster)]
+        self._masters = [m.http for m in addresses.masters_of(cluster)]
         self._timeout = timeout
         self._write_key = cluster.secrets.get("jwt-filer-signing-key")
         self._read_key = cluster.secrets.get("jwt-filer-signing-read-key")

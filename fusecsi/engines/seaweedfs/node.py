@@ -59,7 +59,7 @@ class SeaweedNode:
     def launch(
         self, cluster: Cluster, fs_path: str, options_: Mapping[str, str], mountpoint: str
     ) -> Launch:
-        filers, _ = addresses.split_address(cluster.address)
+        filers = addresses.filers_of(cluster)
         argv = [
             weed_binary(),
             "-logtostderr=true",  # glog would otherwise leave a file in /tmp per start
@@ -78,7 +78,7 @@ class SeaweedNode:
         return Launch(argv=argv, ready="mountinfo")
 
     async def probe(self, cluster: Cluster) -> OSError | None:
-        filers, _ = addresses.split_address(cluster.address)
+        filers = addresses.filers_of(cluster)
         try:
             response = await http.request(
                 [f.http for f in filers], "GET", "/healthz", within=PROBE_TIMEOUT

@@ -185,8 +185,8 @@ def test_cluster_and_options_are_checked_in_one_line():
         {"filer-addrs": "f1:8888, f2:8888.18888", "master-addrs": "m:9333"},
         {"jwt-filer-signing-key": "s3cret", "unrelated": "x"},
     )
-    assert cluster.address == "f1:8888,f2:8888.18888;masters=m:9333"
-    assert dict(cluster.secrets) == {"jwt-filer-signing-key": "s3cret"}
+    assert cluster.address == "f1:8888,f2:8888.18888"  # the filers name the cluster
+    assert dict(cluster.secrets) == {"jwt-filer-signing-key": "s3cret", "master-addrs": "m:9333"}
     launch = NODE.launch(cluster, "/a/b", {"cacheCapacityMB": "64", "readOnly": "yes"}, "/m")
     assert "-filer=f1:8888,f2:8888.18888" in launch.argv
     assert "-filer.path=/a/b" in launch.argv and "-dir=/m" in launch.argv
