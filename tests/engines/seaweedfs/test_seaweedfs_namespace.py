@@ -145,6 +145,20 @@ async def test_failed_tagging_takes_the_fresh_directory_back(backend, monkeypatc
         await ns.mkdir_tagged(base + "/v", 0o755, {VOLUME: b"v"}, None)  # the name is free
 
 
+async def test_names_that_need_quoting(backend):
+    base = fresh_base()
+    odd = base + "/a b?c#d%e&f=g+h;ü"
+    async with ns_of(backend) as ns:
+        await ns.mkdirs(base)
+        await ns.mkdir_tagged(odd, 0o755, {VOLUME: b"odd"}, 7)
+        assert await ns.listdir(base) == [Node(odd, True)]
+        assert await ns.get_tag(odd, VOLUME) == b"odd" and await ns.get_quota(odd) == 7
+        await ns.rename(odd, odd + "-moved")
+        assert await ns.lookup(odd) is None
+        await ns.remove_tree(odd + "-moved")
+        assert await ns.listdir(base) == []
+
+
 async def test_rename_does_not_replace(backend):
     base = fresh_base()
     async with ns_of(backend) as ns:
