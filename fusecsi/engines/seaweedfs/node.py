@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import sys
+import time
 from collections.abc import Mapping
 
 from fusecsi.engines.base import Cluster, Launch, Usage
@@ -15,6 +16,9 @@ from fusecsi.engines.seaweedfs import addresses, http, options
 # `weed mount` waits this long for a filer before it gives up; mountd's own deadline on
 # readiness is what bounds a launch
 PROBE_TIMEOUT = 30.0
+# a walk longer than this gives up (ENODATA: mountd then reports the mount's statfs only)
+# rather than run into mountd's deadline, which would count against the mount's health
+USAGE_WALK_SECONDS = 5.0
 
 
 def weed_binary() -> str:
@@ -93,12 +97,19 @@ class SeaweedNode:
         """A walk of the volume through the mount: bytes are file sizes (what the volume
         holds, before replication), inodes are entries. SeaweedFS has no directory quota,
         so there is no total: capacity is recorded by the controller, not enforced."""
+        give_up = time.monotonic() + USAGE_WALK_SECONDS
         used_bytes = 0
         used_inodes = 1
         stack = [volume_dir]
         while stack:
             with os.scandir(stack.pop()) as entries:
                 for entry in entries:
+                    if time.monotonic() > give_up:
+                        raise OSError(
+                            errno.ENODATA,
+                            f"seaweedfs: usage unknown (more files than a "
+                            f"{USAGE_WALK_SECONDS:g}s walk counts)",
+                        )
                     st = entry.stat(follow_symlinks=False)
                     used_inodes += 1
                     if stat.S_ISDIR(st.st_mode):

@@ -210,3 +210,15 @@ def test_cluster_and_options_are_checked_in_one_line():
     )
     with pytest.raises(OSError):
         NODE.launch(cluster, "/a/../etc", {}, "/m")
+
+
+def test_usage_gives_up_rather_than_run_into_mountds_deadline(tmp_path, monkeypatch):
+    from fusecsi.engines.seaweedfs import node as node_module
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"12345")
+    assert NODE.usage(str(tmp_path)).used_bytes == 5  # any directory walks the same
+    monkeypatch.setattr(node_module, "USAGE_WALK_SECONDS", -1.0)
+    with pytest.raises(OSError) as unknown:
+        NODE.usage(str(tmp_path))
+    assert unknown.value.errno == errno.ENODATA  # mountd: statfs only, still healthy
