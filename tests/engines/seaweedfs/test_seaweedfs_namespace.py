@@ -15,6 +15,7 @@ from seaweedfs_backend import SeaweedBackend
 
 from fusecsi import engines
 from fusecsi.engines.base import Cluster, Node, Unreachable
+from fusecsi.engines.seaweedfs import http
 from fusecsi.engines.seaweedfs import namespace as namespace_module
 
 NODE = engines.node_engine("seaweedfs")
@@ -216,16 +217,23 @@ async def test_rmdir_and_remove_tree(backend):
 
 
 async def test_listdir_pages(backend, monkeypatch):
-    monkeypatch.setattr(namespace_module, "_PAGE", 3)  # several pages without 1000 entries
     base = fresh_base()
+    names = [f"{base}/d{i:02d}" for i in range(12)]
     async with ns_of(backend) as ns:
-        names = [f"{base}/d{i:02d}" for i in range(8)]
         for name in names:
             await ns.mkdirs(name)
         put_file(backend, base + "/z-file", b"")
-        listed = await ns.listdir(base)
-        assert sorted(n.path for n in listed) == [*names, base + "/z-file"]
-        assert [n.is_dir for n in sorted(listed, key=lambda n: n.path)] == [True] * 8 + [False]
+        expected = [*names, base + "/z-file"]
+        # one page this long comes chunked from the filer: the decoder meets the real thing
+        raw = await http.request([("127.0.0.1", backend.filer[0])], "GET", base + "/", within=10)
+        assert raw.headers.get("transfer-encoding") == "chunked"
+        assert len(raw.json()["Entries"]) == 13
+        assert sorted(n.path for n in await ns.listdir(base)) == expected
+
+        monkeypatch.setattr(namespace_module, "_PAGE", 3)  # several pages, few entries
+        listed = sorted(await ns.listdir(base), key=lambda n: n.path)
+        assert [n.path for n in listed] == expected
+        assert [n.is_dir for n in listed] == [True] * 12 + [False]
 
 
 async def test_capacity_from_the_volume_servers(backend):
