@@ -71,9 +71,9 @@ def encode_value(value: bytes) -> str:
 
 
 def decode_value(stored: bytes) -> bytes:
-    if not stored.startswith(b"="):
-        raise OSError(errno.EINVAL, "seaweedfs: a fusecsi tag was not written by fusecsi")
-    return unquote_to_bytes(stored[1:])
+    # a value set by hand (without our `=`) reads as it is: the controller's rules then
+    # find it is no volume id of theirs and leave the directory alone
+    return unquote_to_bytes(stored[1:]) if stored.startswith(b"=") else stored
 
 
 class FilerNamespace:

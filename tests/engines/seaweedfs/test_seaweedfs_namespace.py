@@ -89,6 +89,15 @@ async def test_tagged_create_tags_and_recorded_quota(backend):
         await ns.set_quota(path, 5 << 30)
         assert await ns.get_quota(path) == 5 << 30
 
+        # a tag set by hand, not through fusecsi, reads as it is
+        request = urllib.request.Request(
+            f"{backend.filer_url}{path}?tagging",
+            method="PUT",
+            headers={"Seaweed-trusted.fusecsi.owner": "by-hand"},
+        )
+        await trio.to_thread.run_sync(lambda: urllib.request.urlopen(request, timeout=10).close())
+        assert await ns.get_tag(path, OWNER) == b"by-hand"
+
         untagged = base + "/vols/plain"
         await ns.mkdirs(untagged)
         assert await ns.get_tag(untagged, VOLUME) is None
