@@ -132,7 +132,7 @@ async def request(
             async with stream:
                 lines = [
                     f"{method} {target} HTTP/1.1",
-                    f"Host: {host}:{port}",
+                    f"Host: {f'[{host}]' if ':' in host else host}:{port}",
                     "Connection: close",
                     "Accept: application/json",
                     f"Content-Length: {len(body)}",
