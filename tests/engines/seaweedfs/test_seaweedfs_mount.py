@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import os
 import signal
@@ -21,6 +22,7 @@ from fusecsi.engines.base import BadParameter, Launch
 NODE = engines.node_engine("seaweedfs")
 VOLUME = b"trusted.fusecsi.volume"
 MiB = 1 << 20
+WEED_SOCKETS = "/tmp/seaweedfs-mount-*.sock"
 
 
 def mounted_fstype(mountpoint: str) -> str | None:
@@ -45,6 +47,7 @@ def running(launch: Launch, private: Path, log: Path):
     argv = [arg.replace("{private}", str(private)) for arg in launch.argv]
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
     env.update({k: v.replace("{private}", str(private)) for k, v in launch.env.items()})
+    sockets_before = set(glob.glob(WEED_SOCKETS))
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -55,6 +58,11 @@ def running(launch: Launch, private: Path, log: Path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+        # weed leaves its control socket behind (one per mountpoint, reused by the next
+        # weed mount there); tests use a new mountpoint each time, so take theirs away
+        for path in set(glob.glob(WEED_SOCKETS)) - sockets_before:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def wait_ready(mountpoint: str, proc: subprocess.Popen, log: Path, timeout: float = 30.0) -> float:
