@@ -58,6 +58,10 @@ def jwt_hs256(key: str, lifetime: float = 60.0) -> str:
     return f"{header}.{claims}.{b64(signature)}"
 
 
+class _Truncated(OSError):
+    """The answer stopped short: the server went away mid-answer."""
+
+
 def _decode_chunked(data: bytes) -> bytes:
     out = bytearray()
     pos = 0
@@ -74,7 +78,7 @@ def _decode_chunked(data: bytes) -> bytes:
 def _parse(raw: bytes) -> Response:
     head, sep, body = raw.partition(b"\r\n\r\n")
     if not sep:
-        raise OSError(errno.EPROTO, "truncated HTTP response")
+        raise _Truncated(errno.EPROTO, "no complete HTTP answer")
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/"):
@@ -87,11 +91,11 @@ def _parse(raw: bytes) -> Response:
         try:
             body = _decode_chunked(body)
         except (ValueError, IndexError):
-            raise OSError(errno.EPROTO, "malformed chunked HTTP body") from None
+            raise _Truncated(errno.EPROTO, "incomplete chunked HTTP body") from None
     elif "content-length" in headers:
         length = int(headers["content-length"])
         if len(body) < length:
-            raise OSError(errno.EPROTO, "truncated HTTP body")
+            raise _Truncated(errno.EPROTO, "incomplete HTTP body")
         body = body[:length]
     return Response(int(parts[1]), headers, body)
 
@@ -141,9 +145,10 @@ async def request(
                 raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
                 try:
                     return await _exchange(stream, raw)
-                except trio.BrokenResourceError as exc:
+                except (trio.BrokenResourceError, _Truncated) as exc:
+                    # a server that vanished mid-answer: the caller may try again later
                     raise Unreachable(
-                        f"seaweedfs: {what} {host}:{port} dropped the connection: {exc}",
+                        f"seaweedfs: {what} {host}:{port} dropped the connection ({exc})",
                         errno.ECONNRESET,
                     ) from None
     names = ", ".join(f"{h}:{p}" for h, p in endpoints)

@@ -280,6 +280,31 @@ async def test_filer_that_hangs_is_unreachable_within_the_deadline():
         assert probing.cancelled_caught
 
 
+async def test_filer_that_drops_the_connection_is_unreachable():
+    # a real socket that takes the request and closes without a (complete) answer: a
+    # filer that crashed mid-call
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        cluster = NODE.parse_cluster({"filer-addrs": f"127.0.0.1:{port}"}, {})
+
+        def answer_badly(reply: bytes) -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(reply)
+
+        for reply in (b"", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, answer_badly, reply)
+                async with engines.open_namespace(cluster, timeout=5) as ns:
+                    with pytest.raises(Unreachable) as info:
+                        await ns.lookup("/x")
+            assert info.value.errno == errno.ECONNRESET
+            assert "dropped the connection" in str(info.value)
+
+
 async def test_filer_down_then_back(backend):
     base = fresh_base()
     cluster = cluster_of(backend)
