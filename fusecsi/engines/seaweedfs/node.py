@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from fusecsi.engines.base import Cluster, Launch, Usage
 from fusecsi.engines.seaweedfs import addresses, http, options
 
-# `weed mount` waits this long for a filer before it gives up; mountd's own deadline on
-# readiness is what bounds a launch
+# the probe's own bound, a backstop: mountd's deadline around a probe is shorter and ends
+# it first (a filer that accepts and never answers is seen as a hang, not an error)
 PROBE_TIMEOUT = 30.0
 # a walk longer than this gives up (ENODATA: mountd then reports the mount's statfs only)
 # rather than run into mountd's deadline, which would count against the mount's health
