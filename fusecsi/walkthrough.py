@@ -153,6 +153,7 @@ class Walkthrough:
             ("Scale down to 2 and back up to 3 rebinds the old PVC", self.scale_down_up),
             ("A crashed FUSE daemon is replaced; every pod's mount comes back", self.recovery),
             ("Sharing rule: one FUSE daemon per (cluster, fs-path)", self.sharing_rule),
+            ("Expand, retain, and a directory fusecsi did not make", self.expand_and_keep),
             ("StatefulSet and PVCs deleted: on-delete policy applied", self.teardown),
             ("podinfo: blobs by SHA1 key across two nodes", self.podinfo),
             ("Static PV: a pre-created directory without CreateVolume", self.static_pv),
@@ -469,6 +470,48 @@ class Walkthrough:
         by_path = {d["fs_path"]: len(d["refs"]) for d in daemons}
         check(len(daemons) == 2, f"two FUSE daemons (one per fs-path), found {len(daemons)}")
         check(by_path == {"/pvs": 3, "/pvs-archive": 2}, f"references per daemon: {by_path}")
+
+    async def expand_and_keep(self) -> None:
+        claim = self.claims["data-web-app-0"]
+        self.step("kubectl patch pvc data-web-app-0 to 2Gi: ControllerExpandVolume")
+        reply = await self.controller(
+            "Controller",
+            "ControllerExpandVolume",
+            pb.ControllerExpandVolumeRequest(
+                volume_id=claim.volume.volume_id,
+                capacity_range=pb.CapacityRange(required_bytes=2 * GIB),
+                secrets=claim.storage_class.secrets,
+            ),
+        )
+        check(reply.capacity_bytes >= 2 * GIB, f"expanded to {reply.capacity_bytes} bytes")
+        claim.volume.capacity_bytes = reply.capacity_bytes
+        context = claim.volume.volume_context
+        quota = await self.namespace.get_quota(f"{context['fs-path']}/{context['subpath']}")
+        check(quota == 2 * GIB, f"the directory's quota follows the PVC: {quota}")
+        self.show_pvcs()
+
+        keep = self.storage_class("fusecsi-keep", "/pvs-keep", "retain")
+        self.step("StorageClass fusecsi-keep: on-delete retain; a PVC written to, then deleted")
+        claim = await self.provision("scratch-0", keep)
+        pod = await self.start_pod("scratch-0", self.stack.nodes[1], claim)
+        await self.in_pod(pod, 'echo "keep me" > "$DATA/notes"')
+        await self.delete_pod(pod)
+        await self.delete_claim(claim)
+        kept = await self.cluster_ls("/pvs-keep")
+        subpath = claim.volume.volume_context["subpath"]
+        check(subpath in kept, f"on-delete retain kept the directory: {kept}")
+
+        self.step("an administrator's own directory /pvs-keep/home; a PVC named home arrives")
+        await self.namespace.mkdirs("/pvs-keep/home")
+        named = self.storage_class("fusecsi-named", "/pvs-keep", "delete", "${pvc.metadata.name}")
+        try:
+            await self.provision("home", named)
+        except GRPCError as exc:
+            self.step(f"CreateVolume answers {exc.status.name}: {exc.message}")
+            check(exc.status.name == "ALREADY_EXISTS", f"refused as ALREADY_EXISTS: {exc}")
+        else:
+            raise ScenarioFailed("CreateVolume adopted a directory fusecsi did not make")
+        check("home" in await self.cluster_ls("/pvs-keep"), "the administrator's directory stays")
 
     async def teardown(self) -> None:
         self.step("kubectl delete statefulset web-app collector: NodeUnpublishVolume for each pod")
