@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-SCENARIOS = 9
+SCENARIOS = 10
 
 
 def run_dev(work_dir, timeout: float) -> subprocess.CompletedProcess:
