@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from seaweedfs_backend import SeaweedBackend
+
+from fusecsi.engines.seaweedfs.local import SeaweedBackend
 
 
 @pytest.fixture(scope="module")

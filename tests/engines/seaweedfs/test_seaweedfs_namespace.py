@@ -11,12 +11,12 @@ import urllib.request
 
 import pytest
 import trio
-from seaweedfs_backend import SeaweedBackend
 
 from fusecsi import engines
 from fusecsi.engines.base import Cluster, Node, Unreachable
 from fusecsi.engines.seaweedfs import http
 from fusecsi.engines.seaweedfs import namespace as namespace_module
+from fusecsi.engines.seaweedfs.local import SeaweedBackend
 
 NODE = engines.node_engine("seaweedfs")
 VOLUME = b"trusted.fusecsi.volume"

@@ -1,14 +1,14 @@
-"""A real SeaweedFS cluster for tests: `weed master`, `weed volume` and `weed filer` as three
-processes on free loopback ports with their data in a temporary directory.
+"""A real SeaweedFS cluster on this machine (`fusecsi dev --engine seaweedfs`, tests):
+`weed master`, `weed volume` and `weed filer` as three processes on free loopback ports with
+their data in a directory.
 
     with SeaweedBackend(tmp_path) as backend:
         backend.parameters   # StorageClass parameters: engine, filer-addrs, master-addrs
         backend.secrets      # CSI secret (the filer's JWT key when started with jwt_key)
         backend.stop_filer() / backend.start_filer()   # the filer down and back
 
-Sync on purpose (subprocess + urllib), so any test, trio or not, and a shared engine suite
-can use it. Named `seaweedfs_backend` (not `backend`): test directories have no
-__init__.py, so one module name per engine keeps them from shadowing each other.
+Sync on purpose (subprocess + urllib), so any test, trio or not, and `fusecsi dev` can use
+it. `LocalBackend(root, workers)` is the form `fusecsi.engines.local_cluster` starts.
 """
 
 from __future__ import annotations
@@ -235,8 +235,19 @@ class SeaweedBackend:
                 time.sleep(0.2)
 
 
+class LocalBackend(SeaweedBackend):
+    """The registry's form (`fusecsi.engines.local_cluster`): one volume server whatever
+    `workers` says (SeaweedFS replicates by volume servers; one is enough on one machine)."""
+
+    def __init__(self, root: Path, workers: int = 1) -> None:
+        super().__init__(root)
+
+    def describe(self) -> str:
+        return f"weed master, volume server and filer; filer at {self.filer_url}"
+
+
 def main() -> None:
-    """`python seaweedfs_backend.py DIR`: run a cluster until interrupted (for poking at)."""
+    """`python -m fusecsi.engines.seaweedfs.local DIR`: run a cluster until interrupted (for poking at)."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the servers on TERM too
     with SeaweedBackend(Path(sys.argv[1])) as backend:
         print(json.dumps(backend.parameters), flush=True)
