@@ -127,7 +127,8 @@ mkdir -p /tmp/w /mnt/v
 weed server -dir=/tmp/w -filer -ip=127.0.0.1 -ip.bind=127.0.0.1 -volume.max=5 >/tmp/s.log 2>&1 &
 weed mount -filer=127.0.0.1:8888 -dir=/mnt/v -filer.path=/k8s >/tmp/m.log 2>&1 &
 i=0
-until echo through-weed 2>/dev/null > /mnt/v/f; do
+# mounted first (a write before would land in the bare directory), then the filer answering
+until grep -q ' /mnt/v ' /proc/self/mountinfo && echo through-weed 2>/dev/null > /mnt/v/f; do
   i=$((i+1)); [ $i -lt 600 ] || { tail -5 /tmp/s.log /tmp/m.log; exit 1; }; sleep 0.1
 done
 cat /mnt/v/f
@@ -159,19 +160,19 @@ def curvine_stand_in(image, tmp_path_factory) -> dict[str, str]:
     fails as a binary linked against a newer C library than the base's would. They test the
     Containerfile's plumbing (the stage, the path, the check), not Curvine's binary."""
     context = tmp_path_factory.mktemp("curvine")
-    script = context / "curvine-fuse"
-    script.write_text('#!/bin/sh\n[ -e /broken ] && exit 127\necho "curvine-fuse stand-in"\n')
-    script.chmod(0o755)
+    scripts = {"ok": 'echo "curvine-fuse stand-in"', "broken": "exit 127"}
+    for variant, body in scripts.items():
+        (context / f"curvine-fuse-{variant}").write_text(f"#!/bin/sh\n{body}\n")
+        (context / f"curvine-fuse-{variant}").chmod(0o755)
     (context / "Containerfile").write_text(
-        f"FROM {BASE}\nCOPY curvine-fuse /opt/curvine/curvine-fuse\n"
-        'ARG BROKEN=\nRUN if [ -n "$BROKEN" ]; then touch /broken; fi\n'
+        f"FROM {BASE}\nARG VARIANT\nCOPY curvine-fuse-$VARIANT /opt/curvine/curvine-fuse\n"
     )
-    images = {"ok": f"{CURVINE_STAND_IN}:ok", "broken": f"{CURVINE_STAND_IN}:broken"}
-    chroot = ["build", "--isolation", "chroot"]
-    ok(podman(*chroot, "-t", images["ok"], str(context)))
-    ok(podman(*chroot, "--build-arg", "BROKEN=1", "-t", images["broken"], str(context)))
+    images = {variant: f"{CURVINE_STAND_IN}:{variant}" for variant in scripts}
+    for variant, tag in images.items():
+        arg = f"VARIANT={variant}"
+        ok(podman("build", "--isolation", "chroot", "--build-arg", arg, "-t", tag, str(context)))
     yield images
-    podman("rmi", "--force", IMAGE_WITH_CURVINE, *images.values())
+    podman("rmi", "--force", IMAGE_WITH_CURVINE, IMAGE_WITH_CURVINE + "-broken", *images.values())
 
 
 def test_curvine_fuse_comes_from_the_image_named_at_build(curvine_stand_in):
