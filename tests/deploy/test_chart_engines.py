@@ -9,6 +9,7 @@ import json
 import pytest
 import yaml
 from deploy_helpers import (
+    CHART,
     CRD_KINDS,
     EXAMPLES,
     NAMESPACE,
@@ -16,6 +17,7 @@ from deploy_helpers import (
     find,
     pod_volumes,
     render,
+    run_helm,
     validate,
 )
 
@@ -173,29 +175,46 @@ def test_juicefs_takes_three_per_call_secrets_instead_of_one(tmp_path):
     assert proc.returncode != 0 and "missing propert" in proc.stderr
 
 
-def mountd_cache(docs: list[dict]) -> tuple[dict | None, dict | None]:
-    mountd = find(docs, "DaemonSet", "-mountd")
-    mounts = {m["name"]: m for m in containers(mountd)["mountd"]["volumeMounts"]}
-    return mounts.get("juicefs-cache"), pod_volumes(mountd).get("juicefs-cache")
-
-
 @pytest.mark.parametrize(
-    "engine, setting, expected",
+    "engine, mode, privileged",
     [
-        ("juicefs", "", "/var/jfsCache"),  # juicefs mount's own default, as root
-        ("juicefs", "/mnt/ssd/jfs", "/mnt/ssd/jfs"),
-        ("seaweedfs", "", None),
-        ("seaweedfs", "/mnt/ssd/jfs", "/mnt/ssd/jfs"),  # for classes made outside the chart
+        ("juicefs", "auto", True),
+        ("juicefs", "never", False),
+        ("seaweedfs", "auto", False),
+        ("curvine", "always", True),  # for juicefs classes made outside the chart
     ],
 )
-def test_mountd_gets_juicefs_cache_dir_on_the_node(tmp_path, engine, setting, expected):
-    data = values(engine_class(engine), mountd={"juicefsCacheDir": setting})
-    mount, volume = mountd_cache(render_values(tmp_path, data))
-    if expected is None:
-        assert mount is None and volume is None
+def test_the_controller_mounts_only_for_juicefs(tmp_path, engine, mode, privileged):
+    """JuiceFS makes directories and xattrs only through a client: the controller's private
+    `juicefs mount` needs a privileged container with /dev/fuse, and root for the CSI socket
+    its sidecars share. Otherwise the controller stays as it was: non-root, no capability."""
+    data = values(engine_class(engine), controller={"privateMounts": mode})
+    docs = render_values(tmp_path, data)
+    controller = find(docs, "Deployment", "-controller")
+    pod = controller["spec"]["template"]["spec"]
+    fusecsi = containers(controller)["fusecsi"]
+    mounts = {m["name"]: m["mountPath"] for m in fusecsi["volumeMounts"]}
+    validate(controller)
+    if privileged:
+        assert fusecsi["securityContext"] == {"privileged": True, "readOnlyRootFilesystem": True}
+        assert mounts["fuse-device"] == "/dev/fuse"
+        assert pod_volumes(controller)["fuse-device"]["hostPath"] == {
+            "path": "/dev/fuse",
+            "type": "CharDevice",
+        }
+        assert pod["securityContext"]["runAsUser"] == 0
+        assert "runAsNonRoot" not in pod["securityContext"]
     else:
-        assert mount == {"name": "juicefs-cache", "mountPath": expected}
-        assert volume["hostPath"] == {"path": expected, "type": "DirectoryOrCreate"}
+        assert not fusecsi["securityContext"].get("privileged")
+        assert fusecsi["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert "fuse-device" not in mounts and "fuse-device" not in pod_volumes(controller)
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == 10001
+    # the sidecars never get more than before
+    for name, container in containers(controller).items():
+        if name != "fusecsi":
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 
 
 def test_secrets_from_values_default_to_the_release_namespace(tmp_path):
@@ -270,3 +289,17 @@ def test_each_example_is_what_the_chart_renders_for_its_engine(tmp_path, engine)
     rendered = find(docs, "StorageClass")
     for key in ("provisioner", "parameters", "reclaimPolicy", "allowVolumeExpansion"):
         assert rendered[key] == example[key], key
+
+
+def test_notes_say_the_controller_is_privileged_and_where_the_metaurl_is(tmp_path):
+    path = tmp_path / "values.yaml"
+    secrets = [{**SECRET, "stringData": {"metaurl": METAURL}}]
+    path.write_text(yaml.safe_dump(values(engine_class("juicefs"), secrets=secrets)))
+    args = ["install", "rel", str(CHART), "--namespace", NAMESPACE, "--dry-run=client"]
+    notes = run_helm(*args, "--values", str(path)).stdout.split("NOTES:", 1)[1]
+    assert f"fusecsi-juicefs  ->  juicefs, metadata URL in Secret {NAMESPACE}/juicefs-meta" in notes
+    assert "The controller holds private JuiceFS mounts: its fusecsi container is privileged" in (
+        " ".join(notes.split())
+    )
+    assert f"The Secret {NAMESPACE}/juicefs-meta was made by this chart from values" in notes
+    assert PASSWORD not in notes

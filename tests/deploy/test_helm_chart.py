@@ -250,14 +250,8 @@ def test_mountd_daemonset(renders, values_all, which):
         assert vols["worker-socket-0"]["hostPath"]["path"] == "/var/lib/curvine/worker"
         assert container["resources"] == values_all["mountd"]["resources"]
         assert vols["state-dir"]["hostPath"]["path"] == "/var/lib/fusecsi-test"
-        # the value, at the same path: where the juicefs engine's daemons keep their cache
-        cache = {"name": "juicefs-cache", "mountPath": "/data/jfs-cache"}
-        assert cache in container["volumeMounts"]
-        assert vols["juicefs-cache"]["hostPath"]["path"] == "/data/jfs-cache"
         # helm merges maps with the defaults (kubernetes.io/os: linux stays)
         assert values_all["nodePlacement"]["nodeSelector"].items() <= spec["nodeSelector"].items()
-    else:
-        assert "juicefs-cache" not in vols  # no juicefs StorageClass, no value
     # the node plugin must land where mountd is
     node_spec = find(renders[which], "DaemonSet", "-node")["spec"]["template"]["spec"]
     for key in ("nodeSelector", "tolerations", "affinity"):
@@ -568,7 +562,7 @@ def test_notes_tell_the_user_what_to_do(helm_version):
     )
     assert "values-all-password" not in notes
     assert notes.count("was made by this chart from values: fine for a trial") == 2
-    assert "JuiceFS's cache on each node: /data/jfs-cache" in notes
+    assert "controller.privateMounts is never: this controller cannot create volumes" in notes
     external = run_helm(
         "install", "rel", str(CHART), "--dry-run=client", "--set", "cluster.embedded=false",
         "--set", "mountd.daemonCgroup=",

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from deploy_helpers import REPO
+from deploy_helpers import REPO, find, render
 
 pytestmark = pytest.mark.slow
 
@@ -151,6 +151,46 @@ def test_the_engine_clients_mount_in_the_image(image, script, data, fstype):
     lines = out.splitlines()
     assert data in lines, out[-2000:]
     assert lines[lines.index(data) + 1].split()[0] == fstype, out[-2000:]
+
+
+# What the juicefs engine's controller does through its private mount (the mount's options
+# as fusecsi's: xattrs on, cache under /tmp, dying with its parent), run in a container set up
+# as the chart sets up a controller with private mounts.
+CONTROLLER_JUICEFS = """
+set -e
+juicefs format --no-update sqlite3:///tmp/meta.db trial --storage file --bucket /tmp/blocks/
+mkdir -p /tmp/p/mnt
+setpriv --pdeathsig TERM juicefs mount --no-usage-report --enable-xattr --no-bgjob \\
+  --cache-dir /tmp/p/cache sqlite3:///tmp/meta.db /tmp/p/mnt >/tmp/p/log 2>&1 &
+i=0
+until grep -q ' /tmp/p/mnt ' /proc/self/mountinfo; do
+  i=$((i+1)); [ $i -lt 300 ] || { cat /tmp/p/log; exit 1; }; sleep 0.1
+done
+mkdir /tmp/p/mnt/pvc
+python3 -c 'import os; os.setxattr("/tmp/p/mnt/pvc", "trusted.fusecsi.owner", b"pv-1")'
+python3 -c 'import os; print(os.getxattr("/tmp/p/mnt/pvc", "trusted.fusecsi.owner").decode())'
+umount /tmp/p/mnt
+"""
+
+
+def test_the_controller_as_the_chart_runs_it_can_hold_a_juicefs_mount(image):
+    """The chart's controller with private mounts: read-only root, /tmp an emptyDir, root,
+    privileged, /dev/fuse. Enough for a juicefs mount and trusted.* xattrs through it."""
+    secret = "storageClasses[0].secret"
+    sets = ["cluster.embedded=false", "storageClasses[0].name=j", "storageClasses[0].fsPath=/k"]
+    sets += ["storageClasses[0].engine=juicefs", f"{secret}.name=s", f"{secret}.namespace=n"]
+    controller = find(render(sets=tuple(sets)), "Deployment", "-controller")
+    pod = controller["spec"]["template"]["spec"]
+    (fusecsi,) = [c for c in pod["containers"] if c["name"] == "fusecsi"]
+    security = fusecsi["securityContext"]
+    mounts = {m["mountPath"]: m["name"] for m in fusecsi["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert security == {"privileged": True, "readOnlyRootFilesystem": True}
+    assert "emptyDir" in volumes[mounts["/tmp"]] and "/dev/fuse" in mounts
+    options = ["--read-only", "--tmpfs", "/tmp", "--privileged", "--device", "/dev/fuse"]
+    options += ["--user", str(pod["securityContext"]["runAsUser"]), "--entrypoint", "sh"]
+    out = run(*options, image, "-c", CONTROLLER_JUICEFS, timeout=180)
+    assert out.splitlines()[-1] == "pv-1", out[-2000:]
 
 
 @pytest.fixture(scope="module")

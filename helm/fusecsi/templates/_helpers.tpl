@@ -112,14 +112,17 @@ curvine {{ .masterAddrs }}:{{ .fsPath }}
 {{- end -}}
 {{- end -}}
 
-{{/* Host dir of JuiceFS's cache that mountd mounts: the value, else /var/jfsCache when a
-StorageClass of this release uses juicefs, else none. */}}
-{{- define "fusecsi.juicefsCacheDir" -}}
-{{- $dir := .Values.mountd.juicefsCacheDir -}}
+{{/* "true" when the controller holds private FUSE mounts (controller.privateMounts: always, or
+auto and a StorageClass of this release uses juicefs), "" otherwise. */}}
+{{- define "fusecsi.controllerPrivateMounts" -}}
+{{- $mode := .Values.controller.privateMounts | default "auto" -}}
+{{- $on := eq $mode "always" -}}
+{{- if eq $mode "auto" -}}
 {{- range (include "fusecsi.storageClasses" . | fromJson).items -}}
-{{- if and (not $dir) (eq (.engine | default "") "juicefs") }}{{ $dir = "/var/jfsCache" }}{{ end -}}
+{{- if eq (.engine | default "") "juicefs" }}{{ $on = true }}{{ end -}}
 {{- end -}}
-{{- $dir -}}
+{{- end -}}
+{{- if $on }}true{{ end -}}
 {{- end -}}
 
 {{/* Secrets the controller's sidecars read: from the StorageClasses and extraControllerSecrets. */}}
