@@ -141,7 +141,6 @@ def test_a_metadata_url_in_parameters_is_refused(tmp_path, parameters, complaint
         ({"engine": "juicefs", "fsPath": "/k8s"}, "missing propert"),  # no Secret
         ({**CLASSES["juicefs"], "engine": "juicefs", "masterAddrs": "m:1"}, "masterAddrs"),
         ({"engine": "seaweedfs", "fsPath": "/k8s"}, "filerAddrs"),
-        ({**CLASSES["seaweedfs"], "engine": "seaweedfs", "masterAddrs": "m:1"}, "masterAddrs"),
         ({"engine": "curvine", "fsPath": "/k8s"}, "masterAddrs"),
         ({**CLASSES["curvine"], "engine": "curvine", "filerAddrs": "f:1"}, "filerAddrs"),
         ({**CLASSES["embedded"], "filerAddrs": "f:1"}, "filerAddrs"),
@@ -157,6 +156,31 @@ def test_schema_rejects_what_an_engine_does_not_take(tmp_path, entry, complaint)
     proc = render_values(tmp_path, values({"name": "x", **entry}), check=False)
     assert proc.returncode != 0
     assert complaint in proc.stderr, proc.stderr
+
+
+def test_seaweedfs_masters_and_mount_options(tmp_path):
+    """SeaweedFS's masters are optional (GetCapacity only); its `weed mount` options are the
+    StorageClass's mountOptions."""
+    entry = engine_class("seaweedfs", masterAddrs="master.seaweedfs:9333")
+    entry["mountOptions"] = ["cacheCapacityMB=256", "readOnly=true"]
+    storage_class = find(render_values(tmp_path, values(entry)), "StorageClass")
+    assert storage_class["parameters"]["master-addrs"] == "master.seaweedfs:9333"
+    assert storage_class["parameters"]["filer-addrs"] == CLASSES["seaweedfs"]["filerAddrs"]
+    assert storage_class["mountOptions"] == ["cacheCapacityMB=256", "readOnly=true"]
+    validate(storage_class)
+    entry["mountOptions"] = ["cacheCapacityMB 256"]
+    proc = render_values(tmp_path, values(entry), check=False)
+    assert proc.returncode != 0 and "mountOptions" in proc.stderr
+
+
+def test_mountd_env_reaches_mountd_for_curvine_fuse(tmp_path):
+    """FUSECSI_CURVINE_FUSE (curvine-fuse somewhere off PATH) is set through mountd.env."""
+    path = "/opt/curvine/curvine-fuse"
+    data = values(engine_class("curvine"), mountd={"env": {"FUSECSI_CURVINE_FUSE": path}})
+    mountd = containers(find(render_values(tmp_path, data), "DaemonSet", "-mountd"))["mountd"]
+    assert {"name": "FUSECSI_CURVINE_FUSE", "value": path} in mountd["env"]
+    data["mountd"]["env"] = {"NODE_NAME": "x"}  # the chart's own
+    assert render_values(tmp_path, data, check=False).returncode != 0
 
 
 def test_juicefs_takes_three_per_call_secrets_instead_of_one(tmp_path):
@@ -264,8 +288,9 @@ def as_values_entry(storage_class: dict) -> dict:
             entry[field] = {"name": name, "namespace": namespace}
     if params:
         entry["parameters"] = params
-    for key in ("reclaimPolicy", "allowVolumeExpansion", "volumeBindingMode"):
-        entry[key] = storage_class[key]
+    for key in ("reclaimPolicy", "allowVolumeExpansion", "volumeBindingMode", "mountOptions"):
+        if key in storage_class:
+            entry[key] = storage_class[key]
     return entry
 
 
@@ -287,8 +312,9 @@ def test_each_example_is_what_the_chart_renders_for_its_engine(tmp_path, engine)
         }
     docs = render_values(tmp_path, values(as_values_entry(example)))
     rendered = find(docs, "StorageClass")
-    for key in ("provisioner", "parameters", "reclaimPolicy", "allowVolumeExpansion"):
-        assert rendered[key] == example[key], key
+    for key in ("provisioner", "parameters", "mountOptions", "reclaimPolicy"):
+        assert rendered.get(key) == example.get(key), key
+    assert rendered["allowVolumeExpansion"] == example["allowVolumeExpansion"]
 
 
 def test_notes_say_the_controller_is_privileged_and_where_the_metaurl_is(tmp_path):

@@ -73,6 +73,7 @@ def test_the_values_render_the_classes_of_the_examples(text, rendered):
         # the same cluster and Secret; the examples add an on-delete of their own
         expected["parameters"].pop("on-delete")
         assert params == expected["parameters"]
+        assert storage_class.get("mountOptions") == expected.get("mountOptions")
 
 
 def test_the_controller_it_describes_is_the_charts(text, rendered):
