@@ -153,9 +153,10 @@ def test_the_engine_clients_mount_in_the_image(image, script, data, fstype):
     assert lines[lines.index(data) + 1].split()[0] == fstype, out[-2000:]
 
 
-# What the juicefs engine's controller does through its private mount (the mount's options
-# as fusecsi's: xattrs on, cache under /tmp, dying with its parent), run in a container set up
-# as the chart sets up a controller with private mounts.
+# What the juicefs engine's controller does: a directory and a trusted.* xattr through its
+# private mount (the mount's options as fusecsi's: xattrs on, cache under /tmp, dying with
+# its parent) and a quota straight on the metadata, in a container set up as the chart sets
+# up a controller with private mounts.
 CONTROLLER_JUICEFS = """
 set -e
 juicefs format --no-update sqlite3:///tmp/meta.db trial --storage file --bucket /tmp/blocks/
@@ -167,6 +168,7 @@ until grep -q ' /tmp/p/mnt ' /proc/self/mountinfo; do
   i=$((i+1)); [ $i -lt 300 ] || { cat /tmp/p/log; exit 1; }; sleep 0.1
 done
 mkdir /tmp/p/mnt/pvc
+juicefs quota set sqlite3:///tmp/meta.db --path /pvc --capacity 1
 python3 -c 'import os; os.setxattr("/tmp/p/mnt/pvc", "trusted.fusecsi.owner", b"pv-1")'
 python3 -c 'import os; print(os.getxattr("/tmp/p/mnt/pvc", "trusted.fusecsi.owner").decode())'
 umount /tmp/p/mnt
@@ -191,6 +193,7 @@ def test_the_controller_as_the_chart_runs_it_can_hold_a_juicefs_mount(image):
     options += ["--user", str(pod["securityContext"]["runAsUser"]), "--entrypoint", "sh"]
     out = run(*options, image, "-c", CONTROLLER_JUICEFS, timeout=180)
     assert out.splitlines()[-1] == "pv-1", out[-2000:]
+    assert re.search(r"^\| /pvc +\| 1\.0 GiB ", out, re.M), out[-2000:]
 
 
 @pytest.fixture(scope="module")
