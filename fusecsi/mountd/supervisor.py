@@ -267,7 +267,7 @@ class Supervisor:
         pod_namespace=None,
         pod_name=None,
     ) -> dict:
-        from fusecsi import volumes
+        from fusecsi.csi import volumes
 
         try:
             inputs.check_volume_id(volume_id)

@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from fusecsi import mount_options, volumes
+from fusecsi import mount_options
+from fusecsi.csi import volumes
 
 TABLE_VERSION = 1
 

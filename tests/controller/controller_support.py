@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from spawning import Spawner, wait_for_path
 
-from fusecsi import grpc_bridge
 from fusecsi.cluster.client import ClusterClient
 from fusecsi.cluster.local import LocalCluster
-from fusecsi.csi import csi_pb2 as pb
+from fusecsi.csi import bridge as grpc_bridge
+from fusecsi.csi.generated import csi_pb2 as pb
 
 GiB = 1 << 30
 

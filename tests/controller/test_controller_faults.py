@@ -28,8 +28,8 @@ from faultproxy import HOLD, FaultProxy
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from fusecsi import grpc_bridge
-from fusecsi.csi import csi_pb2 as pb
+from fusecsi.csi import bridge as grpc_bridge
+from fusecsi.csi.generated import csi_pb2 as pb
 
 __all__ = ["cluster", "kube_api", "module_spawn"]  # fixtures
 

@@ -24,7 +24,8 @@ from deploy_helpers import (
     validate,
 )
 
-from fusecsi import mount_options, volumes
+from fusecsi import mount_options
+from fusecsi.csi import volumes
 
 RENDERS = ["defaults", "all-options"]
 # The one container that must be privileged (mount syscalls, Bidirectional propagation).

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from deploy_helpers import CHART, EXAMPLES, NAMESPACE, find, render, validate
 
-from fusecsi import volumes
+from fusecsi.csi import volumes
 
 EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
 

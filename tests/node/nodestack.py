@@ -19,11 +19,11 @@ import pytest
 import trio
 from spawning import read_log, wait_for_path
 
-from fusecsi import volumes
 from fusecsi.cluster.client import ClusterClient
 from fusecsi.cluster.local import LocalCluster
-from fusecsi.csi import csi_pb2 as pb
-from fusecsi.devstack import kill_daemons_under, leftover_mounts
+from fusecsi.csi import volumes
+from fusecsi.csi.generated import csi_pb2 as pb
+from fusecsi.dev.stack import kill_daemons_under, leftover_mounts
 from fusecsi.mountd.client import MountdClient
 
 TOKEN = "node-test-token-7f3a"

@@ -26,8 +26,8 @@ from nodestack import (  # noqa: F401 - fixtures
     unpublish_request,
 )
 
-from fusecsi import grpc_bridge
 from fusecsi.cluster.client import ClusterClient
+from fusecsi.csi import bridge as grpc_bridge
 
 
 async def outcome(call, method: str, request) -> str:

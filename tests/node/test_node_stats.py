@@ -22,8 +22,8 @@ from nodestack import (  # noqa: F401 - fixtures
     unpublish_request,
 )
 
-from fusecsi import grpc_bridge
-from fusecsi.csi import csi_pb2 as pb
+from fusecsi.csi import bridge as grpc_bridge
+from fusecsi.csi.generated import csi_pb2 as pb
 
 MiB = 1 << 20
 WAIT = 90  # generous: recovery retries back off while the master is away

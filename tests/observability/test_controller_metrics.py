@@ -14,10 +14,10 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from obs_support import metered_cluster, poll, sample, scrape
 
-from fusecsi import grpc_bridge
 from fusecsi.cluster.local import free_port
-from fusecsi.csi import csi_pb2 as pb
-from fusecsi.volumes import VolumeRef
+from fusecsi.csi import bridge as grpc_bridge
+from fusecsi.csi.generated import csi_pb2 as pb
+from fusecsi.csi.volumes import VolumeRef
 
 __all__ = ["kube_api", "module_spawn"]  # fixtures
 REFUSED = "FAILED_PRECONDITION"

@@ -29,16 +29,11 @@ from typing import Any, NoReturn
 import trio
 from grpclib.const import Status
 
-from fusecsi.capabilities import capability_problem
 from fusecsi.cluster.client import RENAME_NOREPLACE, ClusterClient, ClusterError
-from fusecsi.csi import csi_pb2 as pb
-from fusecsi.events import Events
-from fusecsi.k8s import KubeApi, KubeError, KubeUnavailable
-from fusecsi.locks import KeyedLocks
-from fusecsi.logs import fields
-from fusecsi.metrics import Tally
-from fusecsi.validation import fail, invalid, require
-from fusecsi.volumes import (
+from fusecsi.csi.capabilities import capability_problem
+from fusecsi.csi.generated import csi_pb2 as pb
+from fusecsi.csi.validation import fail, invalid, require
+from fusecsi.csi.volumes import (
     PVC_NAME,
     PVC_NAMESPACE,
     VolumeParams,
@@ -46,6 +41,11 @@ from fusecsi.volumes import (
     join,
     parse_parameters,
 )
+from fusecsi.events import Events
+from fusecsi.k8s import KubeApi, KubeError, KubeUnavailable
+from fusecsi.locks import KeyedLocks
+from fusecsi.logs import fields
+from fusecsi.metrics import Tally
 
 log = logging.getLogger("fusecsi.controller")
 

@@ -7,8 +7,8 @@ import os
 import trio
 
 from fusecsi import gctune, logs, metrics
-from fusecsi.csi_server import CsiServer, add_server_flags, run_until_signal
-from fusecsi.identity import IdentityService
+from fusecsi.csi.identity import IdentityService
+from fusecsi.csi.server import CsiServer, add_server_flags, run_until_signal
 
 
 def configure(parser) -> None:
@@ -39,7 +39,7 @@ def default_token(args) -> str | None:
 
 
 async def serve(args) -> None:
-    from fusecsi import controller as service
+    from fusecsi.csi.controller import service
     from fusecsi.events import Events
     from fusecsi.k8s import KubeApi
 
