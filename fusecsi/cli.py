@@ -73,7 +73,7 @@ def _master_addrs(value: str):
 
 
 def _host_port(value: str):
-    from fusecsi.cluster.protocol import parse_addr
+    from fusecsi.rpc.addresses import parse_addr
 
     return parse_addr(value, 0)
 

@@ -21,9 +21,10 @@ from typing import Any
 
 import trio
 
-from fusecsi.cluster.protocol import ForeignCluster, Pool, RPCError, RPCUnavailable
 from fusecsi.cluster.shortcircuit import ShortCircuit
 from fusecsi.cluster.writebehind import TRANSIENT, WriteBehind, WriteLost
+from fusecsi.rpc.errors import ForeignCluster, RPCError, RPCUnavailable
+from fusecsi.rpc.pool import Pool
 
 log = logging.getLogger(__name__)
 

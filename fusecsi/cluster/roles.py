@@ -12,7 +12,7 @@ from pathlib import Path
 import trio
 
 from fusecsi import metrics
-from fusecsi.cluster.protocol import parse_addr
+from fusecsi.rpc.addresses import parse_addr
 
 TOKEN_ENV = "FUSECSI_TOKEN"
 MASTERS_HELP = (

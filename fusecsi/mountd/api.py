@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import trio
 
-from fusecsi.cluster.protocol import Server
 from fusecsi.mountd.supervisor import Supervisor
+from fusecsi.rpc.server import Server
 
 
 def _shielded(operation):

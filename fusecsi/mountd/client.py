@@ -13,7 +13,8 @@ from typing import Any
 
 import trio
 
-from fusecsi.cluster.protocol import RPCError, RPCUnavailable, connect
+from fusecsi.rpc.connection import connect
+from fusecsi.rpc.errors import RPCError, RPCUnavailable
 
 __all__ = ["MountdClient", "RPCError", "RPCUnavailable"]
 

@@ -21,7 +21,6 @@ from typing import Any
 from grpclib.const import Status
 
 from fusecsi import mount_options
-from fusecsi.cluster.protocol import RPCUnavailable
 from fusecsi.csi import volumes
 from fusecsi.csi.capabilities import capability_problem
 from fusecsi.csi.generated import csi_pb2 as pb
@@ -29,6 +28,7 @@ from fusecsi.csi.validation import fail, invalid, require
 from fusecsi.logs import fields
 from fusecsi.mountd import inputs
 from fusecsi.mountd.client import MountdClient
+from fusecsi.rpc.errors import RPCUnavailable
 
 log = logging.getLogger("fusecsi.node")
 
