@@ -30,10 +30,10 @@ from fusecsi.fuse.handles import HandleTable, adopt_handles
 from fusecsi.fuse.operations import Operations
 from fusecsi.fuse.takeover import Takeover
 from fusecsi.logs import fields
+from fusecsi.tokens import TOKEN_ENV, load_token
 
 log = logging.getLogger("fusecsi.mount")
 
-TOKEN_ENV = "FUSECSI_TOKEN"
 MAX_TASKS = 64
 WRITE_EVERY = 2.0  # seconds between rewrites of the metrics file
 
@@ -78,7 +78,7 @@ class Settings:
         self.ready_fd = args.ready_fd
         self.metrics_address = args.metrics_address
         self.metrics_file = args.metrics_file
-        self.token = read_token(args.token_file)
+        self.token = load_token(args.token_file)
         self.io_timeout = float(self.options["io-timeout"])
 
 
@@ -89,13 +89,6 @@ def normalize_fs_path(text: str) -> str:
     if any(p in (".", "..") for p in parts):
         raise ValueError(f"fs-path {text!r} must not contain . or ..")
     return "/" + "/".join(parts)
-
-
-def read_token(path: str | None) -> str | None:
-    if path:
-        with open(path) as f:
-            return f.read().strip() or None
-    return os.environ.get(TOKEN_ENV) or None
 
 
 def _client(settings: Settings):

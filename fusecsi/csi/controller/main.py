@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import trio
 
 from fusecsi import gctune, logs, metrics
 from fusecsi.csi.identity import IdentityService
 from fusecsi.csi.server import CsiServer, add_server_flags, run_until_signal
+from fusecsi.tokens import TOKEN_ENV, load_token
 
 
 def configure(parser) -> None:
@@ -16,7 +15,7 @@ def configure(parser) -> None:
     parser.add_argument(
         "--token-file",
         default=None,
-        help="cluster token for requests without a `token` secret (else $FUSECSI_TOKEN)",
+        help=f"cluster token for requests without a `token` secret (else ${TOKEN_ENV})",
     )
     parser.add_argument(
         "--kubeconfig",
@@ -31,18 +30,12 @@ def configure(parser) -> None:
     )
 
 
-def default_token(args) -> str | None:
-    if args.token_file:
-        with open(args.token_file) as f:
-            return f.read().strip() or None
-    return os.environ.get("FUSECSI_TOKEN") or None
-
-
 async def serve(args) -> None:
     from fusecsi.csi.controller import service
     from fusecsi.events import Events
     from fusecsi.k8s import KubeApi
 
+    token = load_token(args.token_file)  # a bad token file fails the start, not a request
     # the client gives up a little before our deadline, so its clearer error wins
     clients = service.ClusterClients(timeout=args.cluster_timeout * 0.8)
     kube = KubeApi(args.kubeconfig, timeout=args.cluster_timeout)
@@ -53,7 +46,7 @@ async def serve(args) -> None:
         controller = service.ControllerService(
             clients,
             kube,
-            default_token=default_token(args),
+            default_token=token,
             call_timeout=args.cluster_timeout,
             events=events,
         )
