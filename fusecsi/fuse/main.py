@@ -24,6 +24,7 @@ import pyfuse3
 import trio
 
 from fusecsi import errors, logs, metrics, mount_options
+from fusecsi.csi.volumes import normalize_fs_path  # the one rule mountd and the CSI roles apply
 from fusecsi.fuse import kernel, takeover
 from fusecsi.fuse.calls import unwrap
 from fusecsi.fuse.handles import HandleTable, adopt_handles
@@ -80,15 +81,6 @@ class Settings:
         self.metrics_file = args.metrics_file
         self.token = load_token(args.token_file)
         self.io_timeout = float(self.options["io-timeout"])
-
-
-def normalize_fs_path(text: str) -> str:
-    if not text.startswith("/"):
-        raise ValueError(f"fs-path {text!r} must be absolute")
-    parts = [p for p in text.split("/") if p]
-    if any(p in (".", "..") for p in parts):
-        raise ValueError(f"fs-path {text!r} must not contain . or ..")
-    return "/" + "/".join(parts)
 
 
 def _client(settings: Settings):

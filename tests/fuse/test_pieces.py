@@ -279,13 +279,15 @@ def test_mountinfo_lookup(tmp_path):
 
 @pytest.mark.parametrize(
     "text,want",
-    [("/", "/"), ("/a/b/", "/a/b"), ("//a//b", "/a/b")],
+    [("/", "/"), ("/a/b/", "/a/b")],
 )
 def test_fs_path_normalised(text, want):
     assert normalize_fs_path(text) == want
 
 
-@pytest.mark.parametrize("text", ["a/b", "/a/../b", "/a/./b", ""])
+# the daemon applies the rule of fusecsi/csi/volumes.py: empty segments are refused too,
+# as mountd and the node plugin refuse them before a daemon is started
+@pytest.mark.parametrize("text", ["a/b", "/a/../b", "/a/./b", "", "//a//b"])
 def test_fs_path_rejected(text):
     with pytest.raises(ValueError):
         normalize_fs_path(text)
