@@ -26,7 +26,6 @@ import trio
 from fusecsi import errors, logs, metrics, mount_options
 from fusecsi.csi.volumes import normalize_fs_path  # the one rule mountd and the CSI roles apply
 from fusecsi.fuse import kernel, takeover
-from fusecsi.fuse.calls import unwrap
 from fusecsi.fuse.handles import HandleTable, adopt_handles
 from fusecsi.fuse.operations import Operations
 from fusecsi.fuse.takeover import Takeover
@@ -109,7 +108,7 @@ async def _serve(ops: Operations, settings: Settings, taking: Takeover | None) -
             try:
                 ops.set_block_size(int((await client.statfs())["block_size"]))
             except Exception as exc:  # keep the default; the first requests will tell
-                log.warning("cluster block size unknown", extra=fields(err=str(unwrap(exc))))
+                log.warning("cluster block size unknown", extra=fields(err=str(errors.unwrap(exc))))
         if taking is not None:
             with trio.fail_after(settings.io_timeout):
                 adopted = await adopt_handles(ops)
@@ -207,7 +206,7 @@ def run(args) -> int:
     try:
         base_ino = trio.run(_preflight, settings)
     except Exception as raised:
-        exc = unwrap(raised)
+        exc = errors.unwrap(raised)
         if not isinstance(exc, OSError | trio.TooSlowError):
             raise
         what = "timed out" if isinstance(exc, trio.TooSlowError) else errors.describe(exc)

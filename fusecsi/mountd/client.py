@@ -13,6 +13,7 @@ from typing import Any
 
 import trio
 
+from fusecsi.errors import unwrapped
 from fusecsi.rpc.connection import connect
 from fusecsi.rpc.errors import RPCError, RPCUnavailable
 
@@ -31,30 +32,24 @@ class MountdClient:
 
     async def call(self, method: str, *args: Any, limit: float | None = None) -> Any:
         limit = self.timeout if limit is None else limit
-        answer: tuple[bool, Any] | None = None
-        async with trio.open_nursery() as nursery:
-            with trio.move_on_after(limit):
-                answer = await self._exchange(nursery, method, args)
-            nursery.cancel_scope.cancel()
-        if answer is None:
+        answer: list[Any] = []
+        with unwrapped():
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(limit):
+                    answer.append(await self._exchange(nursery, method, args))
+                nursery.cancel_scope.cancel()
+        if not answer:
             raise RPCUnavailable(
                 errno.ETIMEDOUT, f"mountd did not answer {method} within {limit:g}s"
             )
-        ok, value = answer
-        if not ok:
-            raise value
-        return value
+        return answer[0]
 
-    async def _exchange(self, nursery: trio.Nursery, method: str, args) -> tuple[bool, Any]:
-        # errors are returned, not raised, so they leave the nursery as themselves
+    async def _exchange(self, nursery: trio.Nursery, method: str, args) -> Any:
+        conn = await connect(nursery, self.endpoint)
         try:
-            conn = await connect(nursery, self.endpoint)
-            try:
-                return True, await conn.call(method, *args)
-            finally:
-                conn.close()
-        except Exception as exc:
-            return False, exc
+            return await conn.call(method, *args)
+        finally:
+            conn.close()
 
     async def ping(self) -> str:
         return await self.call("ping")

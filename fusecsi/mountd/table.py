@@ -36,10 +36,9 @@ class Key:
 
     @cached_property
     def id(self) -> str:
-        # `options` is canonical already: hash it as MountOptions.digest() does, without
-        # parsing, so a table written before an option was retired still loads
-        digest = hashlib.sha256(self.options.encode()).hexdigest()[:12]
-        text = f"{self.master_addrs}|{self.fs_path}|{digest}"
+        # `options` is canonical already: digested without parsing, so a table written
+        # before an option was retired still loads
+        text = f"{self.master_addrs}|{self.fs_path}|{mount_options.digest_of(self.options)}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

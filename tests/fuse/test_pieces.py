@@ -335,3 +335,19 @@ async def test_read_around_pages_queue_only_up_to_the_backlog():
     assert ops._store_backlog == 0
     ops._store_around(node, 0, piece, 0, 4096)
     assert len(spawned) == fits + 1
+
+
+def test_the_one_master_calls_are_declared_on_the_client():
+    # fusecsi/fuse/calls.py lets these run their first attempt under the client's own
+    # deadline: the mark is where each call is defined, not a list of names to keep in step
+    from fusecsi.cluster.client import ClusterClient
+
+    marked = {
+        n
+        for n in dir(ClusterClient)
+        if getattr(getattr(ClusterClient, n), "one_master_call", False)
+    }
+    assert marked == set(
+        "lookup getattr mkdir create unlink rmdir rename readdir symlink readlink link".split()
+    )
+    assert not getattr(ClusterClient.read, "one_master_call", False)  # workers, not one call

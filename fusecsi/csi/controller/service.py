@@ -24,6 +24,7 @@ import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, NoReturn
 
 import trio
@@ -41,6 +42,7 @@ from fusecsi.csi.volumes import (
     join,
     parse_parameters,
 )
+from fusecsi.errors import run_all
 from fusecsi.events import Events
 from fusecsi.k8s import KubeApi, KubeError, KubeUnavailable
 from fusecsi.locks import KeyedLocks
@@ -248,21 +250,7 @@ class ControllerService:
     async def _together(self, *calls) -> list:
         """Independent cluster calls at once (one round trip's wait instead of several);
         their results in order. The first failure is raised as itself, not as a group."""
-        errors: list[Exception] = []
-        results: list = [None] * len(calls)
-
-        async def one(i: int, fn, *args) -> None:
-            try:
-                results[i] = await self._call(fn, *args)
-            except Exception as exc:
-                errors.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            for i, call in enumerate(calls):
-                nursery.start_soon(one, i, *call)
-        if errors:
-            raise errors[0]
-        return results
+        return await run_all([partial(self._call, *call) for call in calls])
 
     def _accepted(self, client: ClusterClient) -> None:
         """The master answered this client: GetCapacity (whose request carries no secrets)
