@@ -17,7 +17,9 @@ import urllib.request
 
 import pytest
 import trio
-from controller_support import (
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from support.controller import (
     GiB,
     cluster,
     controller,
@@ -30,9 +32,7 @@ from controller_support import (
     start_controller,
     unique,
 )
-from grpclib.const import Status
-from grpclib.exceptions import GRPCError
-from spawning import read_log
+from support.processes import read_log
 
 from fusecsi import mount_options
 from fusecsi.cluster.client import ClusterError

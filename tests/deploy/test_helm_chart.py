@@ -10,7 +10,7 @@ import re
 import kubernetes_validate
 import pytest
 import yaml
-from deploy_helpers import (
+from support.helm import (
     CHART,
     CRD_KINDS,
     KUBE_VERSIONS,

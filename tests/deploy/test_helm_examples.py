@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from deploy_helpers import CHART, EXAMPLES, NAMESPACE, find, render, validate
+from support.helm import CHART, EXAMPLES, NAMESPACE, find, render, validate
 
 from fusecsi.csi import volumes
 

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from deploy_helpers import REPO
+from support.helm import REPO
 
 pytestmark = pytest.mark.slow
 

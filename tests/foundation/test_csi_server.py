@@ -15,7 +15,7 @@ import trio_asyncio
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
-from spawning import read_log, wait_for_path
+from support.processes import read_log, wait_for_path
 
 from fusecsi import DRIVER_NAME, __version__
 from fusecsi.csi import bridge as grpc_bridge

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from mountd_stack import (  # noqa: F401 - fixtures
+from support.mountd import (  # noqa: F401 - fixtures
     another_mountd,
     cluster_fixture,
     make_dirs,

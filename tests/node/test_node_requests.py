@@ -11,7 +11,7 @@ import pytest
 import trio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from nodestack import (  # noqa: F401 - fixtures
+from support.node import (  # noqa: F401 - fixtures
     TOKEN,
     Mode,
     cluster_fixture,
