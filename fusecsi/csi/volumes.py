@@ -1,13 +1,22 @@
 """Volume ids, StorageClass parameters and the paths they produce.
 
 A volume id is self-describing, so DeleteVolume and ControllerExpandVolume need nothing but
-the id: `2;<d|r|a>;<name digest>;<master-addrs>;<fs-path>;<subpath>` with `%` and `;`
-percent-escaped, at most 128 bytes. The name digest (8 hex digits of sha256 over the
+the id (and the request's secrets), at most 128 bytes, `%` and `;` percent-escaped:
+
+- version 3, any engine: `3;<engine>;<d|r|a>;<name digest>;<address>;<fs-path>;<subpath>`
+  (`address`: the engine's public name of its cluster, never a secret);
+- version 2, the embedded cluster: `2;<d|r|a>;<name digest>;<master-addrs>;<fs-path>;<subpath>`;
+- version 1, the embedded cluster, made before name digests:
+  `1;<d|r|a>;<master-addrs>;<fs-path>;<subpath>` (names only a path).
+
+The embedded cluster keeps getting version 2 ids: its default directory name is shortened
+to what the id leaves room for, so a longer id format would give a CreateVolume retried
+across an upgrade another directory than the first attempt made. The version says the
+engine as surely as a field would. The name digest (8 hex digits of sha256 over the
 CreateVolume name, which is unique per PVC) tells apart two volumes that were given the same
-directory one after the other (a PVC deleted and re-created under the same name). Version 1
-ids (`1;<d|r|a>;<master-addrs>;<fs-path>;<subpath>`, made before it) still parse; they name
-only a path. Every path that leaves this module has been checked to stay inside its
-fs-path: no `.`/`..`, no empty or absolute pieces, no over-long names.
+directory one after the other (a PVC deleted and re-created under the same name). Every path
+that leaves this module has been checked to stay inside its fs-path: no `.`/`..`, no empty or
+absolute pieces, no over-long names.
 """
 
 from __future__ import annotations
@@ -19,23 +28,30 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from fusecsi import mount_options
+from fusecsi.engines import DEFAULT as DEFAULT_ENGINE
+from fusecsi.engines import NAMES as ENGINE_NAMES
 
 DEFAULT_PORT = 8995
 MAX_VOLUME_ID = 128
 MAX_NAME_BYTES = 255
 MAX_SUBPATH_SEGMENTS = 8
 MAX_FS_PATH_BYTES = 4096
+ID_VERSION_ENGINE = "3"
 ID_VERSION = "2"
 ID_VERSION_PATH_ONLY = "1"
+# the engine whose ids keep the version 2 (and 1) form, with no engine field
+EMBEDDED = "embedded"
 NAME_DIGEST_CHARS = 8
 
 # volume context keys (a static PV carries the same keys in volumeAttributes)
+CTX_ENGINE = "engine"
 CTX_MASTER_ADDRS = "master-addrs"
 CTX_FS_PATH = "fs-path"
 CTX_SUBPATH = "subpath"
 CTX_OPTIONS = "options"
 
 # StorageClass parameters of our own; FUSE options are the keys of mount_options.OPTIONS
+P_ENGINE = "engine"
 P_MASTER_ADDRS = "master-addrs"
 P_FS_PATH = "fs-path"
 P_PATH_PATTERN = "path-pattern"
@@ -173,25 +189,49 @@ def _unescape(text: str) -> str:
     return _ESCAPED.sub(lambda m: "%" if m.group(1) == "25" else ";", text)
 
 
+def validate_address(engine: str, text: str) -> str:
+    """An engine's public cluster address as a volume id carries it: the embedded cluster's
+    master-addrs normalised; any other engine's address as its engine wrote it."""
+    if engine not in ENGINE_NAMES:
+        raise ValueError(f"unknown engine {engine!r} (known: {', '.join(ENGINE_NAMES)})")
+    if engine == EMBEDDED:
+        return normalize_master_addrs(text)
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"{engine} cluster address is empty")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
+        raise ValueError(f"{engine} cluster address contains control characters")
+    return text
+
+
 @dataclass(frozen=True)
 class VolumeRef:
-    """Where a volume lives, what DeleteVolume does with it and (`name_digest`, empty in
-    version 1 ids) which CreateVolume made it."""
+    """Where a volume lives (which engine, which cluster, which directory), what
+    DeleteVolume does with it and (`name_digest`, empty in version 1 ids) which CreateVolume
+    made it. `address` is the engine's public name of the cluster (for the embedded one its
+    master-addrs)."""
 
-    master_addrs: str
+    address: str
     fs_path: str
     subpath: str
     on_delete: str = "delete"
     name_digest: str = ""
+    engine: str = EMBEDDED
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "master_addrs", normalize_master_addrs(self.master_addrs))
+        object.__setattr__(self, "address", validate_address(self.engine, self.address))
         object.__setattr__(self, "fs_path", normalize_fs_path(self.fs_path))
         validate_subpath(self.subpath)
         if self.on_delete not in ON_DELETE_CODES:
             raise ValueError(f"on-delete {self.on_delete!r}: expected one of delete|retain|archive")
         if self.name_digest and not _DIGEST.match(self.name_digest):
             raise ValueError(f"name digest {self.name_digest!r}: expected {NAME_DIGEST_CHARS} hex")
+        if self.engine != EMBEDDED and not self.name_digest:
+            raise ValueError(f"a {self.engine} volume id needs a name digest")
+
+    @property
+    def master_addrs(self) -> str:
+        """The embedded cluster's name for `address` (its masters)."""
+        return self.address
 
     @property
     def path(self) -> str:
@@ -209,13 +249,13 @@ class VolumeRef:
 
     def volume_id(self) -> str:
         text = _id_text(
-            self.on_delete, self.name_digest, self.master_addrs, self.fs_path, self.subpath
+            self.on_delete, self.name_digest, self.address, self.fs_path, self.subpath, self.engine
         )
         size = len(text.encode())
         if size > MAX_VOLUME_ID:
             raise ValueError(
                 f"volume id would be {size} bytes, more than {MAX_VOLUME_ID}: "
-                "shorten master-addrs, fs-path or the directory name"
+                "shorten the cluster address, fs-path or the directory name"
             )
         return text
 
@@ -224,6 +264,12 @@ class VolumeRef:
         """The volume an id names; ValueError unless it is one CreateVolume could have
         answered (which includes: its canonical form fits in 128 bytes)."""
         parts = text.split(";") if isinstance(text, str) else []
+        engine = EMBEDDED
+        if parts[:1] == [ID_VERSION_ENGINE] and len(parts) == 7:
+            engine = _unescape(parts.pop(1))
+            if engine == EMBEDDED:  # its ids are version 2: no second spelling of one id
+                raise ValueError(f"not a fusecsi volume id: {text!r}")
+            parts[0] = ID_VERSION
         if parts[:1] == [ID_VERSION_PATH_ONLY]:
             parts.insert(2, "")  # no name digest
         elif parts[:1] != [ID_VERSION] or len(parts) < 3 or not parts[2]:
@@ -233,8 +279,8 @@ class VolumeRef:
         on_delete = _ON_DELETE_NAMES.get(parts[1])
         if on_delete is None:
             raise ValueError(f"volume id {text!r}: unknown on-delete code {parts[1]!r}")
-        addrs, fs_path, subpath = (_unescape(p) for p in parts[3:])
-        ref = cls(addrs, fs_path, subpath, on_delete, parts[2])
+        address, fs_path, subpath = (_unescape(p) for p in parts[3:])
+        ref = cls(address, fs_path, subpath, on_delete, parts[2], engine)
         ref.volume_id()  # one CreateVolume could not have answered: ValueError
         return ref
 
@@ -242,34 +288,51 @@ class VolumeRef:
         """The same directory and policy, whichever CreateVolume made it."""
         return replace(other, name_digest=self.name_digest) == self
 
-    def context(self, options: mount_options.MountOptions) -> dict[str, str]:
-        return {
-            CTX_MASTER_ADDRS: self.master_addrs,
-            CTX_FS_PATH: self.fs_path,
-            CTX_SUBPATH: self.subpath,
-            CTX_OPTIONS: options.to_arg(),
-        }
+    def context(self, options: mount_options.MountOptions | None) -> dict[str, str]:
+        """What the node needs besides another engine's own StorageClass parameters
+        (`options`: the embedded daemon's, None for other engines)."""
+        context = {CTX_ENGINE: self.engine}
+        if self.engine == EMBEDDED:
+            context[CTX_MASTER_ADDRS] = self.address
+        context.update({CTX_FS_PATH: self.fs_path, CTX_SUBPATH: self.subpath})
+        if options is not None:
+            context[CTX_OPTIONS] = options.to_arg()
+        return context
 
 
-def _id_text(on_delete: str, digest: str, master_addrs: str, fs_path: str, subpath: str) -> str:
+def _id_text(
+    on_delete: str,
+    digest: str,
+    address: str,
+    fs_path: str,
+    subpath: str,
+    engine: str = EMBEDDED,
+) -> str:
     code = ON_DELETE_CODES[on_delete]
-    version = [ID_VERSION, code, digest] if digest else [ID_VERSION_PATH_ONLY, code]
-    return ";".join([*version, *map(_escape, (master_addrs, fs_path, subpath))])
+    if engine != EMBEDDED:
+        version = [ID_VERSION_ENGINE, _escape(engine), code, digest]
+    elif digest:
+        version = [ID_VERSION, code, digest]
+    else:
+        version = [ID_VERSION_PATH_ONLY, code]
+    return ";".join([*version, *map(_escape, (address, fs_path, subpath))])
 
 
-def default_subpath(name: str, master_addrs: str, fs_path: str, on_delete: str) -> str:
+def default_subpath(
+    name: str, address: str, fs_path: str, on_delete: str, engine: str = EMBEDDED
+) -> str:
     """The directory for a volume without a path-pattern: its (PV) name, shortened with a
     hash of the whole name when the volume id would not fit otherwise (names may be longer
     than the id allows; Kubernetes' pvc-<uuid> names always fit)."""
     validate_name(name)
-    room = _id_text(on_delete, "0" * NAME_DIGEST_CHARS, master_addrs, fs_path, "")
+    room = _id_text(on_delete, "0" * NAME_DIGEST_CHARS, address, fs_path, "", engine)
     budget = MAX_VOLUME_ID - len(room.encode())
     if len(_escape(name).encode()) <= budget:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:16]
     keep = budget - len(digest) - 1
     if keep < 1:
-        raise ValueError("master-addrs and fs-path leave no room for a directory name")
+        raise ValueError("the cluster address and fs-path leave no room for a directory name")
     prefix = ""
     for ch in name:
         if len(_escape(prefix + ch).encode()) > keep:
@@ -355,53 +418,98 @@ class PathPattern:
 
 @dataclass(frozen=True)
 class VolumeParams:
-    """StorageClass parameters (or a PV's volumeAttributes), validated."""
+    """StorageClass parameters (or a PV's volumeAttributes), validated.
+
+    For the embedded engine `master_addrs` names the cluster; any other engine's cluster is
+    named by `engine_params` (every parameter that is not fusecsi's own, handed to that
+    engine's `parse_cluster` as they are, which refuses what it does not know).
+    """
 
     master_addrs: str | None
     fs_path: str = "/"
     on_delete: str = "delete"
     pattern: PathPattern | None = None
-    options: mount_options.MountOptions = mount_options.DEFAULTS
+    # the embedded FUSE daemon's options (None for another engine: its own parameters)
+    options: mount_options.MountOptions | None = mount_options.DEFAULTS
     # what external-provisioner sent under csi.storage.k8s.io/ (consumed, never passed on)
     metadata: dict[str, str] = field(default_factory=dict)
+    engine: str = EMBEDDED
+    engine_params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cluster_params(self) -> dict[str, str]:
+        """The parameters that name the cluster (what `parse_cluster` gets)."""
+        if self.engine == EMBEDDED:
+            return {} if self.master_addrs is None else {P_MASTER_ADDRS: self.master_addrs}
+        return dict(self.engine_params)
 
     def subpath_for(
         self,
         name: str,
         labels: Mapping[str, str] | None = None,
         annotations: Mapping[str, str] | None = None,
+        *,
+        address: str | None = None,
     ) -> str:
+        """The volume's directory below fs-path; `address` is the cluster's (default: the
+        master-addrs), which a default directory name must leave room for in the id."""
         if self.pattern is None:
-            return default_subpath(name, self.master_addrs or "", self.fs_path, self.on_delete)
+            if address is None:
+                address = self.master_addrs or ""
+            return default_subpath(name, address, self.fs_path, self.on_delete, self.engine)
         metadata = {PV_NAME: name, **self.metadata}
         return self.pattern.expand(metadata, labels, annotations)
 
-    def ref(self, subpath: str, name: str) -> VolumeRef:
-        """The volume CreateVolume `name` makes at `subpath`."""
-        if self.master_addrs is None:
-            raise ValueError(f"{P_MASTER_ADDRS} is required")
+    def ref(self, subpath: str, name: str, *, address: str | None = None) -> VolumeRef:
+        """The volume CreateVolume `name` makes at `subpath` (on the cluster at `address`;
+        default: the master-addrs)."""
+        if address is None:
+            if self.master_addrs is None:
+                raise ValueError(f"{P_MASTER_ADDRS} is required")
+            address = self.master_addrs
         return VolumeRef(
-            self.master_addrs, self.fs_path, subpath, self.on_delete, name_digest(name)
+            address, self.fs_path, subpath, self.on_delete, name_digest(name), self.engine
         )
+
+    def context(self, ref: VolumeRef) -> dict[str, str]:
+        """The volume context for the node: the engine's own parameters, then ours."""
+        return {**self.engine_params, **ref.context(self.options)}
 
 
 def parse_parameters(params: Mapping[str, str], *, require_master: bool = True) -> VolumeParams:
-    """Validate CreateVolume/GetCapacity parameters; ValueError names the offending key."""
+    """Validate CreateVolume/GetCapacity parameters; ValueError names the offending key.
+    `require_master`: the embedded engine's master-addrs must be there."""
     ours = {k: v for k, v in params.items() if not k.startswith(RESERVED_PREFIX)}
     metadata = {k: v for k, v in params.items() if k.startswith(RESERVED_PREFIX)}
-    addrs_text = ours.pop(P_MASTER_ADDRS, None)
-    if addrs_text is None and require_master:
-        raise ValueError(f"parameter {P_MASTER_ADDRS} is required (host:port[,host:port])")
-    master_addrs = None if addrs_text is None else normalize_master_addrs(addrs_text)
+    engine = ours.pop(P_ENGINE, DEFAULT_ENGINE)
+    if engine not in ENGINE_NAMES:
+        raise ValueError(
+            f"parameter {P_ENGINE}={engine!r}: unknown engine (known: {', '.join(ENGINE_NAMES)})"
+        )
     fs_path = normalize_fs_path(ours.pop(P_FS_PATH, "/"))
     on_delete = ours.pop(P_ON_DELETE, "delete")
     if on_delete not in ON_DELETE_CODES:
         raise ValueError(f"parameter {P_ON_DELETE}={on_delete!r}: expected delete|retain|archive")
     pattern_text = ours.pop(P_PATH_PATTERN, None)
     pattern = None if pattern_text is None else PathPattern.parse(pattern_text)
+    if engine != EMBEDDED:  # the rest is the engine's: its parse_cluster checks it
+        return VolumeParams(
+            None, fs_path, on_delete, pattern, None, metadata, engine=engine, engine_params=ours
+        )
+    addrs_text = ours.pop(P_MASTER_ADDRS, None)
+    if addrs_text is None and require_master:
+        raise ValueError(f"parameter {P_MASTER_ADDRS} is required (host:port[,host:port])")
+    master_addrs = None if addrs_text is None else normalize_master_addrs(addrs_text)
     unknown = sorted(k for k in ours if k not in mount_options.OPTIONS)
     if unknown:
-        allowed = [P_MASTER_ADDRS, P_FS_PATH, P_PATH_PATTERN, P_ON_DELETE, *mount_options.OPTIONS]
+        allowed = [
+            P_ENGINE,
+            P_MASTER_ADDRS,
+            P_FS_PATH,
+            P_PATH_PATTERN,
+            P_ON_DELETE,
+            *mount_options.OPTIONS,
+        ]
         raise ValueError(f"unknown parameter {unknown[0]!r} (allowed: {', '.join(allowed)})")
     options = mount_options.parse(ours)
     return VolumeParams(master_addrs, fs_path, on_delete, pattern, options, metadata)

@@ -103,6 +103,7 @@ async def test_create_with_defaults_tags_and_sizes_the_directory(csi, cluster):
     assert volume.capacity_bytes == GiB
     assert volume.volume_id == f"2;d;{name_digest(name)};{cluster.master_addrs};/;{name}"
     assert dict(volume.volume_context) == {
+        "engine": "embedded",
         "master-addrs": cluster.master_addrs,
         "fs-path": "/",
         "subpath": name,

@@ -59,7 +59,15 @@ async def test_publish_recovery_health_and_pod_events(node, cluster, kube_api):
     kube_api.add_pod("apps", "web-0")
     target = node.make_parent(node.target("pod-web-0", "pv-obs"))
     answer = await node.client.publish(
-        "vol-obs", cluster.master_addrs, "/obs", "vol", "", target, False, TOKEN, "apps", "web-0"
+        volume_id="vol-obs",
+        cluster=cluster.master_addrs,
+        fs_path="/obs",
+        subpath="vol",
+        target=target,
+        readonly=False,
+        secrets={"token": TOKEN},
+        pod_namespace="apps",
+        pod_name="web-0",
     )
     key = answer["key"]
     samples = scrape(node.metrics_port)

@@ -20,6 +20,7 @@ import trio
 
 from fusecsi.cluster.client import ClusterClient
 from fusecsi.cluster.local import LocalCluster
+from fusecsi.engines.embedded import NODE as EMBEDDED
 from fusecsi.mountd import mounts
 from fusecsi.mountd.client import MountdClient
 from fusecsi.mountd.daemons import process_args
@@ -104,7 +105,14 @@ class Mountd:
     async def publish(self, volume_id, fs_path, subpath, target, *, options="", readonly=False):
         self.make_parent(target)
         return await self.client.publish(
-            volume_id, self.cluster.master_addrs, fs_path, subpath, options, target, readonly, TOKEN
+            volume_id=volume_id,
+            cluster=self.cluster.master_addrs,
+            fs_path=fs_path,
+            subpath=subpath,
+            options=options,
+            target=target,
+            readonly=readonly,
+            secrets={"token": TOKEN},
         )
 
     def daemon_pids(self) -> list[int]:
@@ -120,7 +128,7 @@ class Mountd:
     def fuse_mounts(self) -> tuple[list[str], list[str]]:
         """(daemon mountpoints, bound targets) of fuse.fusecsi in /proc/self/mountinfo; a
         target with stacked mounts (a recovery binds on top of the dead one) counts once."""
-        entries = [e for e in mounts.read_mountinfo() if e.fstype == mounts.FUSE_FSTYPE]
+        entries = [e for e in mounts.read_mountinfo() if e.fstype == EMBEDDED.fstype]
         state = str(self.state_dir) + "/"
         kubelet = str(self.kubelet_dir) + "/"
         return (

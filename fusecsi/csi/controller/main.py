@@ -15,7 +15,7 @@ def configure(parser) -> None:
     parser.add_argument(
         "--token-file",
         default=None,
-        help=f"cluster token for requests without a `token` secret (else ${TOKEN_ENV})",
+        help=f"embedded cluster token for requests without a `token` secret (else ${TOKEN_ENV})",
     )
     parser.add_argument(
         "--kubeconfig",
@@ -30,23 +30,30 @@ def configure(parser) -> None:
     )
 
 
+def default_secrets(args) -> dict[str, dict[str, str]]:
+    """Per engine, the secrets for requests that carry none."""
+    token = load_token(args.token_file)
+    return {"embedded": {"token": token}} if token else {}
+
+
 async def serve(args) -> None:
     from fusecsi.csi.controller import service
+    from fusecsi.csi.controller.namespace_pool import NamespacePool
     from fusecsi.events import Events
     from fusecsi.k8s import KubeApi
 
-    token = load_token(args.token_file)  # a bad token file fails the start, not a request
-    # the client gives up a little before our deadline, so its clearer error wins
-    clients = service.ClusterClients(timeout=args.cluster_timeout * 0.8)
+    secrets = default_secrets(args)  # a bad token file fails the start, not a request
+    # an engine's own calls give up a little before our deadline, so their clearer error wins
+    namespaces = NamespacePool(timeout=args.cluster_timeout * 0.8)
     kube = KubeApi(args.kubeconfig, timeout=args.cluster_timeout)
     events = Events(kube, "fusecsi-controller")
     async with trio.open_nursery() as nursery:
-        await nursery.start(clients.run)
+        await nursery.start(namespaces.run)
         await nursery.start(events.run)
         controller = service.ControllerService(
-            clients,
+            namespaces,
             kube,
-            default_token=token,
+            default_secrets=secrets,
             call_timeout=args.cluster_timeout,
             events=events,
         )
@@ -54,7 +61,7 @@ async def serve(args) -> None:
         metrics.serve_csi(server, args.metrics_address, *service.METRICS)
         gctune.settle()
         await run_until_signal(server, args.endpoint, args.grace)
-        nursery.cancel_scope.cancel()  # closes every cluster client
+        nursery.cancel_scope.cancel()  # closes every namespace
 
 
 def run(args) -> int:

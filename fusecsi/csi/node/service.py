@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from grpclib.const import Status
 
+from fusecsi import engines as engine_registry
 from fusecsi import mount_options
 from fusecsi.csi import volumes
 from fusecsi.csi.capabilities import capability_problem
 from fusecsi.csi.generated import csi_pb2 as pb
 from fusecsi.csi.validation import fail, invalid, require
+from fusecsi.engines.base import BadParameter, Cluster, NodeEngine
 from fusecsi.logs import fields
-from fusecsi.mountd import inputs
+from fusecsi.mountd import inputs, table
 from fusecsi.mountd.client import MountdClient
 from fusecsi.rpc.errors import RPCUnavailable
 
@@ -43,13 +45,17 @@ ERRNO_STATUS = {
     errno.EINVAL: Status.INVALID_ARGUMENT,
     errno.EPERM: Status.INVALID_ARGUMENT,
     errno.EEXIST: Status.ALREADY_EXISTS,
+    errno.EBUSY: Status.FAILED_PRECONDITION,  # single-writer volume published elsewhere
     errno.ENOENT: Status.NOT_FOUND,
     errno.ETIMEDOUT: Status.UNAVAILABLE,
     errno.ECONNREFUSED: Status.UNAVAILABLE,
     errno.EPROTO: Status.UNAVAILABLE,
+    errno.EPROTONOSUPPORT: Status.UNAVAILABLE,  # node plugin and mountd of other versions
 }
 PROBE_TIMEOUT = 2.0
-SOURCE_KEYS = (volumes.CTX_MASTER_ADDRS, volumes.CTX_FS_PATH, volumes.CTX_SUBPATH)
+# the volume context's engine entry (set by CreateVolume; absent: the default engine)
+CTX_ENGINE = "engine"
+PATH_KEYS = (volumes.CTX_FS_PATH, volumes.CTX_SUBPATH)
 # kubelet adds these with podInfoOnMount; mountd tells that pod (Events) if its mount breaks
 POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
 POD_NAME = "csi.storage.k8s.io/pod.name"
@@ -59,44 +65,62 @@ POD_NAME = "csi.storage.k8s.io/pod.name"
 class Source:
     """What to bind: a directory of one cluster path, served with these FUSE options."""
 
-    master_addrs: str
+    cluster: Cluster
     fs_path: str
     subpath: str
     options: str
 
 
-def resolve_source(volume_id: str, context: dict[str, str], flags: list[str]) -> Source:
-    """Source from the volume context (dynamic and static PVs), gaps filled from the id.
+def _from_volume_id(volume_id: str) -> dict[str, str]:
+    """What an id of ours names (the engine too, in ids that record it); {} otherwise."""
+    try:
+        ref = volumes.VolumeRef.from_volume_id(volume_id)
+    except ValueError:
+        return {}
+    decoded = ref.context(mount_options.DEFAULTS)
+    # an id names no options: the defaults it would spell are the embedded engine's
+    decoded.pop(volumes.CTX_OPTIONS, None)
+    engine = getattr(ref, "engine", "")
+    return {**decoded, CTX_ENGINE: engine} if engine else decoded
+
+
+def resolve_source(
+    volume_id: str,
+    context: dict[str, str],
+    flags: list[str],
+    secrets: Mapping[str, str] | None = None,
+    engines: Callable[[str], NodeEngine] = engine_registry.node_engine,
+) -> Source:
+    """Source from the volume context (dynamic and static PVs), gaps filled from the id;
+    the cluster as the volume's engine parses it from them and the publish's secrets.
 
     `flags` are the capability's mount flags (a PV's mountOptions): FUSE options `k=v` from
-    the allow-list override the context's; `ro`/`rw` are read by the caller.
+    the engine's allow-list override the context's; `ro`/`rw` are read by the caller.
     """
-    found = {key: context.get(key, "") for key in SOURCE_KEYS}
-    if not all(found.values()):
-        try:
-            ref = volumes.VolumeRef.from_volume_id(volume_id)
-        except ValueError:
-            ref = None
-        if ref is not None:
-            decoded = ref.context(mount_options.DEFAULTS)
-            found = {key: found[key] or decoded[key] for key in SOURCE_KEYS}
-    missing = [key for key in SOURCE_KEYS if not found[key]]
+    found = {k: v for k, v in context.items() if v}
+    if not all(found.get(k) for k in PATH_KEYS) or CTX_ENGINE not in found:
+        found = {**_from_volume_id(volume_id), **found}
+    name = found.get(CTX_ENGINE) or engine_registry.DEFAULT
+    try:
+        engine = engines(name)
+    except (BadParameter, ImportError):
+        invalid(f"volume {volume_id!r}: engine {name!r} is not available on this node")
+    needed = (*getattr(engine, "parameters", ()), *PATH_KEYS)
+    missing = [key for key in needed if not found.get(key)]
     if missing:
         invalid(
             f"volume_context lacks {', '.join(missing)} and the volume id does not name them "
-            "(a static PV must set master-addrs, fs-path and subpath in volumeAttributes)"
+            f"(a static PV must set {', '.join(needed)} in volumeAttributes)"
         )
     try:
-        options = mount_options.parse_arg(
-            ",".join([context.get(volumes.CTX_OPTIONS, ""), *(f for f in flags if "=" in f)])
-        )
+        options = ",".join([found.get(volumes.CTX_OPTIONS, ""), *(f for f in flags if "=" in f)])
         return Source(
-            master_addrs=volumes.normalize_master_addrs(found[volumes.CTX_MASTER_ADDRS]),
+            cluster=engine.parse_cluster(found, dict(secrets or {})),
             fs_path=volumes.normalize_fs_path(found[volumes.CTX_FS_PATH]),
             subpath=volumes.validate_subpath(found[volumes.CTX_SUBPATH]),
-            options=options.to_arg(),
+            options=table.canonical_options(engine, options),
         )
-    except ValueError as exc:
+    except ValueError as exc:  # BadParameter included
         invalid(f"volume {volume_id!r}: {exc}")
 
 
@@ -157,9 +181,15 @@ class TryLocks:
 
 
 class NodeService:
-    def __init__(self, node_id: str, mountd: MountdClient) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        mountd: MountdClient,
+        engines: Callable[[str], NodeEngine] = engine_registry.node_engine,
+    ) -> None:
         self.node_id = node_id
         self.mountd = mountd
+        self.engines = engines
         self.locks = TryLocks()
 
     async def NodeGetCapabilities(
@@ -185,24 +215,26 @@ class NodeService:
         readonly = check_capability(request.volume_capability) or request.readonly
         flags = list(request.volume_capability.mount.mount_flags)
         context = dict(request.volume_context)
-        source = resolve_source(request.volume_id, context, flags)
-        token = request.secrets.get("token") or None
+        secrets = dict(request.secrets)
+        source = resolve_source(request.volume_id, context, flags, secrets, self.engines)
+        mode = request.volume_capability.access_mode.mode
         with self.locks.hold(request.volume_id, request.target_path):
-            if request.volume_capability.access_mode.mode == _Mode.SINGLE_NODE_SINGLE_WRITER:
-                await self._refuse_second_target(request.volume_id, request.target_path)
             answer = await ask_mountd(
                 f"publish {request.volume_id} at {request.target_path}",
                 self.mountd.publish(
-                    request.volume_id,
-                    source.master_addrs,
-                    source.fs_path,
-                    source.subpath,
-                    source.options,
-                    request.target_path,
-                    readonly,
-                    token,
+                    volume_id=request.volume_id,
+                    engine=source.cluster.engine,
+                    cluster=source.cluster.address,
+                    fs_path=source.fs_path,
+                    subpath=source.subpath,
+                    options=source.options,
+                    target=request.target_path,
+                    readonly=readonly,
+                    secrets=dict(source.cluster.secrets),
                     pod_namespace=context.get(POD_NAMESPACE) or None,
                     pod_name=context.get(POD_NAME) or None,
+                    # mountd checks it under the volume's lock: no second target on this node
+                    single_writer=mode == _Mode.SINGLE_NODE_SINGLE_WRITER,
                 ),
             )
         # the server logs every call; this adds which daemon serves it ("key" would be redacted)
@@ -210,17 +242,6 @@ class NodeService:
         details = fields(volume_id=request.volume_id, key_id=answer.get("key"), started=started)
         log.info("published", extra=details)
         return pb.NodePublishVolumeResponse()
-
-    async def _refuse_second_target(self, volume_id: str, target: str) -> None:
-        """SINGLE_NODE_SINGLE_WRITER: one target per node; a second is FAILED_PRECONDITION."""
-        daemons = await ask_mountd("list", self.mountd.list())
-        for ref in (ref for daemon in daemons for ref in daemon["refs"]):
-            if ref["volume_id"] == volume_id and ref["target"] != target:
-                fail(
-                    Status.FAILED_PRECONDITION,
-                    f"volume {volume_id!r} is single-writer and already published at "
-                    f"{ref['target']}",
-                )
 
     async def NodeUnpublishVolume(
         self, request: pb.NodeUnpublishVolumeRequest
@@ -263,7 +284,7 @@ class NodeService:
     async def mountd_ready(self) -> bool:
         """Identity's Probe: ready while mountd answers its ping."""
         try:
-            return await self.mountd.call("ping", limit=PROBE_TIMEOUT) == "ok"
+            return await self.mountd.ping(limit=PROBE_TIMEOUT) == "ok"
         except OSError:
             return False
 
