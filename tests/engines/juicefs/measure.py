@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ (engines.juicefs.*)
 
-from engines.juicefs.backend import redis_backend  # noqa: E402
 from engines.juicefs.launching import Running  # noqa: E402
 
 from fusecsi.engines.juicefs import NODE  # noqa: E402
+from fusecsi.engines.juicefs.local import redis_backend  # noqa: E402
 
 MiB = 1024 * 1024
 

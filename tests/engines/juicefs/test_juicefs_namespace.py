@@ -60,7 +60,7 @@ async def test_tagged_create_is_idempotent_and_tags_read_back(any_fs):
 
 
 async def test_quota_set_outside_fusecsi_reads_as_juicefs_shows_it(redis_fs):
-    from engines.juicefs.backend import juicefs
+    from fusecsi.engines.juicefs.local import juicefs
 
     async with open_namespace(redis_fs.cluster, timeout=20) as ns:
         await ns.mkdir_tagged("/v", 0o755, {VOLUME: b"v"}, 5 * MiB)

@@ -145,7 +145,7 @@ async def test_probe_answers_and_then_names_the_outage(redis_fs):
 
 
 async def test_probe_of_sqlite(tmp_path):
-    from engines.juicefs.backend import sqlite_backend
+    from fusecsi.engines.juicefs.local import sqlite_backend
 
     with sqlite_backend(tmp_path) as fs:
         assert await NODE.probe(fs.cluster) is None

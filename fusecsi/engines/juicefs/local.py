@@ -1,5 +1,6 @@
-"""A real JuiceFS filesystem for tests: metadata in redis-server (or a SQLite file), data in
-a local directory, formatted with the real `juicefs` binary.
+"""A real JuiceFS filesystem on this machine (`fusecsi dev --engine juicefs`, tests): metadata
+in redis-server (or a SQLite file), data in a local directory, formatted with the real
+`juicefs` binary.
 
     with redis_backend(tmp_path) as backend:
         backend.parameters   # StorageClass parameters ({"engine": "juicefs"})
@@ -7,7 +8,8 @@ a local directory, formatted with the real `juicefs` binary.
         backend.cluster      # the parsed Cluster (address without the password)
         backend.stop_metadata() / backend.start_metadata()   # an outage, then recovery
 
-Importable as `engines.juicefs.backend` (tests/ is on sys.path) by a shared engine suite.
+`LocalBackend(root, workers)` is the form `fusecsi.engines.local_cluster` starts: Redis
+when redis-server is installed, else SQLite.
 """
 
 from __future__ import annotations
@@ -162,3 +164,34 @@ def sqlite_backend(tmp_path: Path) -> Iterator[Backend]:
     )
     _format(backend, {})
     yield backend
+
+
+class LocalBackend:
+    """The registry's form (`fusecsi.engines.local_cluster`); `workers` does not apply (the
+    data goes to a local-directory bucket)."""
+
+    def __init__(self, root: Path, workers: int = 1) -> None:
+        self.root = Path(root)
+        self._stack = contextlib.ExitStack()
+        self.backend: Backend | None = None
+
+    def __enter__(self) -> LocalBackend:
+        self.root.mkdir(parents=True, exist_ok=True)
+        start = redis_backend if os.path.exists(REDIS_SERVER) else sqlite_backend
+        self.backend = self._stack.enter_context(start(self.root))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    @property
+    def parameters(self) -> dict[str, str]:
+        return self.backend.parameters
+
+    @property
+    def secrets(self) -> dict[str, str]:
+        return self.backend.secrets
+
+    def describe(self) -> str:
+        meta = "redis-server" if self.backend.redis is not None else "SQLite"
+        return f"juicefs volume {self.backend.name}: metadata in {meta}, data in a local bucket"
