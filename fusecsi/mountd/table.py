@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from fusecsi import engines, volumes
+from fusecsi import engines, mount_options
+from fusecsi.csi import volumes
 
 TABLE_VERSION = 1
 # tables written before engines existed hold only the default engine's keys
@@ -65,10 +66,9 @@ class Key:
 
     @cached_property
     def id(self) -> str:
-        # `options` is canonical already: hashed as given, without parsing, so a table
+        # `options` is canonical already: digested as given, without parsing, so a table
         # written before an option was retired still loads
-        digest = hashlib.sha256(self.options.encode()).hexdigest()[:12]
-        text = f"{self.address}|{self.fs_path}|{digest}"
+        text = f"{self.address}|{self.fs_path}|{mount_options.digest_of(self.options)}"
         if self.engine != DEFAULT_ENGINE:  # embedded ids stay what they were before engines
             text = f"{self.engine}|{text}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]

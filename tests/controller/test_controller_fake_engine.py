@@ -16,16 +16,16 @@ import re
 
 import pytest
 import trio
-from fake_namespace import FakeRegistry, FakeTree
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from support.fake_namespace import FakeRegistry, FakeTree
 
-from fusecsi.controller import ControllerService
-from fusecsi.csi import csi_pb2 as pb
+from fusecsi.csi.controller.namespace_pool import NamespacePool
+from fusecsi.csi.controller.service import ControllerService
+from fusecsi.csi.controller.volume_rules import TAG_OWNER, TAG_PARENT, TAG_VOLUME
+from fusecsi.csi.generated import csi_pb2 as pb
+from fusecsi.csi.volumes import VolumeRef, name_digest
 from fusecsi.engines.base import Unreachable
-from fusecsi.namespace_pool import NamespacePool
-from fusecsi.volume_rules import TAG_OWNER, TAG_PARENT, TAG_VOLUME
-from fusecsi.volumes import VolumeRef, name_digest
 
 GiB = 1 << 30
 SECRET = "s3cr3t-token-value"

@@ -1,4 +1,4 @@
-"""fusecsi/volumes.py: volume ids, parameters, path-pattern expansion and path safety."""
+"""fusecsi/csi/volumes.py: volume ids, parameters, path-pattern expansion and path safety."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusecsi import mount_options
-from fusecsi.volumes import (
+from fusecsi.csi.volumes import (
     MAX_FS_PATH_BYTES,
     MAX_VOLUME_ID,
     PV_NAME,

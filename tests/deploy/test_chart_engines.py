@@ -8,7 +8,7 @@ import json
 
 import pytest
 import yaml
-from deploy_helpers import (
+from support.helm import (
     CHART,
     CRD_KINDS,
     EXAMPLES,

@@ -14,8 +14,8 @@ import zipfile
 
 import pytest
 import yaml
-from deploy_helpers import CHART, REPO
 from packaging.requirements import Requirement
+from support.helm import CHART, REPO
 
 BASE = "python:3.11-slim-bookworm"
 BUILD_ONLY = ("gcc", "pkg-config", "libfuse3-dev", "build-essential", "python3-dev")

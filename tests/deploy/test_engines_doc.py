@@ -9,7 +9,7 @@ import shlex
 
 import pytest
 import yaml
-from deploy_helpers import EXAMPLES, REPO, find, render
+from support.helm import EXAMPLES, REPO, find, render
 
 DOC = REPO / "docs" / "engines" / "deploy.md"
 

@@ -10,7 +10,7 @@ import re
 import kubernetes_validate
 import pytest
 import yaml
-from deploy_helpers import (
+from support.helm import (
     CHART,
     CRD_KINDS,
     KUBE_VERSIONS,
@@ -24,7 +24,8 @@ from deploy_helpers import (
     validate,
 )
 
-from fusecsi import mount_options, volumes
+from fusecsi import mount_options
+from fusecsi.csi import volumes
 
 RENDERS = ["defaults", "all-options"]
 # The one container that must be privileged (mount syscalls, Bidirectional propagation).

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from deploy_helpers import REPO, find, render
+from support.helm import REPO, find, render
 
 pytestmark = pytest.mark.slow
 

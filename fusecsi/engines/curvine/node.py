@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 
 import trio
 
-from fusecsi import volumes
+from fusecsi.csi import volumes
 from fusecsi.engines.base import BadParameter, Cluster, Launch, Usage
 from fusecsi.engines.curvine.namespace import QUOTA_XATTR, parse_quota
 

@@ -9,7 +9,8 @@ import os
 import sys
 from collections.abc import Mapping
 
-from fusecsi import mount_options, volumes
+from fusecsi import mount_options
+from fusecsi.csi import volumes
 from fusecsi.engines.base import BadParameter, Cluster, Launch, Usage
 
 PARAM_MASTER_ADDRS = "master-addrs"

@@ -20,7 +20,7 @@ from grpclib.const import Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
-from fusecsi.csi import csi_grpc
+from fusecsi.csi.generated import csi_grpc
 
 # dispatch(full method name, request) -> reply, run in trio
 Dispatch = Callable[[str, Any], Awaitable[Any]]

@@ -21,15 +21,16 @@ from typing import Any
 from grpclib.const import Status
 
 from fusecsi import engines as engine_registry
-from fusecsi import mount_options, volumes
-from fusecsi.capabilities import capability_problem
-from fusecsi.cluster.protocol import RPCUnavailable
-from fusecsi.csi import csi_pb2 as pb
+from fusecsi import mount_options
+from fusecsi.csi import volumes
+from fusecsi.csi.capabilities import capability_problem
+from fusecsi.csi.generated import csi_pb2 as pb
+from fusecsi.csi.validation import fail, invalid, require
 from fusecsi.engines.base import BadParameter, Cluster, NodeEngine
 from fusecsi.logs import fields
 from fusecsi.mountd import inputs, table
 from fusecsi.mountd.client import MountdClient
-from fusecsi.validation import fail, invalid, require
+from fusecsi.rpc.errors import RPCUnavailable
 
 log = logging.getLogger("fusecsi.node")
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import trio
 
 from fusecsi import gctune, logs, metrics
-from fusecsi.csi_server import CsiServer, add_server_flags, run_until_signal
-from fusecsi.identity import IdentityService
+from fusecsi.csi.identity import IdentityService
+from fusecsi.csi.server import CsiServer, add_server_flags, run_until_signal
+from fusecsi.tokens import TOKEN_ENV, load_token
 
 
 def configure(parser) -> None:
@@ -16,7 +15,7 @@ def configure(parser) -> None:
     parser.add_argument(
         "--token-file",
         default=None,
-        help="embedded cluster token for requests without a `token` secret (else $FUSECSI_TOKEN)",
+        help=f"embedded cluster token for requests without a `token` secret (else ${TOKEN_ENV})",
     )
     parser.add_argument(
         "--kubeconfig",
@@ -31,25 +30,19 @@ def configure(parser) -> None:
     )
 
 
-def default_token(args) -> str | None:
-    if args.token_file:
-        with open(args.token_file) as f:
-            return f.read().strip() or None
-    return os.environ.get("FUSECSI_TOKEN") or None
-
-
 def default_secrets(args) -> dict[str, dict[str, str]]:
     """Per engine, the secrets for requests that carry none."""
-    token = default_token(args)
+    token = load_token(args.token_file)
     return {"embedded": {"token": token}} if token else {}
 
 
 async def serve(args) -> None:
-    from fusecsi import controller as service
+    from fusecsi.csi.controller import service
+    from fusecsi.csi.controller.namespace_pool import NamespacePool
     from fusecsi.events import Events
     from fusecsi.k8s import KubeApi
-    from fusecsi.namespace_pool import NamespacePool
 
+    secrets = default_secrets(args)  # a bad token file fails the start, not a request
     # an engine's own calls give up a little before our deadline, so their clearer error wins
     namespaces = NamespacePool(timeout=args.cluster_timeout * 0.8)
     kube = KubeApi(args.kubeconfig, timeout=args.cluster_timeout)
@@ -60,7 +53,7 @@ async def serve(args) -> None:
         controller = service.ControllerService(
             namespaces,
             kube,
-            default_secrets=default_secrets(args),
+            default_secrets=secrets,
             call_timeout=args.cluster_timeout,
             events=events,
         )

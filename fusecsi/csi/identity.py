@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from fusecsi import DRIVER_NAME, __version__
-from fusecsi.csi import csi_pb2 as pb
+from fusecsi.csi.generated import csi_pb2 as pb
 
 Readiness = Callable[[], Awaitable[bool]]
 

@@ -27,14 +27,16 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
 
+from fusecsi.csi.volumes import EMBEDDED, VolumeRef, join
 from fusecsi.engines.base import Namespace, Node
+from fusecsi.errors import run_all
 from fusecsi.locks import KeyedLocks
 from fusecsi.logs import fields
-from fusecsi.volumes import EMBEDDED, VolumeRef, join
 
 log = logging.getLogger("fusecsi.volume_rules")
 
@@ -141,21 +143,7 @@ class VolumeRules:
     async def _together(self, *calls: tuple) -> list:
         """Independent Namespace calls at once (one round trip's wait instead of several);
         their results in order. The first failure is raised as itself, not as a group."""
-        errors: list[Exception] = []
-        results: list = [None] * len(calls)
-
-        async def one(i: int, fn, *args) -> None:
-            try:
-                results[i] = await self._in_time(fn, *args)
-            except Exception as exc:
-                errors.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            for i, call in enumerate(calls):
-                nursery.start_soon(one, i, *call)
-        if errors:
-            raise errors[0]
-        return results
+        return await run_all([partial(self._in_time, *call) for call in calls])
 
     async def _changed_then_synced(self, ns: Namespace, fn, *args) -> None:
         """`fn(*args)`, then wait until the engine has it durable."""

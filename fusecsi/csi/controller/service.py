@@ -1,4 +1,4 @@
-"""CSI Controller service: CSI translation of the volume rules (fusecsi/volume_rules.py).
+"""CSI Controller service: CSI translation of the volume rules (volume_rules.py here).
 
 Here: request validation, which engine and cluster a request names (StorageClass parameters
 through the engine's `parse_cluster`, or the volume id), its secrets (the request's, else
@@ -20,17 +20,9 @@ import trio
 from grpclib.const import Status
 
 from fusecsi import engines
-from fusecsi.capabilities import capability_problem
-from fusecsi.csi import csi_pb2 as pb
-from fusecsi.engines.base import BadParameter, Cluster, Namespace
-from fusecsi.events import Events
-from fusecsi.k8s import KubeApi, KubeError, KubeUnavailable
-from fusecsi.locks import KeyedLocks
-from fusecsi.logs import fields
-from fusecsi.metrics import Tally
-from fusecsi.namespace_pool import NamespacePool
-from fusecsi.validation import fail, invalid, require
-from fusecsi.volume_rules import (  # noqa: F401  (archive_name, ARCHIVE_ATTEMPTS: re-exported)
+from fusecsi.csi.capabilities import capability_problem
+from fusecsi.csi.controller.namespace_pool import NamespacePool
+from fusecsi.csi.controller.volume_rules import (  # noqa: F401  (archive_name, ARCHIVE_ATTEMPTS: re-exported)
     ARCHIVE_ATTEMPTS,
     AlreadyExists,
     CannotShrink,
@@ -41,13 +33,21 @@ from fusecsi.volume_rules import (  # noqa: F401  (archive_name, ARCHIVE_ATTEMPT
     VolumeRules,
     archive_name,
 )
-from fusecsi.volumes import (
+from fusecsi.csi.generated import csi_pb2 as pb
+from fusecsi.csi.validation import fail, invalid, require
+from fusecsi.csi.volumes import (
     PVC_NAME,
     PVC_NAMESPACE,
     VolumeParams,
     VolumeRef,
     parse_parameters,
 )
+from fusecsi.engines.base import BadParameter, Cluster, Namespace
+from fusecsi.events import Events
+from fusecsi.k8s import KubeApi, KubeError, KubeUnavailable
+from fusecsi.locks import KeyedLocks
+from fusecsi.logs import fields
+from fusecsi.metrics import Tally
 
 log = logging.getLogger("fusecsi.controller")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import trio
 
 from fusecsi import logs, metrics
-from fusecsi.csi_server import CsiServer, add_server_flags, run_until_signal
-from fusecsi.identity import IdentityService
+from fusecsi.csi.identity import IdentityService
+from fusecsi.csi.node.service import NodeService
+from fusecsi.csi.server import CsiServer, add_server_flags, run_until_signal
 from fusecsi.mountd.client import MountdClient
-from fusecsi.node import NodeService
 
 
 def configure(parser) -> None:

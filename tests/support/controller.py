@@ -18,12 +18,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from spawning import Spawner, wait_for_path
 
-from fusecsi import grpc_bridge
 from fusecsi.cluster.client import ClusterClient
 from fusecsi.cluster.local import LocalCluster
-from fusecsi.csi import csi_pb2 as pb
+from fusecsi.csi import bridge as grpc_bridge
+from fusecsi.csi.generated import csi_pb2 as pb
+from support.processes import Spawner, wait_for_path
 
 GiB = 1 << 30
 

@@ -61,7 +61,7 @@ class Refused(Exception):
 def prepare(work_dir: Path | None) -> Path:
     """A work dir to start in: a new one, an empty one, or one an earlier run used (emptied,
     so no scenario meets old data). Refused: anything else, or one whose stack still runs."""
-    from fusecsi.devstack import leftover_mounts, processes_under
+    from fusecsi.dev.stack import leftover_mounts, processes_under
 
     if work_dir is None:
         work_dir = Path(tempfile.mkdtemp(prefix="fusecsi-dev-"))
@@ -89,7 +89,7 @@ def prepare(work_dir: Path | None) -> Path:
 
 
 def stop(work_dir: Path | None) -> int:
-    from fusecsi.devstack import stop_everything_under
+    from fusecsi.dev.stack import stop_everything_under
 
     if work_dir is None:
         print("fusecsi dev: --stop needs the --work-dir of the stack", file=sys.stderr)
@@ -116,8 +116,8 @@ def run(args) -> int:
         return stop(args.work_dir)
     logs.setup("dev", "WARNING")
     # imported here so `fusecsi --help` stays light
-    from fusecsi.devstack import DevStack
-    from fusecsi.walkthrough import Walkthrough
+    from fusecsi.dev.stack import DevStack
+    from fusecsi.dev.walkthrough import Walkthrough
 
     try:
         work_dir = prepare(args.work_dir)

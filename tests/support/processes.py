@@ -1,6 +1,6 @@
 """Real subprocesses for tests: start fusecsi roles, wait for their sockets, read their logs.
 
-Imported by name (`from spawning import ...`): several test directories have their own
+Imported as `from support.processes import ...`: several test directories have their own
 conftest.py, so `from conftest import` would find whichever pytest loaded first."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One node for the node plugin's tests: a LocalCluster (master + worker, with a token), a
 real `fusecsi mountd` and a real `fusecsi node`, and kubelet-style target paths.
 
-Import the fixtures into a test module: `from nodestack import cluster_fixture, node_fixture`;
+Import the fixtures into a test module: `from support.node import cluster_fixture, node_fixture`;
 tests ask for them by their names, `cluster` and `node`. `spawn` is the top-level
 conftest's fixture.
 """
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 import trio
-from spawning import read_log, wait_for_path
 
-from fusecsi import volumes
 from fusecsi.cluster.client import ClusterClient
 from fusecsi.cluster.local import LocalCluster
-from fusecsi.csi import csi_pb2 as pb
-from fusecsi.devstack import kill_daemons_under, leftover_mounts
+from fusecsi.csi import volumes
+from fusecsi.csi.generated import csi_pb2 as pb
+from fusecsi.dev.stack import kill_daemons_under, leftover_mounts
 from fusecsi.mountd.client import MountdClient
+from support.processes import read_log, wait_for_path
 
 TOKEN = "node-test-token-7f3a"
 FS_PATH = "/kube"

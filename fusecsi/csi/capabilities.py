@@ -4,7 +4,7 @@ controller would refuse."""
 
 from __future__ import annotations
 
-from fusecsi.csi import csi_pb2 as pb
+from fusecsi.csi.generated import csi_pb2 as pb
 
 _Mode = pb.VolumeCapability.AccessMode.Mode
 

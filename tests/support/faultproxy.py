@@ -1,6 +1,6 @@
 """A fault-injecting relay between a cluster client (the controller) and the master.
 
-It speaks the framing of fusecsi/cluster/protocol.py (4-byte length, msgpack
+It speaks the framing of fusecsi/rpc/framing.py (4-byte length, msgpack
 `[0, id, method, args]` / `[1, id, error, result]`) over real TCP on loopback and decides per
 request: pass it on, hold it (the master never answers: the caller's timeout must fire), or
 answer a chosen errno in the master's place without passing it on (so the cluster does not
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from fusecsi.cluster.protocol import HEADER, REPLY, REQUEST, encode, unpack_frame
+from fusecsi.rpc.framing import HEADER, REPLY, REQUEST, encode, unpack_frame
 
 HOLD = "hold"
 # calls that change the namespace (the others only read, or wait for the journal)

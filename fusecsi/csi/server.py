@@ -18,8 +18,9 @@ import trio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from fusecsi import grpc_bridge, metrics, unix_socket
-from fusecsi.csi import csi_grpc
+from fusecsi import metrics, unix_socket
+from fusecsi.csi import bridge as grpc_bridge
+from fusecsi.csi.generated import csi_grpc
 from fusecsi.logs import fields
 
 log = logging.getLogger("fusecsi.csi")

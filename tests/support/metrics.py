@@ -1,10 +1,8 @@
-"""What the observability tests share: scraping /metrics, and the helpers of the controller
-mountd and fuse test directories (imported from there, not copied)."""
+"""Clusters that serve /metrics, and scraping it (the observability tests)."""
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -12,11 +10,6 @@ from pathlib import Path
 import trio
 
 from fusecsi.cluster.local import LocalCluster, free_port
-
-_TESTS = Path(__file__).resolve().parents[1]
-for _directory in ("controller", "mountd", "fuse"):
-    if str(_TESTS / _directory) not in sys.path:
-        sys.path.insert(0, str(_TESTS / _directory))
 
 
 @contextlib.contextmanager

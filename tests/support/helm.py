@@ -17,7 +17,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "fusecsi"
 EXAMPLES = REPO / "helm" / "examples"
-VALUES_ALL = Path(__file__).with_name("values-all.yaml")
+VALUES_ALL = REPO / "tests" / "deploy" / "values-all.yaml"
 HELM = REPO / ".tools" / "helm" / "helm"
 # The Kubernetes version the chart is rendered for, and every version objects are validated
 # against: the oldest the chart supports (Chart.yaml kubeVersion) and a current one.

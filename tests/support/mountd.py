@@ -1,6 +1,6 @@
 """A real cluster, a real `fusecsi mountd` subprocess and real FUSE daemons under tmp_path.
 
-Import the fixtures into a test module (`from mountd_stack import cluster_fixture,
+Import the fixtures into a test module (`from support.mountd import cluster_fixture,
 mountd_fixture`); tests ask for them as `cluster` and `mountd`.
 """
 
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from spawning import FUSECSI, read_log, wait_for_path
 
 from fusecsi.cluster.client import ClusterClient
 from fusecsi.cluster.local import LocalCluster
@@ -25,6 +24,7 @@ from fusecsi.engines.embedded import NODE as EMBEDDED
 from fusecsi.mountd import mounts
 from fusecsi.mountd.client import MountdClient
 from fusecsi.mountd.daemons import process_args
+from support.processes import FUSECSI, read_log, wait_for_path
 
 TOKEN = "mountd-test-token"
 

@@ -20,9 +20,10 @@ from pathlib import Path
 import trio
 from grpclib.exceptions import GRPCError
 
-from fusecsi import engines, grpc_bridge
-from fusecsi.csi import csi_pb2 as pb
-from fusecsi.devstack import Container, DevStack, Node, leftover_mounts
+from fusecsi import engines
+from fusecsi.csi import bridge as grpc_bridge
+from fusecsi.csi.generated import csi_pb2 as pb
+from fusecsi.dev.stack import Container, DevStack, Node, leftover_mounts
 from fusecsi.mountd.client import MountdClient
 
 GIB = 1 << 30
