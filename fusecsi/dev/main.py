@@ -101,7 +101,10 @@ def stop(work_dir: Path | None) -> int:
 
 def print_running(stack, work_dir: Path) -> None:
     print(f"\nthe stack keeps running in {work_dir}:")
-    print(f"  cluster     {stack.engine}: {stack.backend.describe()}")
+    if stack.engine == "embedded":
+        print(f"  cluster     --master-addrs {stack.master_addrs}")
+    else:
+        print(f"  cluster     {stack.engine}: {stack.backend.describe()}")
     print(f"  controller  unix://{stack.controller_socket}")
     for node in stack.nodes:
         print(f"  {node.name:<11} unix://{node.csi_socket} (mountd unix://{node.mountd_socket})")
