@@ -435,6 +435,8 @@ class VolumeParams:
     metadata: dict[str, str] = field(default_factory=dict)
     engine: str = EMBEDDED
     engine_params: dict[str, str] = field(default_factory=dict)
+    # another engine's mount options, canonical `k=v,...` (see fusecsi/engines/options.py)
+    engine_options: str = ""
 
     @property
     def cluster_params(self) -> dict[str, str]:
@@ -473,12 +475,18 @@ class VolumeParams:
 
     def context(self, ref: VolumeRef) -> dict[str, str]:
         """The volume context for the node: the engine's own parameters, then ours."""
-        return {**self.engine_params, **ref.context(self.options)}
+        context = {**self.engine_params, **ref.context(self.options)}
+        if self.engine_options:
+            context[CTX_OPTIONS] = self.engine_options
+        return context
 
 
-def parse_parameters(params: Mapping[str, str], *, require_master: bool = True) -> VolumeParams:
+def parse_parameters(
+    params: Mapping[str, str], *, require_master: bool = True, node_engine=None
+) -> VolumeParams:
     """Validate CreateVolume/GetCapacity parameters; ValueError names the offending key.
-    `require_master`: the embedded engine's master-addrs must be there."""
+    `require_master`: the embedded engine's master-addrs must be there; `node_engine`: the
+    registry's lookup (the controller passes its own)."""
     ours = {k: v for k, v in params.items() if not k.startswith(RESERVED_PREFIX)}
     metadata = {k: v for k, v in params.items() if k.startswith(RESERVED_PREFIX)}
     engine = ours.pop(P_ENGINE, DEFAULT_ENGINE)
@@ -492,9 +500,23 @@ def parse_parameters(params: Mapping[str, str], *, require_master: bool = True) 
         raise ValueError(f"parameter {P_ON_DELETE}={on_delete!r}: expected delete|retain|archive")
     pattern_text = ours.pop(P_PATH_PATTERN, None)
     pattern = None if pattern_text is None else PathPattern.parse(pattern_text)
-    if engine != EMBEDDED:  # the rest is the engine's: its parse_cluster checks it
+    if engine != EMBEDDED:
+        # the rest is the engine's: what names its cluster (its parse_cluster checks that)
+        # and its mount options, checked here so a typo is refused before any pod needs it
+        from fusecsi import engines
+        from fusecsi.engines.options import split_parameters
+
+        cluster, options = split_parameters((node_engine or engines.node_engine)(engine), ours)
         return VolumeParams(
-            None, fs_path, on_delete, pattern, None, metadata, engine=engine, engine_params=ours
+            None,
+            fs_path,
+            on_delete,
+            pattern,
+            None,
+            metadata,
+            engine=engine,
+            engine_params=cluster,
+            engine_options=options,
         )
     addrs_text = ours.pop(P_MASTER_ADDRS, None)
     if addrs_text is None and require_master:

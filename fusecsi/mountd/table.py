@@ -16,32 +16,11 @@ from functools import cached_property
 
 from fusecsi import engines, mount_options
 from fusecsi.csi import volumes
+from fusecsi.engines.options import canonical_options
 
 TABLE_VERSION = 1
 # tables written before engines existed hold only the default engine's keys
 DEFAULT_ENGINE = engines.DEFAULT
-
-
-def parse_options(text: str) -> dict[str, str]:
-    """`k=v,k=v` as a mapping (ValueError on an item without `=`)."""
-    raw: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"mount option {item!r} needs a value (key=value)")
-        raw[name.strip()] = value.strip()
-    return raw
-
-
-def canonical_options(engine, text: str) -> str:
-    """The engine's canonical `k=v,...` form of `text` (ValueError/BadParameter when it is
-    off the engine's allow-list): two spellings of the same options share a daemon."""
-    parsed = parse_options(text)
-    normalize = getattr(engine, "normalize_options", None)
-    if normalize is not None:
-        return normalize(parsed)
-    engine.check_options(parsed)
-    return ",".join(f"{k}={v}" for k, v in sorted(parsed.items()))
 
 
 @dataclass(frozen=True)

@@ -438,7 +438,7 @@ async def test_requests_without_secrets_use_the_defaults(nursery):
         ({"engine": "ceph"}, r"^parameter engine='ceph': unknown engine \(known: embedded, "),
         ({"engine": "curvine"}, r"^engine 'curvine' is not available in this build of fusecsi$"),
         ({"engine": "seaweedfs"}, "parameter filer is required"),
-        ({"engine": "seaweedfs", "filer": "f:1", "bogus": "1"}, "unknown seaweedfs parameter"),
+        ({"engine": "seaweedfs", "filer": "f:1", "bogus": "1"}, "mount option 'bogus' is not"),
         ({"master-addrs": "m:1", "bogus": "1"}, "unknown parameter 'bogus'"),
     ],
 )

@@ -266,8 +266,15 @@ class _FakeNode:
     """The node half's parse_cluster for the fake in the slot of another engine: parameter
     `filer` names the cluster, every secret is passed on."""
 
+    cluster_parameters = ("filer",)
+
     def __init__(self, name: str) -> None:
         self.name = name
+
+    def check_options(self, options: Mapping[str, str]) -> None:
+        if set(options) - {"cache-size"}:
+            name = sorted(set(options) - {"cache-size"})[0]
+            raise BadParameter(f"{self.name} mount option {name!r} is not allowed")
 
     def parse_cluster(self, parameters: Mapping[str, str], secrets: Mapping[str, str]) -> Cluster:
         unknown = sorted(set(parameters) - {"filer"})

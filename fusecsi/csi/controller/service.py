@@ -256,7 +256,7 @@ class ControllerService:
         if request.mutable_parameters:
             invalid("mutable_parameters are not supported (no volume attributes classes)")
         try:
-            params = parse_parameters(request.parameters)
+            params = parse_parameters(request.parameters, node_engine=self._node_engine)
         except ValueError as exc:
             invalid(str(exc))
         secrets = self._secrets(params.engine, request)
@@ -409,7 +409,9 @@ class ControllerService:
         problems = [p for p in map(capability_problem, request.volume_capabilities) if p]
         if request.parameters:
             try:
-                parse_parameters(request.parameters, require_master=False)
+                parse_parameters(
+                    request.parameters, require_master=False, node_engine=self._node_engine
+                )
             except ValueError as exc:
                 problems.append(str(exc))
         if request.mutable_parameters:
@@ -428,7 +430,9 @@ class ControllerService:
         Without a cluster to ask (no master-addrs; another engine's cluster whose secrets
         no call has brought yet): 0, as the spec allows."""
         try:
-            params = parse_parameters(request.parameters, require_master=False)
+            params = parse_parameters(
+                request.parameters, require_master=False, node_engine=self._node_engine
+            )
         except ValueError as exc:
             invalid(str(exc))
         if not params.cluster_params:

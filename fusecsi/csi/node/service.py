@@ -27,8 +27,9 @@ from fusecsi.csi.capabilities import capability_problem
 from fusecsi.csi.generated import csi_pb2 as pb
 from fusecsi.csi.validation import fail, invalid, require
 from fusecsi.engines.base import BadParameter, Cluster, NodeEngine
+from fusecsi.engines.options import canonical_options
 from fusecsi.logs import fields
-from fusecsi.mountd import inputs, table
+from fusecsi.mountd import inputs
 from fusecsi.mountd.client import MountdClient
 from fusecsi.rpc.errors import RPCUnavailable
 
@@ -118,7 +119,7 @@ def resolve_source(
             cluster=engine.parse_cluster(found, dict(secrets or {})),
             fs_path=volumes.normalize_fs_path(found[volumes.CTX_FS_PATH]),
             subpath=volumes.validate_subpath(found[volumes.CTX_SUBPATH]),
-            options=table.canonical_options(engine, options),
+            options=canonical_options(engine, options),
         )
     except ValueError as exc:  # BadParameter included
         invalid(f"volume {volume_id!r}: {exc}")

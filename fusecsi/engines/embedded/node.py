@@ -23,6 +23,7 @@ TOKEN_FILE = "token"
 class EmbeddedNode:
     name = "embedded"
     fstype = "fuse.fusecsi"
+    cluster_parameters = (PARAM_MASTER_ADDRS,)
     takeover = True
     parameters = (PARAM_MASTER_ADDRS,)  # what parse_cluster needs of the volume context
 
