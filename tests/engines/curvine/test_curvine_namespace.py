@@ -123,6 +123,17 @@ async def test_no_master_is_unreachable():
             await ns.lookup("/")
 
 
+async def test_mkdir_tagged_under_a_missing_parent_is_enoent(master):
+    # the master answers only a Common error; the controller creates parents on ENOENT
+    async with namespace(master.address) as ns:
+        with pytest.raises(FileNotFoundError):
+            await ns.mkdir_tagged("/base/pvc-1", 0o755, {OWNER: b"pvc-1"}, None)
+        master.tree.add("/file", False)
+        with pytest.raises(OSError) as raised:
+            await ns.mkdir_tagged("/file/pvc-1", 0o755, {OWNER: b"pvc-1"}, None)
+        assert raised.value.errno == errno.EIO  # the parent is there: the master's answer
+
+
 async def test_a_master_on_a_directory_keeps_the_namespace_there(nursery, tmp_path):
     # DirTree: what the walkthrough's stand-in curvine-fuse passes through
     standin = StandinMaster(DirTree(tmp_path))
