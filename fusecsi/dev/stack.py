@@ -36,12 +36,16 @@ class DevStack:
         node_names=("node-a", "node-b"),
         workers: int = 2,
         engine: str = engines.DEFAULT,
+        backend=None,
     ) -> None:
+        """`backend`: a cluster to start instead of `engines.local_cluster(engine, ...)`
+        (a context manager like it; tests give the Curvine stand-ins this way)."""
         self.work_dir = work_dir
         self.logs = work_dir / "logs"
         self.workers = workers
         self.engine = engine
         self.backend = None  # the engine's local cluster (engines.local_cluster), once started
+        self._given_backend = backend
         self.controller_socket = work_dir / "controller" / "csi.sock"
         self.nodes = [
             Node(
@@ -95,7 +99,9 @@ class DevStack:
 
     def start(self, progress=print) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
-        backend = engines.local_cluster(self.engine, self.work_dir / "cluster", self.workers)
+        backend = self._given_backend
+        if backend is None:
+            backend = engines.local_cluster(self.engine, self.work_dir / "cluster", self.workers)
         backend.__enter__()
         self.backend = backend
         progress(f"cluster ({self.engine}): {backend.describe()}")
