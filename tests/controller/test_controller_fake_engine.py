@@ -113,7 +113,7 @@ async def start(nursery, slot: str, **tree_options) -> Harness:
         pool,
         None,  # no Kubernetes API: these tests use no labels or annotations
         default_secrets={"embedded": {"token": "default-token"}},
-        call_timeout=0.3,
+        call_timeout=2.0,  # generous: an in-memory fake, but a loaded CI machine (0.3 flaked)
         registry=registry,
     )
     return Harness(registry, service, slot)

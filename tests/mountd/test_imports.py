@@ -12,7 +12,7 @@ from pathlib import Path
 import fusecsi
 
 PACKAGE = Path(fusecsi.__file__).parent
-SEAM = ("fusecsi.engines", "fusecsi.engines.base")
+SEAM = ("fusecsi.engines", "fusecsi.engines.base", "fusecsi.engines.options")
 
 
 def imported(path: Path) -> set[str]:
@@ -30,7 +30,7 @@ def breaks_rule(name: str) -> bool:
     if name.startswith("fusecsi.cluster"):
         return True  # the embedded cluster's client belongs to its engine
     if name.startswith("fusecsi.engines."):
-        return name not in SEAM and not name.startswith("fusecsi.engines.base.")
+        return name not in SEAM and not name.startswith(tuple(f"{m}." for m in SEAM[1:]))
     return False
 
 
