@@ -101,3 +101,32 @@ def test_an_orphan_held_open_survives_takeovers(make_mount, fs_path, on_cluster)
     finally:
         actor.close()
     assert on_cluster(_orphans, fs_path) == []
+
+
+def test_writes_the_journal_cannot_hold_are_committed_before_they_are_acknowledged(
+    make_mount, fs_path, tmp_path
+):
+    """The connection's directory fills up (a 160 KiB tmpfs: the handles file takes 64): each
+    write then commits before its reply, so a takeover still loses none; the journal is
+    emptied at the last close."""
+    conn = tmp_path / "mnt0.conn"  # KeptMount's connection directory
+    conn.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k,mode=700", "tmpfs", conn], check=True)
+    actor = None
+    try:
+        mount = make_mount(fs_path, kept=True, name="mnt0")
+        actor = Actor(mount.path)
+        fd = actor("open", "f", "w")["ok"]
+        records = [b"%04095d\n" % i for i in range(300)]  # 4 KiB each, 1.2 MiB in all
+        for record in records:
+            assert actor("write", fd, pack(record)) == {"ok": len(record)}
+        mount.replace(signal.SIGKILL)
+        assert "write journal failed" in mount.log_text()
+        assert actor("fsync", fd) == {"ok": None}
+        assert actor("close", fd) == {"ok": None}
+        assert actor("read", "f") == {"ok": pack(b"".join(records))}
+        assert os.listdir(conn / "spool") == []
+    finally:
+        if actor is not None:
+            actor.close()
+        subprocess.run(["umount", "-l", conn], check=False)
