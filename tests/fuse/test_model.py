@@ -503,14 +503,17 @@ def machine(stage: Stage, faults: bool):
                 self.settle_file(ino)
 
         @precondition(lambda self: faults)
-        @rule()
-        def daemon_taken_over(self):
+        @rule(data=st.data(), size=st.one_of(st.just(0), st.integers(1, 300_000)))
+        def daemon_taken_over(self, data, size):
             """Handles stay open and writes not yet fsync'd or closed are replayed from the
             journal: the next call, here an fsync, succeeds and the file is what the model
             holds. Only a cluster fault earlier in the case may have made a loss (EIO), which
-            is settled like any loss."""
+            is settled like any loss. With `size`, a write comes just before the kill (the
+            noise process reads files on mount A, which commits them: this one is not)."""
             stage.join_fault()
-            stage.log.append("daemon A killed and taken over")
+            if size:
+                self.write(data, size)
+            stage.log.append(f"daemon A killed and taken over ({size} bytes written just before)")
             stage.a.replace(signal.SIGKILL)
             for handle in [h for h in self.handles if h.actor < 2 and h.flags != "r"]:
                 if handle not in self.handles:
