@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from fusecsi.fuse.spool import HEADER, SpoolDir
+from fusecsi.fuse.spool import GEN, HEADER, START, SpoolDir
 
 
 def replayed(path, ino: int) -> list[tuple[int, bytes]]:
@@ -31,8 +31,27 @@ def test_a_torn_last_record_was_never_acknowledged_and_is_skipped(tmp_path):
     path = tmp_path / "7.0"
     os.truncate(path, path.stat().st_size - 3)  # the daemon died inside the second pwritev
     assert replayed(tmp_path, 7) == [(0, b"kept")]
-    os.truncate(path, HEADER.size + 4 + 5)  # ...or inside its header
+    os.truncate(path, START + HEADER.size + 4 + GEN + 5)  # ...or inside its header
     assert replayed(tmp_path, 7) == [(0, b"kept")]
+
+
+def test_a_reused_segment_shows_none_of_its_older_records(tmp_path):
+    spool = SpoolDir(str(tmp_path)).spool(7)
+    for i in range(3):
+        spool.append(i * 100, b"old %d" % i)
+    spool.covered(spool.mark())  # committed: the segment is reused in place
+    assert replayed(tmp_path, 7) == []
+    assert spool.append(0, b"new")  # shorter than what follows it in the file
+    assert os.listdir(tmp_path) == ["7.0"]
+    assert replayed(tmp_path, 7) == [(0, b"new")]
+    # a record torn by the daemon's death: its header and first bytes are there, the rest
+    # of the place holds what the older records left
+    path = tmp_path / "7.0"
+    gen = path.read_bytes()[:GEN]
+    with open(path, "r+b") as f:
+        f.seek(START + HEADER.size + 3 + GEN)
+        f.write(HEADER.pack(100, 10, gen) + b"torn")
+    assert replayed(tmp_path, 7) == [(0, b"new")]
 
 
 def test_a_commit_drops_what_it_covered_and_keeps_writes_made_meanwhile(tmp_path):
