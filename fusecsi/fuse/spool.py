@@ -5,7 +5,8 @@ write the daemon acknowledged: until a flush, fsync or close commits it, a write
 the daemon's write-back buffer and in pieces on their way to the workers, both in its
 memory. So before a write is acknowledged its bytes are also appended to a journal of its
 inode in the connection's directory, `spool/<ino>.<seq>` (records: offset, length, bytes,
-in the order the writes were made). A replacement daemon replays the journal of every
+in the order the writes were made; a segment a commit covered is reused in place, so a file
+holds at most about LIMIT bytes of journal while it is open). A replacement daemon replays the journal of every
 inode it adopts through its own write path and commits it (handles.adopt_handles).
 
 Why this is safe:
@@ -51,8 +52,8 @@ class SpoolDir:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        # A connection served before by a daemon without journals: its uncommitted writes
-        # are lost, not journaled (see adopt_handles).
+        # False on a connection served before by a daemon without journals: its uncommitted
+        # writes were not journaled but lost (see adopt_handles).
         self.existed = os.path.isdir(path)
         os.makedirs(path, mode=0o700, exist_ok=True)
 
