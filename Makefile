@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
 # Only `make test` needs these: tests/deploy/test_image.py builds the image and runs it.
 # (`make bench` adds fio: benchmarks/fuse_io.py drives its I/O with it.)
-TEST_APT_PACKAGES := podman mmdebstrap runc
+# redis-server: the JuiceFS tests' metadata engine (tests/engines/juicefs/backend.py).
+TEST_APT_PACKAGES := podman mmdebstrap runc redis-server
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
 .PHONY: setup run test lint stubs bench

@@ -61,6 +61,11 @@ class Launch:
     # "ready-fd": the daemon writes READY to the fd that replaces `{ready_fd}` in argv (the
     # embedded daemon); "mountinfo": ready once `fstype` is mounted there and statfs answers
     ready: str = "mountinfo"
+    # appended when mountd mounted the connection itself and keeps it (`takeover`):
+    # `{fuse_fd}` is the /dev/fuse descriptor to serve, `{connection}` a private directory
+    takeover_argv: list[str] = field(default_factory=list)
+    # appended when mountd re-exports daemon metrics: `{metrics_file}` is where to write them
+    metrics_argv: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,9 @@ class NodeEngine(Protocol):
     name: str
     fstype: str  # mountinfo fstype of a live mount of this engine, e.g. "fuse.juicefs"
     takeover: bool  # whether mountd may hold the /dev/fuse connection for the daemon
+    # every StorageClass parameter parse_cluster reads (required or optional); any other
+    # parameter that is not fusecsi's own is a mount option (see engines/options.py)
+    cluster_parameters: tuple[str, ...]
 
     def parse_cluster(self, parameters: Mapping[str, str], secrets: Mapping[str, str]) -> Cluster:
         """The cluster named by a StorageClass's parameters and its CSI secret."""
@@ -95,7 +103,14 @@ class NodeEngine(Protocol):
 
     def usage(self, volume_dir: str) -> Usage:
         """What one volume uses, read through the live mount (`volume_dir` is the volume's
-        directory inside the key's mount); quota-less engines report total_bytes None."""
+        directory inside the key's mount); quota-less engines report total_bytes None.
+        OSError ENODATA: nothing is known (mountd then reports the mount's statfs only)."""
+
+    # Optional members, looked up with getattr by mountd:
+    # - normalize_options(options) -> str: the canonical `k=v,...` form of the options (two
+    #   spellings of the same options share a daemon); default: sorted `k=v` pairs.
+    # - kernel_mount(cluster, fs_path, options) -> (source, libfuse options): required when
+    #   `takeover` is True; mountd mounts the connection with them (fusecsi/fuse/takeover.py).
 
 
 @dataclass(frozen=True)
@@ -124,14 +139,22 @@ class Namespace(Protocol):
         self, path: str, mode: int, tags: Mapping[bytes, bytes], quota_bytes: int | None
     ) -> None:
         """Create the directory `path` (its parent exists) with its tags and quota; EEXIST
-        when the name is taken. Engines that can do it in one step do it atomically; the
-        others tag right after mkdir, and the controller treats an untagged fresh directory
-        it just made as its own only through the tag it wrote."""
+        when the name is taken; ENOENT when the parent is missing. Durable when it answers
+        (no `sync` follows it). Engines that can do it in one step do it atomically; the
+        others tag right after mkdir, in the order of `tags` (the first one is what makes the
+        directory fusecsi's), then set the quota, and the controller treats an untagged fresh
+        directory it just made as its own only through the tag it wrote."""
 
-    async def get_tag(self, path: str, name: bytes) -> bytes | None: ...
+    async def get_tag(self, path: str, name: bytes) -> bytes | None:
+        """The tag's value; None when the directory has no such tag (ENOENT: no `path`)."""
+
     async def set_tag(self, path: str, name: bytes, value: bytes) -> None: ...
-    async def remove_tag(self, path: str, name: bytes) -> None: ...
-    async def get_quota(self, path: str) -> int | None: ...
+    async def remove_tag(self, path: str, name: bytes) -> None:
+        """ENODATA when there is no such tag."""
+
+    async def get_quota(self, path: str) -> int | None:
+        """The directory's own quota in bytes (not an ancestor's); None when it has none."""
+
     async def set_quota(self, path: str, max_bytes: int) -> None: ...
     async def rename(self, src: str, dst: str) -> None:
         """Rename without replacing: EEXIST when `dst` exists."""

@@ -13,7 +13,10 @@ from typing import Any
 
 import trio
 
-from fusecsi.cluster.protocol import RPCError, RPCUnavailable, connect
+from fusecsi.errors import unwrapped
+from fusecsi.mountd.api_version import VERSION
+from fusecsi.rpc.connection import connect
+from fusecsi.rpc.errors import RPCError, RPCUnavailable
 
 __all__ = ["MountdClient", "RPCError", "RPCUnavailable"]
 
@@ -28,70 +31,88 @@ class MountdClient:
         self.endpoint = endpoint if endpoint.startswith("unix:") else f"unix://{endpoint}"
         self.timeout = timeout
 
-    async def call(self, method: str, *args: Any, limit: float | None = None) -> Any:
+    async def call(self, method: str, limit: float | None = None, **fields: Any) -> Any:
+        """One call with named fields, after the version exchange, on a new connection."""
         limit = self.timeout if limit is None else limit
-        answer: tuple[bool, Any] | None = None
-        async with trio.open_nursery() as nursery:
-            with trio.move_on_after(limit):
-                answer = await self._exchange(nursery, method, args)
-            nursery.cancel_scope.cancel()
-        if answer is None:
+        answer: list[Any] = []
+        with unwrapped():
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(limit):
+                    answer.append(await self._exchange(nursery, method, fields))
+                nursery.cancel_scope.cancel()
+        if not answer:
             raise RPCUnavailable(
                 errno.ETIMEDOUT, f"mountd did not answer {method} within {limit:g}s"
             )
-        ok, value = answer
-        if not ok:
-            raise value
-        return value
+        return answer[0]
 
-    async def _exchange(self, nursery: trio.Nursery, method: str, args) -> tuple[bool, Any]:
-        # errors are returned, not raised, so they leave the nursery as themselves
+    async def _exchange(self, nursery: trio.Nursery, method: str, fields) -> Any:
+        conn = await connect(nursery, self.endpoint)
         try:
-            conn = await connect(nursery, self.endpoint)
-            try:
-                return True, await conn.call(method, *args)
-            finally:
-                conn.close()
-        except Exception as exc:
-            return False, exc
+            await self._agree_version(conn)
+            return await conn.call(method, fields)
+        finally:
+            conn.close()
 
-    async def ping(self) -> str:
-        return await self.call("ping")
+    async def _agree_version(self, conn) -> None:
+        try:
+            answer = await conn.call("version", {"version": VERSION})
+        except RPCError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            raise RPCError(
+                errno.EPROTONOSUPPORT,
+                f"mountd at {self.endpoint} predates API version {VERSION}: upgrade mountd",
+            ) from None
+        if not isinstance(answer, dict) or answer.get("version") != VERSION:
+            raise RPCError(errno.EPROTONOSUPPORT, f"mountd answered version {answer!r}")
+
+    async def ping(self, limit: float | None = None) -> str:
+        return await self.call("ping", limit=limit)
 
     async def publish(
         self,
+        *,
         volume_id: str,
-        master_addrs: str,
+        cluster: str,
         fs_path: str,
         subpath: str,
-        options: str,
         target: str,
         readonly: bool,
-        token: str | None = None,
+        engine: str = "embedded",
+        options: str = "",
+        secrets: dict[str, str] | None = None,
         pod_namespace: str | None = None,
         pod_name: str | None = None,
+        single_writer: bool = False,
     ) -> dict:
-        """{"key", "mountpoint", "daemon_started"}; EEXIST, ENOENT, EPERM, EINVAL, ETIMEDOUT.
-        The pod (from podInfoOnMount) is told through Events when its mount breaks."""
-        args = [volume_id, master_addrs, fs_path, subpath, options, target, bool(readonly), token]
-        limit = max(self.timeout, PUBLISH_TIMEOUT)
-        if not (pod_namespace and pod_name):
-            return await self.call("publish", *args, limit=limit)
-        try:
-            return await self.call("publish", *args, pod_namespace, pod_name, limit=limit)
-        except RPCError as exc:
-            # a mountd older than the pod arguments (it is upgraded on its own schedule)
-            if exc.errno != errno.EINVAL or not exc.strerror.startswith("bad arguments"):
-                raise
-        return await self.call("publish", *args, limit=limit)
+        """{"key", "mountpoint", "daemon_started"}; EEXIST, EBUSY (single-writer), ENOENT,
+        EPERM, EINVAL, ETIMEDOUT. The pod (from podInfoOnMount) is told through Events when
+        its mount breaks."""
+        return await self.call(
+            "publish",
+            limit=max(self.timeout, PUBLISH_TIMEOUT),
+            volume_id=volume_id,
+            engine=engine,
+            cluster=cluster,
+            fs_path=fs_path,
+            subpath=subpath,
+            options=options,
+            target=target,
+            readonly=bool(readonly),
+            secrets=dict(secrets or {}),
+            pod_namespace=pod_namespace,
+            pod_name=pod_name,
+            single_writer=single_writer,
+        )
 
     async def unpublish(self, volume_id: str, target: str) -> dict:
         """{"removed": bool}; idempotent."""
-        return await self.call("unpublish", volume_id, target)
+        return await self.call("unpublish", volume_id=volume_id, target=target)
 
     async def stats(self, target: str) -> dict:
         """Usage, quota and health of a published target; ENOENT when not published."""
-        return await self.call("stats", target)
+        return await self.call("stats", target=target)
 
     async def list(self) -> list[dict]:
         return await self.call("list")

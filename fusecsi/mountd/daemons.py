@@ -1,4 +1,4 @@
-"""Starting, watching and stopping `fusecsi mount` processes.
+"""Starting, watching and stopping FUSE daemons (any engine's, from its Launch).
 
 Daemons run in their own session, so a signal to mountd's process group (or mountd's death)
 leaves them serving. They are watched through pidfds, which work for our children and for
@@ -14,12 +14,12 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 
 import trio
 
+from fusecsi.engines.base import Launch
 from fusecsi.logs import fields
-from fusecsi.mountd import cgroups
+from fusecsi.mountd import cgroups, mounts
 
 log = logging.getLogger(__name__)
 
@@ -30,37 +30,6 @@ LEADER_POLL = 0.25  # seconds between looks at a daemon's main thread (see leade
 
 class DaemonFailed(OSError):
     pass
-
-
-def mount_command(
-    master_addrs: str,
-    fs_path: str,
-    options: str,
-    ready_fd: int,
-    mountpoint: str,
-    metrics_file: str | None = None,
-    fuse_fd: int | None = None,
-    connection: str | None = None,
-):
-    metrics = ["--metrics-file", metrics_file] if metrics_file else []
-    if fuse_fd is not None:
-        metrics += ["--fuse-fd", str(fuse_fd), "--connection", connection]
-    return [
-        sys.executable,
-        "-m",
-        "fusecsi",
-        "mount",
-        "--master-addrs",
-        master_addrs,
-        "--fs-path",
-        fs_path,
-        "--options",
-        options,
-        "--ready-fd",
-        str(ready_fd),
-        *metrics,
-        mountpoint,
-    ]
 
 
 def _open_log(path: str) -> int:
@@ -133,13 +102,56 @@ class Daemon:
                 await self.exited.wait()
 
 
+# what a daemon's environment keeps of mountd's (the rest, secrets included, stays behind)
+ENV_KEPT = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "PYTHONHOME")
+ENV_KEPT += ("SSL_CERT_FILE", "SSL_CERT_DIR")  # an engine reaching object storage over TLS
+ENV_KEPT += tuple(p + "_PROXY" for p in ("HTTP", "HTTPS", "NO"))
+ENV_KEPT += tuple(p + "_proxy" for p in ("http", "https", "no"))
+ENV_KEPT_PREFIXES = ("LC_", "FUSECSI_", "COVERAGE_")
+ENV_DROPPED = ("FUSECSI_TOKEN",)
+READY_POLL = 0.1  # seconds between looks at mountinfo while a daemon comes up
+
+
+def daemon_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if (k in ENV_KEPT or k.startswith(ENV_KEPT_PREFIXES)) and k not in ENV_DROPPED
+    }
+    return {**env, **extra}
+
+
+def fill(text: str, values: dict[str, str]) -> str:
+    """Replace the placeholders mountd knows (`{private}`, `{ready_fd}`, ...) and nothing
+    else: an argument may hold braces of its own."""
+    for name, value in values.items():
+        text = text.replace("{" + name + "}", value)
+    return text
+
+
+def write_private_files(private_dir: str, files: dict[str, bytes]) -> None:
+    """The launch's files, mode 0600, in the key's private directory (mode 0700)."""
+    os.makedirs(private_dir, mode=0o700, exist_ok=True)
+    os.chmod(private_dir, 0o700)
+    for name, content in files.items():
+        if not name or "/" in name or name in (".", ".."):
+            raise DaemonFailed(errno.EINVAL, f"launch file name {name!r} is not a plain name")
+        path = os.path.join(private_dir, name)
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, content)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+
 async def spawn(
+    launch: Launch,
     *,
-    master_addrs: str,
-    fs_path: str,
-    options: str,
+    fstype: str,
     mountpoint: str,
-    token: str | None,
+    private_dir: str,
     log_path: str,
     deadline: float,
     nursery: trio.Nursery,
@@ -147,66 +159,79 @@ async def spawn(
     fuse_fd: int | None = None,
     connection: str | None = None,
 ) -> Daemon:
-    """Start a daemon and wait for its READY line; DaemonFailed (ETIMEDOUT/EIO) otherwise.
+    """Start the daemon `launch` describes and wait until it is ready; DaemonFailed
+    (ETIMEDOUT/EIO) otherwise.
 
-    The watcher task runs in `nursery` so the caller learns when the process exits later.
+    Ready means a READY line on the ready pipe (launch.ready "ready-fd") or `fstype`
+    mounted at `mountpoint` with a statfs that answers ("mountinfo"). The watcher task runs
+    in `nursery` so the caller learns when the process exits later.
     """
-    env = dict(os.environ)
-    env.pop("FUSECSI_TOKEN", None)
-    if token:
-        env["FUSECSI_TOKEN"] = token
-    read_fd, write_fd = os.pipe()
+    if launch.ready not in ("ready-fd", "mountinfo"):
+        raise DaemonFailed(errno.EINVAL, f"unknown readiness {launch.ready!r}")
+    await trio.to_thread.run_sync(write_private_files, private_dir, launch.files)
+    argv = list(launch.argv)
+    if fuse_fd is not None:
+        argv += launch.takeover_argv
+    if metrics_file is not None:
+        argv += launch.metrics_argv
+    values = {
+        "private": private_dir,
+        "fuse_fd": str(fuse_fd),
+        "connection": connection or "",
+        "metrics_file": metrics_file or "",
+    }
+    read_fd = write_fd = None
+    if launch.ready == "ready-fd":
+        read_fd, write_fd = os.pipe()
+        values["ready_fd"] = str(write_fd)
+    argv = [fill(arg, values) for arg in argv]
+    env = daemon_env({k: fill(v, values) for k, v in launch.env.items()})
+    passed = tuple(fd for fd in (write_fd, fuse_fd) if fd is not None)
     log_fd = _open_log(log_path)
     try:
-        cmd = mount_command(
-            master_addrs, fs_path, options, write_fd, mountpoint, metrics_file, fuse_fd, connection
-        )
         popen = await trio.to_thread.run_sync(
             lambda: subprocess.Popen(
-                cmd,
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
                 env=env,
-                pass_fds=(write_fd,) if fuse_fd is None else (write_fd, fuse_fd),
+                pass_fds=passed,
                 start_new_session=True,
                 close_fds=True,
             )
         )
     except BaseException:
-        os.close(read_fd)
+        if read_fd is not None:
+            os.close(read_fd)
         raise
     finally:
-        os.close(write_fd)
+        if write_fd is not None:
+            os.close(write_fd)
         os.close(log_fd)
     daemon = Daemon(popen.pid, popen)
     daemon.start_watching(nursery)
     try:
         cgroups.place(popen.pid)
     except OSError as exc:
-        os.close(read_fd)
+        if read_fd is not None:
+            os.close(read_fd)
         with trio.CancelScope(shield=True):
             await daemon.stop(grace=2)
         raise DaemonFailed(errno.EIO, f"cannot move the FUSE daemon to its cgroup: {exc}") from exc
     log.info("daemon started", extra=fields(pid=popen.pid, mountpoint=mountpoint))
-    os.set_blocking(read_fd, False)
-    stream = trio.lowlevel.FdStream(read_fd)
-    received = b""
     try:
         with trio.move_on_after(deadline) as scope:
-            while b"\n" not in received:
-                chunk = await stream.receive_some(64)
-                if not chunk:
-                    break
-                received += chunk
+            if read_fd is not None:
+                ready = await _ready_line(read_fd)
+            else:
+                ready = await _mounted(daemon, fstype, mountpoint)
     except BaseException:
         # cancelled while waiting: a daemon nobody records must not outlive the call
         with trio.CancelScope(shield=True):
             await daemon.stop(grace=2)
         raise
-    finally:
-        await stream.aclose()
-    if received.startswith(b"READY"):
+    if not scope.cancelled_caught and ready:
         return daemon
     if scope.cancelled_caught:
         message = f"FUSE daemon did not become ready within {deadline:g}s"
@@ -220,6 +245,39 @@ async def spawn(
         await daemon.stop(grace=2)
     log.warning("daemon failed", extra=fields(mountpoint=mountpoint, error=message))
     raise DaemonFailed(code, message)
+
+
+async def _ready_line(read_fd: int) -> bool:
+    """Whether the daemon wrote READY before closing its end of the pipe."""
+    os.set_blocking(read_fd, False)
+    stream = trio.lowlevel.FdStream(read_fd)
+    received = b""
+    try:
+        while b"\n" not in received:
+            chunk = await stream.receive_some(64)
+            if not chunk:
+                break
+            received += chunk
+    finally:
+        await stream.aclose()
+    return received.startswith(b"READY")
+
+
+async def _mounted(daemon: Daemon, fstype: str, mountpoint: str) -> bool:
+    """Wait until `fstype` is the top mount at `mountpoint` and a statfs of it answers;
+    False once the daemon exits first. The caller bounds the wait."""
+    while daemon.alive:
+        top = mounts.top_mount(mountpoint)
+        if top is not None and top.fstype == fstype:
+            with trio.move_on_after(5):
+                try:
+                    await trio.to_thread.run_sync(os.statvfs, mountpoint, abandon_on_cancel=True)
+                    return True
+                except OSError:
+                    pass
+        with trio.move_on_after(READY_POLL):
+            await daemon.exited.wait()
+    return False
 
 
 def last_words(log_path: str, limit: int = 300) -> str:
@@ -264,9 +322,13 @@ def leader_exited(pid: int) -> bool:
 
 
 def cmdline_matches(pid: int, mountpoint: str) -> bool:
-    """Whether `pid` is (still) a `fusecsi mount` serving `mountpoint`, not a reused pid."""
+    """Whether `pid` is (still) a daemon serving `mountpoint`, not a reused pid: its command
+    line names mountd's private mountpoint, alone or as an option's value (`-dir=...`)."""
     args = process_args(pid)
-    return args is not None and b"mount" in args and os.fsencode(mountpoint) in args
+    if args is None:
+        return False
+    wanted = os.fsencode(mountpoint)
+    return any(a == wanted or a.endswith(b"=" + wanted) for a in args)
 
 
 def take_fuse_fd(pid: int) -> int | None:

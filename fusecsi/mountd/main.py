@@ -58,7 +58,8 @@ def configure(parser) -> None:
         type=float,
         default=10.0,
         metavar="SECONDS",
-        help="a statfs or getxattr on a mount that takes longer counts as a failed check",
+        help="a statfs or usage read on a mount (or a cluster probe) that takes longer counts "
+        "as a failed check",
     )
     parser.add_argument(
         "--kubeconfig",

@@ -27,7 +27,7 @@ def sources(supervisor) -> list:
     def daemons():
         counts: dict[str, int] = {}
         for key_id, _ in entries():
-            rt = supervisor.runtime.get(key_id)
+            rt = supervisor.key_states.get(key_id)
             state = rt.state if rt is not None else "starting"
             counts[state] = counts.get(state, 0) + 1
         return [((state,), n) for state, n in counts.items()]
@@ -42,7 +42,7 @@ def sources(supervisor) -> list:
         """Each published volume: 1 when every target of it is served, else 0."""
         volumes: dict[str, int] = {}
         for key_id, entry in entries():
-            rt = supervisor.runtime.get(key_id)
+            rt = supervisor.key_states.get(key_id)
             for ref in list(entry.refs.values()):
                 ok = int(_healthy(rt, ref.target))
                 volumes[ref.volume_id] = min(volumes.get(ref.volume_id, 1), ok)
@@ -50,7 +50,7 @@ def sources(supervisor) -> list:
 
     def broken_targets() -> int:
         return sum(
-            not _healthy(supervisor.runtime.get(key_id), target)
+            not _healthy(supervisor.key_states.get(key_id), target)
             for key_id, entry in entries()
             for target in list(entry.refs)
         )

@@ -14,8 +14,6 @@ import os
 import re
 from dataclasses import dataclass
 
-FUSE_FSTYPE = "fuse.fusecsi"
-
 MS_RDONLY = 0x1
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
@@ -262,5 +260,6 @@ def unmount_above(path: str, keep: int | None) -> None:
     raise OSError(errno.EBUSY, f"{path} still has layers above mount {keep}")
 
 
-def is_fuse_mount(entry: MountEntry | None) -> bool:
-    return entry is not None and entry.fstype == FUSE_FSTYPE
+def is_mount_of(entry: MountEntry | None, fstype: str) -> bool:
+    """`entry` is a mount of the engine whose live mounts show `fstype` (NodeEngine.fstype)."""
+    return entry is not None and entry.fstype == fstype

@@ -13,7 +13,7 @@ from fusecsi.mountd.client import MountdClient, RPCError
 
 def format_table(rows: list[dict]) -> str:
     lines = []
-    header = ("KEY", "STATE", "PID", "RESTARTS", "REFS", "MASTERS", "FS-PATH")
+    header = ("KEY", "STATE", "PID", "RESTARTS", "REFS", "ENGINE", "CLUSTER", "FS-PATH")
     table = [header]
     for row in rows:
         table.append(
@@ -23,7 +23,8 @@ def format_table(rows: list[dict]) -> str:
                 str(row["pid"] or "-"),
                 str(row["restarts"]),
                 str(len(row["refs"])),
-                row["master_addrs"],
+                row["engine"],
+                row["cluster"],
                 row["fs_path"],
             )
         )

@@ -1,8 +1,9 @@
 """mountd's table: daemon keys, their references, and its atomic persistence.
 
-A key names one FUSE daemon on the node: (master addresses, fs path, FUSE options), all
-in canonical form so spellings of the same thing share a daemon. A reference is one
-(volume id, target path) bound from that daemon's mount.
+A key names one FUSE daemon on the node: (engine, cluster address, fs path, FUSE options),
+all in canonical form so spellings of the same thing share a daemon. Secrets are not part
+of it: they are kept apart (0600, see publishing.py), and the table holds only their
+digest. A reference is one (volume id, target path) bound from that daemon's mount.
 """
 
 from __future__ import annotations
@@ -13,33 +14,57 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from fusecsi import mount_options, volumes
+from fusecsi import engines, mount_options
+from fusecsi.csi import volumes
+from fusecsi.engines.options import canonical_options
 
 TABLE_VERSION = 1
+# tables written before engines existed hold only the default engine's keys
+DEFAULT_ENGINE = engines.DEFAULT
 
 
 @dataclass(frozen=True)
 class Key:
-    master_addrs: str
+    engine: str
+    address: str  # the cluster's public address (Cluster.address): never a secret
     fs_path: str
-    options: str  # canonical mount_options string
+    options: str  # the engine's canonical `k=v,...` string
 
     @classmethod
-    def normalized(cls, master_addrs: str, fs_path: str, options: str) -> Key:
-        """ValueError on anything that cannot be normalised."""
-        return cls(
-            volumes.normalize_master_addrs(master_addrs),
-            volumes.normalize_fs_path(fs_path),
-            mount_options.parse_arg(options or "").to_arg(),
-        )
+    def normalized(cls, engine, address: str, fs_path: str, options: str) -> Key:
+        """ValueError (or the engine's BadParameter) on anything that cannot be normalised."""
+        if not isinstance(address, str) or "\0" in address:
+            raise ValueError("cluster address must be a string")
+        normalize_address = getattr(engine, "normalize_address", None)
+        if normalize_address is not None:
+            address = normalize_address(address)
+        if not address.strip():
+            raise ValueError("cluster address is empty")
+        canonical = canonical_options(engine, options)
+        return cls(engine.name, address.strip(), volumes.normalize_fs_path(fs_path), canonical)
 
     @cached_property
     def id(self) -> str:
-        # `options` is canonical already: hash it as MountOptions.digest() does, without
-        # parsing, so a table written before an option was retired still loads
-        digest = hashlib.sha256(self.options.encode()).hexdigest()[:12]
-        text = f"{self.master_addrs}|{self.fs_path}|{digest}"
+        # `options` is canonical already: digested as given, without parsing, so a table
+        # written before an option was retired still loads
+        text = f"{self.address}|{self.fs_path}|{mount_options.digest_of(self.options)}"
+        if self.engine != DEFAULT_ENGINE:  # embedded ids stay what they were before engines
+            text = f"{self.engine}|{text}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict:
+        return {
+            "engine": self.engine,
+            "address": self.address,
+            "fs_path": self.fs_path,
+            "options": self.options,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Key:
+        if "master_addrs" in data:  # a table from before engines: the embedded cluster
+            return cls(DEFAULT_ENGINE, data["master_addrs"], data["fs_path"], data["options"])
+        return cls(data["engine"], data["address"], data["fs_path"], data["options"])
 
 
 @dataclass(frozen=True)
@@ -61,15 +86,14 @@ class Entry:
     pid: int | None = None
     restarts: int = 0
     refs: dict[str, Ref] = field(default_factory=dict)  # by target
+    # digest of the secrets the daemon runs with (publishing.secrets_digest): a publish
+    # with the same digest shares it at once, another one only once it is shown to work
+    secrets_digest: str = ""
 
     def to_json(self) -> dict:
-        key = self.key
         return {
-            "key": {
-                "master_addrs": key.master_addrs,
-                "fs_path": key.fs_path,
-                "options": key.options,
-            },
+            "key": self.key.to_json(),
+            "secrets_digest": self.secrets_digest,
             "mountpoint": self.mountpoint,
             "pid": self.pid,
             "restarts": self.restarts,
@@ -90,7 +114,8 @@ class Entry:
     def from_json(cls, data: dict) -> Entry:
         refs = [Ref(**r) for r in data["refs"]]
         return cls(
-            key=Key(**data["key"]),
+            key=Key.from_json(data["key"]),
+            secrets_digest=data.get("secrets_digest", ""),
             mountpoint=data["mountpoint"],
             pid=data.get("pid"),
             restarts=data.get("restarts", 0),

@@ -1,4 +1,4 @@
-"""fusecsi/volumes.py: volume ids, parameters, path-pattern expansion and path safety."""
+"""fusecsi/csi/volumes.py: volume ids, parameters, path-pattern expansion and path safety."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusecsi import mount_options
-from fusecsi.volumes import (
+from fusecsi.csi.volumes import (
     MAX_FS_PATH_BYTES,
     MAX_VOLUME_ID,
     PV_NAME,
@@ -343,3 +343,96 @@ def test_default_subpath_at_the_edge_of_the_budget():
         default_subpath(name, "m:1", fs_path + "f", "delete")
     # without master-addrs (GetCapacity-style parameters) the name is kept as it is
     assert parse_parameters({}, require_master=False).subpath_for("pvc-9") == "pvc-9"
+
+
+def test_version_3_ids_name_the_engine():
+    digest = name_digest("pvc-1")
+    ref = VolumeRef("redis://meta:6379/1", "/k8s;x", "pvc-1", "retain", digest, "juicefs")
+    vid = ref.volume_id()
+    assert vid == f"3;juicefs;r;{digest};redis://meta:6379/1;/k8s%3Bx;pvc-1"
+    back = VolumeRef.from_volume_id(vid)
+    assert back == ref and back.engine == "juicefs" and back.address == "redis://meta:6379/1"
+    # the embedded engine keeps its version 2 ids: one id per volume, as issued before
+    embedded = VolumeRef("m:1", "/k8s", "pvc-1", "retain", digest)
+    assert embedded.volume_id().startswith("2;r;")
+    assert not embedded.same_but_digest(replace_engine(embedded, "seaweedfs"))
+    context = ref.context(None)
+    assert context == {"engine": "juicefs", "fs-path": "/k8s;x", "subpath": "pvc-1"}
+    assert embedded.context(mount_options.DEFAULTS)["engine"] == "embedded"
+
+
+def replace_engine(ref: VolumeRef, engine: str) -> VolumeRef:
+    return VolumeRef(ref.address, ref.fs_path, ref.subpath, ref.on_delete, ref.name_digest, engine)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("3;ceph;d;01234567;a;/;v", "unknown engine 'ceph'"),
+        ("3;embedded;d;01234567;m:1;/;v", "not a fusecsi volume id"),  # that is a version 2 id
+        ("3;juicefs;d;;a;/;v", "not a fusecsi volume id"),  # no name digest
+        ("3;juicefs;d;01234567;;/;v", "cluster address is empty"),
+        ("3;juicefs;d;01234567;a\x01b;/;v", "control characters"),
+        ("3;juicefs;d;01234567;a;/;../v", "subpath"),
+        ("3;juicefs;d;01234567;a;/;" + "v" * 104, "more than 128"),  # 129 bytes
+    ],
+)
+def test_version_3_ids_that_do_not_parse(text, message):
+    with pytest.raises(ValueError, match=message):
+        VolumeRef.from_volume_id(text)
+    assert len(VolumeRef.from_volume_id("3;juicefs;d;01234567;a;/;" + "v" * 103).volume_id()) == 128
+
+
+def test_engine_parameter():
+    params = parse_parameters({"engine": "seaweedfs", "filer-addrs": "f:8888", "fs-path": "/k"})
+    assert (params.engine, params.fs_path, params.master_addrs) == ("seaweedfs", "/k", None)
+    assert params.cluster_params == params.engine_params == {"filer-addrs": "f:8888"}
+    ref = params.ref("pvc-1", "pvc-1", address="f:8888")
+    assert ref.volume_id().startswith(f"3;seaweedfs;d;{name_digest('pvc-1')};f:8888;/k;")
+    assert params.context(ref) == {
+        "filer-addrs": "f:8888",
+        "engine": "seaweedfs",
+        "fs-path": "/k",
+        "subpath": "pvc-1",
+    }
+    embedded = parse_parameters({"master-addrs": "M:1", "engine": "embedded"})
+    assert embedded.cluster_params == {"master-addrs": "m:1"} and embedded.engine == "embedded"
+    with pytest.raises(ValueError, match=r"^parameter engine='ceph': unknown engine \(known: "):
+        parse_parameters({"engine": "ceph"})
+    # the default directory name leaves room for the longer version 3 id
+    long_name = "x" * 120
+    sub = default_subpath(long_name, "f:8888", "/", "delete", "seaweedfs")
+    ref = VolumeRef("f:8888", "/", sub, "delete", name_digest(long_name), "seaweedfs")
+    assert len(ref.volume_id()) <= MAX_VOLUME_ID
+
+
+@pytest.mark.parametrize(
+    ("parameters", "cluster", "options"),
+    [
+        ({"engine": "juicefs", "writeback": "true"}, {}, "writeback"),
+        (
+            {"engine": "seaweedfs", "filer-addrs": "f:8888", "cacheCapacityMB": "64"},
+            {"filer-addrs": "f:8888"},
+            "cacheCapacityMB=64",
+        ),
+        ({"engine": "curvine", "master-addrs": "m:8995"}, {"master-addrs": "m:8995"}, ""),
+    ],
+)
+def test_another_engines_parameters_split_into_cluster_and_mount_options(
+    parameters, cluster, options
+):
+    # one rule for every engine: not fusecsi's own and not the cluster's: a mount option,
+    # checked against the engine's allow-list at CreateVolume and handed to the node
+    params = parse_parameters({**parameters, "fs-path": "/k"})
+    assert params.engine_params == cluster
+    assert options in params.engine_options
+    context = params.context(params.ref("v", "pv-1", address="a:1"))
+    assert context.get("options", "") == params.engine_options
+
+
+@pytest.mark.parametrize("engine", ["juicefs", "seaweedfs", "curvine"])
+def test_an_unknown_mount_option_of_another_engine_is_refused_in_one_line(engine):
+    cluster = {"seaweedfs": {"filer-addrs": "f:8888"}, "curvine": {"master-addrs": "m:1"}}
+    with pytest.raises(ValueError) as refused:
+        parse_parameters({"engine": engine, **cluster.get(engine, {}), "cache-sise": "1"})
+    assert "cache-sise" in str(refused.value) and "\n" not in str(refused.value)

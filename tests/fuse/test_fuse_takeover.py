@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-import takeover_load
 from fsactor import pack
+from support import takeover_load
 
 from fusecsi.fuse.operations import ORPHANS
 

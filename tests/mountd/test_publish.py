@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 import trio
-from mountd_stack import (  # noqa: F401 - fixtures
+from support.mountd import (  # noqa: F401 - fixtures
     TOKEN,
     another_mountd,
     cluster_fixture,
@@ -23,7 +23,7 @@ from mountd_stack import (  # noqa: F401 - fixtures
     read_text,
     read_write,
 )
-from spawning import FUSECSI
+from support.processes import FUSECSI
 
 from fusecsi.cluster.client import ClusterClient
 from fusecsi.cluster.local import free_port
@@ -56,17 +56,24 @@ async def test_thirty_volumes_over_three_keys_share_three_daemons(mountd, cluste
     assert daemon_mounts == sorted(r["mountpoint"] for r in rows)
     assert targets == sorted(v[4] for v in volumes)
 
-    # the token reaches each daemon through its environment, never its arguments or the table
+    # the token reaches each daemon through a 0600 file in its key's private directory,
+    # never its arguments, environment or the table
     for pid in mountd.daemon_pids():
-        assert TOKEN.encode() not in read_bytes(f"/proc/{pid}/cmdline")
-        assert b"--metrics-file" not in read_bytes(f"/proc/{pid}/cmdline")  # nobody exports
-        assert f"FUSECSI_TOKEN={TOKEN}".encode() in read_bytes(f"/proc/{pid}/environ").split(b"\0")
+        args = read_bytes(f"/proc/{pid}/cmdline").split(b"\0")
+        assert TOKEN.encode() not in b"\0".join(args)
+        assert b"--metrics-file" not in args  # nobody exports
+        assert TOKEN.encode() not in read_bytes(f"/proc/{pid}/environ")
+        token_file = os.fsdecode(args[args.index(b"--token-file") + 1])
+        assert os.path.dirname(os.path.dirname(token_file)) == str(mountd.state_dir / "private")
+        assert os.stat(token_file).st_mode & 0o777 == 0o600  # noqa: ASYNC240 - a quick stat
+        assert os.stat(os.path.dirname(token_file)).st_mode & 0o777 == 0o700  # noqa: ASYNC240
+        assert read_bytes(token_file) == TOKEN.encode()
     assert TOKEN.encode() not in read_bytes(mountd.state_dir / "table.json")
     token_files = sorted((mountd.state_dir / "tokens").iterdir())  # kept for restarts
     assert [f.name for f in token_files] == sorted(r["key"] for r in rows)
     for token_file in token_files:
         assert token_file.stat().st_mode & 0o777 == 0o600
-        assert read_bytes(token_file) == TOKEN.encode()
+        assert json.loads(read_bytes(token_file)) == {"secrets": {"token": TOKEN}}
 
     # each target is its own cluster directory: a file written through it lands there
     for vid, *_, target in volumes[:6]:
@@ -161,14 +168,14 @@ async def test_bad_input_is_refused_and_binds_nothing(mountd, cluster, tmp_path)
             mountd.make_parent(args["target"])
         with pytest.raises(RPCError) as info:
             await mountd.client.publish(
-                "vol-bad",
-                args.get("master_addrs", cluster.master_addrs),
-                args["fs_path"],
-                args["subpath"],
-                args["options"],
-                args["target"],
-                False,
-                TOKEN,
+                volume_id="vol-bad",
+                cluster=args.get("master_addrs", cluster.master_addrs),
+                fs_path=args["fs_path"],
+                subpath=args["subpath"],
+                options=args["options"],
+                target=args["target"],
+                readonly=False,
+                secrets={"token": TOKEN},
             )
         assert errno_of(info.value) == code, (overrides, info.value)
 
@@ -192,7 +199,13 @@ async def test_bad_input_is_refused_and_binds_nothing(mountd, cluster, tmp_path)
     # a daemon that cannot start says why, through mountd, without echoing the token
     with pytest.raises(RPCError) as info:
         await mountd.client.publish(
-            "vol-bad", cluster.master_addrs, "/bad", "pv", "", good, False, "wrong-token"
+            volume_id="vol-bad",
+            cluster=cluster.master_addrs,
+            fs_path="/bad",
+            subpath="pv",
+            target=good,
+            readonly=False,
+            secrets={"token": "wrong-token"},
         )
     assert errno_of(info.value) == "EIO" and "wrong-token" not in str(info.value)
     assert "auth" in str(info.value).lower(), info.value
@@ -201,10 +214,17 @@ async def test_bad_input_is_refused_and_binds_nothing(mountd, cluster, tmp_path)
     with pytest.raises(RPCError) as info:
         await mountd.client.unpublish("vol-bad", "relative")
     assert errno_of(info.value) == "EINVAL"
-    for method, args in (("publish", ("vol-bad",)), ("unpublish", ("vol-bad", good, "extra"))):
+    # named fields only: a missing or unknown field is named in one line
+    missing = "publish: missing field(s) cluster, fs_path, readonly, subpath, target"
+    unknown = "unpublish: unknown field(s) extra, token (mountd API version 2)"
+    for method, fields, message in (
+        ("publish", {"volume_id": "vol-bad"}, missing),
+        ("unpublish", {"volume_id": "vol-bad", "target": good, "extra": 1, "token": "t"}, unknown),
+    ):
         with pytest.raises(RPCError) as info:
-            await mountd.client.call(method, *args)
-        assert errno_of(info.value) == "EINVAL", method
+            await mountd.client.call(method, **fields)
+        assert errno_of(info.value) == "EINVAL" and info.value.strerror == message, method
+        assert "\n" not in info.value.strerror and '"t"' not in info.value.strerror
     assert await mountd.client.unpublish("vol-bad", good) == {"removed": False}
 
 

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 import trio
-from mountd_stack import (  # noqa: F401 - fixtures
+from support.mountd import (  # noqa: F401 - fixtures
     TOKEN,
     cluster_fixture,
     make_dirs,
@@ -28,7 +28,7 @@ GOOD = {
     "subpath": "v",
     "options": "",
     "readonly": False,
-    "token": TOKEN,
+    "secrets": {"token": TOKEN},
     "pod_namespace": None,
     "pod_name": None,
 }
@@ -47,16 +47,17 @@ def occupied_target(sup) -> str:
 async def publish(sup, cluster, target, **overrides):
     args = {**GOOD, **overrides}
     return await sup.publish(
-        args["volume_id"],
-        args.get("master_addrs", cluster.master_addrs),
-        args["fs_path"],
-        args["subpath"],
-        args["options"],
-        target,
-        args["readonly"],
-        args["token"],
-        args["pod_namespace"],
-        args["pod_name"],
+        volume_id=args["volume_id"],
+        cluster=args.get("master_addrs", cluster.master_addrs),
+        fs_path=args["fs_path"],
+        subpath=args["subpath"],
+        options=args["options"],
+        target=target,
+        readonly=args["readonly"],
+        secrets=args["secrets"],
+        pod_namespace=args["pod_namespace"],
+        pod_name=args["pod_name"],
+        engine=args.get("engine", "embedded"),
     )
 
 
@@ -74,7 +75,8 @@ async def test_each_argument_is_checked_before_the_target_and_valid_ones_pass(tm
             # valid arguments all get past the checks, up to the occupied target
             taken = "is already a mount point"
             await refused(sup, cluster, target, errno.EEXIST, taken)
-            await refused(sup, cluster, target, errno.EEXIST, taken, token=None)
+            await refused(sup, cluster, target, errno.EEXIST, taken, secrets=None)
+            await refused(sup, cluster, target, errno.EEXIST, taken, secrets={})
             await refused(sup, cluster, target, errno.EEXIST, taken, readonly=True)
             for name in ("a", "n" * 253):
                 await refused(sup, cluster, target, errno.EEXIST, taken, pod_namespace=name)
@@ -93,15 +95,17 @@ async def test_each_argument_is_checked_before_the_target_and_valid_ones_pass(tm
                     "readonly must be a boolean",
                     readonly=readonly,
                 )
-            for token in (7, b"bytes"):
+            for secrets in ("token", {"token": 7}, {"token": b"bytes"}, {7: "x"}):
                 await refused(
                     sup,
                     cluster,
                     target,
                     errno.EINVAL,
-                    "token must be a string or None",
-                    token=token,
+                    "secrets must be a map of strings",
+                    secrets=secrets,
                 )
+            for engine in ("no-such-engine", "", None):
+                await refused(sup, cluster, target, errno.EINVAL, "engine", engine=engine)
             short = "pod namespace and name must be short strings or None"
             for bad in ("", "n" * 254, 7):
                 await refused(sup, cluster, target, errno.EINVAL, short, pod_namespace=bad)

@@ -9,7 +9,7 @@ import os
 import signal
 
 import pytest
-from mountd_stack import (  # noqa: F401 - fixtures
+from support.mountd import (  # noqa: F401 - fixtures
     TOKEN,
     cluster_fixture,
     eventually,
@@ -19,7 +19,7 @@ from mountd_stack import (  # noqa: F401 - fixtures
     supervisor_in_process,
 )
 
-from fusecsi.mountd import mounts, supervisor
+from fusecsi.mountd import mounts, publishing
 
 
 async def publish(sup, cluster, fs_path: str, subpath: str, pod: str) -> str:
@@ -27,7 +27,13 @@ async def publish(sup, cluster, fs_path: str, subpath: str, pod: str) -> str:
     os.makedirs(target)
     target = os.path.join(target, "mount")
     await sup.publish(
-        f"vol-{pod}", cluster.master_addrs, fs_path, subpath, "", target, False, TOKEN
+        volume_id=f"vol-{pod}",
+        cluster=cluster.master_addrs,
+        fs_path=fs_path,
+        subpath=subpath,
+        target=target,
+        readonly=False,
+        secrets={"token": TOKEN},
     )
     return target
 
@@ -37,7 +43,7 @@ async def kill_daemon_and_wait(sup, restarts: int) -> None:
     os.kill(entry.pid, signal.SIGKILL)
 
     def replaced():
-        rt = sup.runtime[entry.key.id]
+        rt = sup.key_states[entry.key.id]
         return (
             entry.restarts == restarts
             and rt.state == "running"
@@ -86,7 +92,7 @@ async def test_subpath_gone_during_a_rebind_leaves_the_dead_mount_never_an_empty
 async def test_stacked_layers_are_capped_and_the_target_reset_past_the_cap(
     tmp_path, cluster, monkeypatch
 ):
-    monkeypatch.setattr(supervisor, "MAX_LAYERS", 2)
+    monkeypatch.setattr(publishing, "MAX_LAYERS", 2)
     await make_dirs(cluster, "/cap/v")
     async with supervisor_in_process(tmp_path / "node", takeover=False) as sup:
         target = await publish(sup, cluster, "/cap", "v", "pod-1")

@@ -12,7 +12,7 @@ from functools import partial
 
 import pytest
 import trio
-from mountd_stack import (  # noqa: F401 - fixtures
+from support.mountd import (  # noqa: F401 - fixtures
     TOKEN,
     another_mountd,
     cluster_fixture,
@@ -25,6 +25,7 @@ from mountd_stack import (  # noqa: F401 - fixtures
 )
 
 from fusecsi.cluster.local import LocalCluster
+from fusecsi.engines.embedded import NODE as EMBEDDED
 from fusecsi.mountd import mounts
 
 RECOVERY_DEADLINE = 5.0
@@ -70,7 +71,13 @@ async def test_killed_daemon_is_replaced_and_every_target_rebound(mountd, cluste
     # token the replacement daemon starts with
     stale = mountd.make_parent(mountd.target("pod-4", "b"))
     await mountd.client.publish(
-        "vol-b", cluster.master_addrs, "/heal", "b", "", stale, False, "stale-token"
+        volume_id="vol-b",
+        cluster=cluster.master_addrs,
+        fs_path="/heal",
+        subpath="b",
+        target=stale,
+        readonly=False,
+        secrets={"token": "stale-token"},
     )
     targets[stale] = "volume b"
     for target, data in targets.items():
@@ -200,7 +207,9 @@ async def test_restart_in_the_middle_of_a_recovery_rebinds_targets_left_on_the_d
     mounts.umount(row["mountpoint"], lazy=True)
     daemon = mountd.start_daemon("/midway", row["options"], row["mountpoint"])
     await eventually(
-        lambda: mounts.is_fuse_mount(mounts.top_mount(row["mountpoint"])), deadline=15, what="mount"
+        lambda: mounts.is_mount_of(mounts.top_mount(row["mountpoint"]), EMBEDDED.fstype),
+        deadline=15,
+        what="mount",
     )
     table = json.loads((mountd.state_dir / "table.json").read_text())
     table["entries"][0]["pid"] = daemon.pid

@@ -14,10 +14,11 @@ import os
 import signal
 import subprocess
 import threading
+from functools import partial
 
 import pytest
 import trio
-from mountd_stack import (  # noqa: F401 - fixtures
+from support.mountd import (  # noqa: F401 - fixtures
     TOKEN,
     cluster_fixture,
     eventually,
@@ -29,7 +30,7 @@ from mountd_stack import (  # noqa: F401 - fixtures
     supervisor_in_process,
 )
 
-from fusecsi.mountd import mounts, supervisor
+from fusecsi.mountd import mounts, publishing
 
 
 def target_of(sup, pod: str) -> str:
@@ -40,7 +41,13 @@ def target_of(sup, pod: str) -> str:
 
 async def publish(sup, cluster, fs_path: str, target: str, volume_id: str = "vol-paths"):
     return await sup.publish(
-        volume_id, cluster.master_addrs, fs_path, "v", "", target, False, TOKEN
+        volume_id=volume_id,
+        cluster=cluster.master_addrs,
+        fs_path=fs_path,
+        subpath="v",
+        target=target,
+        readonly=False,
+        secrets={"token": TOKEN},
     )
 
 
@@ -56,8 +63,8 @@ async def test_a_mount_gone_before_the_bind_fails_the_publish_with_eio(
     async with supervisor_in_process(tmp_path / "node") as sup:
         ensure = sup._ensure_daemon
 
-        async def ensure_then_lose_the_mount(key, token):
-            entry, started = await ensure(key, token)
+        async def ensure_then_lose_the_mount(key, secrets):
+            entry, started = await ensure(key, secrets)
             mounts.umount(entry.mountpoint, lazy=True)
             return entry, started
 
@@ -95,7 +102,7 @@ async def test_a_failed_rebind_keeps_the_dead_mount_and_a_later_one_ends_the_out
         await publish(sup, cluster, "/paths-c", target)
         assert read_write(target, "f", "across a failed re-bind")
         [entry] = sup.table.entries.values()
-        rt = sup.runtime[entry.key.id]
+        rt = sup.key_states[entry.key.id]
         real_bind = mounts.bind_beneath
         monkeypatch.setattr(mounts, "bind_beneath", wrong_bind)
         os.kill(entry.pid, signal.SIGKILL)
@@ -134,10 +141,10 @@ async def test_a_failed_restart_is_broken_with_its_reason_and_backs_off(
         target = target_of(sup, "pod-d")
         await publish(sup, cluster, "/paths-d", target)
         [entry] = sup.table.entries.values()
-        rt = sup.runtime[entry.key.id]
+        rt = sup.key_states[entry.key.id]
         attempts = []
 
-        async def failing_start(entry, token=None):
+        async def failing_start(entry, secrets=None):
             attempts.append(entry.key.id)
             raise OSError(errno.EIO, "no daemon today")
 
@@ -198,12 +205,18 @@ async def test_a_failed_publish_leaves_the_daemon_that_serves_other_targets(tmp_
         other = target_of(sup, "pod-f2")
         with pytest.raises(OSError) as info:
             await sup.publish(
-                "vol-f2", cluster.master_addrs, "/paths-f", "missing", "", other, False, TOKEN
+                volume_id="vol-f2",
+                cluster=cluster.master_addrs,
+                fs_path="/paths-f",
+                subpath="missing",
+                target=other,
+                readonly=False,
+                secrets={"token": TOKEN},
             )
         assert info.value.errno == errno.ENOENT
         assert "subpath 'missing' is missing under /paths-f" in info.value.strerror
         assert list(sup.table.entries.values()) == [entry] and entry.pid == pid
-        assert sup.runtime[entry.key.id].state == "running"
+        assert sup.key_states[entry.key.id].state == "running"
         assert read_text(os.path.join(served, "f")) == "still served"
         await sup.unpublish("vol-paths", served)
 
@@ -221,12 +234,20 @@ async def test_the_pod_is_told_of_each_recovery_and_of_a_reset_target(
     tmp_path, cluster, monkeypatch, caplog
 ):
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(supervisor, "MAX_LAYERS", 2)
+    monkeypatch.setattr(publishing, "MAX_LAYERS", 2)
     await make_dirs(cluster, "/paths-g/v")
     async with supervisor_in_process(tmp_path / "node") as sup:
         target = target_of(sup, "pod-g")
         await sup.publish(
-            "vol-g", cluster.master_addrs, "/paths-g", "v", "", target, False, TOKEN, "ns", "pod-g"
+            volume_id="vol-g",
+            cluster=cluster.master_addrs,
+            fs_path="/paths-g",
+            subpath="v",
+            target=target,
+            readonly=False,
+            secrets={"token": TOKEN},
+            pod_namespace="ns",
+            pod_name="pod-g",
         )
         [entry] = sup.table.entries.values()
         for restarts in (1, 2):
@@ -262,7 +283,16 @@ async def cancelled_publish(sup, cluster, monkeypatch, step: str, target: str) -
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
-                sup.publish, "vol-h", cluster.master_addrs, "/paths-h", "v", "", target, True, TOKEN
+                partial(
+                    sup.publish,
+                    volume_id="vol-h",
+                    cluster=cluster.master_addrs,
+                    fs_path="/paths-h",
+                    subpath="v",
+                    target=target,
+                    readonly=True,
+                    secrets={"token": TOKEN},
+                )
             )
             await eventually(entered.is_set, deadline=30, what=f"{step} entered")
             nursery.cancel_scope.cancel()
@@ -358,7 +388,7 @@ async def test_a_repeated_publish_never_answers_ok_for_a_dead_daemon(tmp_path, c
     async with supervisor_in_process(tmp_path / "node", takeover=False) as sup:
         target = target_of(sup, "pod-r")
         answer = await publish(sup, cluster, "/paths-r", target)
-        rt = sup.runtime[answer["key"]]
+        rt = sup.key_states[answer["key"]]
         held, release = trio.Event(), trio.Event()
 
         async def hold_the_key_lock() -> None:  # recovery cannot run meanwhile

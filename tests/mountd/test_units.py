@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ import trio
 import trio.testing
 
 from fusecsi import mount_options
+from fusecsi.engines.embedded import NODE as EMBEDDED
 from fusecsi.locks import KeyedLocks, acquire
 from fusecsi.mountd import mounts
 from fusecsi.mountd.table import Entry, Key, Ref, Table, write_atomic
@@ -34,7 +36,7 @@ def test_parse_mountinfo_unescapes_and_reads_tail_fields():
     ]
     fuse = entries[1]
     assert fuse.root == "/vol/a b"
-    assert fuse.fstype == mounts.FUSE_FSTYPE and mounts.is_fuse_mount(fuse)
+    assert fuse.fstype == EMBEDDED.fstype and mounts.is_mount_of(fuse, EMBEDDED.fstype)
     assert fuse.source == "fusecsi:127.0.0.1:8995:/base"
     assert not fuse.readonly and entries[2].readonly
     assert mounts.top_mount("/proc", entries).mount_id == 22
@@ -42,25 +44,25 @@ def test_parse_mountinfo_unescapes_and_reads_tail_fields():
 
 
 def test_keys_share_across_spellings_and_split_on_path_or_options():
-    a = Key.normalized("127.0.0.1:8995", "/base/", "")
-    b = Key.normalized("127.0.0.1", "/base", "attr-timeout=1.0")
+    a = Key.normalized(EMBEDDED, "127.0.0.1:8995", "/base/", "")
+    b = Key.normalized(EMBEDDED, "127.0.0.1", "/base", "attr-timeout=1.0")
     assert a == b and a.id == b.id and len(a.id) == 16
-    assert Key.normalized("127.0.0.1", "/other", "").id != a.id
+    assert Key.normalized(EMBEDDED, "127.0.0.1", "/other", "").id != a.id
     digest = mount_options.parse_arg("").digest()  # the contract's key id, spelled out
     assert a.id == hashlib.sha256(f"127.0.0.1:8995|/base|{digest}".encode()).hexdigest()[:16]
-    assert Key.normalized("127.0.0.1", "/base", "attr-timeout=2").id != a.id
+    assert Key.normalized(EMBEDDED, "127.0.0.1", "/base", "attr-timeout=2").id != a.id
     for bad, message in (
         (("", "/base", ""), "master-addrs is empty"),
         (("127.0.0.1", "rel", ""), "fs-path 'rel' must be an absolute path"),
         (("127.0.0.1", "/b", "nope=1"), "unknown mount option 'nope'"),
     ):
         with pytest.raises(ValueError, match=re.escape(message)):
-            Key.normalized(*bad)
+            Key.normalized(EMBEDDED, *bad)
 
 
 def test_table_round_trips_through_an_atomic_0600_file(tmp_path):
     table = Table(str(tmp_path / "table.json"))
-    key = Key.normalized("127.0.0.1", "/base", "")
+    key = Key.normalized(EMBEDDED, "127.0.0.1", "/base", "")
     entry = Entry(key, "/state/mounts/" + key.id, pid=123, restarts=2)
     entry.refs["/k/t1"] = Ref("vol-1", "/k/t1", "pv1", False)
     entry.refs["/k/t2"] = Ref("vol-1", "/k/t2", "pv1", True)
@@ -73,6 +75,31 @@ def test_table_round_trips_through_an_atomic_0600_file(tmp_path):
     assert again.entries[key.id].to_json() == entry.to_json()
     assert again.by_target("/k/t2")[1].readonly is True
     assert again.by_target("/k/t3") is None
+
+
+def test_a_table_from_before_engines_loads_as_the_embedded_engine_with_the_same_ids(tmp_path):
+    key = Key.normalized(EMBEDDED, "127.0.0.1", "/base", "")
+    old = {
+        "version": 1,
+        "entries": [
+            {
+                "key": {"master_addrs": key.address, "fs_path": "/base", "options": key.options},
+                "mountpoint": "/state/mounts/" + key.id,
+                "pid": 7,
+                "restarts": 0,
+                "refs": [],
+            }
+        ],
+    }
+    (tmp_path / "table.json").write_text(json.dumps(old))
+    table = Table(str(tmp_path / "table.json"))
+    table.load()
+    [(key_id, entry)] = table.entries.items()
+    assert entry.key == key and key_id == key.id and entry.key.engine == "embedded"
+    assert entry.secrets_digest == ""
+    # another engine with the same address, path and options is another daemon
+    other = Key("other", key.address, key.fs_path, key.options)
+    assert other.id != key.id
 
 
 def test_missing_table_loads_empty_and_a_foreign_version_is_refused(tmp_path):
@@ -215,3 +242,18 @@ def test_top_mount_finds_paths_that_mountinfo_escapes(tmpfs, tmp_path):
     assert found is not None and found.root == "/v" and found.mountpoint == str(odd)
     assert mounts.top_mount(str(tmp_path / "a b")) is None
     assert mounts.unmount_all(str(odd)) == 1
+
+
+def test_the_embedded_launch_keeps_the_token_off_argv_and_env():
+    cluster = EMBEDDED.parse_cluster({"master-addrs": "Host-A:8995,host-a"}, {"token": "s3cr3t"})
+    assert cluster.address == "host-a:8995" and cluster.secrets == {"token": "s3cr3t"}
+    launch = EMBEDDED.launch(cluster, "/base", {"attr-timeout": "2"}, "/state/mounts/k")
+    assert "s3cr3t" not in " ".join(launch.argv) and "s3cr3t" not in str(launch.env)
+    assert launch.files == {"token": b"s3cr3t"} and launch.ready == "ready-fd"
+    assert launch.argv[launch.argv.index("--token-file") + 1] == "{private}/token"
+    assert launch.argv[-1] == "/state/mounts/k" and "{ready_fd}" in launch.argv
+    # no token: no file and no --token-file
+    bare = EMBEDDED.launch(EMBEDDED.parse_cluster({"master-addrs": "h"}, {}), "/", {}, "/m")
+    assert bare.files == {} and "--token-file" not in bare.argv
+    with pytest.raises(ValueError, match="master-addrs is empty"):
+        EMBEDDED.parse_cluster({}, {"token": "t"})

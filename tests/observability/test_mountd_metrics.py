@@ -13,12 +13,11 @@ from __future__ import annotations
 import os
 import signal
 
-import obs_support  # noqa: F401  (puts the controller and mountd helpers on the path)
 import pytest
 import trio
-from controller_support import kube_api
-from mountd_stack import TOKEN, Mountd, make_dirs, read_text, read_write
-from obs_support import matching, poll, sample, scrape
+from support.controller import kube_api
+from support.metrics import matching, poll, sample, scrape
+from support.mountd import TOKEN, Mountd, make_dirs, read_text, read_write
 
 from fusecsi.cluster.local import LocalCluster, free_port
 
@@ -60,7 +59,15 @@ async def test_publish_recovery_health_and_pod_events(node, cluster, kube_api):
     kube_api.add_pod("apps", "web-0")
     target = node.make_parent(node.target("pod-web-0", "pv-obs"))
     answer = await node.client.publish(
-        "vol-obs", cluster.master_addrs, "/obs", "vol", "", target, False, TOKEN, "apps", "web-0"
+        volume_id="vol-obs",
+        cluster=cluster.master_addrs,
+        fs_path="/obs",
+        subpath="vol",
+        target=target,
+        readonly=False,
+        secrets={"token": TOKEN},
+        pod_namespace="apps",
+        pod_name="web-0",
     )
     key = answer["key"]
     samples = scrape(node.metrics_port)

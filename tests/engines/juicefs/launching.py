@@ -1,0 +1,69 @@
+"""Run a JuiceFS `Launch` the way base.Launch describes it (what mountd does): `{private}`
+replaced by the key's private directory, files written there 0600, env added to a minimal
+environment, its own session; ready once the engine's fstype is mounted and statfs answers."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from fusecsi.engines.base import Launch
+from fusecsi.engines.juicefs.privmount import mounted_fstype
+
+_libc = ctypes.CDLL(None, use_errno=True)
+MNT_DETACH = 2
+
+
+class Running:
+    def __init__(self, launch: Launch, private: Path, mountpoint: Path) -> None:
+        self.mountpoint = mountpoint
+        self.log_path = private / "daemon.log"
+        private.mkdir(mode=0o700, exist_ok=True)
+        for name, content in launch.files.items():
+            fd = os.open(private / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+        argv = [arg.replace("{private}", str(private)) for arg in launch.argv]
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        env.update({k: v.replace("{private}", str(private)) for k, v in launch.env.items()})
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def wait_ready(self, fstype: str, timeout: float = 30.0) -> float:
+        """Seconds from now until ready; fails with the daemon's log if it exits first."""
+        started = time.monotonic()
+        while mounted_fstype(str(self.mountpoint)) != fstype:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"juicefs exited: {self.log_path.read_text()[-2000:]}")
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"not ready: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.02)
+        os.statvfs(self.mountpoint)
+        return time.monotonic() - started
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        detach(self.mountpoint)
+
+
+def detach(mountpoint: Path) -> None:
+    """Lazily unmount whatever is left at `mountpoint` (a dead FUSE mount after a kill)."""
+    while mounted_fstype(str(mountpoint)) is not None:
+        if _libc.umount2(str(mountpoint).encode(), MNT_DETACH) != 0:
+            break
