@@ -4,8 +4,10 @@ Several handles (and processes) may have one inode open; they share one write-ba
 buffer, so a read through any handle sees every write made through this mount.
 
 With a HandleStore (a daemon serving a kept connection, takeover.py) every handle is also
-written to the store, with whether its inode holds acknowledged but uncommitted writes, so a
-replacement daemon can answer the same handles (`adopt`) and report such writes as lost.
+written to the store, with whether its inode holds acknowledged but uncommitted writes and
+whether its file is an orphan (unlinked while open), and such writes are journaled
+(spool.py), so a replacement daemon answers the same handles (`adopt_handles`), stores the
+writes the dead one had acknowledged and removes an orphan at its last close.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pyfuse3
 from fusecsi.fuse.handlestore import DIR, READER, WRITER, HandleStore
 from fusecsi.fuse.listings import Scan
 from fusecsi.fuse.readahead import ReadAhead
+from fusecsi.fuse.spool import Spool, SpoolDir
 from fusecsi.fuse.writeback import WriteBuffer
 
 
@@ -33,6 +36,7 @@ class OpenInode:
     orphan: tuple[int, bytes] | None = None
     fhs: list[int] = field(default_factory=list)  # its handles, kept only with a store
     unsaved: bool = False  # the store says it holds writes not committed
+    spool: Spool | None = None  # the journal of its uncommitted writes (takeover)
 
     @property
     def current_size(self) -> int:
@@ -57,18 +61,19 @@ class DirHandle:
 
 
 class HandleTable:
-    __slots__ = ("files", "dirs", "inodes", "_next", "store")
+    __slots__ = ("files", "dirs", "inodes", "_next", "store", "spools")
 
-    def __init__(self, store: HandleStore | None = None) -> None:
+    def __init__(self, store: HandleStore | None = None, spools: SpoolDir | None = None) -> None:
         self.files: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self.inodes: dict[int, OpenInode] = {}
         self._next = 1
         self.store = store
+        self.spools = spools  # None: no takeover, nothing journaled
 
-    def _fh(self, ino: int, kind: int, dirty: bool = False) -> int:
+    def _fh(self, ino: int, kind: int, dirty: bool = False, orphan: bool = False) -> int:
         if self.store is not None:
-            return self.store.add(ino, kind, dirty)
+            return self.store.add(ino, kind, dirty, orphan)
         fh = self._next
         self._next += 1
         return fh
@@ -79,7 +84,7 @@ class HandleTable:
             node = self.inodes[ino] = OpenInode(ino, size)
         elif node.writer is None or not node.writer.dirty:
             node.size = size if node.writer is None else max(size, node.writer.size)
-        fh = self._fh(ino, WRITER if writable else READER, node.unsaved)
+        fh = self._fh(ino, WRITER if writable else READER, node.unsaved, node.orphan is not None)
         return fh, self._add(fh, node, writable)
 
     def adopt(self, fh: int, ino: int, size: int, writable: bool) -> None:
@@ -98,17 +103,27 @@ class HandleTable:
         return handle
 
     def close_file(self, fh: int) -> Handle | None:
-        """Forget a handle; the caller finishes the inode when `handle.node.opens` is 0."""
+        """Forget a handle; the caller finishes the inode when `handle.node.opens` is 0, and
+        then frees the handle's slot in the store (`free`): until then a replacement daemon
+        still finishes it."""
         handle = self.files.pop(fh, None)
         if handle is not None:
-            handle.node.opens -= 1
-            handle.node.writers -= handle.writable
-            if handle.node.opens == 0:
-                del self.inodes[handle.node.ino]
+            node = handle.node
+            node.opens -= 1
+            node.writers -= handle.writable
+            if node.opens == 0:
+                del self.inodes[node.ino]
+                if node.spool is not None:  # (a failed commit was reported by flush)
+                    node.spool.drop()
+                    node.spool = None
             if self.store is not None:
-                handle.node.fhs.remove(fh)
-                self.store.remove(fh)
+                node.fhs.remove(fh)
         return handle
+
+    def free(self, fh: int) -> None:
+        """The closed handle `fh` is finished: its slot may go."""
+        if self.store is not None:
+            self.store.remove(fh)
 
     def open_dir(self, ino: int) -> int:
         fh = self._fh(ino, DIR)
@@ -136,23 +151,50 @@ class HandleTable:
         for fh in node.fhs:
             self.store.mark(fh, unsaved)
 
+    def spool(self, node: OpenInode) -> Spool:
+        if node.spool is None:
+            node.spool = self.spools.spool(node.ino)
+        return node.spool
+
+    def mark_orphan(self, node: OpenInode, orphan: bool) -> None:
+        """Whether `node` is (about to be) moved to the orphans directory, in the store."""
+        if self.store is not None:
+            for fh in node.fhs:
+                self.store.mark_orphan(fh, orphan)
+
 
 async def adopt_handles(ops) -> int:
     """Answer the handles a dead daemon issued: each file handle is opened again on its
-    inode; an inode that held acknowledged writes not yet committed keeps them as lost (EIO
-    at the next write, fsync or close, and no length published past what the master has)."""
+    inode, the writes it had acknowledged and not committed are replayed from its journal
+    and committed (spool.py), and an orphan is known again (removed at its last close)."""
     handles = ops.handles
     records = handles.store.records()
-    for fh, ino, kind, dirty in records:
+    spools = handles.spools
+    journals = spools.segments() if spools is not None else {}
+    orphans: set[int] = set()
+    for fh, ino, kind, dirty, orphan in records:
         if kind == DIR:
             handles.dirs[fh] = DirHandle(ino)
             continue
         node = handles.inodes.get(ino)
         size = node.size if node is not None else await _size(ops, ino)
         handles.adopt(fh, ino, size, kind == WRITER)
-        if dirty:
-            handles.inodes[ino].unsaved = True
+        node = handles.inodes[ino]
+        node.unsaved |= dirty
+        if orphan:
+            orphans.add(ino)
+        if dirty and ino not in journals and (spools is None or not spools.existed):
+            # a daemon without journals: its acknowledged writes died with it
             ops.client.write_lost(ino, size, OSError(errno.EIO, "lost with a FUSE daemon"))
+    for ino, seqs in journals.items():
+        node = handles.inodes.get(ino)
+        if node is None:  # its last handle was closed (and any loss reported): nothing to keep
+            spools.remove(ino, seqs)
+            continue
+        node.spool = spools.spool(ino, seqs)
+        await ops.replay(node)
+    for ino in orphans:
+        await ops.adopt_orphan(handles.inodes[ino])
     return len(records)
 
 

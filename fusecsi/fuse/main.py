@@ -222,7 +222,9 @@ def run(args) -> int:
         where = settings.mountpoint
         if settings.fuse_fd is not None:
             taking = Takeover(settings.fuse_fd, settings.connection)
-            ops.handles = HandleTable(takeover.handle_store(settings.connection))
+            ops.handles = HandleTable(
+                takeover.handle_store(settings.connection), takeover.spool_dir(settings.connection)
+            )
             ops.init = taking.attach  # libfuse calls it while processing INIT
             where = taking.mountpoint
         pyfuse3.init(

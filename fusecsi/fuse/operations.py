@@ -11,6 +11,9 @@ the kernel's cached attributes are invalidated so the new length is seen.
 A file unlinked (or renamed over) while open through this mount is moved into a hidden
 directory at the top of fs-path and removed at its last close, so it stays readable.
 
+With takeover (a kept connection) every acknowledged write is also journaled outside the
+daemon until a commit covers it (spool.py), and a replacement daemon replays it.
+
 A missing name is answered with a negative entry, which the kernel caches for
 `entry-timeout` seconds like a positive one. In a directory whose every name this mount
 knows (listings.py: made or read through this mount, read again while in use) a lookup is
@@ -32,6 +35,7 @@ import pyfuse3
 import trio
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError
 
+from fusecsi.fuse import spool as spooling
 from fusecsi.fuse import xattrs
 from fusecsi.fuse.calls import ClusterCalls
 from fusecsi.fuse.dircache import DirAttrs
@@ -217,15 +221,39 @@ class Operations(pyfuse3.Operations):
     async def _orphan(self, parent: int, name: bytes, ino: int) -> None:
         where = await self._orphans()
         hidden = b"%d" % ino
-        await self._change((parent, where), self.client.rename, parent, name, where, hidden, 0)
+        node = self.handles.inodes.get(ino)
+        if node is not None:
+            # in the store before the rename: a replacement daemon that finds the flag checks
+            # whether the hidden name exists (the rename may not have happened)
+            self.handles.mark_orphan(node, True)
+        try:
+            await self._change((parent, where), self.client.rename, parent, name, where, hidden, 0)
+        except BaseException:
+            if node is not None and node.orphan is None:
+                self.handles.mark_orphan(node, False)
+            raise
         self.dir_attrs.changed(parent)
         self.listings.removed(parent, name)
         self.listings.added(where, hidden)
         node = self.handles.inodes.get(ino)
         if node is not None:
             node.orphan = (where, hidden)
+            self.handles.mark_orphan(node, True)  # (handles opened during the rename)
         else:  # closed while we were renaming
             await self._unlink_orphan(where, hidden)
+
+    async def adopt_orphan(self, node: OpenInode) -> None:
+        """A dead daemon marked `node` an orphan (takeover): it is one if its hidden name
+        exists (the daemon may have died before the rename, or after the last close's
+        unlink)."""
+        found = await self._lookup_or_none(self.base, ORPHANS)
+        hidden = b"%d" % node.ino
+        attr = None if found is None else await self._lookup_or_none(found.ino, hidden)
+        if attr is not None and attr.ino == node.ino:
+            self._orphan_dir = found.ino
+            node.orphan = (found.ino, hidden)
+        else:
+            self.handles.mark_orphan(node, False)
 
     async def _unlink_orphan(self, where: int, hidden: bytes) -> None:
         await self._change((where,), self.client.unlink, where, hidden)
@@ -249,15 +277,21 @@ class Operations(pyfuse3.Operations):
         writer = node.writer
         async with writer.sizing:
             await writer.drain()
+            spool = node.spool
             if not writer.dirty:
+                if spool is not None and spool.total:  # journaled after a commit covered them
+                    spool.covered(spool.mark())
                 if durable:
                     await self.call(self.client.sync, node.ino)
                 return
             written = writer.written  # later writes stay dirty: this commit may not cover them
+            mark = spool.mark() if spool is not None else None  # (no await since `written`)
             attr = await self._touch(
                 node.ino, self.client.commit, node.ino, writer.size, time.time_ns(), durable=durable
             )
             writer.committed = max(writer.committed, written)
+            if spool is not None:
+                spool.covered(mark)  # before the store says clean: never clean with no journal
             self.handles.committed(node)
         node.size = attr.size
         self._seen[node.ino] = (attr.size, attr.mtime_ns)
@@ -345,9 +379,13 @@ class Operations(pyfuse3.Operations):
         async with writer.sizing if writer is not None else contextlib.nullcontext():
             if writer is not None:
                 await writer.drain()
+            # a size change publishes the writes before it (ClusterClient.setattr)
+            mark = node.spool.mark() if writer is not None and node.spool is not None else None
             new = await self._touch(ino, self.client.setattr, ino, **changes)
             if writer is not None:
                 writer.truncated(new.size)
+            if mark is not None:
+                node.spool.covered(mark)
         if stat.S_ISDIR(new.mode):
             self.dir_attrs.put(new)
         if fields_.update_size and node is not None:
@@ -473,11 +511,15 @@ class Operations(pyfuse3.Operations):
         self.client.forget_layout(ino)  # close-to-open: reads ask for the current block map
         if writable and flags & os.O_TRUNC:  # libfuse asks for atomic O_TRUNC: it comes here
             node = self.handles.inodes.get(ino)
+            mark = None
             if node is not None and node.writer is not None:
                 await node.writer.drain()
                 node.writer.truncated(0)
                 node.version += 1
+                mark = node.spool.mark() if node.spool is not None else None
             attr = await self._touch(ino, self.client.setattr, ino, size=0)
+            if mark is not None and node.spool is not None:
+                node.spool.covered(mark)
         else:
             attr = await self.call(self.client.getattr, ino)  # close-to-open: current length
         seen = (attr.size, attr.mtime_ns)
@@ -574,9 +616,57 @@ class Operations(pyfuse3.Operations):
             )
         node.version += 1
         await writer.write(off, buf)
+        if self.handles.spools is not None:
+            await self._journal(node, off, buf)
         self.handles.wrote(node)  # kept for a replacement daemon (takeover)
         self.stats.written_bytes.add(amount=size)
         return size
+
+    async def _journal(self, node: OpenInode, off: int, buf: bytes) -> None:
+        """Keep an acknowledged write outside the daemon until a commit covers it (before
+        write() is answered, spool.py); when it cannot be kept, commit it now."""
+        spool = self.handles.spool(node)
+        if spool.append(off, buf):
+            if spool.total > spooling.LIMIT:  # a writer that never fsyncs: commit early
+                try:
+                    await self._commit(node)
+                except FUSEError as exc:  # this write is kept; a loss is reported by the next
+                    log.warning("early commit failed", extra=fields(ino=node.ino, errno=exc.errno))
+            return
+        log.warning("write journal failed: committing", extra=fields(ino=node.ino))
+        try:
+            await self._commit(node)
+        except BaseException as exc:  # neither kept nor stored: reported until closed
+            self.client.write_lost(node.ino, off, exc)
+            raise
+
+    async def replay(self, node: OpenInode) -> None:
+        """Store and commit the writes a dead daemon had acknowledged for `node` (from its
+        journal: takeover), through the same write path; not journaled again, so a daemon
+        that dies meanwhile leaves the same journal to the next one. A write that cannot be
+        stored is kept as a loss (EIO at the file's next write, fsync or close); a commit
+        that fails leaves the journal and the file dirty for its next commit."""
+        ino = node.ino
+        writer = node.writer
+        if writer is None:
+            writer = node.writer = WriteBuffer(
+                partial(self._send, ino), self.write_limit, node.size
+            )
+        count = 0
+        try:
+            for off, data in node.spool.old_records():
+                if self.client.write_error(ino) is not None:
+                    break
+                node.version += 1
+                await writer.write(off, data)
+                count += 1
+            await self._commit(node)
+            if not writer.dirty:  # (also journals that held no complete record)
+                node.spool.covered(node.spool.mark())
+        except FUSEError as exc:
+            log.error("replay failed", extra=fields(ino=ino, errno=exc.errno, writes=count))
+            return
+        log.info("writes replayed", extra=fields(ino=ino, writes=count))
 
     async def flush(self, fh):
         handle = self.handles.files.get(fh)
@@ -598,19 +688,23 @@ class Operations(pyfuse3.Operations):
             return
         node = handle.node
         try:
-            if node.opens == 1 and node.writer is not None:
-                await self._commit(node)
-        except FUSEError as exc:
-            log.error("write lost at close", extra=fields(ino=node.ino, errno=exc.errno))
+            try:
+                if node.opens == 1 and node.writer is not None:
+                    await self._commit(node)
+            except FUSEError as exc:
+                log.error("write lost at close", extra=fields(ino=node.ino, errno=exc.errno))
+            finally:
+                self.handles.close_file(fh)
+                self._direct.discard(fh)
+                if node.opens == 0:  # nobody left to tell of a loss: the master's length stands
+                    self.client.forget_writes(node.ino)
+            if not self.handles.files and (handle.reader is not None or node.writer is not None):
+                self.idle()  # the last file that moved data closed
+            if node.opens == 0 and node.orphan is not None:
+                await self._unlink_orphan(*node.orphan)
         finally:
-            self.handles.close_file(fh)
-            self._direct.discard(fh)
-            if node.opens == 0:  # nobody left to tell of a loss: the master's length stands
-                self.client.forget_writes(node.ino)
-        if not self.handles.files and (handle.reader is not None or node.writer is not None):
-            self.idle()  # the last file that moved data closed
-        if node.opens == 0 and node.orphan is not None:
-            await self._unlink_orphan(*node.orphan)
+            # only now: a daemon that dies before finishes this close in the next (takeover)
+            self.handles.free(fh)
 
     # -- directories
 

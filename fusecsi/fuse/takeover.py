@@ -17,7 +17,9 @@ INIT is byte for byte the kernel's, so libfuse negotiates exactly what the kerne
 died with the socket).
 
 Then the daemon asks the kernel to resend every request the dead daemon had read but not
-answered (FUSE_NOTIFY_RESEND, Linux 6.9): they are served again, not left hanging.
+answered (FUSE_NOTIFY_RESEND, Linux 6.9): they are served again, not left hanging. Before
+that it has adopted the dead daemon's handles (handles.py) and replayed the writes it had
+acknowledged but not committed (spool.py).
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ import ctypes
 import ctypes.util
 import os
 import select
+import shutil
 import socket
 import struct
 
 import trio
 
 from fusecsi.fuse.handlestore import HandleStore
+from fusecsi.fuse.spool import SPOOL_DIR, SpoolDir
 
 INIT_FILE = "init"
 HANDLES_FILE = "handles"
@@ -79,6 +83,7 @@ def mount(mountpoint: str, source: str, fstype: str, options: set[str], conn_dir
             os.makedirs(conn_dir, mode=0o700, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):  # a new connection has no handles
                 os.unlink(os.path.join(conn_dir, HANDLES_FILE))
+            shutil.rmtree(os.path.join(conn_dir, SPOOL_DIR), ignore_errors=True)  # nor journals
             _write_atomic(os.path.join(conn_dir, INIT_FILE), init)
         except BaseException:
             _libc.umount2(mountpoint.encode(), MNT_DETACH)
@@ -147,3 +152,8 @@ class Takeover:
 
 def handle_store(conn_dir: str) -> HandleStore:
     return HandleStore(os.path.join(conn_dir, HANDLES_FILE))
+
+
+def spool_dir(conn_dir: str) -> SpoolDir:
+    """The journals of acknowledged writes not yet committed (spool.py)."""
+    return SpoolDir(os.path.join(conn_dir, SPOOL_DIR))

@@ -70,6 +70,10 @@ class Actor:
     def op_fsync(self, handle: int) -> None:
         os.fsync(self.fds[handle])
 
+    def op_fstat(self, handle: int) -> list[int]:
+        st = os.fstat(self.fds[handle])
+        return [st.st_size, st.st_nlink]
+
     def op_close(self, handle: int) -> None:
         os.close(self.fds.pop(handle))  # the descriptor is gone even when close fails
 

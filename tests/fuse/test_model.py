@@ -8,7 +8,8 @@ sizes, listings and errno names.
 
 With faults, a worker or the master is SIGKILLed and restarted at a random moment while the
 operations go on, or mount A's daemon is SIGKILLed and mounted again, or SIGKILLed and
-taken over by a new daemon on the same connection (open handles stay open). Then:
+taken over by a new daemon on the same connection (open handles stay open, and the writes
+they had made are replayed from the journal: nothing acknowledged fails). Then:
 - an acknowledged change holds: whatever close or fsync acknowledged is read back exactly,
   also after every process of the cluster and both daemons are killed at the end of a case;
 - a file whose writes failed, or whose daemon died with its handles open, reads back as a
@@ -193,6 +194,7 @@ def machine(stage: Stage, faults: bool):
                 proc("chroot", str(stage.mounts_of(i).path / self.case))
             self.handles: list[Handle] = []
             self.tag = 0
+            self.cluster_faults = 0  # a takeover alone fails no call (journaled writes)
             # file (model inode) -> every state since its last acknowledged one, that first
             self.states: dict[int, list[bytes]] = {}
 
@@ -483,6 +485,7 @@ def machine(stage: Stage, faults: bool):
         @precondition(lambda self: faults)
         @rule(kind=st.sampled_from(["worker", "master"]), delay=st.floats(0, 0.5))
         def cluster_fault(self, kind, delay):
+            self.cluster_faults += 1
             stage.background_fault(kind, delay)
 
         @precondition(lambda self: faults)
@@ -500,18 +503,24 @@ def machine(stage: Stage, faults: bool):
                 self.settle_file(ino)
 
         @precondition(lambda self: faults)
-        @rule()
-        def daemon_taken_over(self):
-            """Handles stay open; a file with writes not yet fsync'd or closed reports them
-            lost (EIO) at its next call, here an fsync, and is settled like any loss."""
+        @rule(data=st.data(), size=st.one_of(st.just(0), st.integers(1, 300_000)))
+        def daemon_taken_over(self, data, size):
+            """Handles stay open and writes not yet fsync'd or closed are replayed from the
+            journal: the next call, here an fsync, succeeds and the file is what the model
+            holds. Only a cluster fault earlier in the case may have made a loss (EIO), which
+            is settled like any loss. With `size`, a write comes just before the kill (the
+            noise process reads files on mount A, which commits them: this one is not)."""
             stage.join_fault()
-            stage.log.append("daemon A killed and taken over")
+            if size:
+                self.write(data, size)
+            stage.log.append(f"daemon A killed and taken over ({size} bytes written just before)")
             stage.a.replace(signal.SIGKILL)
             for handle in [h for h in self.handles if h.actor < 2 and h.flags != "r"]:
                 if handle not in self.handles:
                     continue  # closed by the loss of another handle of its file
                 got = self.sut(handle.actor, "fsync", handle.sut)
                 if self.faulty(got):
+                    assert self.cluster_faults, f"fsync after a takeover: {got}"
                     self.lost_handle(handle)
                 else:
                     assert got == self.model(handle.actor, "fsync", handle.model)

@@ -2,12 +2,13 @@
 
 `takeover_load.py DIR RESULT`: with its working directory in DIR it runs, one thread each,
 a reader of a file it holds open, relative-path calls through its cwd, reads through an
-mmap (pages dropped each round, so faults reach the daemon), and an appender that fsyncs
-every record. It prints READY once set up, runs until stdin closes, then writes a JSON
-report to RESULT: per worker the calls made, the longest call and every error. The appender
-counts an EIO separately ("lost": writes acknowledged but not fsync'd when a daemon died,
-reported as the contract says); it then reopens and checks that every fsync'd record is
-there, exactly.
+mmap (pages dropped each round, so faults reach the daemon), an appender that fsyncs every
+record, and a writer that never fsyncs: it writes a file of records, closes it and checks
+it holds exactly those records. It prints READY once set up, runs until stdin closes, then
+writes a JSON report to RESULT: per worker the calls made, the longest call and every
+error. An EIO of the appender is counted separately ("lost": writes acknowledged but not
+fsync'd lost with a daemon, which journaled writes prevent); it then reopens and checks
+that every fsync'd record is there, exactly.
 """
 
 from __future__ import annotations
@@ -123,6 +124,28 @@ def appender(w: Worker) -> None:
             w.errors.append("log differs from the fsync'd records")
 
 
+def writer(w: Worker) -> None:
+    """Files of records written with no fsync; each close must commit every record."""
+    rounds = 0
+    while not stop.is_set():
+        rounds += 1
+        count = 50 + rounds % 200
+        try:
+            fd = w.timed(os.open, "batch", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                for i in range(count):
+                    w.timed(os.write, fd, b"%015d\n" % i)
+                    time.sleep(0.002)
+            finally:
+                w.timed(os.close, fd)
+            with open("batch", "rb") as f:
+                if f.read() != _records(count):
+                    w.errors.append(f"batch of {count} records read back other bytes")
+        except OSError as exc:
+            w.errors.append(repr(exc))
+            time.sleep(0.05)
+
+
 def _records(n: int) -> bytes:
     return b"".join(b"%015d\n" % i for i in range(n))
 
@@ -136,12 +159,13 @@ def main() -> None:
             f.write(data[:size])
             os.fsync(f.fileno())
     fd = os.open("held", os.O_RDONLY)
-    workers = {name: Worker() for name in ("held", "cwd", "mapped", "appender")}
+    workers = {name: Worker() for name in ("held", "cwd", "mapped", "appender", "writer")}
     threads = [
         threading.Thread(target=held, args=(workers["held"], fd, data)),
         threading.Thread(target=cwd, args=(workers["cwd"],)),
         threading.Thread(target=mapped, args=(workers["mapped"], data)),
         threading.Thread(target=appender, args=(workers["appender"],)),
+        threading.Thread(target=writer, args=(workers["writer"],)),
     ]
     for t in threads:
         t.start()
