@@ -455,6 +455,21 @@ def ratios(by_engine: dict) -> dict:
     return out
 
 
+def headline(by_engine: dict) -> dict:
+    """The few figures per engine that run_all.py charts (the JSON's "summary")."""
+    picks = {
+        "warm_publish_p99_ms": ("warm", "csi_publish", "p99_ms"),
+        "cold_publish_p99_ms": ("cold", "csi_publish", "p99_ms"),
+        "recovery_p50_ms": ("recovery", "statfs_back", "p50_ms"),
+        "recovery_p99_ms": ("recovery", "statfs_back", "p99_ms"),
+        "daemon_rss_mib": ("warm", "daemon_rss_mib"),
+    }
+    return {
+        engine: {name: lookup(results, path) for name, path in picks.items()}
+        for engine, results in by_engine.items()
+    }
+
+
 def table(by_engine: dict) -> str:
     names = list(by_engine)
     others = [n for n in names if n != "embedded"] if "embedded" in names else []
@@ -559,6 +574,7 @@ def main() -> int:
         },
         "params": {**params, "engines": chosen},
         "skipped": skipped,
+        "summary": headline(by_engine),
         "results": by_engine,
         "ratios_vs_embedded": ratios(by_engine),
     }
