@@ -251,8 +251,9 @@ class JuiceFS:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"juicefs mount failed, see {self.work / 'juicefs.log'}")
             time.sleep(0.05)
-        # the directory "juicefs under fusecsi" publishes (its daemon mounts /csi)
-        (self.mountpoint / "csi" / "vol").mkdir(parents=True)
+        # the volume directory "juicefs under fusecsi" publishes (its daemon mounts / too,
+        # with the same argv as this one but for the mountpoint and cache directory)
+        (self.mountpoint / "csi-vol").mkdir()
         return self
 
     def pids(self) -> list[int]:
@@ -313,8 +314,8 @@ class JuiceFSUnderFusecsi:
                 volume_id="bench",
                 engine="juicefs",
                 cluster=cluster.address,
-                fs_path="/csi",
-                subpath="vol",
+                fs_path="/",
+                subpath="csi-vol",
                 target=str(self.mountpoint),
                 readonly=False,
                 secrets=dict(cluster.secrets),
