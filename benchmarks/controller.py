@@ -33,9 +33,9 @@ sys.path.insert(0, str(HERE.parent))
 
 import _results  # noqa: E402 - benchmarks/ is on sys.path when run
 
-from fusecsi import grpc_bridge  # noqa: E402
 from fusecsi.cluster.local import LocalCluster  # noqa: E402
-from fusecsi.csi import csi_pb2 as pb  # noqa: E402
+from fusecsi.csi import bridge as grpc_bridge  # noqa: E402
+from fusecsi.csi.generated import csi_pb2 as pb  # noqa: E402
 
 Mode = pb.VolumeCapability.AccessMode
 MOUNT = pb.VolumeCapability(

@@ -58,7 +58,7 @@ from fusecsi.cluster.client import ClusterClient  # noqa: E402
 from fusecsi.cluster.local import LocalCluster  # noqa: E402
 
 # devstack is being moved: this line is the one place it is named
-from fusecsi.devstack import leftover_mounts, share_like_kubelet  # noqa: E402
+from fusecsi.dev.stack import leftover_mounts, share_like_kubelet  # noqa: E402
 from fusecsi.engines import node_engine  # noqa: E402
 from fusecsi.engines.juicefs.metaurl import binary as juicefs_binary  # noqa: E402
 from fusecsi.mountd.client import MountdClient  # noqa: E402

@@ -44,10 +44,10 @@ sys.path.insert(0, str(HERE.parent))
 
 import _results  # noqa: E402 - benchmarks/ is on sys.path when run
 
-# grpc_bridge, csi_pb2 and devstack are being moved: this block is the one place named
-from fusecsi import engines, grpc_bridge  # noqa: E402
-from fusecsi.csi import csi_pb2 as pb  # noqa: E402
-from fusecsi.devstack import DevStack  # noqa: E402
+from fusecsi import engines  # noqa: E402
+from fusecsi.csi import bridge as grpc_bridge  # noqa: E402
+from fusecsi.csi.generated import csi_pb2 as pb  # noqa: E402
+from fusecsi.dev.stack import DevStack  # noqa: E402
 from fusecsi.mountd.client import MountdClient  # noqa: E402
 from fusecsi.mountd.recovery import CRASH_WINDOW  # noqa: E402
 

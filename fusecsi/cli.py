@@ -31,9 +31,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "mount": ("fusecsi.fuse.main", "run one FUSE daemon serving a cluster path at a mountpoint"),
     "mountd": ("fusecsi.mountd.main", "run the node's mount supervisor (shared FUSE daemons)"),
-    "node": ("fusecsi.node_main", "run the CSI Identity + Node services"),
-    "controller": ("fusecsi.controller_main", "run the CSI Identity + Controller services"),
-    "dev": ("fusecsi.dev", "run everything on one machine and play the StatefulSet walkthrough"),
+    "node": ("fusecsi.csi.node.main", "run the CSI Identity + Node services"),
+    "controller": ("fusecsi.csi.controller.main", "run the CSI Identity + Controller services"),
+    "dev": (
+        "fusecsi.dev.main",
+        "run everything on one machine and play the StatefulSet walkthrough",
+    ),
 }
 
 
@@ -64,13 +67,13 @@ def _endpoint(value: str):
 
 def _master_addrs(value: str):
     # the parser the CSI side uses for `master-addrs`, so every role says the same thing
-    from fusecsi.volumes import normalize_master_addrs
+    from fusecsi.csi.volumes import normalize_master_addrs
 
     return normalize_master_addrs(value)
 
 
 def _host_port(value: str):
-    from fusecsi.cluster.protocol import parse_addr
+    from fusecsi.rpc.addresses import parse_addr
 
     return parse_addr(value, 0)
 

@@ -84,7 +84,7 @@ class MountOptions:
         return ",".join(f"{k}={_format(v)}" for k, v in self.values)
 
     def digest(self) -> str:
-        return hashlib.sha256(self.to_arg().encode()).hexdigest()[:12]
+        return digest_of(self.to_arg())
 
 
 def parse(raw: Mapping[str, str]) -> MountOptions:
@@ -113,3 +113,9 @@ def parse_arg(text: str) -> MountOptions:
 
 
 DEFAULTS = parse({})
+
+
+def digest_of(canonical: str) -> str:
+    """The digest of a canonical options string (`to_arg()`), without parsing it: a table
+    written before an option was retired still hashes to the same key."""
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Regenerate the CSI protobuf and grpclib stubs in fusecsi/csi/ from proto/csi.proto.
+"""Regenerate the CSI protobuf and grpclib stubs in fusecsi/csi/generated/ from proto/csi.proto.
 
-protoc sees the proto under the virtual path fusecsi/csi/csi.proto, so the generated
-files land in fusecsi/csi/ and the grpclib module imports `fusecsi.csi.csi_pb2`.
+protoc sees the proto under the virtual path fusecsi/csi/generated/csi.proto, so the generated
+files land in fusecsi/csi/generated/ and the grpclib module imports
+`fusecsi.csi.generated.csi_pb2`.
 `--out DIR` writes the same tree under DIR instead of the repo root (the freshness
 test compares that output with the committed files).
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PROTO_DIR = REPO / "proto"
-PACKAGE = "fusecsi/csi"
+PACKAGE = "fusecsi/csi/generated"
 GENERATED = ("csi_pb2.py", "csi_pb2.pyi", "csi_grpc.py")
 
 
@@ -71,7 +72,10 @@ def generate(out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--out", type=Path, default=REPO, help="root to write fusecsi/csi/ under (default: repo)"
+        "--out",
+        type=Path,
+        default=REPO,
+        help="root to write fusecsi/csi/generated/ under (default: repo)",
     )
     args = parser.parse_args(argv)
     for path in generate(args.out.resolve()):

@@ -10,7 +10,7 @@ which import the copy through PYTHONPATH). A mutant is killed when the tests fai
 out. The report lists the score and every survivor, with the explanation given for it in
 `--explain` (a JSON file {mutant key: why it is equivalent}) or "UNEXPLAINED".
 
-    scripts/mutate.py --target fusecsi/volumes.py --tests tests/controller/test_volumes.py \\
+    scripts/mutate.py --target fusecsi/csi/volumes.py --tests tests/controller/test_volumes.py \\
         --report docs/mutation/volumes.md
 
 After tests were added, `--carry LOG` (the printed output of an earlier run on the same

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from spawning import Spawner
+from support.processes import Spawner
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import trio
 from fusecsi import errors
 from fusecsi.cluster import roles
 from fusecsi.cluster.client import Attr, ClusterClient, ClusterError, ClusterUnavailable
+from fusecsi.tokens import TOKEN_ENV, load_token
 
 CHUNK = 8 << 20
 
@@ -24,7 +25,7 @@ def configure(parser) -> None:
     parser.add_argument(
         "--token-file",
         metavar="F",
-        help=f"file holding the cluster token (or set {roles.TOKEN_ENV})",
+        help=f"file holding the cluster token (or set {TOKEN_ENV})",
     )
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -220,7 +221,7 @@ def failure(exc: Exception, args) -> str:
 
 def run(args) -> int:
     try:
-        token = roles.load_token(args.token_file)
+        token = load_token(args.token_file)
 
         async def main():
             async with ClusterClient(args.master_addrs, token=token, timeout=args.timeout) as c:

@@ -21,9 +21,11 @@ from typing import Any
 
 import trio
 
-from fusecsi.cluster.protocol import ForeignCluster, Pool, RPCError, RPCUnavailable
 from fusecsi.cluster.shortcircuit import ShortCircuit
 from fusecsi.cluster.writebehind import TRANSIENT, WriteBehind, WriteLost
+from fusecsi.errors import run_all
+from fusecsi.rpc.errors import ForeignCluster, RPCError, RPCUnavailable
+from fusecsi.rpc.pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,14 @@ class _ReadMap:
 
 class _Stale(Exception):
     """A cached block map named a block the workers no longer have."""
+
+
+def one_master_call(method):
+    """Marks a method that is one master call under the client's own deadline (`timeout`):
+    a caller's retry policy may let its first attempt run without a deadline of its own
+    (fusecsi/fuse/calls.py)."""
+    method.one_master_call = True
+    return method
 
 
 def _addrs(master_addrs: str | Sequence[str]) -> list[str]:
@@ -281,9 +291,11 @@ class ClusterClient:
 
     # ------------------------------------------------------------ namespace
 
+    @one_master_call
     async def lookup(self, parent: int, name: bytes) -> Attr:
         return await self._attr("lookup", parent, name, idempotent=True)
 
+    @one_master_call
     async def getattr(self, ino: int) -> Attr:
         return await self._attr("getattr", ino, idempotent=True)
 
@@ -314,9 +326,11 @@ class ClusterClient:
             self._pending.pop(ino, None)
         return attr
 
+    @one_master_call
     async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
         return await self._attr("mkdir", parent, name, mode, uid, gid)
 
+    @one_master_call
     async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
         return await self._attr("create", parent, name, mode, uid, gid)
 
@@ -332,29 +346,36 @@ class ClusterClient:
         """Create many empty files at once (bulk loads); not part of the FUSE path."""
         return await self._call("create_batch", parent, names, mode, uid, gid)
 
+    @one_master_call
     async def unlink(self, parent: int, name: bytes) -> None:
         await self._call("unlink", parent, name)
 
+    @one_master_call
     async def rmdir(self, parent: int, name: bytes) -> None:
         await self._call("rmdir", parent, name)
 
+    @one_master_call
     async def rename(
         self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0
     ) -> None:
         await self._call("rename", parent, name, new_parent, new_name, flags)
 
+    @one_master_call
     async def readdir(
         self, ino: int, cookie: int = 0, limit: int = 1000
     ) -> list[tuple[bytes, Attr, int]]:
         rows = await self._call("readdir", ino, cookie, limit, idempotent=True)
         return [(name, Attr(*attr), next_cookie) for name, attr, next_cookie in rows]
 
+    @one_master_call
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
         return await self._attr("symlink", parent, name, target, uid, gid)
 
+    @one_master_call
     async def readlink(self, ino: int) -> bytes:
         return await self._call("readlink", ino, idempotent=True)
 
+    @one_master_call
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
         return await self._attr("link", ino, new_parent, new_name)
 
@@ -582,20 +603,12 @@ class ClusterClient:
         if len(items) == 1:
             await fn(items[0])
             return
-        errors: list[ClusterError] = []
-
-        async def one(item) -> None:
-            try:
-                await fn(item)
-            except ClusterError as exc:
-                errors.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            for item in items:
-                nursery.start_soon(one, item)
-        if errors:
+        await run_all(
+            [partial(fn, item) for item in items],
+            catch=ClusterError,
             # a stale block map (ENOENT) only matters when nothing worse happened
-            raise min(errors, key=lambda e: e.errno == errno.ENOENT)
+            pick=lambda errors: min(errors, key=lambda e: e.errno == errno.ENOENT),
+        )
 
     async def _write_block(
         self, block_id: int, addrs: list[str], offset: int, data, deadline: float

@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from fusecsi.cluster.protocol import RPCError, call_sync
+from fusecsi.rpc.blocking import call_sync
+from fusecsi.rpc.errors import RPCError
 
 STARTUP_TIMEOUT = 30.0
 

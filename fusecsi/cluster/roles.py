@@ -12,9 +12,9 @@ from pathlib import Path
 import trio
 
 from fusecsi import metrics
-from fusecsi.cluster.protocol import parse_addr
+from fusecsi.rpc.addresses import parse_addr
+from fusecsi.tokens import TOKEN_ENV, load_token
 
-TOKEN_ENV = "FUSECSI_TOKEN"
 MASTERS_HELP = (
     "the cluster's master; more addresses only reach the same master (same data dir) "
     "elsewhere: masters do not replicate, and one of another cluster is refused"
@@ -23,17 +23,6 @@ LOCK_FILE = "lock"
 # a holder that just died may leave a child (a master's checkpoint writer) holding the lock
 # for a moment: wait that long before calling the dir busy
 LOCK_WAIT = 3.0
-
-
-def load_token(token_file: str | None) -> str | None:
-    """The cluster token from `--token-file` or $FUSECSI_TOKEN; None when neither is set."""
-    if token_file:
-        with open(token_file, encoding="utf-8") as f:
-            token = f.read().strip()
-        if not token:
-            raise ValueError(f"token file {token_file} is empty")
-        return token
-    return os.environ.get(TOKEN_ENV) or None
 
 
 def lock_data_dir(data_dir: str) -> int:

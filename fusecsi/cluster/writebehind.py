@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from fusecsi.cluster.protocol import RPCError
 from fusecsi.locks import acquire
+from fusecsi.rpc.errors import RPCError
 
 log = logging.getLogger(__name__)
 

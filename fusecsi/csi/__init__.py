@@ -1,1 +1,1 @@
-"""Generated CSI v1 stubs (see scripts/gen_stubs.py)."""
+"""The CSI roles: Identity, Controller and Node services, their gRPC server and the trio/asyncio bridge."""

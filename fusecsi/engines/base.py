@@ -82,6 +82,9 @@ class NodeEngine(Protocol):
     name: str
     fstype: str  # mountinfo fstype of a live mount of this engine, e.g. "fuse.juicefs"
     takeover: bool  # whether mountd may hold the /dev/fuse connection for the daemon
+    # every StorageClass parameter parse_cluster reads (required or optional); any other
+    # parameter that is not fusecsi's own is a mount option (see engines/options.py)
+    cluster_parameters: tuple[str, ...]
 
     def parse_cluster(self, parameters: Mapping[str, str], secrets: Mapping[str, str]) -> Cluster:
         """The cluster named by a StorageClass's parameters and its CSI secret."""

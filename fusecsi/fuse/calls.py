@@ -5,10 +5,10 @@ while the cluster is unreachable (a master or worker restarting); calls that cha
 namespace are retried only when the request cannot have been delivered (connection
 refused). When the time is up the application gets EIO instead of hanging.
 
-A single master call (`ONE_MASTER_CALL`) gives up on its own within the client's timeout,
-which the daemon sets to io-timeout: its first attempt runs without a cancel scope of ours
-(a deadline costs more than the rest of the wrapper), and only a retry gets one, with the
-deadline counted from the first attempt.
+A single master call (a ClusterClient method marked `@one_master_call` where it is defined)
+gives up on its own within the client's timeout, which the daemon sets to io-timeout: its
+first attempt runs without a cancel scope of ours (a deadline costs more than the rest of
+the wrapper), and only a retry gets one, with the deadline counted from the first attempt.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from fusecsi.cluster.writebehind import TRANSIENT  # "not reachable now", not "refused"
+from fusecsi.errors import unwrap
 from fusecsi.logs import fields
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,6 @@ log = logging.getLogger(__name__)
 NOT_DELIVERED = frozenset({errno.ECONNREFUSED})
 FIRST_BACKOFF = 0.05
 MAX_BACKOFF = 1.0
-# ClusterClient methods that are one master call under the client's own deadline.
-ONE_MASTER_CALL = frozenset(
-    "lookup getattr mkdir create unlink rmdir rename readdir symlink readlink link".split()
-)
 
 
 class ClusterCalls:
@@ -42,7 +39,7 @@ class ClusterCalls:
         """`await fn(*args, **kwargs)`; failures become FUSEError with the cluster's errno."""
         start = trio.current_time()
         retry = False
-        if getattr(fn, "__name__", None) in ONE_MASTER_CALL:
+        if getattr(fn, "one_master_call", False):
             try:
                 return await fn(*args, **kwargs)
             except (OSError, ExceptionGroup) as raised:
@@ -75,13 +72,6 @@ def _retryable(fn, raised: BaseException, idempotent: bool) -> None:
         log.warning("cluster call failed", extra=_fields(fn, exc))
         raise FUSEError(errno.EIO) from None
     log.info("cluster unreachable, retrying", extra=_fields(fn, exc))
-
-
-def unwrap(exc: BaseException) -> BaseException:
-    """The one exception inside (nested) single-member groups that nurseries wrap it in."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _name(fn) -> str:

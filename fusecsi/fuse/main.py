@@ -24,16 +24,16 @@ import pyfuse3
 import trio
 
 from fusecsi import errors, logs, metrics, mount_options
+from fusecsi.csi.volumes import normalize_fs_path  # the one rule mountd and the CSI roles apply
 from fusecsi.fuse import kernel, takeover
-from fusecsi.fuse.calls import unwrap
 from fusecsi.fuse.handles import HandleTable, adopt_handles
 from fusecsi.fuse.operations import Operations
 from fusecsi.fuse.takeover import Takeover
 from fusecsi.logs import fields
+from fusecsi.tokens import TOKEN_ENV, load_token
 
 log = logging.getLogger("fusecsi.mount")
 
-TOKEN_ENV = "FUSECSI_TOKEN"
 MAX_TASKS = 64
 WRITE_EVERY = 2.0  # seconds between rewrites of the metrics file
 
@@ -78,24 +78,8 @@ class Settings:
         self.ready_fd = args.ready_fd
         self.metrics_address = args.metrics_address
         self.metrics_file = args.metrics_file
-        self.token = read_token(args.token_file)
+        self.token = load_token(args.token_file)
         self.io_timeout = float(self.options["io-timeout"])
-
-
-def normalize_fs_path(text: str) -> str:
-    if not text.startswith("/"):
-        raise ValueError(f"fs-path {text!r} must be absolute")
-    parts = [p for p in text.split("/") if p]
-    if any(p in (".", "..") for p in parts):
-        raise ValueError(f"fs-path {text!r} must not contain . or ..")
-    return "/" + "/".join(parts)
-
-
-def read_token(path: str | None) -> str | None:
-    if path:
-        with open(path) as f:
-            return f.read().strip() or None
-    return os.environ.get(TOKEN_ENV) or None
 
 
 def _client(settings: Settings):
@@ -124,7 +108,7 @@ async def _serve(ops: Operations, settings: Settings, taking: Takeover | None) -
             try:
                 ops.set_block_size(int((await client.statfs())["block_size"]))
             except Exception as exc:  # keep the default; the first requests will tell
-                log.warning("cluster block size unknown", extra=fields(err=str(unwrap(exc))))
+                log.warning("cluster block size unknown", extra=fields(err=str(errors.unwrap(exc))))
         if taking is not None:
             with trio.fail_after(settings.io_timeout):
                 adopted = await adopt_handles(ops)
@@ -222,7 +206,7 @@ def run(args) -> int:
     try:
         base_ino = trio.run(_preflight, settings)
     except Exception as raised:
-        exc = unwrap(raised)
+        exc = errors.unwrap(raised)
         if not isinstance(exc, OSError | trio.TooSlowError):
             raise
         what = "timed out" if isinstance(exc, trio.TooSlowError) else errors.describe(exc)

@@ -4,8 +4,8 @@ metric families only when the metrics file is written (fusecsi.metrics)."""
 from __future__ import annotations
 
 from fusecsi import metrics
-from fusecsi.cluster.protocol import CALL_SECONDS
 from fusecsi.fuse import readahead
+from fusecsi.rpc.connection import CALL_SECONDS
 
 
 class OpStats:

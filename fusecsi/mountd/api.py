@@ -12,9 +12,10 @@ import errno
 
 import trio
 
-from fusecsi.cluster.protocol import RPCError, Server
 from fusecsi.mountd.api_version import VERSION
 from fusecsi.mountd.supervisor import Supervisor
+from fusecsi.rpc.errors import RPCError
+from fusecsi.rpc.server import Server
 
 
 def err(code: int, message: str) -> RPCError:

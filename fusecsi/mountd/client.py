@@ -13,8 +13,10 @@ from typing import Any
 
 import trio
 
-from fusecsi.cluster.protocol import RPCError, RPCUnavailable, connect
+from fusecsi.errors import unwrapped
 from fusecsi.mountd.api_version import VERSION
+from fusecsi.rpc.connection import connect
+from fusecsi.rpc.errors import RPCError, RPCUnavailable
 
 __all__ = ["MountdClient", "RPCError", "RPCUnavailable"]
 
@@ -32,31 +34,25 @@ class MountdClient:
     async def call(self, method: str, limit: float | None = None, **fields: Any) -> Any:
         """One call with named fields, after the version exchange, on a new connection."""
         limit = self.timeout if limit is None else limit
-        answer: tuple[bool, Any] | None = None
-        async with trio.open_nursery() as nursery:
-            with trio.move_on_after(limit):
-                answer = await self._exchange(nursery, method, fields)
-            nursery.cancel_scope.cancel()
-        if answer is None:
+        answer: list[Any] = []
+        with unwrapped():
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(limit):
+                    answer.append(await self._exchange(nursery, method, fields))
+                nursery.cancel_scope.cancel()
+        if not answer:
             raise RPCUnavailable(
                 errno.ETIMEDOUT, f"mountd did not answer {method} within {limit:g}s"
             )
-        ok, value = answer
-        if not ok:
-            raise value
-        return value
+        return answer[0]
 
-    async def _exchange(self, nursery: trio.Nursery, method: str, fields) -> tuple[bool, Any]:
-        # errors are returned, not raised, so they leave the nursery as themselves
+    async def _exchange(self, nursery: trio.Nursery, method: str, fields) -> Any:
+        conn = await connect(nursery, self.endpoint)
         try:
-            conn = await connect(nursery, self.endpoint)
-            try:
-                await self._agree_version(conn)
-                return True, await conn.call(method, fields)
-            finally:
-                conn.close()
-        except Exception as exc:
-            return False, exc
+            await self._agree_version(conn)
+            return await conn.call(method, fields)
+        finally:
+            conn.close()
 
     async def _agree_version(self, conn) -> None:
         try:

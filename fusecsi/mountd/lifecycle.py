@@ -12,12 +12,13 @@ import time
 
 import trio
 
+from fusecsi.engines.options import parse_options
 from fusecsi.fuse import takeover
 from fusecsi.logs import fields
 from fusecsi.mountd import mounts
 from fusecsi.mountd.daemons import Daemon, DaemonFailed, spawn, take_fuse_fd
 from fusecsi.mountd.keystate import UNREACHABLE, KeyState, err
-from fusecsi.mountd.table import Entry, parse_options
+from fusecsi.mountd.table import Entry
 
 log = logging.getLogger("fusecsi.mountd.supervisor")
 

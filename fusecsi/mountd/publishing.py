@@ -21,7 +21,7 @@ from functools import partial
 
 import trio
 
-from fusecsi import volumes
+from fusecsi.csi import volumes
 from fusecsi.engines.base import Cluster, NodeEngine
 from fusecsi.logs import fields
 from fusecsi.mountd import inputs, mounts

@@ -14,33 +14,13 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from fusecsi import engines, volumes
+from fusecsi import engines, mount_options
+from fusecsi.csi import volumes
+from fusecsi.engines.options import canonical_options
 
 TABLE_VERSION = 1
 # tables written before engines existed hold only the default engine's keys
 DEFAULT_ENGINE = engines.DEFAULT
-
-
-def parse_options(text: str) -> dict[str, str]:
-    """`k=v,k=v` as a mapping (ValueError on an item without `=`)."""
-    raw: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"mount option {item!r} needs a value (key=value)")
-        raw[name.strip()] = value.strip()
-    return raw
-
-
-def canonical_options(engine, text: str) -> str:
-    """The engine's canonical `k=v,...` form of `text` (ValueError/BadParameter when it is
-    off the engine's allow-list): two spellings of the same options share a daemon."""
-    parsed = parse_options(text)
-    normalize = getattr(engine, "normalize_options", None)
-    if normalize is not None:
-        return normalize(parsed)
-    engine.check_options(parsed)
-    return ",".join(f"{k}={v}" for k, v in sorted(parsed.items()))
 
 
 @dataclass(frozen=True)
@@ -65,10 +45,9 @@ class Key:
 
     @cached_property
     def id(self) -> str:
-        # `options` is canonical already: hashed as given, without parsing, so a table
+        # `options` is canonical already: digested as given, without parsing, so a table
         # written before an option was retired still loads
-        digest = hashlib.sha256(self.options.encode()).hexdigest()[:12]
-        text = f"{self.address}|{self.fs_path}|{digest}"
+        text = f"{self.address}|{self.fs_path}|{mount_options.digest_of(self.options)}"
         if self.engine != DEFAULT_ENGINE:  # embedded ids stay what they were before engines
             text = f"{self.engine}|{text}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]

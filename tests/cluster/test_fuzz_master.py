@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from fusecsi.cluster.local import LocalCluster
 from fusecsi.cluster.master.service import MasterService
-from fusecsi.cluster.protocol import RPCError, call_sync
+from fusecsi.rpc.blocking import call_sync
+from fusecsi.rpc.errors import RPCError
 
 METHODS = sorted(MasterService.handlers(MasterService.__new__(MasterService)))
 

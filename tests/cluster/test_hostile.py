@@ -13,7 +13,8 @@ import msgpack
 import pytest
 
 from fusecsi.cluster.local import LocalCluster
-from fusecsi.cluster.protocol import REQUEST, call_sync
+from fusecsi.rpc.blocking import call_sync
+from fusecsi.rpc.framing import REQUEST
 
 TOKEN = "hostile-test-token"
 MiB = 1 << 20

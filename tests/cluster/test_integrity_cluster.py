@@ -24,7 +24,8 @@ from fusecsi.cluster.local import LocalCluster, free_port
 from fusecsi.cluster.master.journal import Journal
 from fusecsi.cluster.master.main import load_namespace
 from fusecsi.cluster.master.service import MasterService
-from fusecsi.cluster.protocol import Pool, call_sync
+from fusecsi.rpc.blocking import call_sync
+from fusecsi.rpc.pool import Pool
 
 BLOCK = 1 << 20
 

@@ -21,7 +21,7 @@ from fusecsi.cluster.local import LocalCluster
 from fusecsi.cluster.master.journal import Journal, read_segment
 from fusecsi.cluster.master.main import load_namespace
 from fusecsi.cluster.master.service import MasterService
-from fusecsi.cluster.protocol import Pool
+from fusecsi.rpc.pool import Pool
 
 BLOCK = 1 << 20
 TAG = b"trusted.fusecsi.volume"

@@ -12,16 +12,13 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusecsi.cluster.protocol import (
-    REQUEST,
-    FrameSocket,
-    Pool,
-    ProtocolError,
-    RPCError,
-    Server,
-    call_sync,
-    connect,
-)
+from fusecsi.rpc import server
+from fusecsi.rpc.blocking import call_sync
+from fusecsi.rpc.connection import connect
+from fusecsi.rpc.errors import ProtocolError, RPCError
+from fusecsi.rpc.framing import REQUEST, FrameSocket
+from fusecsi.rpc.pool import Pool
+from fusecsi.rpc.server import Server
 
 
 async def _echo(value):
@@ -295,17 +292,15 @@ async def test_connections_beyond_the_per_peer_limit_are_closed_at_once():
 async def test_a_pooled_connection_idle_near_the_server_limit_is_replaced(mock_clock):
     # the server closes connections idle for IDLE_TIMEOUT; a client must never send a
     # request on one just as that happens, so it opens a fresh one well before
-    from fusecsi.cluster import protocol
-
     async with trio.open_nursery() as nursery:
         addr = await _serve(nursery)
         pool = Pool(nursery)
         assert await pool.call(addr, "add", 1, 1) == 2
         (first,) = pool._conns[addr]
-        mock_clock.jump(protocol.REUSE_IDLE - 1)
+        mock_clock.jump(server.REUSE_IDLE - 1)
         assert await pool.call(addr, "add", 1, 2) == 3
         assert pool._conns[addr] == [first]  # still fresh enough
-        mock_clock.jump(protocol.REUSE_IDLE + 1)
+        mock_clock.jump(server.REUSE_IDLE + 1)
         assert await pool.call(addr, "add", 1, 3) == 4
         assert not first.usable and pool._conns[addr][-1] is not first
         pool.close()

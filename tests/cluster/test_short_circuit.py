@@ -14,8 +14,8 @@ import trio
 from fusecsi.cluster import shortcircuit
 from fusecsi.cluster.client import ROOT_INO, ClusterClient, ClusterError
 from fusecsi.cluster.local import LocalCluster
-from fusecsi.cluster.protocol import call_sync
 from fusecsi.cluster.worker.store import CHUNK
+from fusecsi.rpc.blocking import call_sync
 
 BLOCK = 1 << 20  # the block size of the `cluster` fixture (conftest.py)
 TOKEN = "short-circuit-secret"

@@ -17,7 +17,9 @@ import urllib.request
 
 import pytest
 import trio
-from controller_support import (
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from support.controller import (
     GiB,
     cluster,
     controller,
@@ -30,15 +32,14 @@ from controller_support import (
     start_controller,
     unique,
 )
-from grpclib.const import Status
-from grpclib.exceptions import GRPCError
-from spawning import read_log
+from support.processes import read_log
 
-from fusecsi import grpc_bridge, mount_options
+from fusecsi import mount_options
 from fusecsi.cluster.client import ClusterError
 from fusecsi.cluster.local import LocalCluster, free_port
-from fusecsi.csi import csi_pb2 as pb
-from fusecsi.volumes import PV_NAME, PVC_NAME, PVC_NAMESPACE, name_digest
+from fusecsi.csi import bridge as grpc_bridge
+from fusecsi.csi.generated import csi_pb2 as pb
+from fusecsi.csi.volumes import PV_NAME, PVC_NAME, PVC_NAMESPACE, name_digest
 
 __all__ = ["cluster", "controller", "csi", "kube_api", "module_spawn"]  # fixtures
 
@@ -697,7 +698,7 @@ async def test_several_master_addresses_fail_over(csi, cluster):
 
 
 def test_archive_names_stay_within_255_bytes():
-    from fusecsi.controller import archive_name
+    from fusecsi.csi.controller.service import archive_name
 
     assert archive_name("pv", 0) == "pv.archived-19700101T000000Z"
     long = archive_name("é" * 127, 1_795_000_000)
@@ -815,7 +816,7 @@ async def test_over_long_volume_ids_name_no_volume(csi, cluster):
 async def test_archive_names_never_collide(csi, cluster):
     """Archives of one path within a second: each takes the next free name; with every name
     taken the delete is refused and nothing moves."""
-    from fusecsi.controller import ARCHIVE_ATTEMPTS, archive_name
+    from fusecsi.csi.controller.service import ARCHIVE_ATTEMPTS, archive_name
 
     base = unique("/archives")
     async with open_client(cluster.master_addrs) as client:

@@ -16,16 +16,16 @@ import re
 
 import pytest
 import trio
-from fake_namespace import FakeRegistry, FakeTree
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from support.fake_namespace import FakeRegistry, FakeTree
 
-from fusecsi.controller import ControllerService
-from fusecsi.csi import csi_pb2 as pb
+from fusecsi.csi.controller.namespace_pool import NamespacePool
+from fusecsi.csi.controller.service import ControllerService
+from fusecsi.csi.controller.volume_rules import TAG_OWNER, TAG_PARENT, TAG_VOLUME
+from fusecsi.csi.generated import csi_pb2 as pb
+from fusecsi.csi.volumes import VolumeRef, name_digest
 from fusecsi.engines.base import Unreachable
-from fusecsi.namespace_pool import NamespacePool
-from fusecsi.volume_rules import TAG_OWNER, TAG_PARENT, TAG_VOLUME
-from fusecsi.volumes import VolumeRef, name_digest
 
 GiB = 1 << 30
 SECRET = "s3cr3t-token-value"
@@ -438,7 +438,7 @@ async def test_requests_without_secrets_use_the_defaults(nursery):
         ({"engine": "ceph"}, r"^parameter engine='ceph': unknown engine \(known: embedded, "),
         ({"engine": "curvine"}, r"^engine 'curvine' is not available in this build of fusecsi$"),
         ({"engine": "seaweedfs"}, "parameter filer is required"),
-        ({"engine": "seaweedfs", "filer": "f:1", "bogus": "1"}, "unknown seaweedfs parameter"),
+        ({"engine": "seaweedfs", "filer": "f:1", "bogus": "1"}, "mount option 'bogus' is not"),
         ({"master-addrs": "m:1", "bogus": "1"}, "unknown parameter 'bogus'"),
     ],
 )

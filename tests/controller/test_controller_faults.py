@@ -14,7 +14,9 @@ import errno
 import re
 
 import pytest
-from controller_support import (
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from support.controller import (
     GiB,
     cluster,
     create_request,
@@ -24,12 +26,10 @@ from controller_support import (
     start_controller,
     unique,
 )
-from faultproxy import HOLD, FaultProxy
-from grpclib.const import Status
-from grpclib.exceptions import GRPCError
+from support.faultproxy import HOLD, FaultProxy
 
-from fusecsi import grpc_bridge
-from fusecsi.csi import csi_pb2 as pb
+from fusecsi.csi import bridge as grpc_bridge
+from fusecsi.csi.generated import csi_pb2 as pb
 
 __all__ = ["cluster", "kube_api", "module_spawn"]  # fixtures
 

@@ -8,13 +8,13 @@ import os
 
 import pytest
 import trio
-from controller_support import GiB, cluster, open_client, unique
+from support.controller import GiB, cluster, open_client, unique
 
 from fusecsi.cluster.local import free_port
+from fusecsi.csi.controller.volume_rules import TAG_VOLUME, VolumeRules
+from fusecsi.csi.volumes import VolumeRef, name_digest
 from fusecsi.engines import open_namespace
 from fusecsi.engines.base import Cluster, Node, Unreachable
-from fusecsi.volume_rules import TAG_VOLUME, VolumeRules
-from fusecsi.volumes import VolumeRef, name_digest
 
 __all__ = ["cluster"]  # fixture
 

@@ -1,12 +1,12 @@
-"""fusecsi/k8s.py against the small fake Kubernetes API server of controller_support (a real
-kube-apiserver cannot run here) and against an address where nothing answers."""
+"""fusecsi/k8s.py against the small fake Kubernetes API server of tests/support/controller.py
+(a real kube-apiserver cannot run here) and against an address where nothing answers."""
 
 from __future__ import annotations
 
 import socket
 
 import pytest
-from controller_support import kube_api
+from support.controller import kube_api
 
 from fusecsi.k8s import KubeApi, KubeError, KubeNotConfigured, KubeNotFound, KubeUnavailable
 

@@ -1,4 +1,4 @@
-"""fusecsi/volumes.py: volume ids, parameters, path-pattern expansion and path safety."""
+"""fusecsi/csi/volumes.py: volume ids, parameters, path-pattern expansion and path safety."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusecsi import mount_options
-from fusecsi.volumes import (
+from fusecsi.csi.volumes import (
     MAX_FS_PATH_BYTES,
     MAX_VOLUME_ID,
     PV_NAME,
@@ -384,13 +384,13 @@ def test_version_3_ids_that_do_not_parse(text, message):
 
 
 def test_engine_parameter():
-    params = parse_parameters({"engine": "seaweedfs", "filer": "f:8888", "fs-path": "/k"})
+    params = parse_parameters({"engine": "seaweedfs", "filer-addrs": "f:8888", "fs-path": "/k"})
     assert (params.engine, params.fs_path, params.master_addrs) == ("seaweedfs", "/k", None)
-    assert params.cluster_params == params.engine_params == {"filer": "f:8888"}
+    assert params.cluster_params == params.engine_params == {"filer-addrs": "f:8888"}
     ref = params.ref("pvc-1", "pvc-1", address="f:8888")
     assert ref.volume_id().startswith(f"3;seaweedfs;d;{name_digest('pvc-1')};f:8888;/k;")
     assert params.context(ref) == {
-        "filer": "f:8888",
+        "filer-addrs": "f:8888",
         "engine": "seaweedfs",
         "fs-path": "/k",
         "subpath": "pvc-1",
@@ -404,3 +404,35 @@ def test_engine_parameter():
     sub = default_subpath(long_name, "f:8888", "/", "delete", "seaweedfs")
     ref = VolumeRef("f:8888", "/", sub, "delete", name_digest(long_name), "seaweedfs")
     assert len(ref.volume_id()) <= MAX_VOLUME_ID
+
+
+@pytest.mark.parametrize(
+    ("parameters", "cluster", "options"),
+    [
+        ({"engine": "juicefs", "writeback": "true"}, {}, "writeback"),
+        (
+            {"engine": "seaweedfs", "filer-addrs": "f:8888", "cacheCapacityMB": "64"},
+            {"filer-addrs": "f:8888"},
+            "cacheCapacityMB=64",
+        ),
+        ({"engine": "curvine", "master-addrs": "m:8995"}, {"master-addrs": "m:8995"}, ""),
+    ],
+)
+def test_another_engines_parameters_split_into_cluster_and_mount_options(
+    parameters, cluster, options
+):
+    # one rule for every engine: not fusecsi's own and not the cluster's: a mount option,
+    # checked against the engine's allow-list at CreateVolume and handed to the node
+    params = parse_parameters({**parameters, "fs-path": "/k"})
+    assert params.engine_params == cluster
+    assert options in params.engine_options
+    context = params.context(params.ref("v", "pv-1", address="a:1"))
+    assert context.get("options", "") == params.engine_options
+
+
+@pytest.mark.parametrize("engine", ["juicefs", "seaweedfs", "curvine"])
+def test_an_unknown_mount_option_of_another_engine_is_refused_in_one_line(engine):
+    cluster = {"seaweedfs": {"filer-addrs": "f:8888"}, "curvine": {"master-addrs": "m:1"}}
+    with pytest.raises(ValueError) as refused:
+        parse_parameters({"engine": engine, **cluster.get(engine, {}), "cache-sise": "1"})
+    assert "cache-sise" in str(refused.value) and "\n" not in str(refused.value)

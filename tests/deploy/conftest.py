@@ -1,10 +1,10 @@
-"""Session fixtures of the deployment tests (helpers in deploy_helpers.py)."""
+"""Session fixtures of the deployment tests (helpers in tests/support/helm.py)."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
-from deploy_helpers import VALUES_ALL, render, run_helm
+from support.helm import VALUES_ALL, render, run_helm
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ import subprocess
 import time
 
 import pytest
-from deploy_helpers import containers, find, render
-from spawning import FUSECSI, Spawner, wait_for_path
+from support.helm import containers, find, render
+from support.processes import FUSECSI, Spawner, wait_for_path
 
 from fusecsi.cluster.local import free_port
 

@@ -10,7 +10,7 @@ import re
 import kubernetes_validate
 import pytest
 import yaml
-from deploy_helpers import (
+from support.helm import (
     CHART,
     CRD_KINDS,
     KUBE_VERSIONS,
@@ -24,7 +24,8 @@ from deploy_helpers import (
     validate,
 )
 
-from fusecsi import mount_options, volumes
+from fusecsi import mount_options
+from fusecsi.csi import volumes
 
 RENDERS = ["defaults", "all-options"]
 # The one container that must be privileged (mount syscalls, Bidirectional propagation).
@@ -372,7 +373,8 @@ def test_secrets_readable_only_by_name(all_docs, default_docs):
             {
                 "apiGroups": [""],
                 "resources": ["secrets"],
-                "resourceNames": ["fusecsi-token", "storage-fusecsi-cluster-token"],
+                # juicefs-meta from a class's `secret`; its nodePublishSecret is the kubelet's
+                "resourceNames": ["fusecsi-token", "juicefs-meta", "storage-fusecsi-cluster-token"],
                 "verbs": ["get"],
             }
         ],
@@ -397,7 +399,8 @@ def test_secrets_readable_only_by_name(all_docs, default_docs):
 
 def test_storage_classes_from_values(all_docs):
     classes = {d["metadata"]["name"]: d for d in all_docs if d["kind"] == "StorageClass"}
-    assert set(classes) == {"fusecsi", "fusecsi-scratch", "fusecsi-cluster"}
+    engines = {"fusecsi-juicefs", "fusecsi-seaweedfs", "fusecsi-curvine"}  # test_chart_engines
+    assert set(classes) == {"fusecsi", "fusecsi-scratch", "fusecsi-cluster"} | engines
     embedded = classes["fusecsi-cluster"]
     assert embedded["parameters"]["master-addrs"] == "storage-fusecsi-master.storage:9995"
     assert embedded["parameters"]["fs-path"] == "/pvs"
@@ -424,9 +427,12 @@ def test_storage_classes_from_values(all_docs):
         "attr-timeout": "2",
         "writeback-cache": "true",
     }
-    for storage_class in classes.values():  # what CreateVolume accepts
-        volumes.parse_parameters(storage_class["parameters"])
+    for name in classes.keys() - engines - {"fusecsi-scratch"}:  # what CreateVolume accepts
+        volumes.parse_parameters(classes[name]["parameters"])
     scratch = classes["fusecsi-scratch"]
+    params = dict(scratch["parameters"])
+    assert params.pop("engine") == "embedded"  # set in values, so rendered
+    volumes.parse_parameters(params)
     assert "annotations" not in scratch["metadata"]
     assert scratch["reclaimPolicy"] == "Delete"
     assert scratch["allowVolumeExpansion"] is True
@@ -500,7 +506,12 @@ def test_schema_rejects_bad_values(bad, complaint):
 
 def test_storage_class_parameters_are_the_fuse_options():
     schema = json.loads((CHART / "values.schema.json").read_text())
-    parameters = schema["definitions"]["storageClass"]["properties"]["parameters"]
+    [embedded] = [
+        rule["then"]
+        for rule in schema["definitions"]["storageClass"]["allOf"]
+        if rule["if"] == {"properties": {"engine": {"const": "embedded"}}}
+    ]  # engine embedded, or left out
+    parameters = embedded["properties"]["parameters"]
     assert parameters["propertyNames"]["enum"] == list(mount_options.OPTIONS)
     proc = render(
         sets=(
@@ -541,6 +552,18 @@ def test_notes_tell_the_user_what_to_do(helm_version):
     assert "Secret storage/storage-fusecsi-cluster-token" in notes
     assert "storage/storage-fusecsi-cluster-token must exist" not in notes  # the chart makes it
     assert "the new mountd adopts them" in notes
+    assert (
+        "fusecsi-seaweedfs  ->  seaweedfs filer-0.seaweedfs:8888,filer-1.seaweedfs:8888:/buckets/k8s"
+        in notes
+    )
+    assert "fusecsi-curvine  ->  curvine curvine-master-0.curvine:8995:/k8s" in notes
+    assert (
+        "fusecsi-juicefs  ->  juicefs, metadata URL in Secret storage/juicefs-meta-nodes:/k8s"
+        in notes
+    )
+    assert "values-all-password" not in notes
+    assert notes.count("was made by this chart from values: fine for a trial") == 2
+    assert "controller.privateMounts is never: this controller cannot create volumes" in notes
     external = run_helm(
         "install", "rel", str(CHART), "--dry-run=client", "--set", "cluster.embedded=false",
         "--set", "mountd.daemonCgroup=",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from deploy_helpers import CHART, EXAMPLES, NAMESPACE, find, render, validate
+from support.helm import CHART, EXAMPLES, NAMESPACE, find, render, validate
 
-from fusecsi import volumes
+from fusecsi.csi import volumes
 
 EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
 

@@ -8,7 +8,7 @@ import shlex
 
 import pytest
 import yaml
-from deploy_helpers import CHART, REPO, containers, find, pod_volumes, run_helm
+from support.helm import CHART, REPO, containers, find, pod_volumes, run_helm
 
 from fusecsi.mountd.status import format_table
 

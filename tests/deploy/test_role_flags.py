@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from deploy_helpers import REPO, contract_flags, flags_of, fusecsi_roles
+from support.helm import REPO, contract_flags, flags_of, fusecsi_roles
 
 from fusecsi.cli import COMMANDS
 

@@ -8,9 +8,9 @@ import re
 import subprocess
 import sys
 
-from fusecsi.cluster.protocol import call_sync
-from fusecsi.dev import MARKER, prepare
-from fusecsi.devstack import leftover_mounts, processes_under
+from fusecsi.dev.main import MARKER, prepare
+from fusecsi.dev.stack import leftover_mounts, processes_under
+from fusecsi.rpc.blocking import call_sync
 
 
 def dev(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from fusecsi import engines
-from fusecsi.devstack import processes_under
+from fusecsi.dev.stack import processes_under
 
 SCENARIOS = 10
 

@@ -15,10 +15,11 @@ import trio_asyncio
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
-from spawning import read_log, wait_for_path
+from support.processes import read_log, wait_for_path
 
-from fusecsi import DRIVER_NAME, __version__, grpc_bridge
-from fusecsi.csi import csi_pb2 as pb
+from fusecsi import DRIVER_NAME, __version__
+from fusecsi.csi import bridge as grpc_bridge
+from fusecsi.csi.generated import csi_pb2 as pb
 
 ROLES = {
     "controller": ["controller"],
@@ -179,7 +180,7 @@ def test_live_server_and_foreign_file_are_never_replaced(spawn, tmp_path):
 
 
 async def test_drain_lets_running_calls_finish_and_refuses_new_ones():
-    from fusecsi.csi_server import CsiServer
+    from fusecsi.csi.server import CsiServer
 
     release = trio.Event()
 
@@ -207,7 +208,7 @@ async def test_drain_lets_running_calls_finish_and_refuses_new_ones():
 
 
 def test_require_names_the_first_missing_field():
-    from fusecsi.validation import require
+    from fusecsi.csi.validation import require
 
     full = pb.CreateVolumeRequest(
         name="v",

@@ -8,7 +8,7 @@ import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from grpclib.const import Cardinality
 
-from fusecsi.csi import csi_grpc, csi_pb2
+from fusecsi.csi.generated import csi_grpc, csi_pb2
 
 REPO = Path(__file__).resolve().parents[2]
 GENERATED = ("csi_pb2.py", "csi_pb2.pyi", "csi_grpc.py")
@@ -23,10 +23,12 @@ def test_committed_stubs_match_a_fresh_generation(tmp_path):
     stale = [
         name
         for name in GENERATED
-        if (tmp_path / "fusecsi/csi" / name).read_bytes()
-        != (REPO / "fusecsi/csi" / name).read_bytes()
+        if (tmp_path / "fusecsi/csi/generated" / name).read_bytes()
+        != (REPO / "fusecsi/csi/generated" / name).read_bytes()
     ]
-    assert not stale, f"fusecsi/csi/{', '.join(stale)} out of date: run `make stubs` and commit"
+    assert not stale, (
+        f"fusecsi/csi/generated/{', '.join(stale)} out of date: run `make stubs` and commit"
+    )
 
 
 def message(name: str):

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from fusemounts import Mount, MountSet, cleanup_mount, mkdirs, run_cluster
+from support.mounts import Mount, MountSet, cleanup_mount, mkdirs, run_cluster
 
 from fusecsi.cluster.local import LocalCluster
 

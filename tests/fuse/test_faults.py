@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from fusemounts import MiB, block
+from support.mounts import MiB, block
 
 
 def test_master_killed_and_restarted_during_writes_loses_no_fsynced_data(own_cluster, own_mount):

@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-import takeover_load
+from support import takeover_load
 
 KILLS = int(os.environ.get("FUSECSI_TAKEOVER_KILLS", "5"))
 

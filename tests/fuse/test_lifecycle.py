@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from fusemounts import Mount, drop_kernel_caches, mounted
+from support.mounts import Mount, drop_kernel_caches, mounted
 
 
 def test_ready_means_mounted_and_sigterm_unmounts(make_mount, fs_path):

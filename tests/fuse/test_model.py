@@ -39,10 +39,10 @@ from pathlib import Path
 import numpy
 import pytest
 from fsactor import Actor, pack, unpack
-from fusemounts import KeptMount, Mount, mkdirs, run_cluster
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
+from support.mounts import KeptMount, Mount, mkdirs, run_cluster
 
 from fusecsi.cluster.local import LocalCluster
 

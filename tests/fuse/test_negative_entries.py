@@ -10,7 +10,7 @@ import os
 import time
 
 import pytest
-from fusemounts import drop_kernel_caches
+from support.mounts import drop_kernel_caches
 
 from fusecsi.fuse.operations import ORPHANS
 

@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from fusemounts import MiB, MountSet, block, mkdirs, run_cluster
+from support.mounts import MiB, MountSet, block, mkdirs, run_cluster
 
 from fusecsi.cluster.local import LocalCluster
 

@@ -18,13 +18,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-from mountd_stack import (  # noqa: F401 - fixtures
+from support.mountd import (  # noqa: F401 - fixtures
     Mountd,
     cluster_fixture,
     eventually,
     make_dirs,
 )
-from spawning import FUSECSI
+from support.processes import FUSECSI
 
 from fusecsi.mountd import cgroups as daemon_cgroups
 from fusecsi.mountd import mounts

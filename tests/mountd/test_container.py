@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from mountd_stack import (  # noqa: F401 - fixtures
+from support.mountd import (  # noqa: F401 - fixtures
     another_mountd,
     cluster_fixture,
     make_dirs,
@@ -23,7 +23,7 @@ from mountd_stack import (  # noqa: F401 - fixtures
     read_write,
 )
 
-from fusecsi.devstack import Container, share_like_kubelet
+from fusecsi.dev.stack import Container, share_like_kubelet
 from fusecsi.mountd import mounts
 
 RECOVERY_DEADLINE = 30.0  # the old code never recovers a container: fail, do not hang

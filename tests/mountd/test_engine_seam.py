@@ -1,4 +1,4 @@
-"""mountd through the engine seam, on the fake engine (tests/fake_engine.py): what any
+"""mountd through the engine seam, on the fake engine (tests/support/fake_engine.py): what any
 engine gets from mountd, without a cluster — readiness by mountinfo, a daemon that fails or
 never mounts, secrets kept only once they work, check() under the key lock, adoption after
 a restart, and leftover clean-up that spares another driver's mounts of the same fstype."""
@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 import trio
-from fake_engine import FAKE, TOKEN, FakeNode, fake_cluster, fake_target, supervisor_on_fake
+from support.fake_engine import FAKE, TOKEN, FakeNode, fake_cluster, fake_target, supervisor_on_fake
 
 from fusecsi.engines.base import Launch
 from fusecsi.mountd import mounts

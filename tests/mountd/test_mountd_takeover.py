@@ -7,9 +7,9 @@ import os
 import re
 import signal
 
-import takeover_load
 import trio
-from mountd_stack import (  # noqa: F401 - fixtures
+from support import takeover_load
+from support.mountd import (  # noqa: F401 - fixtures
     cluster_fixture,
     eventually,
     make_dirs,

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 import trio
-from mountd_stack import (  # noqa: F401 - fixtures
+from support.mountd import (  # noqa: F401 - fixtures
     TOKEN,
     another_mountd,
     cluster_fixture,
@@ -23,7 +23,7 @@ from mountd_stack import (  # noqa: F401 - fixtures
     read_text,
     read_write,
 )
-from spawning import FUSECSI
+from support.processes import FUSECSI
 
 from fusecsi.cluster.client import ClusterClient
 from fusecsi.cluster.local import free_port

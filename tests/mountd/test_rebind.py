@@ -9,7 +9,7 @@ import os
 import signal
 
 import pytest
-from mountd_stack import (  # noqa: F401 - fixtures
+from support.mountd import (  # noqa: F401 - fixtures
     TOKEN,
     cluster_fixture,
     eventually,

@@ -18,7 +18,7 @@ from functools import partial
 
 import pytest
 import trio
-from mountd_stack import (  # noqa: F401 - fixtures
+from support.mountd import (  # noqa: F401 - fixtures
     TOKEN,
     cluster_fixture,
     eventually,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import trio
-from mountd_stack import (  # noqa: F401 - fixtures
+from support.mountd import (  # noqa: F401 - fixtures
     cluster_fixture,
     errno_of,
     make_dirs,

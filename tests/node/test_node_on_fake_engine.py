@@ -1,4 +1,4 @@
-"""The node service and mountd on a fake engine (fake_engine.py): no cluster, real mountd.
+"""The node service and mountd on a fake engine (tests/support/fake_engine.py): no cluster, real mountd.
 
 mountd's Supervisor and its control API run in the test's trio loop on a real unix socket, the
 NodeService is called directly, the fake's daemons are real processes with real bind mounts.
@@ -16,16 +16,16 @@ from pathlib import Path
 
 import pytest
 import trio
-from fake_engine import FAKE, TOKEN, fake_cluster, fake_target, resolve, supervisor_on_fake
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from support.fake_engine import FAKE, TOKEN, fake_cluster, fake_target, resolve, supervisor_on_fake
 
 from fusecsi import unix_socket
-from fusecsi.csi import csi_pb2 as pb
+from fusecsi.csi.generated import csi_pb2 as pb
+from fusecsi.csi.node.service import NodeService
 from fusecsi.mountd import api, mounts
 from fusecsi.mountd.client import MountdClient
 from fusecsi.mountd.supervisor import Supervisor
-from fusecsi.node import NodeService
 
 Mode = pb.VolumeCapability.AccessMode
 

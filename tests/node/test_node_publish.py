@@ -12,7 +12,7 @@ import pytest
 import trio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from nodestack import (  # noqa: F401 - fixtures
+from support.node import (  # noqa: F401 - fixtures
     TOKEN,
     Mode,
     Volume,
@@ -26,8 +26,8 @@ from nodestack import (  # noqa: F401 - fixtures
     unpublish_request,
 )
 
-from fusecsi import grpc_bridge
 from fusecsi.cluster.client import ClusterClient
+from fusecsi.csi import bridge as grpc_bridge
 
 
 async def outcome(call, method: str, request) -> str:

@@ -11,7 +11,7 @@ import pytest
 import trio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from nodestack import (  # noqa: F401 - fixtures
+from support.node import (  # noqa: F401 - fixtures
     TOKEN,
     Mode,
     cluster_fixture,
@@ -22,9 +22,9 @@ from nodestack import (  # noqa: F401 - fixtures
     unpublish_request,
 )
 
-from fusecsi import grpc_bridge
 from fusecsi.cluster.local import free_port
-from fusecsi.csi import csi_pb2 as pb
+from fusecsi.csi import bridge as grpc_bridge
+from fusecsi.csi.generated import csi_pb2 as pb
 
 Cap = pb.VolumeCapability
 SHAPE = "is not pods/<pod uid>/volumes/kubernetes.io~csi/<pv name>/mount"

@@ -15,15 +15,15 @@ import pytest
 import trio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from nodestack import (  # noqa: F401 - fixtures
+from support.node import (  # noqa: F401 - fixtures
     cluster_fixture,
     node_fixture,
     publish_request,
     unpublish_request,
 )
 
-from fusecsi import grpc_bridge
-from fusecsi.csi import csi_pb2 as pb
+from fusecsi.csi import bridge as grpc_bridge
+from fusecsi.csi.generated import csi_pb2 as pb
 
 MiB = 1 << 20
 WAIT = 90  # generous: recovery retries back off while the master is away

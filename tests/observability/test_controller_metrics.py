@@ -7,17 +7,16 @@ here); it records every Event POSTed to it.
 
 from __future__ import annotations
 
-import obs_support  # noqa: F401  (puts the controller helpers on the path)
 import pytest
-from controller_support import create_request, kube_api, module_spawn, open_client, start_controller
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from obs_support import metered_cluster, poll, sample, scrape
+from support.controller import create_request, kube_api, module_spawn, open_client, start_controller
+from support.metrics import metered_cluster, poll, sample, scrape
 
-from fusecsi import grpc_bridge
 from fusecsi.cluster.local import free_port
-from fusecsi.csi import csi_pb2 as pb
-from fusecsi.volumes import VolumeRef
+from fusecsi.csi import bridge as grpc_bridge
+from fusecsi.csi.generated import csi_pb2 as pb
+from fusecsi.csi.volumes import VolumeRef
 
 __all__ = ["kube_api", "module_spawn"]  # fixtures
 REFUSED = "FAILED_PRECONDITION"

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import os
 
-import obs_support  # noqa: F401  (puts the fuse helpers on the path)
 import pytest
-from fusemounts import MountSet, mkdirs, run_cluster
-from obs_support import metered_cluster, sample, scrape
+from support.metrics import metered_cluster, sample, scrape
+from support.mounts import MountSet, mkdirs, run_cluster
 
 MASTER, WORKER = "fusecsi_master_rpcs_total", "fusecsi_worker_rpcs_total"
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 import os
 import signal
 
-import obs_support  # noqa: F401  (puts the controller and mountd helpers on the path)
 import pytest
 import trio
-from controller_support import kube_api
-from mountd_stack import TOKEN, Mountd, make_dirs, read_text, read_write
-from obs_support import matching, poll, sample, scrape
+from support.controller import kube_api
+from support.metrics import matching, poll, sample, scrape
+from support.mountd import TOKEN, Mountd, make_dirs, read_text, read_write
 
 from fusecsi.cluster.local import LocalCluster, free_port
 

@@ -15,9 +15,11 @@ from fusecsi.cluster import roles
 from fusecsi.cluster.master.journal import Journal, fsync_dir
 from fusecsi.cluster.master.namespace import Namespace
 from fusecsi.cluster.master.service import MasterService
-from fusecsi.cluster.protocol import DEFAULT_MAX_FRAME, Pool, Server
 from fusecsi.logs import fields
 from fusecsi.metrics import gauge
+from fusecsi.rpc.framing import DEFAULT_MAX_FRAME
+from fusecsi.rpc.pool import Pool
+from fusecsi.rpc.server import Server
 
 log = logging.getLogger("fusecsi.master")
 

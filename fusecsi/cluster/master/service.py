@@ -35,8 +35,9 @@ import trio
 from fusecsi.cluster.checks import check_int, fail, opt_int
 from fusecsi.cluster.master.journal import Journal
 from fusecsi.cluster.master.namespace import Namespace
-from fusecsi.cluster.protocol import Pool, RPCError
 from fusecsi.logs import fields
+from fusecsi.rpc.errors import RPCError
+from fusecsi.rpc.pool import Pool
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,15 @@ import trio
 
 from fusecsi import unix_socket
 from fusecsi.cluster import roles
-from fusecsi.cluster.protocol import DEFAULT_MAX_FRAME, Pool, Server, parse_addr
-from fusecsi.cluster.shortcircuit import LOCAL_OPENS, LocalServer
 from fusecsi.cluster.worker.service import WorkerService
+from fusecsi.cluster.worker.shortcircuit import LOCAL_OPENS, LocalServer
 from fusecsi.cluster.worker.store import BlockStore
 from fusecsi.logs import fields
 from fusecsi.metrics import gauge
+from fusecsi.rpc.addresses import parse_addr
+from fusecsi.rpc.framing import DEFAULT_MAX_FRAME
+from fusecsi.rpc.pool import Pool
+from fusecsi.rpc.server import Server
 
 log = logging.getLogger("fusecsi.worker")
 

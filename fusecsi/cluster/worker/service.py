@@ -12,9 +12,10 @@ import outcome
 import trio
 
 from fusecsi.cluster.checks import check_int
-from fusecsi.cluster.protocol import Pool, RPCError
 from fusecsi.cluster.worker.store import BlockStore
 from fusecsi.logs import fields
+from fusecsi.rpc.errors import RPCError
+from fusecsi.rpc.pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class WorkerService:
         return self.store.hand_out(block_id, writable)
 
     async def open_local(self, block_id, writable: bool) -> tuple[int, int]:
-        """Descriptors of a block for a short-circuit client (fusecsi/cluster/shortcircuit.py),
+        """Descriptors of a block for a short-circuit client (served by worker/shortcircuit.py),
         under the checks of the TCP path; a deleted block is never created again."""
         self._check_range(block_id, 0, 0)
         self._check_live(block_id)

@@ -18,10 +18,10 @@ import trio
 from google.protobuf.message import DecodeError, EncodeError
 from google.protobuf.message import Message as ProtoMessage
 
+from fusecsi.csi.volumes import normalize_master_addrs
 from fusecsi.engines.base import Unreachable
 from fusecsi.engines.curvine import common_pb2, framing
 from fusecsi.engines.curvine import master_pb2 as pb
-from fusecsi.volumes import normalize_master_addrs
 
 DEFAULT_MODE = 0o777  # Curvine's default directory mode
 RENAME_NOREPLACE = 1  # RenameFlags::NO_REPLACE

@@ -88,7 +88,14 @@ class CurvineNamespace:
         if quota_bytes is not None:
             x_attr[QUOTA_XATTR] = str(quota_bytes).encode()
         # without create_parent, a taken name is FileAlreadyExists (EEXIST)
-        await self.client.mkdir(check_path(path), create_parent=False, mode=mode, x_attr=x_attr)
+        try:
+            await self.client.mkdir(check_path(path), create_parent=False, mode=mode, x_attr=x_attr)
+        except OSError as exc:
+            # a missing parent is only a Common error (EIO) on the wire; the seam says ENOENT
+            parent = posixpath.dirname(path)
+            if exc.errno == errno.EIO and await self.lookup(parent) is None:
+                raise OSError(errno.ENOENT, f"{parent}: no such directory") from None
+            raise
 
     async def _xattrs(self, path: str) -> Mapping[str, bytes]:
         return (await self.client.file_status(check_path(path))).x_attr

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 
 import trio
 
-from fusecsi import volumes
+from fusecsi.csi import volumes
 from fusecsi.engines.base import BadParameter, Cluster, Launch, Usage
 from fusecsi.engines.curvine.namespace import QUOTA_XATTR, parse_quota
 
@@ -129,6 +129,7 @@ def find_binary() -> str:
 class CurvineNode:
     name = "curvine"
     fstype = "fuse.curvinefs"
+    cluster_parameters = (PARAM_MASTER_ADDRS,)
     takeover = False  # curvine-fuse opens /dev/fuse and mounts by itself
 
     def parse_cluster(self, parameters: Mapping[str, str], secrets: Mapping[str, str]) -> Cluster:

@@ -9,7 +9,8 @@ import os
 import sys
 from collections.abc import Mapping
 
-from fusecsi import mount_options, volumes
+from fusecsi import mount_options
+from fusecsi.csi import volumes
 from fusecsi.engines.base import BadParameter, Cluster, Launch, Usage
 
 PARAM_MASTER_ADDRS = "master-addrs"
@@ -22,6 +23,7 @@ TOKEN_FILE = "token"
 class EmbeddedNode:
     name = "embedded"
     fstype = "fuse.fusecsi"
+    cluster_parameters = (PARAM_MASTER_ADDRS,)
     takeover = True
     parameters = (PARAM_MASTER_ADDRS,)  # what parse_cluster needs of the volume context
 

@@ -33,6 +33,8 @@ def mount_argv(
 class JuiceFSNode:
     name = metaurl.ENGINE
     fstype = FSTYPE
+    # the metadata URL comes from the secret only: parse_cluster refuses it as a parameter
+    cluster_parameters = ("metaurl",)
     takeover = False
 
     def parse_cluster(self, parameters: Mapping[str, str], secrets: Mapping[str, str]) -> Cluster:

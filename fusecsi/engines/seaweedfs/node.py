@@ -46,6 +46,7 @@ class SeaweedNode:
     # volume-context keys a static PV must set (mountd-seam reads this optional member)
     parameters = ("filer-addrs",)
     fstype = "fuse.seaweedfs"
+    cluster_parameters = ("filer-addrs", "master-addrs")
     # weed mount opens /dev/fuse itself and has no way to take over a held connection
     takeover = False
 

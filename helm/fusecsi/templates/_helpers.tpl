@@ -75,7 +75,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- toJson (dict "dirs" ($dirs | uniq)) -}}
 {{- end -}}
 
-{{/* Every StorageClass of the release: the embedded cluster's first, then storageClasses. */}}
+{{/* Every StorageClass of the release: the embedded cluster's first, then storageClasses, each
+with `secret` spread over the three per-call references it stands for (an explicit one wins). */}}
 {{- define "fusecsi.storageClasses" -}}
 {{- $classes := list -}}
 {{- if .Values.cluster.embedded -}}
@@ -83,7 +84,45 @@ app.kubernetes.io/component: {{ .component }}
 {{- $secret := dict "name" (include "fusecsi.tokenSecret" .) "namespace" .Release.Namespace -}}
 {{- $classes = append $classes (dict "name" $sc.name "isDefault" $sc.isDefault "masterAddrs" (include "fusecsi.masterAddrs" .) "fsPath" $sc.fsPath "reclaimPolicy" $sc.reclaimPolicy "provisionerSecret" $secret "controllerExpandSecret" $secret "nodePublishSecret" $secret) -}}
 {{- end -}}
-{{- toJson (dict "items" (concat $classes .Values.storageClasses)) -}}
+{{- range .Values.storageClasses -}}
+{{- $class := deepCopy . -}}
+{{- $secret := .secret -}}
+{{- if $secret -}}
+{{- range $call := list "provisionerSecret" "controllerExpandSecret" "nodePublishSecret" -}}
+{{- if not (hasKey $class $call) }}{{ $_ := set $class $call $secret }}{{ end -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := unset $class "secret" -}}
+{{- $classes = append $classes $class -}}
+{{- end -}}
+{{- toJson (dict "items" $classes) -}}
+{{- end -}}
+
+{{/* Where a class's cluster is, for people (NOTES): never the JuiceFS metadata URL itself. */}}
+{{- define "fusecsi.clusterOf" -}}
+{{- $engine := .engine | default "embedded" -}}
+{{- if eq $engine "juicefs" -}}
+juicefs, metadata URL in Secret {{ .nodePublishSecret.namespace }}/{{ .nodePublishSecret.name }}:{{ .fsPath }}
+{{- else if eq $engine "seaweedfs" -}}
+seaweedfs {{ .filerAddrs }}:{{ .fsPath }}
+{{- else if eq $engine "curvine" -}}
+curvine {{ .masterAddrs }}:{{ .fsPath }}
+{{- else -}}
+{{ .masterAddrs }}:{{ .fsPath }}
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when the controller holds private FUSE mounts (controller.privateMounts: always, or
+auto and a StorageClass of this release uses juicefs), "" otherwise. */}}
+{{- define "fusecsi.controllerPrivateMounts" -}}
+{{- $mode := .Values.controller.privateMounts | default "auto" -}}
+{{- $on := eq $mode "always" -}}
+{{- if eq $mode "auto" -}}
+{{- range (include "fusecsi.storageClasses" . | fromJson).items -}}
+{{- if eq (.engine | default "") "juicefs" }}{{ $on = true }}{{ end -}}
+{{- end -}}
+{{- end -}}
+{{- if $on }}true{{ end -}}
 {{- end -}}
 
 {{/* Secrets the controller's sidecars read: from the StorageClasses and extraControllerSecrets. */}}

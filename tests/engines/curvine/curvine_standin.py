@@ -4,15 +4,22 @@ It exists because no Curvine binary can be obtained here (Curvine ships no wheel
 Debian package, and building its Rust tree is out of reach of CI): it answers the master
 metadata RPCs fusecsi sends, written from Curvine's protocol facts — the 22-byte frame
 prefix, protobuf headers, error replies carrying an ErrorKind, NotLeaderMaster from a
-standby — on an in-memory tree. It decodes frames with its own few lines of `struct`,
+standby — on an in-memory tree (`Tree`) or on a real directory (`DirTree`, which the
+stand-in curvine-fuse passes through, so the walkthrough can run on the pair). It decodes frames with its own few lines of `struct`,
 not with fusecsi's framing module, so a mistake there cannot hide behind itself. Several
 stand-ins may share one tree (`Tree`) with one of them the leader.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import posixpath
+import shutil
+import signal
+import stat
 import struct
+import sys
 from dataclasses import dataclass, field
 
 import trio
@@ -58,11 +65,9 @@ class Tree:
     capacity: int = 100 << 30
     available: int = 60 << 30
 
-    def get(self, path: str) -> Inode:
-        node = self.nodes.get(path)
-        if node is None:
-            raise Fail(NOT_FOUND, f"File {path} not exists")
-        return node
+    # storage: where the inodes live (here a dict; DirTree keeps them in a real directory)
+    def lookup(self, path: str) -> Inode | None:
+        return self.nodes.get(path)
 
     def children(self, path: str) -> list[str]:
         prefix = path.rstrip("/") + "/"
@@ -72,6 +77,37 @@ class Tree:
         node = Inode(self.next_id, is_dir, mode, dict(x_attr or {}), length)
         self.next_id += 1
         self.nodes[path] = node
+        return node
+
+    def remove(self, path: str) -> int:
+        """Remove `path` and everything below it; how many inodes went."""
+        doomed = [p for p in self.nodes if p == path or p.startswith(path + "/")]
+        for each in doomed:
+            del self.nodes[each]
+        return len(doomed)
+
+    def move(self, src: str, dst: str) -> None:
+        moved = {p: n for p, n in self.nodes.items() if p == src or p.startswith(src + "/")}
+        for each in moved:
+            del self.nodes[each]
+        for each, inode in moved.items():
+            self.nodes[dst + each[len(src) :]] = inode
+
+    def update_xattrs(self, path: str, add: dict[str, bytes], remove: list[str]) -> None:
+        node = self.get(path)
+        node.x_attr.update(add)
+        for name in remove:
+            node.x_attr.pop(name, None)
+
+    def counts(self) -> tuple[int, int]:
+        """(directories, files)"""
+        dirs = sum(1 for n in self.nodes.values() if n.is_dir)
+        return dirs, len(self.nodes) - dirs
+
+    def get(self, path: str) -> Inode:
+        node = self.lookup(path)
+        if node is None:
+            raise Fail(NOT_FOUND, f"File {path} not exists")
         return node
 
     def status(self, path: str) -> common_pb2.FileStatusProto:
@@ -110,16 +146,17 @@ class Tree:
         path, opts = request.path, request.opts
         if path == "/":
             raise Fail(COMMON, "Not allowed to create existing root path: /")
-        if path in self.nodes:
-            if opts.create_parent and self.nodes[path].is_dir:
+        existing = self.lookup(path)
+        if existing is not None:
+            if opts.create_parent and existing.is_dir:
                 return pb.MkdirResponse(flag=True, status=self.status(path))
             raise Fail(EXISTS, f"{path} already exists")
         parent = posixpath.dirname(path)
         missing = []
-        while parent not in self.nodes:
+        while self.lookup(parent) is None:
             missing.append(parent)
             parent = posixpath.dirname(parent)
-        if not self.nodes[parent].is_dir:
+        if not self.get(parent).is_dir:
             raise Fail(COMMON, f"Parent path is not a directory:: {parent}")
         if missing and not opts.create_parent:
             raise Fail(COMMON, f"Parent directory doesn't exist: {posixpath.dirname(path)}")
@@ -135,10 +172,8 @@ class Tree:
         node = self.get(path)
         if node.is_dir and self.children(path) and not request.recursive:
             raise Fail(DIR_NOT_EMPTY, f"{path} is not empty")
-        doomed = [p for p in self.nodes if p == path or p.startswith(path + "/")]
-        for each in doomed:
-            del self.nodes[each]
-        return pb.DeleteResponse(res=common_pb2.FreeResultProto(inodes=len(doomed), bytes=0))
+        inodes = self.remove(path)
+        return pb.DeleteResponse(res=common_pb2.FreeResultProto(inodes=inodes, bytes=0))
 
     def rename(self, request: pb.RenameRequest) -> pb.RenameResponse:
         src, dst = request.src, request.dst
@@ -147,8 +182,8 @@ class Tree:
             return pb.RenameResponse(result=False)
         if dst.startswith(src + "/"):
             raise Fail(28, f"cannot rename {src} to {dst}: destination is under source")
-        if dst in self.nodes:
-            target = self.nodes[dst]
+        target = self.lookup(dst)
+        if target is not None:
             if request.flags & NO_REPLACE:
                 raise Fail(EXISTS, f"{dst} already exists")
             if not node.is_dir and target.is_dir:
@@ -157,21 +192,15 @@ class Tree:
                 raise Fail(NOT_A_DIR, dst)
             if target.is_dir and self.children(dst):
                 raise Fail(DIR_NOT_EMPTY, dst)
-            del self.nodes[dst]
-        if posixpath.dirname(dst) not in self.nodes:
+            self.remove(dst)
+        if self.lookup(posixpath.dirname(dst)) is None:
             raise Fail(COMMON, f"Parent {posixpath.dirname(dst)} does not exist")
-        moved = {p: n for p, n in self.nodes.items() if p == src or p.startswith(src + "/")}
-        for each in moved:
-            del self.nodes[each]
-        for each, inode in moved.items():
-            self.nodes[dst + each[len(src) :]] = inode
+        self.move(src, dst)
         return pb.RenameResponse(result=True)
 
     def set_attr(self, request: pb.SetAttrRequest) -> pb.SetAttrResponse:
-        node = self.get(request.path)
-        node.x_attr.update(request.opts.add_x_attr)
-        for name in request.opts.remove_x_attr:
-            node.x_attr.pop(name, None)
+        opts = request.opts
+        self.update_xattrs(request.path, dict(opts.add_x_attr), list(opts.remove_x_attr))
         return pb.SetAttrResponse(status=self.status(request.path))
 
     def list_status(self, request: pb.ListStatusRequest) -> pb.ListStatusResponse:
@@ -180,11 +209,11 @@ class Tree:
         return pb.ListStatusResponse(statuses=[self.status(p) for p in paths])
 
     def info(self, active: str) -> pb.GetFilesystemInfoResponse:
-        dirs = sum(1 for n in self.nodes.values() if n.is_dir)
+        dirs, files = self.counts()
         return pb.GetFilesystemInfoResponse(
             active_master=active,
             inode_dir_num=dirs,
-            inode_file_num=len(self.nodes) - dirs,
+            inode_file_num=files,
             block_num=0,
             capacity=self.capacity,
             available=self.available,
@@ -290,3 +319,93 @@ class StandinMaster:
             return handler(self.tree, request).SerializeToString(), None
         except Fail as fail:
             return b"", (fail.kind, fail.message)
+        except OSError as exc:  # DirTree: what the checks above did not foresee
+            return b"", (COMMON, str(exc))
+
+
+class DirTree(Tree):
+    """The same master keeping its namespace in a real local directory, so that a stand-in
+    curvine-fuse passing that directory through shows the same files (the walkthrough needs
+    what the controller creates and what pods write to be one tree, as on real Curvine).
+    Inode ids are the real inode numbers; xattrs are the real directory's (user.* and
+    trusted.*, names as the master got them); the master's semantics and error kinds are
+    Tree's, unchanged."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        super().__init__(nodes={})
+        self.root = os.fspath(root)
+
+    def real(self, path: str) -> str:
+        parts = [] if path == "/" else path.split("/")[1:]
+        if not path.startswith("/") or any(part in ("", ".", "..") for part in parts):
+            raise Fail(COMMON, f"Invalid path {path}")  # nothing escapes the root
+        return os.path.join(self.root, *parts)
+
+    def lookup(self, path: str) -> Inode | None:
+        real = self.real(path)
+        try:
+            st = os.lstat(real)
+            names = os.listxattr(real, follow_symlinks=False)
+            x_attr = {n: os.getxattr(real, n, follow_symlinks=False) for n in names}
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        is_dir = stat.S_ISDIR(st.st_mode)
+        return Inode(st.st_ino, is_dir, st.st_mode & 0o7777, x_attr, 0 if is_dir else st.st_size)
+
+    def children(self, path: str) -> list[str]:
+        return sorted(posixpath.join(path, name) for name in os.listdir(self.real(path)))
+
+    def add(self, path: str, is_dir: bool, mode: int = 0o777, x_attr=None, length=0) -> Inode:
+        real = self.real(path)
+        if is_dir:
+            os.mkdir(real)
+        else:
+            with open(real, "xb") as f:
+                f.truncate(length)
+        os.chmod(real, mode)  # as given, not as the umask leaves it
+        for name, value in (x_attr or {}).items():
+            os.setxattr(real, name, value, follow_symlinks=False)
+        return self.get(path)
+
+    def remove(self, path: str) -> int:
+        real = self.real(path)
+        if not os.path.isdir(real) or os.path.islink(real):
+            os.unlink(real)
+            return 1
+        inodes = 1 + sum(len(dirs) + len(files) for _, dirs, files in os.walk(real))
+        shutil.rmtree(real)
+        return inodes
+
+    def move(self, src: str, dst: str) -> None:
+        os.rename(self.real(src), self.real(dst))
+
+    def update_xattrs(self, path: str, add: dict[str, bytes], remove: list[str]) -> None:
+        self.get(path)  # NOT_FOUND as in Tree
+        real = self.real(path)
+        for name, value in add.items():
+            os.setxattr(real, name, value, follow_symlinks=False)
+        for name in remove:
+            with contextlib.suppress(OSError):  # ENODATA: already absent, as in Tree
+                os.removexattr(real, name, follow_symlinks=False)
+
+    def counts(self) -> tuple[int, int]:
+        dirs, files = 1, 0
+        for _, subdirs, names in os.walk(self.root):
+            dirs, files = dirs + len(subdirs), files + len(names)
+        return dirs, files
+
+
+async def _serve_forever(root: str) -> None:
+    master = StandinMaster(DirTree(root))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(master.serve)
+        print(master.address, flush=True)  # the one line the starter waits for
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                return
+
+
+if __name__ == "__main__":
+    # `curvine_standin.py ROOT`: a master process on loopback with its namespace in ROOT
+    trio.run(_serve_forever, sys.argv[1])

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import errno
+import os
+import stat
 
 import pytest
+from curvine_standin import DirTree, StandinMaster
 
 from fusecsi import engines
 from fusecsi.engines.base import Cluster, Node, Unreachable
@@ -118,3 +121,41 @@ async def test_no_master_is_unreachable():
     async with namespace("127.0.0.1:1", timeout=0.3) as ns:
         with pytest.raises(Unreachable):
             await ns.lookup("/")
+
+
+async def test_mkdir_tagged_under_a_missing_parent_is_enoent(master):
+    # the master answers only a Common error; the controller creates parents on ENOENT
+    async with namespace(master.address) as ns:
+        with pytest.raises(FileNotFoundError):
+            await ns.mkdir_tagged("/base/pvc-1", 0o755, {OWNER: b"pvc-1"}, None)
+        master.tree.add("/file", False)
+        with pytest.raises(OSError) as raised:
+            await ns.mkdir_tagged("/file/pvc-1", 0o755, {OWNER: b"pvc-1"}, None)
+        assert raised.value.errno == errno.EIO  # the parent is there: the master's answer
+
+
+async def test_a_master_on_a_directory_keeps_the_namespace_there(nursery, tmp_path):
+    # DirTree: what the walkthrough's stand-in curvine-fuse passes through
+    standin = StandinMaster(DirTree(tmp_path))
+    await nursery.start(standin.serve)
+    async with namespace(standin.address) as ns:
+        await ns.mkdirs("/base")
+        await ns.mkdir_tagged("/base/pvc-1", 0o2775, {OWNER: b"pvc-1"}, 5 << 30)
+        real = tmp_path / "base" / "pvc-1"
+        assert os.getxattr(real, OWNER) == b"pvc-1"
+        assert stat.S_IMODE(real.stat().st_mode) == 0o2775
+        (real / "data").write_text("x")  # as a pod writes through the mount
+        assert await ns.listdir("/base/pvc-1") == [Node("/base/pvc-1/data", False)]
+        with pytest.raises(OSError) as raised:
+            await ns.rmdir("/base/pvc-1")
+        assert raised.value.errno == errno.ENOTEMPTY
+        with pytest.raises(FileExistsError):
+            await ns.mkdir_tagged("/base/pvc-1", 0o755, {OWNER: b"other"}, None)
+        await ns.rename("/base/pvc-1", "/base/pvc-1.archived")
+        assert (tmp_path / "base" / "pvc-1.archived" / "data").read_text() == "x"
+        await ns.remove_tag("/base/pvc-1.archived", OWNER)
+        assert await ns.get_tag("/base/pvc-1.archived", OWNER) is None
+        await ns.remove_tree("/base/pvc-1.archived")
+        assert os.listdir(tmp_path / "base") == []
+        with pytest.raises(OSError):
+            await ns.lookup("/base/../../etc")  # refused before it reaches the master

@@ -1,0 +1,1 @@
+"""The CSI controller role: `fusecsi controller` (main), ControllerService (service)."""

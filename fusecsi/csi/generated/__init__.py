@@ -1,0 +1,1 @@
+"""Generated CSI v1 stubs (see scripts/gen_stubs.py)."""

@@ -1,0 +1,1 @@
+"""The CSI node role: `fusecsi node` (main), NodeService (service)."""

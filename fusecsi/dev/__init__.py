@@ -1,0 +1,1 @@
+"""Demo and dev tooling: `fusecsi dev` (main), the one-machine stack, the walkthrough."""

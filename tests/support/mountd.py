@@ -1,0 +1,244 @@
+"""A real cluster, a real `fusecsi mountd` subprocess and real FUSE daemons under tmp_path.
+
+Import the fixtures into a test module (`from support.mountd import cluster_fixture,
+mountd_fixture`); tests ask for them as `cluster` and `mountd`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import inspect
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from fusecsi.cluster.client import ClusterClient
+from fusecsi.cluster.local import LocalCluster
+from fusecsi.engines.embedded import NODE as EMBEDDED
+from fusecsi.mountd import mounts
+from fusecsi.mountd.client import MountdClient
+from fusecsi.mountd.daemons import process_args
+from support.processes import FUSECSI, read_log, wait_for_path
+
+TOKEN = "mountd-test-token"
+
+
+@pytest.fixture(name="cluster", scope="module")
+def cluster_fixture(tmp_path_factory):
+    with LocalCluster(tmp_path_factory.mktemp("cluster"), workers=1, token=TOKEN) as running:
+        yield running
+
+
+class Mountd:
+    """One `fusecsi mountd` process; it can be killed and started again on the same state."""
+
+    def __init__(self, base: Path, cluster: LocalCluster, **flags) -> None:
+        self.base = base
+        self.cluster = cluster
+        self.state_dir = base / "state"
+        self.kubelet_dir = base / "kubelet"
+        self.socket = base / "mountd.sock"
+        self.kubelet_dir.mkdir(parents=True, exist_ok=True)
+        self.flags = {"linger": "0", "health-interval": "0.5", **flags}
+        self.proc: subprocess.Popen | None = None
+        self.client = MountdClient(f"unix://{self.socket}")
+        self.starts = 0
+
+    def start(self) -> None:
+        args = [
+            *FUSECSI,
+            "mountd",
+            "--state-dir",
+            str(self.state_dir),
+            "--socket",
+            f"unix://{self.socket}",
+            "--kubelet-dir",
+            str(self.kubelet_dir),
+        ]
+        for name, value in self.flags.items():
+            args += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+        self.starts += 1
+        # a killed mountd leaves its socket file; the new one replaces it once it is ready
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        log = open(self.base / f"mountd-{self.starts}.log", "wb")  # noqa: SIM115
+        env = {k: v for k, v in os.environ.items() if k != "FUSECSI_TOKEN"}
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.proc.log_path = log.name
+        wait_for_path(self.socket, self.proc)
+
+    def kill(self, signum: int = signal.SIGKILL) -> int:
+        self.proc.send_signal(signum)
+        return self.proc.wait(timeout=30)
+
+    def start_daemon(self, fs_path: str, options: str, mountpoint: str) -> subprocess.Popen:
+        """A `fusecsi mount` started by hand, as a mountd would (close() kills it too)."""
+        args = ["--master-addrs", self.cluster.master_addrs, "--fs-path", fs_path]
+        return subprocess.Popen(
+            [*FUSECSI, "mount", *args, "--options", options, mountpoint],
+            env={**os.environ, "FUSECSI_TOKEN": TOKEN},
+            start_new_session=True,
+        )
+
+    def status(self, *flags: str) -> str:
+        """The output of `fusecsi mountd status` against this mountd."""
+        args = [*FUSECSI, "mountd", "status", "--socket", f"unix://{self.socket}", *flags]
+        return subprocess.run(args, check=True, capture_output=True, text=True, timeout=30).stdout
+
+    def log(self) -> str:
+        return read_log(self.proc)
+
+    def target(self, pod: str, pv: str) -> str:
+        return str(self.kubelet_dir / "pods" / pod / "volumes" / "kubernetes.io~csi" / pv / "mount")
+
+    def make_parent(self, target: str) -> str:
+        """kubelet creates the target's parent; the plugin creates the target itself."""
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        return target
+
+    async def publish(self, volume_id, fs_path, subpath, target, *, options="", readonly=False):
+        self.make_parent(target)
+        return await self.client.publish(
+            volume_id=volume_id,
+            cluster=self.cluster.master_addrs,
+            fs_path=fs_path,
+            subpath=subpath,
+            options=options,
+            target=target,
+            readonly=readonly,
+            secrets={"token": TOKEN},
+        )
+
+    def daemon_pids(self) -> list[int]:
+        """Live `fusecsi mount` processes serving this mountd's state dir."""
+        marker = os.fsencode(str(self.state_dir / "mounts"))
+        pids = []
+        for name in filter(str.isdigit, os.listdir("/proc")):
+            args = process_args(int(name))
+            if args and b"mount" in args and any(a.startswith(marker) for a in args):
+                pids.append(int(name))
+        return sorted(pids)
+
+    def fuse_mounts(self) -> tuple[list[str], list[str]]:
+        """(daemon mountpoints, bound targets) of fuse.fusecsi in /proc/self/mountinfo; a
+        target with stacked mounts (a recovery binds on top of the dead one) counts once."""
+        entries = [e for e in mounts.read_mountinfo() if e.fstype == EMBEDDED.fstype]
+        state = str(self.state_dir) + "/"
+        kubelet = str(self.kubelet_dir) + "/"
+        return (
+            sorted({e.mountpoint for e in entries if e.mountpoint.startswith(state)}),
+            sorted({e.mountpoint for e in entries if e.mountpoint.startswith(kubelet)}),
+        )
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        for pid in self.daemon_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for entry in mounts.mounts_under(str(self.base)):
+            subprocess.run(["umount", "-l", entry.mountpoint], check=False)
+
+
+@contextlib.contextmanager
+def another_mountd(base: Path, cluster: LocalCluster, **flags):
+    """A started mountd with its own flags (and state), closed afterwards."""
+    node = Mountd(base, cluster, **flags)
+    try:
+        node.start()
+        yield node
+    finally:
+        node.close()
+
+
+@contextlib.asynccontextmanager
+async def supervisor_in_process(base: Path, **options):
+    """mountd's Supervisor in the test's own trio loop, for a fault injected at one exact
+    point of its work (through monkeypatch); its FUSE daemons are real processes."""
+    from fusecsi.mountd.supervisor import Supervisor
+
+    (base / "kubelet").mkdir(parents=True, exist_ok=True)
+    # the fault points these tests hit are on the re-bind path: takeover only when asked
+    options = {"linger": 0, "health_interval": 0.1, "takeover": False, **options}
+    supervisor = Supervisor(str(base / "state"), str(base / "kubelet"), **options)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)
+            yield supervisor
+            nursery.cancel_scope.cancel()
+    finally:
+        for entry in list(supervisor.table.entries.values()):
+            if entry.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(entry.pid, signal.SIGKILL)
+        for entry in mounts.mounts_under(str(base)):
+            with contextlib.suppress(OSError):
+                mounts.umount(entry.mountpoint, lazy=True)
+
+
+@pytest.fixture(name="mountd")
+def mountd_fixture(tmp_path, cluster):
+    daemon = Mountd(tmp_path, cluster)
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.close()
+
+
+async def make_dirs(cluster: LocalCluster, *paths: str) -> None:
+    async with ClusterClient(cluster.master_addrs, token=TOKEN) as client:
+        for path in paths:
+            await client.mkdirs(path)
+
+
+async def eventually(check, *, deadline: float, what: str):
+    """Poll `check()` until it returns a truthy value (a plain function runs in a thread)."""
+    end = time.monotonic() + deadline
+    last: BaseException | None = None
+    while time.monotonic() < end:
+        try:
+            if inspect.iscoroutinefunction(check):
+                value = await check()
+            else:
+                value = await trio.to_thread.run_sync(check, abandon_on_cancel=True)
+            if value:
+                return value
+        except OSError as exc:
+            last = exc
+        await trio.sleep(0.05)
+    raise AssertionError(f"{what} not within {deadline}s (last error: {last})")
+
+
+def read_write(target: str, name: str, data: str) -> bool:
+    """Write a file through `target` and read it back."""
+    path = os.path.join(target, name)
+    with open(path, "w") as f:
+        f.write(data)
+    with open(path) as f:
+        return f.read() == data
+
+
+def errno_of(exc: BaseException) -> str:
+    return errno.errorcode.get(getattr(exc, "errno", 0) or 0, "?")
+
+
+def read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def exists(path: str) -> bool:
+    return os.path.lexists(path)
+
+
+def read_bytes(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
