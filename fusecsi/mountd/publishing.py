@@ -21,10 +21,11 @@ from functools import partial
 
 import trio
 
+from fusecsi import kubelet_inputs as inputs
 from fusecsi.csi import volumes
 from fusecsi.engines.base import Cluster, NodeEngine
 from fusecsi.logs import fields
-from fusecsi.mountd import inputs, mounts
+from fusecsi.mountd import mounts
 from fusecsi.mountd.keystate import err
 from fusecsi.mountd.table import DEFAULT_ENGINE, Entry, Key, Ref, write_atomic
 

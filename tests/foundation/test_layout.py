@@ -41,6 +41,7 @@ SHARED = (
     "fusecsi.tokens",
     "fusecsi.unix_socket",
     "fusecsi.csi.volumes",  # volume ids and the path rules every role applies
+    "fusecsi.kubelet_inputs",  # checks of kubelet's volume ids and targets (node, mountd)
 )
 # Shared within a group of roles: the CSI plumbing by the two CSI roles, the embedded
 # cluster's library (its client, write-behind, short-circuit I/O, roles' common code) by
@@ -66,11 +67,7 @@ ALLOWED = {
     ("fusecsi.engines.embedded", "fusecsi.fuse.kernel"): "its FUSE daemon is fusecsi.fuse",
 }
 # Temporary: delete each line when the crossing is gone (the test then keeps it gone).
-TEMPORARY = {
-    # the node plugin applies mountd's request checks before it calls mountd: they belong
-    # in a module the two roles share
-    ("fusecsi.csi.node", "fusecsi.mountd.inputs"),
-}
+TEMPORARY: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 from grpclib.const import Status
 
 from fusecsi import engines as engine_registry
+from fusecsi import kubelet_inputs as inputs
 from fusecsi import mount_options
 from fusecsi.csi import volumes
 from fusecsi.csi.capabilities import capability_problem
@@ -29,7 +30,6 @@ from fusecsi.csi.validation import fail, invalid, require
 from fusecsi.engines.base import BadParameter, Cluster, NodeEngine
 from fusecsi.engines.options import canonical_options
 from fusecsi.logs import fields
-from fusecsi.mountd import inputs
 from fusecsi.mountd.client import MountdClient
 from fusecsi.rpc.errors import RPCUnavailable
 
