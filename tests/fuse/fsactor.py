@@ -13,6 +13,8 @@ import base64
 import errno
 import json
 import os
+import select
+import subprocess
 import sys
 import time
 
@@ -22,6 +24,31 @@ FLAGS = {
     "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
     "rw": os.O_RDWR | os.O_CREAT,
 }
+
+
+class ActorProcess:
+    """This module run as a process on `root`, driven one command at a time."""
+
+    def __init__(self, root, timeout: float = 120.0) -> None:
+        self.timeout = timeout
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, str(root)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def __call__(self, op: str, *args):
+        self.proc.stdin.write(json.dumps([op, *args]) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+        if not ready:
+            raise AssertionError(f"{op}{args[:2]} hung for {self.timeout:.0f} s")
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 def pack(data: bytes) -> str:

@@ -3,17 +3,14 @@ holding files open, a cwd or an mmap on the mount see no error (fusecsi/fuse/tak
 
 from __future__ import annotations
 
-import json
 import os
-import select
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from fsactor import pack
+from fsactor import ActorProcess, pack
 from support import takeover_load
 
 from fusecsi.fuse.operations import ORPHANS
@@ -44,29 +41,6 @@ def test_open_files_cwd_and_mmap_survive_a_replaced_daemon(make_mount, fs_path, 
     assert report["appender"]["lost"] == 0
 
 
-class Actor:
-    """An fsactor process on the mount (never the test process: see KeptMount)."""
-
-    def __init__(self, root) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ACTOR), str(root)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-
-    def __call__(self, op: str, *args):
-        self.proc.stdin.write(json.dumps([op, *args]) + "\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
-        assert ready, f"{op} hung"
-        return json.loads(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
 async def _orphans(client, fs_path: str) -> list[bytes] | None:
     try:
         attr = await client.resolve(f"{fs_path}/{ORPHANS.decode()}")
@@ -80,7 +54,7 @@ def test_an_orphan_held_open_survives_takeovers(make_mount, fs_path, on_cluster)
     held descriptor (written bytes not fsync'd included), shows it unlinked, and removes it
     at its last close."""
     mount = make_mount(fs_path, kept=True)
-    actor = Actor(mount.path)
+    actor = ActorProcess(mount.path, 60)
     try:
         fd = actor("open", "f", "rw")["ok"]
         assert actor("write", fd, pack(b"a" * 5000)) == {"ok": 5000}
@@ -115,7 +89,7 @@ def test_writes_the_journal_cannot_hold_are_committed_before_they_are_acknowledg
     actor = None
     try:
         mount = make_mount(fs_path, kept=True, name="mnt0")
-        actor = Actor(mount.path)
+        actor = ActorProcess(mount.path, 60)
         fd = actor("open", "f", "w")["ok"]
         records = [b"%04095d\n" % i for i in range(300)]  # 4 KiB each, 1.2 MiB in all
         for record in records:

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -39,7 +37,7 @@ from pathlib import Path
 
 import numpy
 import pytest
-from fsactor import Actor, pack, unpack
+from fsactor import Actor, ActorProcess, pack, unpack
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
@@ -70,30 +68,6 @@ def payload(tag: int, size: int) -> bytes:
     return (seed * (size // len(seed) + 1))[:size]
 
 
-class Proc:
-    """An fsactor process."""
-
-    def __init__(self, root: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ACTOR), str(root)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-
-    def __call__(self, op: str, *args):
-        self.proc.stdin.write(json.dumps([op, *args]) + "\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], CALL_TIMEOUT)
-        if not ready:
-            raise AssertionError(f"{op}{args[:2]} hung for {CALL_TIMEOUT:.0f} s")
-        return json.loads(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
 class Stage:
     """A cluster, mounts A and B of one directory, three actor processes: kept for all the
     cases of one test."""
@@ -106,7 +80,11 @@ class Stage:
         self.b = Mount(self.cluster.master_addrs, "/model", base / "b", B_OPTIONS).start()
         self.model = base / "model"
         self.model.mkdir()
-        self.procs = [Proc(self.a.path), Proc(self.a.path), Proc(self.b.path)]
+        self.procs = [
+            ActorProcess(self.a.path, CALL_TIMEOUT),
+            ActorProcess(self.a.path, CALL_TIMEOUT),
+            ActorProcess(self.b.path, CALL_TIMEOUT),
+        ]
         self.noise = subprocess.Popen([sys.executable, str(ACTOR), "--noise", str(self.a.path)])
         self.fault: threading.Thread | None = None
         self.fault_error: list[BaseException] = []

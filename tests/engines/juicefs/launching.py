@@ -11,6 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from support import launching
+
 from fusecsi.engines.base import Launch
 from fusecsi.engines.juicefs.privmount import mounted_fstype
 
@@ -22,18 +24,7 @@ class Running:
     def __init__(self, launch: Launch, private: Path, mountpoint: Path) -> None:
         self.mountpoint = mountpoint
         self.log_path = private / "daemon.log"
-        private.mkdir(mode=0o700, exist_ok=True)
-        for name, content in launch.files.items():
-            fd = os.open(private / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(content)
-        argv = [arg.replace("{private}", str(private)) for arg in launch.argv]
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-        env.update({k: v.replace("{private}", str(private)) for k, v in launch.env.items()})
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        self.proc = launching.start(launch, private, self.log_path)
 
     def wait_ready(self, fstype: str, timeout: float = 30.0) -> float:
         """Seconds from now until ready; fails with the daemon's log if it exits first."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from support import launching
 
 from fusecsi import engines
 from fusecsi.engines.base import BadParameter, Launch
@@ -40,18 +41,8 @@ def running(launch: Launch, private: Path, log: Path):
     """Start `launch` as base.Launch describes (files 0600 in the private directory,
     `{private}` substituted, env over a minimal environment, its own session); kill its
     process group and detach its mount on the way out."""
-    for name, content in launch.files.items():
-        fd = os.open(private / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-    argv = [arg.replace("{private}", str(private)) for arg in launch.argv]
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    env.update({k: v.replace("{private}", str(private)) for k, v in launch.env.items()})
     sockets_before = set(glob.glob(WEED_SOCKETS))
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    proc = launching.start(launch, private, log)
     try:
         yield proc
     finally:
