@@ -11,6 +11,7 @@ resize while any exists), so bytes a reader still holds are never overwritten.
 from __future__ import annotations
 
 import mmap
+import time
 
 from fusecsi.cluster.worker.directio import aligned_memory
 
@@ -33,8 +34,10 @@ class ReadMemory:
         self._buffer = buffer
         self._keep = keep
         self._kept: list[mmap.mmap] = []
+        self._taken = 0.0  # time.monotonic() of the last take
 
     def take(self, size: int) -> memoryview:
+        self._taken = time.monotonic()
         if size > self._buffer:
             return aligned_memory(size)
         for buf in self._kept:
@@ -44,3 +47,11 @@ class ReadMemory:
         if len(self._kept) < self._keep:
             self._kept.append(buf)
         return memoryview(buf)[:size]
+
+    def trim(self, idle: float) -> None:
+        """Unmap the kept buffers no view refers to once nothing was taken for `idle`
+        seconds: the memory of a burst of sequential reads does not stay resident."""
+        if self._kept and time.monotonic() - self._taken >= idle:
+            for buf in [b for b in self._kept if _unused(b)]:
+                self._kept.remove(buf)
+                buf.close()

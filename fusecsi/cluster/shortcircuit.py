@@ -429,9 +429,10 @@ class ShortCircuit:
     async def sweep(self) -> None:
         """Close, every SWEEP_INTERVAL, the descriptors of blocks the worker has deleted (and
         of workers that went away): an open descriptor would keep a freed block's disk space
-        and page cache alive."""
+        and page cache alive. Read memory not lent for as long is given back too."""
         while True:
             await trio.sleep(SWEEP_INTERVAL)
+            self.memory.trim(SWEEP_INTERVAL)
             for key, entry in list(self.files.entries.items()):
                 if entry.worker.broken or (entry.fd >= 0 and os.fstat(entry.fd).st_nlink == 0):
                     self.files.drop(key)

@@ -352,3 +352,14 @@ def test_read_memory_is_lent_again_only_when_no_view_is_left():
     for view in (second, third, again):
         address = ctypes.addressof(ctypes.c_char.from_buffer(view))
         assert address % DIRECT_ALIGN == 0  # O_DIRECT reads into it
+
+
+def test_read_memory_not_lent_for_a_while_is_unmapped():
+    memory = ReadMemory(buffer=1 << 20, keep=2)
+    held = memory.take(4096)
+    memory.take(4096)  # dropped at once: the second kept buffer is free
+    memory.trim(3600)  # taken just now: kept
+    assert len(memory._kept) == 2
+    memory.trim(0)
+    assert memory._kept == [held.obj]  # the one still referred to stays
+    assert bytes(held[:1]) == b"\0"
