@@ -1,10 +1,9 @@
-"""Page-aligned memory for large short-circuit reads, used again once nothing refers to it.
+"""Memory for large short-circuit reads, used again once nothing refers to it.
 
-A read-ahead window is read from the block file (O_DIRECT) straight into this memory and
-handed on to FUSE as views of it, without a copy. Fresh memory for every window costs a page
-fault per page on this VM (~8 ms for 4 MiB, as much as the disk read itself), and the heap
-gives it back and faults it in again as windows come and go; a few buffers kept mapped do
-not. A buffer is lent again only once no view of it is left anywhere (an mmap refuses to
+A read-ahead window is read from the block file straight into this memory and handed on to
+FUSE as views of it, without a copy. Fresh memory for every window costs a page fault per
+page on this VM (~8 ms for 4 MiB, as much as the disk read itself), and the heap gives it
+back and faults it in again as windows come and go; a few buffers kept mapped do not. A buffer is lent again only once no view of it is left anywhere (an mmap refuses to
 resize while any exists), so bytes a reader still holds are never overwritten.
 """
 
@@ -12,8 +11,6 @@ from __future__ import annotations
 
 import mmap
 import time
-
-from fusecsi.cluster.worker.directio import aligned_memory
 
 BUFFER = 4 << 20  # the largest read-ahead window (READ_WINDOW, fusecsi/fuse/operations.py)
 KEEP = 5  # buffers kept mapped: one sequential reader's windows (1 in use, 3 ahead, 1 spare)
@@ -28,7 +25,7 @@ def _unused(buf: mmap.mmap) -> bool:
 
 
 class ReadMemory:
-    """Lends `size`-byte page-aligned memoryviews; used from one thread (the event loop)."""
+    """Lends `size`-byte memoryviews; used from one thread (the event loop)."""
 
     def __init__(self, buffer: int = BUFFER, keep: int = KEEP) -> None:
         self._buffer = buffer
@@ -39,7 +36,7 @@ class ReadMemory:
     def take(self, size: int) -> memoryview:
         self._taken = time.monotonic()
         if size > self._buffer:
-            return aligned_memory(size)
+            return memoryview(bytearray(size))  # not a read-ahead window: not kept
         for buf in self._kept:
             if _unused(buf):
                 return memoryview(buf)[:size]  # the view marks it lent until it is gone

@@ -396,7 +396,10 @@ class ShortCircuit:
         """Verified bytes of the block; a large piece as a view of the memory it was read
         into (no copy on the way to FUSE)."""
         read_at = self.store.read_at
-        # memory a large piece is read into directly (taken here, on the event loop)
+        # Memory a large piece (a read-ahead window) is read into, taken here on the event
+        # loop. Through the page cache, not O_DIRECT: the kernel's read-ahead on the block
+        # file keeps the disk busy between windows (1 GiB through FUSE ~1.1x as fast, A/B in
+        # one run), and its clean pages are the kernel's to drop.
         into = self.memory.take(self.store.read_span(offset, size)) if size >= DIRECT_MIN else None
 
         def read(entry: OpenBlock, mode: int):
@@ -406,7 +409,7 @@ class ShortCircuit:
             try:
                 data = read_at(
                     entry.fd, crc_fd, offset, size, name=block_id, wait=mode in (WAIT, OWN),
-                    cached=mode == CACHED, direct=True, into=into,
+                    cached=mode == CACHED, direct=into is None, into=into,
                 )  # fmt: skip
             finally:
                 if crc_fd != entry.crc_fd:

@@ -11,7 +11,6 @@ A filesystem without O_DIRECT (tmpfs) simply keeps every write buffered.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -74,45 +73,24 @@ def _write_direct(fd: int, view: memoryview, offset: int) -> bool:
     return _direct_io(fd, os.O_WRONLY, size, write) is not None
 
 
-def pread_direct(
-    fd: int, size: int, offset: int, into: memoryview | None = None
-) -> bytes | memoryview | None:
+def pread_direct(fd: int, size: int, offset: int) -> bytes | None:
     """Up to `size` bytes from `offset` of the file open as `fd`, read past the page cache
     (short at the end of the file); None when the piece is small or unaligned or the
-    filesystem refuses direct I/O. The caller reads those the ordinary way. With `into`
-    (from `aligned_memory`, at least `size` rounded up to DIRECT_ALIGN) the bytes are read
-    straight into it and come back as a view of it, without the copy out of a staging
-    buffer (a short-circuit reader hands that view on to FUSE)."""
+    filesystem refuses direct I/O. The caller reads those the ordinary way."""
     if size < DIRECT_MIN or offset % DIRECT_ALIGN:
         return None
-    aligned = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN  # the aligned end may pass the file's
-    if into is not None and into.nbytes < aligned:
-        raise ValueError(f"{into.nbytes} bytes of memory for a read of {aligned}")
 
-    def read(direct: int, staged: memoryview) -> bytes | memoryview:
+    def read(direct: int, staged: memoryview) -> bytes:
         done = 0
         while done < size:
             got = os.preadv(direct, [staged[done:]], offset + done)
             done += got
             if got == 0 or done % DIRECT_ALIGN:
                 break  # the end of the file
-        # a staging buffer goes back to the pool: what it holds is copied out
-        return staged[: min(done, size)] if into is not None else bytes(staged[: min(done, size)])
+        return bytes(staged[: min(done, size)])
 
-    return _direct_io(fd, os.O_RDONLY, aligned, read, None if into is None else into[:aligned])
-
-
-def aligned_memory(size: int) -> memoryview:
-    """`size` writable bytes starting on a DIRECT_ALIGN boundary, freed with the last view of
-    them. From the heap (a bytearray), not a fresh mmap: reused heap pages are already mapped,
-    while a new mapping costs a page fault per page on this VM (~8 ms for 4 MiB, against
-    ~0.3 to allocate and clear them from the heap). Take it on the event loop's thread: the
-    heap of the thread that allocates keeps the memory, and the I/O threads' own heaps (one
-    each) would hold on to a share each (a daemon's peak RSS +22 MiB with 4 MiB reads)."""
-    buf = bytearray(size + DIRECT_ALIGN)
-    address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    start = -address % DIRECT_ALIGN
-    return memoryview(buf)[start : start + size]
+    # the aligned end may pass the end of the file
+    return _direct_io(fd, os.O_RDONLY, -(-size // DIRECT_ALIGN) * DIRECT_ALIGN, read)
 
 
 def reopen(fd: int, flags: int) -> int:
@@ -121,20 +99,17 @@ def reopen(fd: int, flags: int) -> int:
     return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
 
 
-def _direct_io(fd: int, flags: int, size: int, io, memory: memoryview | None = None):
+def _direct_io(fd: int, flags: int, size: int, io):
     """`io(direct, staged)` on an O_DIRECT description of `fd`'s file (so the flag does not
-    leak into the caller's descriptor, whose small I/O stays buffered) and page-aligned
-    memory of `size` bytes (`memory`, or a staging buffer lent for the call); None when the
-    filesystem refuses direct I/O. A write refused part-way is simply written again the
-    ordinary way: the same bytes, same place."""
+    leak into the caller's descriptor, whose small I/O stays buffered) and a page-aligned
+    staging buffer of `size` bytes; None when the filesystem refuses direct I/O. A write
+    refused part-way is simply written again the ordinary way: the same bytes, same place."""
     try:
         direct = reopen(fd, flags | os.O_DIRECT)
     except OSError:
         return None
-    buf = _buffers.take(size) if memory is None else None
+    buf = _buffers.take(size)
     try:
-        if memory is not None:
-            return io(direct, memory)
         with memoryview(buf)[:size] as staged:
             return io(direct, staged)
     except OSError as exc:
@@ -143,5 +118,4 @@ def _direct_io(fd: int, flags: int, size: int, io, memory: memoryview | None = N
         raise
     finally:
         os.close(direct)
-        if buf is not None:
-            _buffers.give(buf)
+        _buffers.give(buf)

@@ -41,10 +41,17 @@ MAX_EXTERNAL = 4096  # blocks handed out for short-circuit writes whose size is 
 
 
 def _pread(
-    fd: int, size: int, offset: int, cached: bool, direct: bool = False, into=None
+    fd: int,
+    size: int,
+    offset: int,
+    cached: bool,
+    direct: bool = False,
+    into: memoryview | None = None,
 ) -> bytes | memoryview:
     if not cached:
-        data = pread_direct(fd, size, offset, into) if direct else None
+        if into is not None and size <= into.nbytes:
+            return _pread_into(fd, size, offset, into)
+        data = pread_direct(fd, size, offset) if direct else None
         return os.pread(fd, size, offset) if data is None else data
     buf = bytearray(size)
     got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)  # EAGAIN: not in the page cache
@@ -53,6 +60,17 @@ def _pread(
             raise BlockingIOError(errno.EAGAIN, "partly in the page cache")
         del buf[got:]
     return bytes(buf)
+
+
+def _pread_into(fd: int, size: int, offset: int, into: memoryview) -> memoryview:
+    """Up to `size` bytes from `offset` read into `into` (short at the end of the file)."""
+    done = 0
+    while done < size:
+        got = os.preadv(fd, [into[done:size]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return into[:done]
 
 
 def _lock(crc_fd: int, exclusive: bool, wait: bool) -> None:
@@ -110,9 +128,9 @@ def read_at(
     BlockingIOError instead of waiting for a writer, and `cached` (default: `not wait`)
     instead of waiting for the disk (data not in the page cache): the caller can go to a
     thread. `direct` reads large aligned pieces past the page cache: a short-circuit reader
-    keeps them in its own FUSE page cache, and a second copy here only costs memory; with
-    `into` (`read_span` bytes from directio.aligned_memory) such a piece is read straight
-    into it and comes back as a memoryview of it (no copy)."""
+    keeps them in its own FUSE page cache, and a second copy here only costs memory. With
+    `into` (memory of at least `read_span` bytes) what is read from the disk goes into it
+    (through the page cache) and comes back as a memoryview of it: no further copy."""
     if cached is None:
         cached = not wait
     _lock(crc_fd, False, wait)
