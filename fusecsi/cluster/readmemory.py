@@ -3,8 +3,9 @@
 A read-ahead window is read from the block file straight into this memory and handed on to
 FUSE as views of it, without a copy. Fresh memory for every window costs a page fault per
 page on this VM (~8 ms for 4 MiB, as much as the disk read itself), and the heap gives it
-back and faults it in again as windows come and go; a few buffers kept mapped do not. A buffer is lent again only once no view of it is left anywhere (an mmap refuses to
-resize while any exists), so bytes a reader still holds are never overwritten.
+back and faults it in again as windows come and go; a few buffers kept mapped do not.
+A buffer is lent again only once no view of it is left anywhere (an mmap refuses to resize
+while any exists), so bytes a reader still holds are never overwritten.
 """
 
 from __future__ import annotations
