@@ -51,8 +51,8 @@ ORPHANS = b".fusecsi-orphans"  # in fs-path's top directory, hidden from the mou
 READDIR_PAGE = 1000
 # A sequential reader is served from windows of up to 4 MiB read straight into memory the
 # short-circuit client keeps for them (fusecsi/cluster/readmemory.py), at least 12 MiB ahead.
-# Against 1 MiB windows 4 MiB ahead: half the daemon's CPU per GiB (1.5 -> 0.75 s), 1 GiB
-# read through FUSE ~1.2x as fast on the 2-core VM, peak RSS no higher.
+# Against 1 MiB windows 4 MiB ahead: a third less daemon CPU per GiB, 1 GiB read through
+# FUSE ~1.3x as fast on the 2-core VM, peak RSS no higher (docs/design.md).
 READ_WINDOW = 4 << 20
 MIN_READ_AHEAD = 12 << 20
 # The client keeps up to 8 written pieces in flight and a read-ahead window is held while
