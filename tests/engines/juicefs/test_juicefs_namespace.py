@@ -9,10 +9,11 @@ import time
 
 import pytest
 import trio
+from engines.juicefs.launching import Running
 
 from fusecsi.engines import open_namespace
 from fusecsi.engines.base import Unreachable
-from fusecsi.engines.juicefs import privmount
+from fusecsi.engines.juicefs import NODE, privmount
 
 MiB = 1024 * 1024
 VOLUME = b"trusted.fusecsi.volume"
@@ -96,25 +97,32 @@ def _write(path: str, size: int) -> None:
         os.fsync(f.fileno())
 
 
-async def test_writing_past_the_quota_fails_edquot(redis_fs):
+async def test_writing_past_the_quota_fails_edquot(redis_fs, tmp_path):
     async with open_namespace(redis_fs.cluster, timeout=20) as ns:
         await ns.mkdir_tagged("/q", 0o777, {VOLUME: b"q"}, 8 * MiB)
-        root = ns._mount.root  # a real JuiceFS client (the namespace's own mount)
-        await trio.to_thread.run_sync(_write, f"{root}/q/small", 2 * MiB)  # within the quota
-
-        # a mount learns a new quota within seconds: retry until it is enforced
+    # through a node's mount (what pods write through), started after the quota was set:
+    # a mount loads quotas when it starts (a running one learns a change within seconds,
+    # which the controller's own long-lived mount did not always do within 40 s in CI)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    running = Running(NODE.launch(redis_fs.cluster, "/", {}, str(mnt)), tmp_path / "p", mnt)
+    try:
+        running.wait_ready(NODE.fstype)
+        await trio.to_thread.run_sync(_write, f"{mnt}/q/small", 2 * MiB)  # within the quota
         failure = None
         deadline = time.monotonic() + 40
         while failure is None and time.monotonic() < deadline:
             try:
-                await trio.to_thread.run_sync(_write, f"{root}/q/big", 16 * MiB)
+                await trio.to_thread.run_sync(_write, f"{mnt}/q/big", 16 * MiB)
             except OSError as exc:
                 failure = exc
             else:
-                os.unlink(f"{root}/q/big")
+                os.unlink(f"{mnt}/q/big")
                 await trio.sleep(1)
         assert failure is not None and failure.errno == errno.EDQUOT, failure
-        assert _size(f"{root}/q/small") == 2 * MiB
+        assert _size(f"{mnt}/q/small") == 2 * MiB
+    finally:
+        running.stop()
 
 
 async def test_rename_does_not_replace_and_trees_go(any_fs):
