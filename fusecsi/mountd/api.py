@@ -33,6 +33,7 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "unpublish": (frozenset({"volume_id", "target"}), frozenset()),
     "stats": (frozenset({"target"}), frozenset()),
     "list": (frozenset(), frozenset()),
+    "roll": (frozenset(), frozenset({"key", "grace"})),
 }
 
 
@@ -93,6 +94,7 @@ def handlers(supervisor: Supervisor) -> dict:
         "unpublish": _handler("unpublish", supervisor.unpublish, shielded=True),
         "stats": _handler("stats", supervisor.stats),
         "list": _handler("list", supervisor.list),
+        "roll": _handler("roll", supervisor.roll, shielded=True),
     }
 
 

@@ -3,9 +3,10 @@ replacement serves the same mount; targets are not re-bound and open files keep 
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import signal
+import time
 
 import trio
 from support import takeover_load
@@ -13,43 +14,22 @@ from support.mountd import (  # noqa: F401 - fixtures
     cluster_fixture,
     eventually,
     make_dirs,
+    mount_ids,
     mountd_fixture,
+    open_fds,
+    stall_summary,
+    zombies,
 )
 
 from fusecsi.mountd import mounts
+from fusecsi.mountd.recovery import CRASH_WINDOW
 
 KILLS = 2
 # past the crash-loop pause after each early death (1 s, then 2 s: supervisor.CRASH_WINDOW)
 PAUSE = 1.5
-
-
-def open_fds(pid: int) -> tuple[list[str], int]:
-    """What a process holds open: its non-socket descriptors' targets (/dev/fuse, pidfds,
-    files), and how many sockets (a control connection may close a moment after the call
-    that used it returned, so sockets are compared as at most, the rest exactly)."""
-    targets = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except OSError:
-            continue
-    sockets = sum(t.startswith("socket:") for t in targets)
-    # pipe:[inode] and the like: the kind, not the instance (a replaced daemon's pipe is new)
-    kinds = (re.sub(r"\[\d+\]$", "", t) for t in targets if not t.startswith("socket:"))
-    return sorted(kinds), sockets
-
-
-def zombies(parent: int) -> list[int]:
-    found = []
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] == b"Z" and int(fields[1]) == parent:
-            found.append(int(name))
-    return found
+# the loop: how many kills (FUSECSI_TAKEOVER_KILLS=100 for the long run), each after the
+# crash window, so every one is taken over at once (no crash-loop pause in the stalls)
+LOOP_KILLS = int(os.environ.get("FUSECSI_TAKEOVER_KILLS", "3"))
 
 
 async def test_killed_daemon_is_taken_over_without_a_rebind(mountd, cluster, tmp_path):
@@ -114,4 +94,44 @@ async def test_a_restarted_mountd_takes_over_the_daemons_it_adopted(mountd, clus
         assert worker["errors"] == [], name
     assert len(mounts.stack_at(target)) == layers
     await mountd.client.unpublish("vol-adopt", target)
+    assert mountd.daemon_pids() == [] and mountd.fuse_mounts() == ([], [])
+
+
+async def test_kill_loop_through_mountd_loses_nothing_and_leaks_nothing(mountd, cluster, tmp_path):
+    """FUSECSI_TAKEOVER_KILLS SIGKILLs of the key's daemon under load; the stalls are printed
+    (median, 99th percentile, longest), never asserted."""
+    await make_dirs(cluster, "/loop/v")
+    target = mountd.target("pod-1", "v")
+    await mountd.publish("vol-loop", "/loop", "v", target)
+    layers = mount_ids(target)
+    descriptors = open_fds(mountd.proc.pid)
+    report_path = tmp_path / "report.json"
+    began = time.monotonic()
+    load = await trio.to_thread.run_sync(takeover_load.start, target, report_path)
+    try:
+        for _ in range(LOOP_KILLS):
+            await trio.sleep(CRASH_WINDOW + 0.5)
+            [row] = await mountd.client.list()
+            os.kill(row["pid"], signal.SIGKILL)
+
+            async def replaced(old=row["pid"]):
+                [now] = await mountd.client.list()
+                return now["pid"] != old and now["state"] == "running"
+
+            await eventually(replaced, deadline=60, what="takeover")
+        await trio.sleep(0.5)
+    finally:
+        report = await trio.to_thread.run_sync(takeover_load.finish, load, report_path)
+    print(f"{LOOP_KILLS} kills in {time.monotonic() - began:.0f}s")
+    print(takeover_load.summary(report))
+    print(json.dumps(stall_summary(report)))
+    for name, worker in report.items():
+        assert worker["errors"] == [] and worker["lost"] == 0, (name, worker["errors"])
+    assert mount_ids(target) == layers  # the same mount served throughout
+    [row] = await mountd.client.list()
+    assert row["restarts"] == LOOP_KILLS and mountd.daemon_pids() == [row["pid"]]
+    held, sockets = open_fds(mountd.proc.pid)
+    assert held == descriptors[0] and sockets <= descriptors[1]
+    assert zombies(mountd.proc.pid) == []
+    await mountd.client.unpublish("vol-loop", target)
     assert mountd.daemon_pids() == [] and mountd.fuse_mounts() == ([], [])

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import inspect
 import os
+import re
 import signal
 import subprocess
 import time
@@ -242,3 +243,52 @@ def exists(path: str) -> bool:
 def read_bytes(path) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def open_fds(pid: int) -> tuple[list[str], int]:
+    """What a process holds open: its non-socket descriptors' targets (/dev/fuse, pidfds,
+    files), and how many sockets (a control connection may close a moment after the call
+    that used it returned, so sockets are compared as at most, the rest exactly)."""
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    sockets = sum(t.startswith("socket:") for t in targets)
+    # pipe:[inode] and the like: the kind, not the instance (a replaced daemon's pipe is new)
+    kinds = (re.sub(r"\[\d+\]$", "", t) for t in targets if not t.startswith("socket:"))
+    return sorted(kinds), sockets
+
+
+def zombies(parent: int) -> list[int]:
+    """Children of `parent` it has not reaped."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == b"Z" and int(fields[1]) == parent:
+            found.append(int(name))
+    return found
+
+
+def mount_ids(target: str) -> list[int]:
+    """The mounts stacked at `target`, bottom first: the same ids, nothing re-bound."""
+    return [m.mount_id for m in mounts.stack_at(target)]
+
+
+def stall_summary(report: dict) -> dict:
+    """A takeover_load report's stalls of every worker together (seconds): how many,
+    median, 99th percentile, longest."""
+    stalls = sorted(s for w in report.values() for s in w["stalls"]) or [0.0]
+    p50, p99 = (stalls[min(len(stalls) - 1, int(q * len(stalls)))] for q in (0.5, 0.99))
+    count = sum(len(w["stalls"]) for w in report.values())
+    return {
+        "stalls": count,
+        "median": round(p50, 3),
+        "p99": round(p99, 3),
+        "max": round(stalls[-1], 3),
+    }

@@ -1,0 +1,190 @@
+"""Rolling daemons to new code through mountd (fusecsi/mountd/rolling.py): a real mountd,
+real daemons, real FUSE. Under a held-open reader, a cwd, an mmap, an fsync'd appender and a
+writer that never fsyncs (support/takeover_load.py), each key's daemon hands its mount over
+to a new one: no error, every acknowledged write read back, the targets' mounts unchanged,
+no recovery counted. A restarted mountd rolls the daemons it adopted from another build (the
+build the table records for them) by itself; an engine that cannot hand over is skipped."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+
+import pytest
+import trio
+from support import takeover_load
+from support.fake_engine import fake_cluster, fake_target, supervisor_on_fake
+from support.mountd import (  # noqa: F401 - fixtures
+    Mountd,
+    cluster_fixture,
+    eventually,
+    make_dirs,
+    mount_ids,
+    mountd_fixture,
+    open_fds,
+    stall_summary,
+    zombies,
+)
+
+from fusecsi.mountd.client import RPCError
+
+# FUSECSI_ROLLS=10 for the long run
+ROLLS = int(os.environ.get("FUSECSI_ROLLS", "2"))
+
+
+def table_of(mountd: Mountd) -> dict:
+    return json.loads((mountd.state_dir / "table.json").read_text())
+
+
+def record_build(mountd: Mountd, build: str) -> None:
+    """What a daemon of another build looks like to the next mountd: its table says so."""
+    table = table_of(mountd)
+    for entry in table["entries"]:
+        entry["build"] = build
+    (mountd.state_dir / "table.json").write_text(json.dumps(table))
+
+
+def logged(mountd: Mountd, message: str) -> list[dict]:
+    """The records of the running mountd's log with this message."""
+    records = (json.loads(line) for line in mountd.log().splitlines() if line.startswith("{"))
+    return [r for r in records if r.get("msg") == message]
+
+
+def check_load(report: dict) -> None:
+    print(takeover_load.summary(report))
+    print(json.dumps(stall_summary(report)))
+    for name, worker in report.items():
+        # "lost": an EIO for writes acknowledged and then lost; the appender and the
+        # writer read back every record they wrote
+        assert worker["errors"] == [] and worker["lost"] == 0, (name, worker["errors"])
+
+
+async def test_roll_hands_each_daemon_over_with_no_error(mountd, cluster, tmp_path):
+    await make_dirs(cluster, "/roll/v")
+    target = mountd.target("pod-1", "v")
+    await mountd.publish("vol-roll", "/roll", "v", target)
+    layers = mount_ids(target)
+    [before] = await mountd.client.list()
+    descriptors = open_fds(mountd.proc.pid)
+    pid = before["pid"]
+    report_path = tmp_path / "report.json"
+    load = await trio.to_thread.run_sync(takeover_load.start, target, report_path)
+    try:
+        for _ in range(ROLLS):
+            await trio.sleep(0.5)
+            [done] = await mountd.client.roll()
+            assert done["result"] == "rolled", done
+            assert done["key"] == before["key"] and done["old_pid"] == pid != done["new_pid"]
+            pid = done["new_pid"]
+        await trio.sleep(0.5)
+    finally:
+        report = await trio.to_thread.run_sync(takeover_load.finish, load, report_path)
+    print(f"{ROLLS} rolls")
+    check_load(report)
+    assert mount_ids(target) == layers  # the same mount served throughout: nothing re-bound
+    [after] = await mountd.client.list()
+    assert after["pid"] == pid and after["state"] == "running"
+    assert after["restarts"] == before["restarts"] and after["build"] == before["build"]
+    assert logged(mountd, "recovering") == [] and "MountRecovered" not in mountd.log()
+    assert mountd.daemon_pids() == [pid]
+    held, sockets = open_fds(mountd.proc.pid)
+    assert held == descriptors[0] and sockets <= descriptors[1]
+    assert zombies(mountd.proc.pid) == []
+    with pytest.raises(RPCError) as info:
+        await mountd.client.roll(key="0123456789abcdef")
+    assert info.value.errno == errno.ENOENT
+    await mountd.client.unpublish("vol-roll", target)
+    assert mountd.daemon_pids() == [] and mountd.fuse_mounts() == ([], [])
+
+
+async def test_a_restarted_mountd_rolls_the_daemons_of_another_build(mountd, cluster, tmp_path):
+    await make_dirs(cluster, "/build/v")
+    target = mountd.target("pod-1", "v")
+    await mountd.publish("vol-build", "/build", "v", target)
+    layers = mount_ids(target)
+    [before] = await mountd.client.list()
+    assert before["build"] and table_of(mountd)["entries"][0]["build"] == before["build"]
+    # the same build: adopted and left alone
+    mountd.kill(signal.SIGTERM)
+    mountd.start()
+    [checked] = await eventually(
+        lambda: logged(mountd, "adopted daemons checked"), deadline=30, what="the check"
+    )
+    [same] = await mountd.client.list()
+    assert same["pid"] == before["pid"] and checked["current"] == 1 and checked["rolled"] == 0
+    report_path = tmp_path / "report.json"
+    load = await trio.to_thread.run_sync(takeover_load.start, target, report_path)
+    try:
+        await trio.sleep(0.5)
+        # another build (as the table records it): the next mountd hands the daemon over
+        mountd.kill(signal.SIGTERM)
+        record_build(mountd, "0.0.1+another")
+        await trio.sleep(0.5)  # the load goes on without mountd
+        mountd.start()
+
+        async def rolled():
+            [now] = await mountd.client.list()
+            return now["pid"] != before["pid"] and now["state"] == "running" and now
+
+        after = await eventually(rolled, deadline=60, what="roll after adoption")
+        [checked] = await eventually(
+            lambda: logged(mountd, "adopted daemons checked"), deadline=30, what="the check"
+        )
+        await trio.sleep(0.5)
+    finally:
+        report = await trio.to_thread.run_sync(takeover_load.finish, load, report_path)
+    check_load(report)
+    assert mount_ids(target) == layers
+    assert after["build"] == before["build"] == table_of(mountd)["entries"][0]["build"]
+    assert after["restarts"] == before["restarts"]
+    assert checked["rolled"] == 1 and checked["current"] == 0
+    assert logged(mountd, "recovering") == [] and "MountRecovered" not in mountd.log()
+    assert mountd.daemon_pids() == [after["pid"]]
+    await mountd.client.unpublish("vol-build", target)
+    assert mountd.daemon_pids() == [] and mountd.fuse_mounts() == ([], [])
+
+
+async def test_no_roll_adopted_keeps_the_adopted_daemon(cluster, tmp_path):
+    node = Mountd(tmp_path, cluster, **{"no-roll-adopted": True})
+    try:
+        node.start()
+        await make_dirs(cluster, "/keep/v")
+        target = node.target("pod-1", "v")
+        await node.publish("vol-keep", "/keep", "v", target)
+        [before] = await node.client.list()
+        node.kill(signal.SIGTERM)
+        record_build(node, "0.0.1+another")
+        node.start()
+        await trio.sleep(2)  # the time a roll in the background would have had
+        [adopted] = await node.client.list()
+        assert adopted["pid"] == before["pid"] and logged(node, "rolling an adopted daemon") == []
+        # a roll asked for still hands it over
+        [done] = await node.client.roll()
+        assert done["result"] == "rolled" and done["old_pid"] == before["pid"], done
+        assert done["old_build"] == "0.0.1+another" and done["build"] == before["build"]
+        await node.client.unpublish("vol-keep", target)
+    finally:
+        node.close()
+
+
+async def test_an_engine_that_cannot_hand_over_is_skipped(tmp_path):
+    with fake_cluster(tmp_path) as cluster:
+        async with supervisor_on_fake(tmp_path) as sup:
+            answer = await sup.publish(
+                volume_id="vol-1",
+                engine="fake",
+                cluster=str(cluster),
+                fs_path="/base",
+                subpath="v1",
+                target=fake_target(sup),
+                readonly=False,
+                secrets={"token": "fake-token-51c2"},
+            )
+            [entry] = sup.table.entries.values()
+            pid = entry.pid
+            [done] = await sup.roll()
+            assert done["key"] == answer["key"] and done["result"] == "skipped", done
+            assert "engine fake cannot hand over" in done["message"]
+            assert entry.pid == pid and sup.key_states[answer["key"]].state == "running"
