@@ -24,6 +24,7 @@ from support.mountd import (  # noqa: F401 - fixtures
     mount_ids,
     mountd_fixture,
     open_fds,
+    read_write,
     stall_summary,
     zombies,
 )
@@ -143,6 +144,56 @@ async def test_a_restarted_mountd_rolls_the_daemons_of_another_build(mountd, clu
     assert logged(mountd, "recovering") == [] and "MountRecovered" not in mountd.log()
     assert mountd.daemon_pids() == [after["pid"]]
     await mountd.client.unpublish("vol-build", target)
+    assert mountd.daemon_pids() == [] and mountd.fuse_mounts() == ([], [])
+
+
+async def test_a_successor_that_cannot_start_falls_back_to_recovery(mountd, cluster):
+    """The connection's recorded INIT is gone: no daemon can take the mount over, so the
+    roll ends in a recovery (a fresh mount, re-bound) rather than a key without a daemon."""
+    await make_dirs(cluster, "/fail/v")
+    target = mountd.target("pod-1", "v")
+    await mountd.publish("vol-fail", "/fail", "v", target)
+    [before] = await mountd.client.list()
+    os.unlink(mountd.state_dir / "connections" / before["key"] / "init")
+    [done] = await mountd.client.roll()
+    assert done["result"] == "failed", done
+    assert "recovery mounted it afresh and re-bound its targets" in done["message"], done
+    [after] = await mountd.client.list()
+    assert after["state"] == "running" and after["restarts"] == before["restarts"] + 1
+    assert after["pid"] == done["new_pid"] != before["pid"]
+    assert read_write(target, "after", "served again")
+    await mountd.client.unpublish("vol-fail", target)
+    assert mountd.daemon_pids() == [] and mountd.fuse_mounts() == ([], [])
+
+
+async def test_a_roll_and_publishes_of_its_key_at_once(mountd, cluster):
+    """Publish and unpublish of the rolled key wait for the key lock: each one lands on the
+    old daemon's mount or the new one's, never in between."""
+    await make_dirs(cluster, "/busy/v", "/busy/w")
+    first, second = mountd.target("pod-1", "v"), mountd.target("pod-2", "w")
+    await mountd.publish("vol-1", "/busy", "v", first)
+    layers = mount_ids(first)
+    answers = {}
+    async with trio.open_nursery() as nursery:
+
+        async def roll():
+            answers["roll"] = await mountd.client.roll()
+
+        async def publish_and_unpublish():
+            answers["publish"] = await mountd.publish("vol-2", "/busy", "w", second)
+            assert read_write(second, "x", "on the rolled key")
+            answers["unpublish"] = await mountd.client.unpublish("vol-2", second)
+
+        nursery.start_soon(roll)
+        nursery.start_soon(publish_and_unpublish)
+    [done] = answers["roll"]
+    assert done["result"] == "rolled", done
+    assert answers["publish"]["key"] == done["key"] and answers["unpublish"]["removed"]
+    [row] = await mountd.client.list()
+    assert row["pid"] == done["new_pid"] and row["restarts"] == 0
+    assert [r["target"] for r in row["refs"]] == [first] and mount_ids(first) == layers
+    assert read_write(first, "y", "still served")
+    await mountd.client.unpublish("vol-1", first)
     assert mountd.daemon_pids() == [] and mountd.fuse_mounts() == ([], [])
 
 
