@@ -100,7 +100,7 @@ class Rolling:
                 cluster, entry.key.fs_path, parse_options(entry.key.options), entry.mountpoint
             )
             executable = shutil.which(launch.argv[0])
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError, LookupError, TypeError):
             pass  # the start itself will say what is wrong
         return await trio.to_thread.run_sync(build_id, executable)
 

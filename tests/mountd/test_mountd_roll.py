@@ -211,10 +211,18 @@ async def test_no_roll_adopted_keeps_the_adopted_daemon(cluster, tmp_path):
         await trio.sleep(2)  # the time a roll in the background would have had
         [adopted] = await node.client.list()
         assert adopted["pid"] == before["pid"] and logged(node, "rolling an adopted daemon") == []
-        # a roll asked for still hands it over
-        [done] = await node.client.roll()
+        # a roll asked for (the command) still hands it over
+        ran = await trio.to_thread.run_sync(node.roll, "--json")
+        assert ran.returncode == 0, ran.stderr
+        [done] = json.loads(ran.stdout)
         assert done["result"] == "rolled" and done["old_pid"] == before["pid"], done
         assert done["old_build"] == "0.0.1+another" and done["build"] == before["build"]
+        ran = await trio.to_thread.run_sync(node.roll, "--key", before["key"])
+        assert (
+            ran.returncode == 0 and f"{before['key']}  rolled  {done['new_pid']} -> " in ran.stdout
+        )
+        ran = await trio.to_thread.run_sync(node.roll, "--key", "0123456789abcdef")
+        assert ran.returncode == 1 and "no key '0123456789abcdef'" in ran.stderr
         await node.client.unpublish("vol-keep", target)
     finally:
         node.close()

@@ -92,6 +92,11 @@ class Mountd:
         args = [*FUSECSI, "mountd", "status", "--socket", f"unix://{self.socket}", *flags]
         return subprocess.run(args, check=True, capture_output=True, text=True, timeout=30).stdout
 
+    def roll(self, *flags: str) -> subprocess.CompletedProcess:
+        """`fusecsi mountd roll` against this mountd (its exit code is the caller's to check)."""
+        args = [*FUSECSI, "mountd", "roll", "--socket", f"unix://{self.socket}", *flags]
+        return subprocess.run(args, check=False, capture_output=True, text=True, timeout=300)
+
     def log(self) -> str:
         return read_log(self.proc)
 
