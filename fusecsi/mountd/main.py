@@ -192,7 +192,8 @@ def roll(endpoint: str, *, key: str | None, grace: float | None, as_json: bool) 
     if as_json:
         print(json.dumps(rows, indent=1))
     for row in [] if as_json else rows:
-        pids = f"{row.get('old_pid') or '-'} -> {row.get('new_pid') or '-'}"
-        message = f": {row['message']}" if row["message"] else ""
-        print(f"{row['key']}  {row['result']}  {pids}{message}")
+        line = f"{row['key']}  {row['result']}"
+        if row.get("old_pid"):
+            line += f"  {row['old_pid']} -> {row.get('new_pid') or '-'}"
+        print(line + (f": {row['message']}" if row["message"] else ""))
     return 1 if any(row["result"] == "failed" for row in rows) else 0

@@ -143,7 +143,11 @@ class Rolling:
                 "rolling an adopted daemon",
                 extra=fields(key_id=key_id, build=entry.build or "unknown", to=own),
             )
-            done = await self.roll_key(key_id, self.roll_grace)
+            try:
+                done = await self.roll_key(key_id, self.roll_grace)
+            except Exception as exc:  # a bug here must not stop mountd: log it, go on
+                log.exception("roll failed", extra=fields(key_id=key_id))
+                done = answer(key_id, "failed", str(exc))
             counts[done["result"]] += 1
             level = logging.WARNING if done["result"] == "failed" else logging.INFO
             log.log(level, "roll", extra=fields(**done))
@@ -240,11 +244,15 @@ class Rolling:
             return answer(key_id, "rolled", "", new_pid=entry.pid, build=entry.build)
         log.error("successor failed; recovering", extra=fields(key_id=key_id, error=why))
         try:
-            await self._recover(entry, f"handover failed: {why}", cause="handover_failed")
+            taken = await self._recover(entry, f"handover failed: {why}", cause="handover_failed")
         except OSError as exc:
             outcome = f"recovery failed too ({exc.strerror or exc}); it retries"
         else:
-            outcome = "recovery mounted it afresh and re-bound its targets"
+            outcome = (
+                "recovery started another daemon on the kept connection"
+                if taken
+                else "recovery mounted it afresh and re-bound its targets"
+            )
         return answer(
             key_id,
             "failed",

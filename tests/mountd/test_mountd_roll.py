@@ -14,19 +14,20 @@ import signal
 
 import pytest
 import trio
-from support import takeover_load
 from support.fake_engine import fake_cluster, fake_target, supervisor_on_fake
 from support.mountd import (  # noqa: F401 - fixtures
     Mountd,
+    check_load,
+    check_nothing_leaked,
     cluster_fixture,
     eventually,
     make_dirs,
     mount_ids,
     mountd_fixture,
     open_fds,
+    publish_volume,
     read_write,
-    stall_summary,
-    zombies,
+    under_load,
 )
 
 from fusecsi.mountd.client import RPCError
@@ -53,26 +54,13 @@ def logged(mountd: Mountd, message: str) -> list[dict]:
     return [r for r in records if r.get("msg") == message]
 
 
-def check_load(report: dict) -> None:
-    print(takeover_load.summary(report))
-    print(json.dumps(stall_summary(report)))
-    for name, worker in report.items():
-        # "lost": an EIO for writes acknowledged and then lost; the appender and the
-        # writer read back every record they wrote
-        assert worker["errors"] == [] and worker["lost"] == 0, (name, worker["errors"])
-
-
 async def test_roll_hands_each_daemon_over_with_no_error(mountd, cluster, tmp_path):
-    await make_dirs(cluster, "/roll/v")
-    target = mountd.target("pod-1", "v")
-    await mountd.publish("vol-roll", "/roll", "v", target)
+    target = await publish_volume(mountd, cluster, "roll")
     layers = mount_ids(target)
     [before] = await mountd.client.list()
     descriptors = open_fds(mountd.proc.pid)
     pid = before["pid"]
-    report_path = tmp_path / "report.json"
-    load = await trio.to_thread.run_sync(takeover_load.start, target, report_path)
-    try:
+    async with under_load(target, tmp_path / "report.json") as report:
         for _ in range(ROLLS):
             await trio.sleep(0.5)
             [done] = await mountd.client.roll()
@@ -80,8 +68,6 @@ async def test_roll_hands_each_daemon_over_with_no_error(mountd, cluster, tmp_pa
             assert done["key"] == before["key"] and done["old_pid"] == pid != done["new_pid"]
             pid = done["new_pid"]
         await trio.sleep(0.5)
-    finally:
-        report = await trio.to_thread.run_sync(takeover_load.finish, load, report_path)
     print(f"{ROLLS} rolls")
     check_load(report)
     assert mount_ids(target) == layers  # the same mount served throughout: nothing re-bound
@@ -90,9 +76,7 @@ async def test_roll_hands_each_daemon_over_with_no_error(mountd, cluster, tmp_pa
     assert after["restarts"] == before["restarts"] and after["build"] == before["build"]
     assert logged(mountd, "recovering") == [] and "MountRecovered" not in mountd.log()
     assert mountd.daemon_pids() == [pid]
-    held, sockets = open_fds(mountd.proc.pid)
-    assert held == descriptors[0] and sockets <= descriptors[1]
-    assert zombies(mountd.proc.pid) == []
+    check_nothing_leaked(mountd, descriptors)
     with pytest.raises(RPCError) as info:
         await mountd.client.roll(key="0123456789abcdef")
     assert info.value.errno == errno.ENOENT
@@ -101,9 +85,7 @@ async def test_roll_hands_each_daemon_over_with_no_error(mountd, cluster, tmp_pa
 
 
 async def test_a_restarted_mountd_rolls_the_daemons_of_another_build(mountd, cluster, tmp_path):
-    await make_dirs(cluster, "/build/v")
-    target = mountd.target("pod-1", "v")
-    await mountd.publish("vol-build", "/build", "v", target)
+    target = await publish_volume(mountd, cluster, "build")
     layers = mount_ids(target)
     [before] = await mountd.client.list()
     assert before["build"] and table_of(mountd)["entries"][0]["build"] == before["build"]
@@ -115,9 +97,7 @@ async def test_a_restarted_mountd_rolls_the_daemons_of_another_build(mountd, clu
     )
     [same] = await mountd.client.list()
     assert same["pid"] == before["pid"] and checked["current"] == 1 and checked["rolled"] == 0
-    report_path = tmp_path / "report.json"
-    load = await trio.to_thread.run_sync(takeover_load.start, target, report_path)
-    try:
+    async with under_load(target, tmp_path / "report.json") as report:
         await trio.sleep(0.5)
         # another build (as the table records it): the next mountd hands the daemon over
         mountd.kill(signal.SIGTERM)
@@ -134,8 +114,6 @@ async def test_a_restarted_mountd_rolls_the_daemons_of_another_build(mountd, clu
             lambda: logged(mountd, "adopted daemons checked"), deadline=30, what="the check"
         )
         await trio.sleep(0.5)
-    finally:
-        report = await trio.to_thread.run_sync(takeover_load.finish, load, report_path)
     check_load(report)
     assert mount_ids(target) == layers
     assert after["build"] == before["build"] == table_of(mountd)["entries"][0]["build"]
@@ -150,9 +128,8 @@ async def test_a_restarted_mountd_rolls_the_daemons_of_another_build(mountd, clu
 async def test_a_successor_that_cannot_start_falls_back_to_recovery(mountd, cluster):
     """The connection's recorded INIT is gone: no daemon can take the mount over, so the
     roll ends in a recovery (a fresh mount, re-bound) rather than a key without a daemon."""
-    await make_dirs(cluster, "/fail/v")
-    target = mountd.target("pod-1", "v")
-    await mountd.publish("vol-fail", "/fail", "v", target)
+    target = await publish_volume(mountd, cluster, "fail")
+    layers = mount_ids(target)
     [before] = await mountd.client.list()
     os.unlink(mountd.state_dir / "connections" / before["key"] / "init")
     [done] = await mountd.client.roll()
@@ -162,6 +139,7 @@ async def test_a_successor_that_cannot_start_falls_back_to_recovery(mountd, clus
     assert after["state"] == "running" and after["restarts"] == before["restarts"] + 1
     assert after["pid"] == done["new_pid"] != before["pid"]
     assert read_write(target, "after", "served again")
+    assert len(mount_ids(target)) == len(layers) + 1  # the fresh mount bound on top
     await mountd.client.unpublish("vol-fail", target)
     assert mountd.daemon_pids() == [] and mountd.fuse_mounts() == ([], [])
 
@@ -201,9 +179,7 @@ async def test_no_roll_adopted_keeps_the_adopted_daemon(cluster, tmp_path):
     node = Mountd(tmp_path, cluster, **{"no-roll-adopted": True})
     try:
         node.start()
-        await make_dirs(cluster, "/keep/v")
-        target = node.target("pod-1", "v")
-        await node.publish("vol-keep", "/keep", "v", target)
+        target = await publish_volume(node, cluster, "keep")
         [before] = await node.client.list()
         node.kill(signal.SIGTERM)
         record_build(node, "0.0.1+another")

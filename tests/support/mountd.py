@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import inspect
+import json
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ from fusecsi.engines.embedded import NODE as EMBEDDED
 from fusecsi.mountd import mounts
 from fusecsi.mountd.client import MountdClient
 from fusecsi.mountd.daemons import process_args
+from support import takeover_load
 from support.processes import FUSECSI, read_log, wait_for_path
 
 TOKEN = "mountd-test-token"
@@ -223,6 +225,14 @@ async def eventually(check, *, deadline: float, what: str):
     raise AssertionError(f"{what} not within {deadline}s (last error: {last})")
 
 
+async def publish_volume(mountd: Mountd, cluster: LocalCluster, name: str) -> str:
+    """Volume `vol-<name>` (the cluster's /<name>/v) published at a pod's target: the target."""
+    await make_dirs(cluster, f"/{name}/v")
+    target = mountd.target("pod-1", "v")
+    await mountd.publish(f"vol-{name}", f"/{name}", "v", target)
+    return target
+
+
 def read_write(target: str, name: str, data: str) -> bool:
     """Write a file through `target` and read it back."""
     path = os.path.join(target, name)
@@ -297,3 +307,31 @@ def stall_summary(report: dict) -> dict:
         "p99": round(p99, 3),
         "max": round(stalls[-1], 3),
     }
+
+
+@contextlib.asynccontextmanager
+async def under_load(target: str, report_path: Path):
+    """support/takeover_load.py living in `target` for the block; its report (per worker)
+    fills the dict yielded once the load stopped."""
+    report: dict = {}
+    load = await trio.to_thread.run_sync(takeover_load.start, target, report_path)
+    try:
+        yield report
+    finally:
+        report.update(await trio.to_thread.run_sync(takeover_load.finish, load, report_path))
+
+
+def check_load(report: dict) -> None:
+    """Print the stalls; no worker saw an error or lost an acknowledged write (the appender
+    and the writer read back every record they wrote)."""
+    print(takeover_load.summary(report))
+    print(json.dumps(stall_summary(report)))
+    for name, worker in report.items():
+        assert worker["errors"] == [] and worker["lost"] == 0, (name, worker["errors"])
+
+
+def check_nothing_leaked(mountd: Mountd, descriptors: tuple[list[str], int]) -> None:
+    """mountd holds what it held before (`open_fds` then) and has no unreaped child."""
+    held, sockets = open_fds(mountd.proc.pid)
+    assert held == descriptors[0] and sockets <= descriptors[1]
+    assert zombies(mountd.proc.pid) == []
