@@ -3,7 +3,9 @@ real daemons, real FUSE. Under a held-open reader, a cwd, an mmap, an fsync'd ap
 writer that never fsyncs (support/takeover_load.py), each key's daemon hands its mount over
 to a new one: no error, every acknowledged write read back, the targets' mounts unchanged,
 no recovery counted. A restarted mountd rolls the daemons it adopted from another build (the
-build the table records for them) by itself; an engine that cannot hand over is skipped."""
+build the table records for them) by itself; an engine's own `hand_over` is used (and its
+refusal leaves the daemon serving); an engine that cannot hand over is skipped; a successor
+that cannot start ends in a recovery."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pytest
 import trio
 from support.fake_engine import fake_cluster, fake_target, supervisor_on_fake
 from support.mountd import (  # noqa: F401 - fixtures
+    TOKEN,
     Mountd,
     check_load,
     check_nothing_leaked,
@@ -27,9 +30,12 @@ from support.mountd import (  # noqa: F401 - fixtures
     open_fds,
     publish_volume,
     read_write,
+    supervisor_in_process,
     under_load,
 )
 
+from fusecsi.engines.embedded import NODE as EMBEDDED
+from fusecsi.mountd import mounts
 from fusecsi.mountd.client import RPCError
 
 # FUSECSI_ROLLS=10 for the long run
@@ -223,3 +229,57 @@ async def test_an_engine_that_cannot_hand_over_is_skipped(tmp_path):
             assert done["key"] == answer["key"] and done["result"] == "skipped", done
             assert "engine fake cannot hand over" in done["message"]
             assert entry.pid == pid and sup.key_states[answer["key"]].state == "running"
+
+
+class HandsOver:
+    """The embedded engine with a `hand_over` of its own, as an engine that hands over by
+    its own protocol has: it refuses once, then asks the daemon to leave (SIGTERM)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.refuse = True
+
+    def __getattr__(self, name):
+        return getattr(EMBEDDED, name)
+
+    async def hand_over(self, pid: int, connection_dir: str, grace: float) -> None:
+        self.calls.append((pid, connection_dir, grace))
+        if self.refuse:
+            self.refuse = False
+            raise OSError(errno.EBUSY, "a handover is under way")
+        os.kill(pid, signal.SIGTERM)
+
+
+async def test_an_engine_s_own_handover_is_used_and_a_refusal_keeps_the_daemon(tmp_path, cluster):
+    await make_dirs(cluster, "/own/v")
+    engine = HandsOver()
+    async with supervisor_in_process(tmp_path, takeover=True, engines=lambda _: engine) as sup:
+        target = os.path.join(sup.kubelet_dir, "pods/p/volumes/kubernetes.io~csi/v/mount")
+        os.makedirs(os.path.dirname(target))
+        key = (
+            await sup.publish(
+                volume_id="vol-own",
+                cluster=cluster.master_addrs,
+                fs_path="/own",
+                subpath="v",
+                target=target,
+                readonly=False,
+                secrets={"token": TOKEN},
+            )
+        )["key"]
+        entry = sup.table.entries[key]
+        pid = entry.pid
+        [refused] = await sup.roll(grace=30)
+        assert refused["result"] == "failed", refused
+        assert refused["message"] == (
+            "the daemon refused to hand over: a handover is under way; it keeps serving"
+        )
+        assert entry.pid == pid and sup.key_states[key].state == "running"
+        assert await trio.to_thread.run_sync(read_write, target, "a", "the old daemon")
+        [done] = await sup.roll(grace=30)
+        assert done["result"] == "rolled" and done["new_pid"] == entry.pid != pid, done
+        assert engine.calls == [(pid, os.path.join(sup.connections_dir, key), 30.0)] * 2
+        assert await trio.to_thread.run_sync(read_write, target, "b", "the new daemon")
+        assert entry.restarts == 0
+        await sup.unpublish("vol-own", target)  # closes mountd's duplicate of the connection
+        assert sup.table.entries == {} and mounts.mounts_under(str(tmp_path)) == []
