@@ -185,7 +185,9 @@ async def spawn(
         read_fd, write_fd = os.pipe()
         values["ready_fd"] = str(write_fd)
     argv = [fill(arg, values) for arg in argv]
-    env = daemon_env({k: fill(v, values) for k, v in launch.env.items()})
+    # a variable naming the connection directory is set only when there is one
+    wanted = {k: v for k, v in launch.env.items() if connection or "{connection}" not in v}
+    env = daemon_env({k: fill(v, values) for k, v in wanted.items()})
     passed = tuple(fd for fd in (write_fd, fuse_fd) if fd is not None)
     log_fd = _open_log(log_path)
     try:
