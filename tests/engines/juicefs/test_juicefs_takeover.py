@@ -49,7 +49,9 @@ def base():
 
 
 @contextlib.asynccontextmanager
-async def supervisor(base: Path, **options):
+async def supervisor(base: Path, kill_daemons: bool = True, **options):
+    """mountd's Supervisor in the test's trio loop; leaving it ends its daemons unless
+    `kill_daemons` is False (a mountd that died: a later one adopts them)."""
     (base / "kubelet").mkdir(parents=True, exist_ok=True)
     options = {"linger": 0, "health_interval": 0.2, "ready_timeout": 30, **options}
     sup = Supervisor(
@@ -63,7 +65,10 @@ async def supervisor(base: Path, **options):
     finally:
         if sup._lock_fd is not None:
             os.close(sup._lock_fd)
-        for entry in list(sup.table.entries.values()):
+        for state in sup.key_states.values():  # what a dead mountd's process held
+            if state.conn_fd is not None:
+                os.close(state.conn_fd)
+        for entry in list(sup.table.entries.values()) if kill_daemons else ():
             if entry.pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(entry.pid, signal.SIGKILL)
@@ -109,6 +114,23 @@ def juicefs_pids(base: Path) -> list[int]:
     return found
 
 
+async def off_thread(fn, *args, seconds: float = 60):
+    """A call that may hang on a mount nobody serves (the test then fails, not hangs)."""
+    with trio.fail_after(seconds):
+        return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+
+
+@pytest.fixture
+def processes():
+    """Processes the test starts on its mounts: killed at the end, whatever happened."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
 class Prober:
     def __init__(self, directory: str) -> None:
         self.proc = subprocess.Popen(
@@ -147,20 +169,21 @@ def served(sup, key_id: str) -> tuple[int, int]:
     return sup.key_states[key_id].conn_fd, sup.table.entries[key_id].pid
 
 
-async def test_a_sigkilled_juicefs_is_taken_over_without_a_rebind(redis_fs, base):
+async def test_a_sigkilled_juicefs_is_taken_over_without_a_rebind(redis_fs, base, processes):
     async with supervisor(base) as sup:
         target = await publish(sup, redis_fs, "v1")
         [key_id] = sup.table.entries
         mount_id = mounts.top_mount(target).mount_id
         conn_fd, pid = served(sup, key_id)
         assert conn_fd is not None  # the daemon passed its descriptor to mountd
-        prober = await trio.to_thread.run_sync(Prober, target)
-        before = await trio.to_thread.run_sync(prober.probe)
+        prober = await off_thread(Prober, target)
+        processes.append(prober.proc)
+        before = await off_thread(prober.probe)
         assert [before[k] for k in ("held", "cwd", "mmap", "appender")] == ["ok"] * 4
 
         os.kill(pid, signal.SIGKILL)
         await replaced(sup, key_id, pid)
-        rounds = [await trio.to_thread.run_sync(prober.probe) for _ in range(3)]
+        rounds = [await off_thread(prober.probe) for _ in range(3)]
         print("after SIGKILL:", rounds)
         # the same mount is served: no re-bind, the cwd and new opens go on
         assert mounts.top_mount(target).mount_id == mount_id
@@ -170,7 +193,7 @@ async def test_a_sigkilled_juicefs_is_taken_over_without_a_rebind(redis_fs, base
         for after in rounds:
             assert [after[k] for k in ("held", "cwd", "mmap")] == ["ok"] * 3, after
             assert after["appender"] == "EBADF", after
-        last = await trio.to_thread.run_sync(prober.quit)
+        last = await off_thread(prober.quit)
         print("closing:", last)
         # what was fsync'd before the kill is there, exactly
         assert last["log_exact"] and last["synced"] == 1, last
@@ -178,26 +201,26 @@ async def test_a_sigkilled_juicefs_is_taken_over_without_a_rebind(redis_fs, base
         await assert_stops_clean(sup, base, target)
 
 
-async def test_hand_over_passes_open_files_to_the_successor(redis_fs, base, tmp_path):
+async def test_hand_over_passes_open_files_to_the_successor(redis_fs, base, tmp_path, processes):
     async with supervisor(base) as sup:
         target = await publish(sup, redis_fs, "v1")
         [key_id] = sup.table.entries
         mount_id = mounts.top_mount(target).mount_id
         _, pid = served(sup, key_id)
-        prober = await trio.to_thread.run_sync(Prober, target)
+        prober = await off_thread(Prober, target)
+        processes.append(prober.proc)
         os.makedirs(os.path.join(target, "load"))
         report_path = tmp_path / "report.json"
-        load = await trio.to_thread.run_sync(
-            takeover_load.start, os.path.join(target, "load"), report_path
-        )
+        load = await off_thread(takeover_load.start, os.path.join(target, "load"), report_path)
+        processes.append(load)
         try:
             await trio.sleep(1)
             await NODE.hand_over(pid, sup._connection_dir(key_id), GRACE)
             await replaced(sup, key_id, pid)
-            after = await trio.to_thread.run_sync(prober.probe)
+            after = await off_thread(prober.probe)
             await trio.sleep(1)
         finally:
-            report = await trio.to_thread.run_sync(takeover_load.finish, load, report_path)
+            report = await off_thread(takeover_load.finish, load, report_path, seconds=150)
         print("after hand_over:", after, takeover_load.summary(report))
         assert {k: after[k] for k in ("held", "cwd", "mmap", "appender")} == dict.fromkeys(
             ("held", "cwd", "mmap", "appender"), "ok"
@@ -208,8 +231,31 @@ async def test_hand_over_passes_open_files_to_the_successor(redis_fs, base, tmp_
         assert len(mounts.stack_at(target)) == 1
         # the successor read its predecessor's handles (and set the file aside)
         assert "state.json.bak" in os.listdir(sup._connection_dir(key_id))
-        last = await trio.to_thread.run_sync(prober.quit)
+        last = await off_thread(prober.quit)
         assert last == {"close": "ok", "log_exact": True, "synced": last["synced"]}
+        await assert_stops_clean(sup, base, target)
+
+
+async def test_a_restarted_mountd_takes_over_the_juicefs_it_adopted(redis_fs, base, processes):
+    """The new mountd duplicates the adopted daemon's descriptor (pidfd_getfd)."""
+    async with supervisor(base, kill_daemons=False) as sup:
+        target = await publish(sup, redis_fs, "v1")
+        [key_id] = sup.table.entries
+    mount_id = mounts.top_mount(target).mount_id
+    prober = await off_thread(Prober, target)
+    processes.append(prober.proc)
+    async with supervisor(base) as sup:
+        conn_fd, pid = served(sup, key_id)
+        assert conn_fd is not None and sup.key_states[key_id].daemon.alive
+        assert fuse_fds(os.getpid()) == 1
+        os.kill(pid, signal.SIGKILL)
+        await replaced(sup, key_id, pid)
+        after = await off_thread(prober.probe)
+        print("after mountd restart and SIGKILL:", after)
+        assert mounts.top_mount(target).mount_id == mount_id
+        assert len(mounts.stack_at(target)) == 1
+        assert [after[k] for k in ("held", "cwd", "mmap")] == ["ok"] * 3, after
+        await off_thread(prober.quit)
         await assert_stops_clean(sup, base, target)
 
 
