@@ -169,7 +169,9 @@ def served(sup, key_id: str) -> tuple[int, int]:
     return sup.key_states[key_id].conn_fd, sup.table.entries[key_id].pid
 
 
-async def test_a_sigkilled_juicefs_is_taken_over_without_a_rebind(redis_fs, base, processes):
+async def test_a_sigkilled_juicefs_is_taken_over_without_a_rebind(
+    redis_fs, base, tmp_path, processes
+):
     async with supervisor(base) as sup:
         target = await publish(sup, redis_fs, "v1")
         [key_id] = sup.table.entries
@@ -181,10 +183,26 @@ async def test_a_sigkilled_juicefs_is_taken_over_without_a_rebind(redis_fs, base
         before = await off_thread(prober.probe)
         assert [before[k] for k in ("held", "cwd", "mmap", "appender")] == ["ok"] * 4
 
-        os.kill(pid, signal.SIGKILL)
-        await replaced(sup, key_id, pid)
-        rounds = [await off_thread(prober.probe) for _ in range(3)]
-        print("after SIGKILL:", rounds)
+        os.makedirs(os.path.join(target, "load"))
+        report_path = tmp_path / "report.json"
+        load = await off_thread(takeover_load.start, os.path.join(target, "load"), report_path)
+        processes.append(load)
+        try:
+            await trio.sleep(1)
+            os.kill(pid, signal.SIGKILL)
+            await replaced(sup, key_id, pid)
+            rounds = [await off_thread(prober.probe) for _ in range(3)]
+            await trio.sleep(1)
+        finally:
+            report = await off_thread(takeover_load.finish, load, report_path, seconds=150)
+        print("after SIGKILL:", rounds, takeover_load.summary(report))
+        print({name: worker["errors"][:3] for name, worker in report.items()})
+        # under load too: reads through held descriptors, mmaps and the cwd see nothing;
+        # a descriptor held for writing fails once with EBADF (the load then reopens it)
+        for name in ("held", "cwd", "mapped"):
+            assert report[name]["errors"] == [], name
+        for name in ("appender", "writer"):
+            assert all("Bad file descriptor" in e for e in report[name]["errors"]), name
         # the same mount is served: no re-bind, the cwd and new opens go on
         assert mounts.top_mount(target).mount_id == mount_id
         assert len(mounts.stack_at(target)) == 1
