@@ -95,6 +95,12 @@ async def publish(sup, backend, volume: str) -> str:
     return str(target)
 
 
+def session_of(mountpoint: str) -> int:
+    """The metadata session of the daemon serving `mountpoint` (its `.config`)."""
+    with open(os.path.join(mountpoint, ".config")) as f:
+        return json.load(f)["Meta"]["Sid"]
+
+
 def fuse_fds(pid: int) -> int:
     count = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -225,6 +231,7 @@ async def test_hand_over_passes_open_files_to_the_successor(redis_fs, base, tmp_
         [key_id] = sup.table.entries
         mount_id = mounts.top_mount(target).mount_id
         _, pid = served(sup, key_id)
+        session = await off_thread(session_of, sup.table.entries[key_id].mountpoint)
         prober = await off_thread(Prober, target)
         processes.append(prober.proc)
         os.makedirs(os.path.join(target, "load"))
@@ -233,7 +240,10 @@ async def test_hand_over_passes_open_files_to_the_successor(redis_fs, base, tmp_
         processes.append(load)
         try:
             await trio.sleep(1)
-            await NODE.hand_over(pid, sup._connection_dir(key_id), GRACE)
+            # as a roll does: the key is held, so no health check starts the successor
+            # before the handles are in place; then the next check starts it
+            async with sup.key_locks.hold(key_id):
+                await NODE.hand_over(pid, sup._connection_dir(key_id), GRACE)
             await replaced(sup, key_id, pid)
             after = await off_thread(prober.probe)
             await trio.sleep(1)
@@ -247,6 +257,8 @@ async def test_hand_over_passes_open_files_to_the_successor(redis_fs, base, tmp_
             assert worker["errors"] == [] and worker["lost"] == 0, (name, worker)
         assert mounts.top_mount(target).mount_id == mount_id
         assert len(mounts.stack_at(target)) == 1
+        # the successor continues the session (files unlinked while open, locks)
+        assert await off_thread(session_of, sup.table.entries[key_id].mountpoint) == session
         # the successor read its predecessor's handles (and set the file aside)
         assert "state.json.bak" in os.listdir(sup._connection_dir(key_id))
         last = await off_thread(prober.quit)
