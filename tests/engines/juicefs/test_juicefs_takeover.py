@@ -160,6 +160,17 @@ class Prober:
         return last
 
 
+async def held_open(target: str, tmp_path: Path, processes: list):
+    """A prober (held_probe.py) and a load (takeover_load.py) running in the volume."""
+    prober = await off_thread(Prober, target)
+    processes.append(prober.proc)
+    os.makedirs(os.path.join(target, "load"))
+    report_path = tmp_path / "report.json"
+    load = await off_thread(takeover_load.start, os.path.join(target, "load"), report_path)
+    processes.append(load)
+    return prober, load, report_path
+
+
 async def replaced(sup, key_id: str, old: int) -> None:
     async def done():
         state = sup.key_states.get(key_id)
@@ -184,15 +195,9 @@ async def test_a_sigkilled_juicefs_is_taken_over_without_a_rebind(
         mount_id = mounts.top_mount(target).mount_id
         conn_fd, pid = served(sup, key_id)
         assert conn_fd is not None  # the daemon passed its descriptor to mountd
-        prober = await off_thread(Prober, target)
-        processes.append(prober.proc)
+        prober, load, report_path = await held_open(target, tmp_path, processes)
         before = await off_thread(prober.probe)
         assert [before[k] for k in ("held", "cwd", "mmap", "appender")] == ["ok"] * 4
-
-        os.makedirs(os.path.join(target, "load"))
-        report_path = tmp_path / "report.json"
-        load = await off_thread(takeover_load.start, os.path.join(target, "load"), report_path)
-        processes.append(load)
         try:
             await trio.sleep(1)
             os.kill(pid, signal.SIGKILL)
@@ -232,12 +237,7 @@ async def test_hand_over_passes_open_files_to_the_successor(redis_fs, base, tmp_
         mount_id = mounts.top_mount(target).mount_id
         _, pid = served(sup, key_id)
         session = await off_thread(session_of, sup.table.entries[key_id].mountpoint)
-        prober = await off_thread(Prober, target)
-        processes.append(prober.proc)
-        os.makedirs(os.path.join(target, "load"))
-        report_path = tmp_path / "report.json"
-        load = await off_thread(takeover_load.start, os.path.join(target, "load"), report_path)
-        processes.append(load)
+        prober, load, report_path = await held_open(target, tmp_path, processes)
         try:
             await trio.sleep(1)
             # as a roll does: the key is held, so no health check starts the successor
