@@ -34,6 +34,8 @@ from fusecsi.mountd.supervisor import Supervisor
 
 PROBE = Path(__file__).with_name("held_probe.py")
 VOLUME = b"trusted.fusecsi.volume"
+EINTR = ("InterruptedError(4,",)
+WRITE_ERRORS = ("OSError(9, 'Bad file descriptor')", *EINTR)
 GRACE = 30.0  # JuiceFS gives up a busy handover after ~10 s
 
 
@@ -208,12 +210,15 @@ async def test_a_sigkilled_juicefs_is_taken_over_without_a_rebind(
             report = await off_thread(takeover_load.finish, load, report_path, seconds=150)
         print("after SIGKILL:", rounds, takeover_load.summary(report))
         print({name: worker["errors"][:3] for name, worker in report.items()})
-        # under load too: reads through held descriptors, mmaps and the cwd see nothing;
-        # a descriptor held for writing fails once with EBADF (the load then reopens it)
-        for name in ("held", "cwd", "mapped"):
+        # under load: reads through held descriptors and mmaps see nothing; a call in
+        # flight at the kill is answered EINTR ~3 s later (Python retries reads, writes
+        # and fsyncs, not a close or a listing); a descriptor held for writing answers
+        # EBADF at its next call (the load then reopens it)
+        for name in ("held", "mapped"):
             assert report[name]["errors"] == [], name
-        for name in ("appender", "writer"):
-            assert all("Bad file descriptor" in e for e in report[name]["errors"]), name
+        for name, allowed in (("cwd", EINTR), ("appender", WRITE_ERRORS), ("writer", WRITE_ERRORS)):
+            errors = report[name]["errors"]
+            assert all(e.startswith(allowed) for e in errors), (name, errors)
         # the same mount is served: no re-bind, the cwd and new opens go on
         assert mounts.top_mount(target).mount_id == mount_id
         assert len(mounts.stack_at(target)) == 1
