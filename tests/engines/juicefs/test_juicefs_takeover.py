@@ -294,6 +294,30 @@ async def test_a_restarted_mountd_takes_over_the_juicefs_it_adopted(redis_fs, ba
         await assert_stops_clean(sup, base, target)
 
 
+async def test_without_takeover_a_sigkilled_juicefs_is_rebound(redis_fs, base, processes):
+    """`mountd --no-takeover`: juicefs mounts alone, is told of no socket, and its death
+    costs what it did before fd passing: a fresh mount on top, ENOTCONN for held files."""
+    async with supervisor(base, takeover=False) as sup:
+        target = await publish(sup, redis_fs, "v1")
+        [key_id] = sup.table.entries
+        mount_id = mounts.top_mount(target).mount_id
+        conn_fd, pid = served(sup, key_id)
+        assert conn_fd is None and sup.key_states[key_id].fd_server is None
+        environ = await off_thread(Path(f"/proc/{pid}/environ").read_bytes)
+        assert b"_FUSE_FD_COMM" not in environ
+        prober = await off_thread(Prober, target)
+        processes.append(prober.proc)
+        os.kill(pid, signal.SIGKILL)
+        await replaced(sup, key_id, pid)
+        after = await off_thread(prober.probe)
+        print("without takeover, after SIGKILL:", after)
+        assert mounts.top_mount(target).mount_id != mount_id  # re-bound on top
+        assert [after[k] for k in ("held", "cwd", "appender")] == ["ENOTCONN"] * 3
+        assert after["mmap"] == "SIGBUS"
+        prober.proc.kill()
+        await assert_stops_clean(sup, base, target)
+
+
 async def test_hand_over_of_a_gone_process_is_an_error(base):
     with pytest.raises(OSError) as info:
         await NODE.hand_over(2**22 + 1, str(base), 1)
