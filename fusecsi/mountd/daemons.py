@@ -349,7 +349,9 @@ def cmdline_matches(pid: int, mountpoint: str) -> bool:
     if args is None:
         return False
     # some clients rewrite their command line as one string (juicefs, hiding a password)
-    args += [word for a in args if b" " in a for word in a.split(b" ")]
+    words = [a for a in args if a]
+    if len(words) == 1:
+        args = words[0].split(b" ")
     wanted = os.fsencode(mountpoint)
     return any(a == wanted or a.endswith(b"=" + wanted) for a in args)
 
