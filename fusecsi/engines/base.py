@@ -53,7 +53,9 @@ class Cluster:
 class Launch:
     """How to start one FUSE daemon. mountd runs `argv` in its own session with `env` added
     to a minimal environment, after writing each of `files` (name -> content) mode 0600
-    into the key's private directory, whose path replaces `{private}` in argv and env."""
+    into the key's private directory, whose path replaces `{private}` in argv and env.
+    `{connection}` is the key's connection directory; an env variable naming it is set only
+    while mountd keeps the key's connection (takeover or fd_passing)."""
 
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict, repr=False)
@@ -81,7 +83,10 @@ class Usage:
 class NodeEngine(Protocol):
     name: str
     fstype: str  # mountinfo fstype of a live mount of this engine, e.g. "fuse.juicefs"
-    takeover: bool  # whether mountd may hold the /dev/fuse connection for the daemon
+    # whether mountd may hold the /dev/fuse connection for the daemon, so that a dead
+    # daemon's successor serves the same mount (open files, cwds, mmaps go on) instead of a
+    # fresh mount bound on top of each target (their open files then answer ENOTCONN)
+    takeover: bool
     # every StorageClass parameter parse_cluster reads (required or optional); any other
     # parameter that is not fusecsi's own is a mount option (see engines/options.py)
     cluster_parameters: tuple[str, ...]
@@ -110,7 +115,15 @@ class NodeEngine(Protocol):
     # - normalize_options(options) -> str: the canonical `k=v,...` form of the options (two
     #   spellings of the same options share a daemon); default: sorted `k=v` pairs.
     # - kernel_mount(cluster, fs_path, options) -> (source, libfuse options): required when
-    #   `takeover` is True; mountd mounts the connection with them (fusecsi/fuse/takeover.py).
+    #   `takeover` is True and `fd_passing` is not; mountd mounts the connection with them
+    #   (fusecsi/fuse/takeover.py) and the daemon gets it as `{fuse_fd}` (takeover_argv).
+    # - fd_passing: bool, True when the engine's client mounts by itself but hands mountd
+    #   its descriptor and takes one it is offered (JuiceFS's `_FUSE_FD_COMM` protocol,
+    #   fusecsi/mountd/fdpass.py); with `takeover`, mountd keeps what it is handed.
+    # - async hand_over(pid, connection_dir, grace) -> None: make the running daemon `pid`
+    #   hand its mount over and exit without unmounting, leaving in `connection_dir` what
+    #   its successor needs; return once it exited, OSError when it refused (it keeps
+    #   serving). mountd then starts the successor on the kept connection (upgrades).
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,7 @@ ENV_KEPT += tuple(p + "_proxy" for p in ("http", "https", "no"))
 ENV_KEPT_PREFIXES = ("LC_", "FUSECSI_", "COVERAGE_")
 ENV_DROPPED = ("FUSECSI_TOKEN",)
 READY_POLL = 0.1  # seconds between looks at mountinfo while a daemon comes up
+HANDOVER_ENV = "handover.env"  # in the connection directory: see _handover_env
 
 
 def daemon_env(extra: dict[str, str]) -> dict[str, str]:
@@ -185,7 +186,11 @@ async def spawn(
         read_fd, write_fd = os.pipe()
         values["ready_fd"] = str(write_fd)
     argv = [fill(arg, values) for arg in argv]
-    env = daemon_env({k: fill(v, values) for k, v in launch.env.items()})
+    # a variable naming the connection directory is set only when there is one
+    wanted = {k: v for k, v in launch.env.items() if connection or "{connection}" not in v}
+    env = daemon_env({k: fill(v, values) for k, v in wanted.items()})
+    if connection:
+        env.update(_handover_env(connection))
     passed = tuple(fd for fd in (write_fd, fuse_fd) if fd is not None)
     log_fd = _open_log(log_path)
     try:
@@ -245,6 +250,22 @@ async def spawn(
         await daemon.stop(grace=2)
     log.warning("daemon failed", extra=fields(mountpoint=mountpoint, error=message))
     raise DaemonFailed(code, message)
+
+
+def _handover_env(connection: str) -> dict[str, str]:
+    """What a daemon that handed its mount over left for its successor's environment
+    (NodeEngine.hand_over): used once, by the next daemon started on the connection."""
+    path = os.path.join(connection, HANDOVER_ENV)
+    try:
+        with open(path, "rb") as f:
+            values = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    if not isinstance(values, dict):
+        return {}
+    return {str(k): str(v) for k, v in values.items()}
 
 
 async def _ready_line(read_fd: int) -> bool:
@@ -327,6 +348,10 @@ def cmdline_matches(pid: int, mountpoint: str) -> bool:
     args = process_args(pid)
     if args is None:
         return False
+    # some clients rewrite their command line as one string (juicefs, hiding a password)
+    words = [a for a in args if a]
+    if len(words) == 1:
+        args = words[0].split(b" ")
     wanted = os.fsencode(mountpoint)
     return any(a == wanted or a.endswith(b"=" + wanted) for a in args)
 

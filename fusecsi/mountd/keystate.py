@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
+from typing import Any
 
 from fusecsi.mountd.daemons import Daemon
 
@@ -42,3 +43,6 @@ class KeyState:
     # mountd's duplicate of the mount's /dev/fuse descriptor: while it is open a dead
     # daemon's mount waits for the next daemon instead of failing (takeover)
     conn_fd: int | None = None
+    # the listener through which the daemon passes that descriptor (fdpass.FdServer), for
+    # engines whose client does (NodeEngine.fd_passing)
+    fd_server: Any = None

@@ -15,7 +15,7 @@ import trio
 from fusecsi.engines.options import parse_options
 from fusecsi.fuse import takeover
 from fusecsi.logs import fields
-from fusecsi.mountd import mounts
+from fusecsi.mountd import fdpass, mounts
 from fusecsi.mountd.daemons import Daemon, DaemonFailed, spawn, take_fuse_fd
 from fusecsi.mountd.keystate import UNREACHABLE, KeyState, err
 from fusecsi.mountd.table import Entry
@@ -55,12 +55,18 @@ class Lifecycle:
         cluster = self.cluster_of(entry, secrets)
         state.state = "starting"
         fresh = state.conn_fd is None
+        passing = self._passes_fd(engine)
         if fresh:
             os.makedirs(entry.mountpoint, mode=0o755, exist_ok=True)
             if mounts.top_mount(entry.mountpoint) is not None:
                 await self._unmount(entry.mountpoint, lazy=True)
-            if self.takeover and engine.takeover:
+            if self.takeover and engine.takeover and not passing:
                 state.conn_fd = await self._blocking(self._mount_connection, entry, cluster)
+        server = await self._fd_server(entry) if passing else None
+        if server is not None:
+            if fresh:
+                server.reset()
+            server.expect()
         try:
             launch = engine.launch(
                 cluster, key.fs_path, parse_options(key.options), entry.mountpoint
@@ -74,8 +80,13 @@ class Lifecycle:
                 metrics_file=self._metrics_file(key.id) if self.daemon_metrics else None,
                 deadline=self.ready_timeout,
                 nursery=self._nursery,
-                fuse_fd=state.conn_fd,
-                connection=self._connection_dir(key.id) if state.conn_fd is not None else None,
+                # a client that takes descriptors itself gets it through the listener
+                fuse_fd=None if passing else state.conn_fd,
+                connection=(
+                    self._connection_dir(key.id)
+                    if state.conn_fd is not None or server is not None
+                    else None
+                ),
             )
         except (DaemonFailed, ValueError) as exc:
             message = exc.strerror if isinstance(exc, OSError) else str(exc)
@@ -99,9 +110,32 @@ class Lifecycle:
             state.state = "broken"
             state.message = f"daemon reported ready but {entry.mountpoint} is no {engine.fstype}"
             raise err(errno.EIO, state.message)
+        if server is not None and fresh and not await server.wait_sent():
+            log.warning(
+                "daemon passed no FUSE descriptor: its death will need a re-bind",
+                extra=fields(key_id=key.id, pid=daemon.pid),
+            )
         self._adopt(entry, daemon)
         await self._save_secrets(entry, secrets)
         await self.persist()
+
+    def _passes_fd(self, engine) -> bool:
+        """Whether the engine's client hands mountd its descriptor (fdpass.py) to keep."""
+        return self.takeover and getattr(engine, "fd_passing", False)
+
+    async def _fd_server(self, entry: Entry) -> fdpass.FdServer | None:
+        """The key's descriptor listener, started on first use; None if it cannot listen
+        (the daemon then mounts by itself and its death needs a re-bind)."""
+        state = self.key_state(entry.key.id)
+        if state.fd_server is None:
+            server = fdpass.FdServer(entry.key.id, self._connection_dir(entry.key.id), state)
+            try:
+                await self._nursery.start(server.run)
+            except OSError as exc:
+                log.error("cannot listen for descriptors", extra=fields(error=str(exc)))
+                return None
+            state.fd_server = server
+        return state.fd_server
 
     def _mount_connection(self, entry: Entry, cluster) -> int:
         key = entry.key
@@ -110,12 +144,28 @@ class Lifecycle:
         conn_dir = self._connection_dir(key.id)
         return takeover.mount(entry.mountpoint, source, engine.fstype, options, conn_dir)
 
+    async def _serve_fds(self, server: fdpass.FdServer) -> None:
+        try:
+            await server.run()
+        except OSError as exc:
+            log.error("cannot listen for descriptors", extra=fields(error=str(exc)))
+
     def _take_connection(self, entry: Entry) -> int | None:
-        """A duplicate of an adopted daemon's descriptor, if its INIT was recorded (a daemon
-        that mounted by itself, from an older mountd, cannot be taken over)."""
-        if os.path.exists(os.path.join(self._connection_dir(entry.key.id), takeover.INIT_FILE)):
-            return take_fuse_fd(entry.pid)
-        return None
+        """A duplicate of an adopted daemon's descriptor, if its INIT (or, for a client that
+        passes its descriptor, its setting) was recorded: a daemon that mounted by itself,
+        from an older mountd, cannot be taken over."""
+        conn_dir = self._connection_dir(entry.key.id)
+        if self._passes_fd(self.engine_of(entry)):
+            # its successor asks the listener for the descriptor; it starts soon, long
+            # before a successor could
+            state = self.key_state(entry.key.id)
+            if state.fd_server is None:
+                state.fd_server = fdpass.FdServer(entry.key.id, conn_dir, state)
+                self._nursery.start_soon(self._serve_fds, state.fd_server)
+            recorded = fdpass.read_setting(conn_dir) is not None
+        else:
+            recorded = os.path.exists(os.path.join(conn_dir, takeover.INIT_FILE))
+        return take_fuse_fd(entry.pid) if recorded else None
 
     def _drop_connection(self, state: KeyState) -> None:
         """Close our duplicate: the connection ends with the last daemon holding it."""
@@ -184,6 +234,8 @@ class Lifecycle:
             with contextlib.suppress(OSError):
                 await self._unmount(entry.mountpoint, lazy=True)
             self._drop_connection(state)
+            if state.fd_server is not None:
+                state.fd_server.close()
             shutil.rmtree(self._connection_dir(key_id), ignore_errors=True)
             shutil.rmtree(self._private_dir(key_id), ignore_errors=True)
             self.table.entries.pop(key_id, None)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import stat
+import threading
 from collections.abc import Mapping
 from functools import partial
 
@@ -58,6 +59,44 @@ def check_secrets(secrets) -> dict[str, str]:
         if len(value.encode(errors="surrogatepass")) > MAX_SECRET_BYTES:
             raise err(errno.EINVAL, f"secret {name!r} is longer than {MAX_SECRET_BYTES} bytes")
     return {k: v for k, v in secrets.items() if v}
+
+
+class OwnedBind:
+    """A bind for a thread its caller may stop waiting for (publish cancelled, deadline).
+
+    A thread cannot be stopped, so a bind can complete after the publish gave up on it and
+    would stay on the target, owned by nobody. Whichever side learns last that the bind
+    both completed and was abandoned undoes it: the thread right after binding, or the
+    caller when the bind had completed before it gave up. The undo removes only the mount
+    this bind made, and only while it is the top one (a later publish may have stacked on
+    it)."""
+
+    def __init__(self, bind, target: str) -> None:
+        self._bind, self._target = bind, target
+        self._lock = threading.Lock()
+        self._mount_id: int | None = None
+        self._abandoned = False
+
+    def __call__(self, *args) -> None:
+        self._bind(*args)
+        top = mounts.top_mount(self._target)
+        with self._lock:
+            self._mount_id = top.mount_id if top is not None else None
+            abandoned = self._abandoned
+        if abandoned:
+            with contextlib.suppress(OSError):
+                self.undo()
+
+    def abandon(self) -> bool:
+        """Stop waiting for it: True when it had bound already (the caller undoes it)."""
+        with self._lock:
+            self._abandoned = True
+            return self._mount_id is not None
+
+    def undo(self) -> None:
+        top = mounts.top_mount(self._target)
+        if top is not None and top.mount_id == self._mount_id:
+            mounts.umount(self._target, lazy=True)
 
 
 class Publishing:
@@ -297,10 +336,15 @@ class Publishing:
         reset = len(below) >= MAX_LAYERS
         if reset:
             log.warning("too many stacked mounts; resetting", extra=fields(target=ref.target))
-        bind = partial(mounts.bind_beneath, replace=reset)
+        bind = OwnedBind(partial(mounts.bind_beneath, replace=reset), ref.target)
         try:
             await self._blocking(bind, entry.mountpoint, ref.subpath, ref.target)
-        except OSError as exc:
+        except BaseException as exc:
+            if bind.abandon():  # it bound, but we no longer wait for it: undo it here
+                with trio.CancelScope(shield=True), contextlib.suppress(OSError):
+                    await self._blocking(bind.undo)
+            if not isinstance(exc, OSError):
+                raise
             if created:
                 with contextlib.suppress(OSError):
                     os.rmdir(ref.target)

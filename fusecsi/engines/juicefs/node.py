@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 
 from fusecsi.engines.base import Cluster, Launch, Usage
-from fusecsi.engines.juicefs import metaurl, options, probe
+from fusecsi.engines.juicefs import handover, metaurl, options, probe
 
 FSTYPE = "fuse.juicefs"
 
@@ -14,6 +14,15 @@ FSTYPE = "fuse.juicefs"
 # supervisor that restarts a crashed child: mountd is the supervisor, and the pid it
 # started must be the one whose death means the mount is dead.
 SERVE_DIRECTLY = {"JFS_SUPERVISOR": "fusecsi"}
+
+# The client passes its /dev/fuse descriptor through this socket (fusecsi/mountd/fdpass.py)
+# and, served one, takes over that mount as it is; a successor reads the handles its
+# predecessor dumped on SIGHUP (handover.py) from the state file. mountd sets them only
+# while it keeps the key's connection ({connection}).
+FD_PASSING = {
+    "_FUSE_FD_COMM": "{connection}/fd.sock",
+    "_FUSE_STATE_PATH": "{connection}/" + handover.STATE_FILE,
+}
 
 # always on: xattrs (applications and the controller's tags), no internal files in the
 # volume tree, no usage report home, logs on stderr for mountd
@@ -35,7 +44,10 @@ class JuiceFSNode:
     fstype = FSTYPE
     # the metadata URL comes from the secret only: parse_cluster refuses it as a parameter
     cluster_parameters = ("metaurl",)
-    takeover = False
+    # mountd keeps the mount's connection, and gets it from the client itself (fdpass.py):
+    # a SIGKILLed daemon's successor serves the same mount, nothing is re-bound
+    takeover = True
+    fd_passing = True
 
     def parse_cluster(self, parameters: Mapping[str, str], secrets: Mapping[str, str]) -> Cluster:
         return metaurl.parse_cluster(parameters, secrets)
@@ -48,7 +60,13 @@ class JuiceFSNode:
     ) -> Launch:
         meta = metaurl.meta_of(cluster)
         argv = mount_argv(meta, fs_path, mountpoint, "{private}/cache", options.arguments(options_))
-        return Launch(argv=argv, env={**meta.env, **SERVE_DIRECTLY}, ready="mountinfo")
+        env = {**meta.env, **SERVE_DIRECTLY, **FD_PASSING}
+        return Launch(argv=argv, env=env, ready="mountinfo")
+
+    async def hand_over(self, pid: int, connection_dir: str, grace: float) -> None:
+        """Make the running daemon `pid` hand its mount over and exit, leaving its handles
+        in `connection_dir` for its successor; OSError when it refused (it keeps serving)."""
+        await handover.hand_over(pid, connection_dir, grace)
 
     async def probe(self, cluster: Cluster) -> OSError | None:
         return await probe.probe(metaurl.meta_of(cluster))

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from support import launching
@@ -24,7 +25,10 @@ class Running:
     def __init__(self, launch: Launch, private: Path, mountpoint: Path) -> None:
         self.mountpoint = mountpoint
         self.log_path = private / "daemon.log"
-        self.proc = launching.start(launch, private, self.log_path)
+        # no mountd keeps the connection here: its variables are left out, as mountd does
+        # without one (daemons.spawn), and juicefs mounts by itself
+        env = {k: v for k, v in launch.env.items() if "{connection}" not in v}
+        self.proc = launching.start(replace(launch, env=env), private, self.log_path)
 
     def wait_ready(self, fstype: str, timeout: float = 30.0) -> float:
         """Seconds from now until ready; fails with the daemon's log if it exits first."""

@@ -37,7 +37,10 @@ def test_launch_serves_fs_path_and_survives_sigkill(redis_fs, tmp_path):
     mnt = tmp_path / "key-mount"
     mnt.mkdir()
     launch = NODE.launch(cluster, "/pvc", {"cache-size": "64", "writeback": "false"}, str(mnt))
-    assert launch.ready == "mountinfo" and NODE.takeover is False
+    assert launch.ready == "mountinfo" and NODE.takeover and NODE.fd_passing
+    # served a kept connection only through mountd's descriptor socket (fdpass.py)
+    assert launch.env["_FUSE_FD_COMM"] == "{connection}/fd.sock"
+    assert launch.env["_FUSE_STATE_PATH"] == "{connection}/state.json"
     assert not any(redis_fs.password in arg for arg in launch.argv)
     assert "--subdir=/pvc" in launch.argv and "--cache-size=64" in launch.argv
     assert "--writeback" not in launch.argv
