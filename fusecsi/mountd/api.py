@@ -33,6 +33,7 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "unpublish": (frozenset({"volume_id", "target"}), frozenset()),
     "stats": (frozenset({"target"}), frozenset()),
     "list": (frozenset(), frozenset()),
+    "roll": (frozenset(), frozenset({"key", "grace"})),
 }
 
 
@@ -93,6 +94,9 @@ def handlers(supervisor: Supervisor) -> dict:
         "unpublish": _handler("unpublish", supervisor.unpublish, shielded=True),
         "stats": _handler("stats", supervisor.stats),
         "list": _handler("list", supervisor.list),
+        # not shielded as a whole: a caller that hangs up stops the keys not yet begun; a
+        # handover under way always completes (rolling.py shields each)
+        "roll": _handler("roll", supervisor.roll),
     }
 
 

@@ -1,4 +1,4 @@
-"""Client of mountd's control API (used by the CSI node plugin and `fusecsi mountd status`).
+"""Client of mountd's control API (the CSI node plugin, `fusecsi mountd status` and `roll`).
 
 One short-lived connection per call: the socket is local and cheap, and a mountd that
 restarted between two calls is simply reached again. Errors are `RPCError` (an OSError
@@ -23,6 +23,8 @@ __all__ = ["MountdClient", "RPCError", "RPCUnavailable"]
 # A publish may have to start a FUSE daemon and wait for its mount (mountd's own deadline
 # is shorter), so it gets more time than the quick calls.
 PUBLISH_TIMEOUT = 90.0
+# a roll goes key by key, each up to the daemon's grace to leave plus a start
+ROLL_TIMEOUT = 3600.0
 CALL_TIMEOUT = 30.0
 
 
@@ -116,3 +118,13 @@ class MountdClient:
 
     async def list(self) -> list[dict]:
         return await self.call("list")
+
+    async def roll(self, key: str | None = None, grace: float | None = None) -> list[dict]:
+        """Hand each key's daemon (or `key`'s) over to a daemon of mountd's build: per key
+        {"key", "result": rolled | skipped | failed, "message", ...}; ENOENT unknown key."""
+        fields: dict[str, Any] = {}
+        if key is not None:
+            fields["key"] = key
+        if grace is not None:
+            fields["grace"] = grace
+        return await self.call("roll", limit=max(self.timeout, ROLL_TIMEOUT), **fields)

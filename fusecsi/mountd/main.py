@@ -1,4 +1,6 @@
-"""`fusecsi mountd`: the node's mount supervisor; `fusecsi mountd status` prints its table.
+"""`fusecsi mountd`: the node's mount supervisor; `fusecsi mountd status` prints its table;
+`fusecsi mountd roll` hands every daemon (or `--key`'s) over to a daemon of the running
+mountd's code (fusecsi/mountd/rolling.py).
 
 SIGTERM/SIGINT stop mountd but never its FUSE daemons: they keep serving the pods, and the
 next mountd adopts them from the table in the state dir.
@@ -6,8 +8,11 @@ next mountd adopts them from the table in the state dir.
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import signal
+import sys
 
 import trio
 
@@ -25,9 +30,10 @@ def configure(parser) -> None:
     parser.add_argument(
         "action",
         nargs="?",
-        choices=("run", "status"),
+        choices=("run", "status", "roll"),
         default="run",
-        help="run the supervisor (default) or print the table of a running one",
+        help="run the supervisor (default), print the table of a running one, or roll its "
+        "daemons to its code",
     )
     parser.add_argument("--state-dir", default="/var/lib/fusecsi", metavar="DIR")
     parser.add_argument("--socket", default="unix:///run/fusecsi/mountd.sock", metavar="ENDPOINT")
@@ -82,8 +88,23 @@ def configure(parser) -> None:
         help="let daemons mount by themselves: a dead daemon's mount is then replaced and "
         "re-bound, not taken over (off by itself on kernels before 6.9)",
     )
+    parser.add_argument(
+        "--roll-adopted",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="once serving, hand each adopted daemon started from another build over to a "
+        "daemon of this one, one key at a time (engines that can hand over)",
+    )
     parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--json", action="store_true", help="status: print JSON, not a table")
+    parser.add_argument("--json", action="store_true", help="status, roll: print JSON")
+    parser.add_argument("--key", default=None, metavar="KEY", help="roll: this key only")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="roll: how long each daemon may take to leave (default 60)",
+    )
 
 
 def run(args) -> int:
@@ -91,6 +112,8 @@ def run(args) -> int:
         from fusecsi.mountd.status import print_status
 
         return print_status(args.socket, as_json=args.json)
+    if args.action == "roll":
+        return roll(args.socket, key=args.key, grace=args.grace, as_json=args.json)
     from fusecsi.events import Events
     from fusecsi.fuse import takeover
     from fusecsi.k8s import KubeApi
@@ -112,6 +135,7 @@ def run(args) -> int:
             events=Events(KubeApi(args.kubeconfig), "fusecsi-mountd"),
             daemon_metrics=bool(args.metrics_address),  # files only when someone exports them
             takeover=not args.no_takeover and takeover.supported(),
+            roll_adopted=args.roll_adopted,
         )
         supervisor.lock_state_dir()
         trio.run(serve, args, supervisor, path)
@@ -138,6 +162,7 @@ async def serve(args, supervisor, path: str) -> None:
             listener = unix_socket.bind(path)
             try:
                 await nursery.start(server.serve, listener)
+                supervisor.serving.set()
                 log.info(
                     "serving",
                     extra=fields(
@@ -153,3 +178,22 @@ async def serve(args, supervisor, path: str) -> None:
                     break
             finally:
                 unix_socket.remove(path)
+
+
+def roll(endpoint: str, *, key: str | None, grace: float | None, as_json: bool) -> int:
+    """One line per key (or JSON); exit 1 when a key failed."""
+    from fusecsi.mountd.client import MountdClient, RPCError
+
+    try:
+        rows = trio.run(lambda: MountdClient(endpoint).roll(key, grace))
+    except RPCError as exc:
+        print(f"mountd at {endpoint}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(rows, indent=1))
+    for row in [] if as_json else rows:
+        line = f"{row['key']}  {row['result']}"
+        if row.get("old_pid"):
+            line += f"  {row['old_pid']} -> {row.get('new_pid') or '-'}"
+        print(line + (f": {row['message']}" if row["message"] else ""))
+    return 1 if any(row["result"] == "failed" for row in rows) else 0

@@ -34,7 +34,7 @@ class Queries:
             "healthy": True,
             "message": "",
         }
-        if state.state != "running":
+        if state.state not in ("running", "rolling"):  # a handover is a short stall
             answer.update(healthy=False, message=f"mount is {state.state}: {state.message}")
             return answer
         if target in state.broken_targets or not self._bound(entry, ref):
@@ -87,6 +87,7 @@ class Queries:
                     "state": state.state,
                     "message": state.message,
                     "restarts": entry.restarts,
+                    "build": entry.build,
                     "refs": [
                         {
                             "volume_id": r.volume_id,

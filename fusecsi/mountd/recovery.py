@@ -163,8 +163,9 @@ class Recovery:
                 return exc
         return err(errno.ETIMEDOUT, f"no answer within {self.probe_timeout:g}s")
 
-    async def _recover(self, entry: Entry, reason: str, secrets=None, cause: str = "") -> None:
-        """Replace the key's daemon and re-bind every target (caller holds the key lock).
+    async def _recover(self, entry: Entry, reason: str, secrets=None, cause: str = "") -> bool:
+        """Replace the key's daemon and re-bind every target (caller holds the key lock);
+        True when the new daemon took the kept connection over (nothing was re-bound).
 
         Targets stay on the dead mount (applications see ENOTCONN, an honest error) until a
         new daemon answers; only then is each one swapped for a fresh bind.
@@ -216,6 +217,7 @@ class Recovery:
         self._backoff(state, failed or crashed_fast)
         await self.persist()
         log.info("recovered", extra=fields(key_id=key_id, pid=entry.pid, restarts=entry.restarts))
+        return taken
 
     async def _rebind(self, entry: Entry, refs: list[Ref], cause: str, taken: bool = False) -> bool:
         """Bind the live daemon's mount on top of each target; True if one failed.

@@ -3,7 +3,8 @@
 The work is split by concern over a few modules, each a part of this one class:
 publishing.py (publish/unpublish, request checks, secrets), lifecycle.py (daemon start,
 adopt, linger, stop), recovery.py (health loop, diagnosis, recovery, re-binds, Events),
-reconcile.py (the persisted table and restart), queries.py (stats, list). Everything an
+reconcile.py (the persisted table and restart), queries.py (stats, list), rolling.py
+(daemons' builds, handing them over to new code). Everything an
 engine knows (its daemon, fstype, probe, usage) is behind fusecsi.engines.base.NodeEngine.
 """
 
@@ -28,10 +29,12 @@ from fusecsi.mountd.publishing import Publishing
 from fusecsi.mountd.queries import Queries
 from fusecsi.mountd.reconcile import Reconcile
 from fusecsi.mountd.recovery import Recovery
+from fusecsi.mountd.rolling import ROLL_GRACE, Rolling
 from fusecsi.mountd.table import Entry, Table
 
 
-class Supervisor(Publishing, Lifecycle, Recovery, Reconcile, Queries):
+# Rolling first: its _start_daemon records the build around Lifecycle's
+class Supervisor(Rolling, Publishing, Lifecycle, Recovery, Reconcile, Queries):
     def __init__(
         self,
         state_dir: str,
@@ -45,6 +48,8 @@ class Supervisor(Publishing, Lifecycle, Recovery, Reconcile, Queries):
         events: Events | None = None,
         daemon_metrics: bool = False,
         takeover: bool = True,
+        roll_adopted: bool = True,
+        roll_grace: float = ROLL_GRACE,
         engines: Callable[[str], NodeEngine] = engine_registry.node_engine,
     ) -> None:
         self.state_dir = os.path.realpath(state_dir)
@@ -63,6 +68,10 @@ class Supervisor(Publishing, Lifecycle, Recovery, Reconcile, Queries):
         # mount connections ourselves and keep them (fusecsi/fuse/takeover.py), for the
         # engines that allow it (NodeEngine.takeover)
         self.takeover = takeover
+        # hand adopted daemons of another build over to this one's, once serving
+        self.roll_adopted = roll_adopted
+        self.roll_grace = roll_grace
+        self.serving = trio.Event()  # set by whoever serves the API (main.serve)
         self.engines = engines
         self.events = events or Events(None, "fusecsi-mountd")
         self.publishes = Tally("fusecsi_mountd_publishes_total", "publishes that succeeded")
@@ -70,7 +79,7 @@ class Supervisor(Publishing, Lifecycle, Recovery, Reconcile, Queries):
         self.recoveries = Tally(
             "fusecsi_mountd_recoveries_total",
             "daemon replacements and re-binds, by cause (daemon_exited, mount_broken, "
-            "target_lost) and result (ok, failed)",
+            "target_lost, handover_failed) and result (ok, failed)",
             ["cause", "result"],
         )
         self.recovery_seconds = Distribution(
@@ -104,6 +113,9 @@ class Supervisor(Publishing, Lifecycle, Recovery, Reconcile, Queries):
             await nursery.start(self.events.run)
             await self.reconcile()
             nursery.start_soon(self._health_loop)
+            if self.roll_adopted:
+                adopted = [k for k, s in self.key_states.items() if s.daemon is not None]
+                nursery.start_soon(self.roll_adopted_daemons, adopted)
             task_status.started()
 
     def lock_state_dir(self) -> None:

@@ -89,6 +89,9 @@ class Entry:
     # digest of the secrets the daemon runs with (publishing.secrets_digest): a publish
     # with the same digest shares it at once, another one only once it is shown to work
     secrets_digest: str = ""
+    # the build (fusecsi/mountd/rolling.py) the daemon was started from; "" when unknown
+    # (a table from before builds were recorded): such a daemon counts as another build
+    build: str = ""
 
     def to_json(self) -> dict:
         return {
@@ -97,6 +100,7 @@ class Entry:
             "mountpoint": self.mountpoint,
             "pid": self.pid,
             "restarts": self.restarts,
+            "build": self.build,
             "refs": [
                 {
                     "volume_id": r.volume_id,
@@ -119,6 +123,7 @@ class Entry:
             mountpoint=data["mountpoint"],
             pid=data.get("pid"),
             restarts=data.get("restarts", 0),
+            build=data.get("build", ""),
             refs={r.target: r for r in refs},
         )
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import inspect
+import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -24,6 +26,7 @@ from fusecsi.engines.embedded import NODE as EMBEDDED
 from fusecsi.mountd import mounts
 from fusecsi.mountd.client import MountdClient
 from fusecsi.mountd.daemons import process_args
+from support import takeover_load
 from support.processes import FUSECSI, read_log, wait_for_path
 
 TOKEN = "mountd-test-token"
@@ -90,6 +93,11 @@ class Mountd:
         """The output of `fusecsi mountd status` against this mountd."""
         args = [*FUSECSI, "mountd", "status", "--socket", f"unix://{self.socket}", *flags]
         return subprocess.run(args, check=True, capture_output=True, text=True, timeout=30).stdout
+
+    def roll(self, *flags: str) -> subprocess.CompletedProcess:
+        """`fusecsi mountd roll` against this mountd (its exit code is the caller's to check)."""
+        args = [*FUSECSI, "mountd", "roll", "--socket", f"unix://{self.socket}", *flags]
+        return subprocess.run(args, check=False, capture_output=True, text=True, timeout=300)
 
     def log(self) -> str:
         return read_log(self.proc)
@@ -217,6 +225,14 @@ async def eventually(check, *, deadline: float, what: str):
     raise AssertionError(f"{what} not within {deadline}s (last error: {last})")
 
 
+async def publish_volume(mountd: Mountd, cluster: LocalCluster, name: str) -> str:
+    """Volume `vol-<name>` (the cluster's /<name>/v) published at a pod's target: the target."""
+    await make_dirs(cluster, f"/{name}/v")
+    target = mountd.target("pod-1", "v")
+    await mountd.publish(f"vol-{name}", f"/{name}", "v", target)
+    return target
+
+
 def read_write(target: str, name: str, data: str) -> bool:
     """Write a file through `target` and read it back."""
     path = os.path.join(target, name)
@@ -242,3 +258,80 @@ def exists(path: str) -> bool:
 def read_bytes(path) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def open_fds(pid: int) -> tuple[list[str], int]:
+    """What a process holds open: its non-socket descriptors' targets (/dev/fuse, pidfds,
+    files), and how many sockets (a control connection may close a moment after the call
+    that used it returned, so sockets are compared as at most, the rest exactly)."""
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    sockets = sum(t.startswith("socket:") for t in targets)
+    # pipe:[inode] and the like: the kind, not the instance (a replaced daemon's pipe is new)
+    kinds = (re.sub(r"\[\d+\]$", "", t) for t in targets if not t.startswith("socket:"))
+    return sorted(kinds), sockets
+
+
+def zombies(parent: int) -> list[int]:
+    """Children of `parent` it has not reaped."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == b"Z" and int(fields[1]) == parent:
+            found.append(int(name))
+    return found
+
+
+def mount_ids(target: str) -> list[int]:
+    """The mounts stacked at `target`, bottom first: the same ids, nothing re-bound."""
+    return [m.mount_id for m in mounts.stack_at(target)]
+
+
+def stall_summary(report: dict) -> dict:
+    """A takeover_load report's stalls of every worker together (seconds): how many,
+    median, 99th percentile, longest."""
+    stalls = sorted(s for w in report.values() for s in w["stalls"]) or [0.0]
+    p50, p99 = (stalls[min(len(stalls) - 1, int(q * len(stalls)))] for q in (0.5, 0.99))
+    count = sum(len(w["stalls"]) for w in report.values())
+    return {
+        "stalls": count,
+        "median": round(p50, 3),
+        "p99": round(p99, 3),
+        "max": round(stalls[-1], 3),
+    }
+
+
+@contextlib.asynccontextmanager
+async def under_load(target: str, report_path: Path):
+    """support/takeover_load.py living in `target` for the block; its report (per worker)
+    fills the dict yielded once the load stopped."""
+    report: dict = {}
+    load = await trio.to_thread.run_sync(takeover_load.start, target, report_path)
+    try:
+        yield report
+    finally:
+        report.update(await trio.to_thread.run_sync(takeover_load.finish, load, report_path))
+
+
+def check_load(report: dict) -> None:
+    """Print the stalls; no worker saw an error or lost an acknowledged write (the appender
+    and the writer read back every record they wrote)."""
+    print(takeover_load.summary(report))
+    print(json.dumps(stall_summary(report)))
+    for name, worker in report.items():
+        assert worker["errors"] == [] and worker["lost"] == 0, (name, worker["errors"])
+
+
+def check_nothing_leaked(mountd: Mountd, descriptors: tuple[list[str], int]) -> None:
+    """mountd holds what it held before (`open_fds` then) and has no unreaped child."""
+    held, sockets = open_fds(mountd.proc.pid)
+    assert held == descriptors[0] and sockets <= descriptors[1]
+    assert zombies(mountd.proc.pid) == []
