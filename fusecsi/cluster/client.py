@@ -656,8 +656,9 @@ class ClusterClient:
             self._unsynced.setdefault(ino, set()).update(blocks)
             raise
 
-    async def read(self, ino: int, offset: int, size: int) -> bytes:
-        """Bytes of the file at `offset`: short at the end, holes as zeros.
+    async def read(self, ino: int, offset: int, size: int) -> bytes | memoryview:
+        """Bytes of the file at `offset`: short at the end, holes as zeros. A large piece
+        read on this host comes as a memoryview (of memory nothing else uses).
 
         The block map comes from a cache refreshed after READ_MAP_TTL seconds, by
         `forget_layout`, when the read reaches past the length the master last reported, or
@@ -722,7 +723,7 @@ class ClusterClient:
 
     async def _read_mapped(
         self, ino: int, rmap: _ReadMap, offset: int, size: int, bs: int, cached: bool
-    ) -> bytes:
+    ) -> bytes | memoryview:
         length = max(rmap.committed, self._pending.get(ino, 0))
         end = min(offset + size, length)
         if offset >= end:
@@ -735,7 +736,7 @@ class ClusterClient:
             ranges.append((blocks.get(index), lo - index * bs, hi - lo, cached))
         if len(ranges) == 1:
             return await self._read_block(*ranges[0])
-        out: list[bytes] = [b""] * len(ranges)
+        out: list[bytes | memoryview] = [b""] * len(ranges)
         stale = False
 
         async def fetch(i: int) -> None:
@@ -752,7 +753,7 @@ class ClusterClient:
 
     async def _read_block(
         self, block: tuple | None, offset: int, size: int, cached: bool = False
-    ) -> bytes:
+    ) -> bytes | memoryview:
         """`size` bytes of a block from the first replica that answers (the one on this host
         first); holes are zeros. _Stale when the map was `cached` and no replica has it; EIO
         when the block holds data (the master says) and no replica has it: it was lost."""
@@ -784,7 +785,7 @@ class ClusterClient:
                     last = exc
                 continue
             if len(data) < size:
-                data += bytes(size - len(data))
+                data = b"".join((data, bytes(size - len(data))))
             return data
         if last is None:
             if cached:

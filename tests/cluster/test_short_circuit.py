@@ -14,6 +14,7 @@ import trio
 from fusecsi.cluster import shortcircuit
 from fusecsi.cluster.client import ROOT_INO, ClusterClient, ClusterError
 from fusecsi.cluster.local import LocalCluster
+from fusecsi.cluster.readmemory import ReadMemory
 from fusecsi.cluster.worker.store import CHUNK
 from fusecsi.rpc.blocking import call_sync
 
@@ -325,3 +326,35 @@ def test_block_checksums_stay_zlibs_crc32(tmp_path):
         assert list(crcs) == [zlib.crc32(chunk) for chunk in chunks]
         assert store.read_at(f.fileno(), c.fileno(), 100, 200_000) == data[100:200_100]
     assert store.crc32(data, 7) == zlib.crc32(data, 7)
+
+
+def test_read_memory_is_lent_again_only_when_no_view_is_left():
+    """Large reads go straight into memory kept for them and on to FUSE as views: a buffer
+    is lent again only once nothing refers to it, or bytes a reader holds would change."""
+    memory = ReadMemory(buffer=1 << 20, keep=2)
+    first = memory.take(1 << 20)
+    first[:4] = b"keep"
+    held = first[:4]  # a slice, as handed on to FUSE
+    del first
+    second = memory.take(4096)
+    second[:4] = b"over"
+    assert bytes(held) == b"keep"  # still in use: another buffer was lent
+    assert held.obj is not second.obj
+    third = memory.take(4096)  # both kept ones in use: fresh memory, not kept
+    assert third.obj is not held.obj and third.obj is not second.obj
+    kept = held.obj
+    del held
+    again = memory.take(8192)
+    assert again.obj is kept  # nothing refers to it any more: lent again
+    assert memory.take(2 << 20).nbytes == 2 << 20  # larger than a buffer: memory of its own
+
+
+def test_read_memory_not_lent_for_a_while_is_unmapped():
+    memory = ReadMemory(buffer=1 << 20, keep=2)
+    held = memory.take(4096)
+    memory.take(4096)  # dropped at once: the second kept buffer is free
+    memory.trim(3600)  # taken just now: kept
+    assert len(memory._kept) == 2
+    memory.trim(0)
+    assert memory._kept == [held.obj]  # the one still referred to stays
+    assert bytes(held[:1]) == b"\0"
