@@ -278,6 +278,8 @@ class ShortCircuit:
         self._finding: dict[str, trio.Lock] = {}
         self.limiter = trio.CapacityLimiter(4)
         self.memory = ReadMemory()  # for large reads, handed on to FUSE without a copy
+        # where `read_now` reads: the most checksum chunks a piece of INLINE_MAX bytes touches
+        self._scratch = memoryview(bytearray(store.read_span(store.CHUNK - 1, INLINE_MAX)))
         self.active = 0  # short-circuit operations under way
 
     def is_local(self, address: str) -> bool:
@@ -417,6 +419,23 @@ class ShortCircuit:
             return data, os.fstat(entry.fd).st_nlink == 0
 
         return await self._run(worker, block_id, False, size, read)
+
+    def read_now(self, worker: LocalWorker, block_id: int, offset: int, size: int) -> bytes | None:
+        """A small read answered on the spot (no await, so no other task can use the block's
+        descriptors meanwhile): verified bytes, or None when that would mean waiting (no
+        descriptors yet, a task of ours or a writer holds the block, a disk read while other
+        short-circuit I/O is under way) or failed. The caller then takes `read`, which waits
+        and reports errors; a bad checksum is never returned."""
+        entry = self.files.get(block_id, worker, False)
+        if entry is None or entry.lock.locked() or size > INLINE_MAX:
+            return None
+        try:  # from the disk only when nothing else is under way (see `_run`)
+            data, gone = self.store.read_now(
+                entry.fd, entry.crc_fd, offset, size, self._scratch, self.active == 0
+            )
+        except OSError:
+            return None
+        return None if gone else data
 
     async def write(self, worker: LocalWorker, block_id: int, offset: int, data) -> None:
         if offset + len(data) > worker.block_size:

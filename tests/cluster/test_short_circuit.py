@@ -4,6 +4,7 @@ over its unix socket (real worker processes, real unix sockets, real descriptor 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import stat
@@ -358,3 +359,45 @@ def test_read_memory_not_lent_for_a_while_is_unmapped():
     memory.trim(0)
     assert memory._kept == [held.obj]  # the one still referred to stays
     assert bytes(held[:1]) == b"\0"
+
+
+async def test_small_reads_answered_at_once_are_verified_and_give_way(cluster, top):
+    """A small read of a block whose descriptors the client holds is answered without an
+    await (`read_now`, the FUSE daemon's path for small random reads). Whatever would
+    wait or fails is left to `read` (None): a bad chunk is EIO there, never bytes."""
+    async with ClusterClient(cluster.master_addrs, timeout=20) as client:
+        f = await client.create(top.ino, b"now", 0o644, 0, 0)
+        data = os.urandom(3 * CHUNK + 100)
+        await client.write(f.ino, 0, data)
+        await client.commit(f.ino, len(data), durable=True)
+        assert client.read_now(f.ino, 0, 4096) is None  # no block map or descriptors yet
+        assert await client.read(f.ino, 0, 4096) == data[:4096]
+        assert client.read_now(f.ino, 100, 4096) == data[100:4196]
+        assert client.read_now(f.ino, CHUNK - 10, 4096) == data[CHUNK - 10 : CHUNK + 4086]
+        assert client.read_now(f.ino, 3 * CHUNK, 100) == data[3 * CHUNK :]  # the short chunk
+        assert client.read_now(f.ino, 3 * CHUNK, 4096) is None  # past the known length
+        (block_id,) = _held(client)
+        (entry,) = client._sc.files.entries.values()
+        async with entry.lock:  # a task of this client is using the block
+            assert client.read_now(f.ino, 0, 4096) is None
+        (path,) = [p[block_id] for i in range(2) if block_id in (p := _block_paths(cluster, i))]
+        crc = os.open(path.with_name(path.name + ".crc"), os.O_RDONLY)
+        try:
+            fcntl.flock(crc, fcntl.LOCK_EX)  # a writer elsewhere holds the block
+            assert client.read_now(f.ino, 0, 4096) is None
+        finally:
+            os.close(crc)
+        assert client.read_now(f.ino, 0, 4096) == data[:4096]
+        fd = os.open(path, os.O_WRONLY)  # in place: the client's descriptor sees it
+        try:
+            os.pwrite(fd, bytes([data[2 * CHUNK + 5] ^ 0x40]), 2 * CHUNK + 5)
+        finally:
+            os.close(fd)
+        assert client.read_now(f.ino, 2 * CHUNK, 4096) is None
+        assert client.read_now(f.ino, 2 * CHUNK - 100, 200) is None  # touches the bad chunk
+        with pytest.raises(ClusterError) as info:
+            await client.read(f.ino, 2 * CHUNK, 4096)
+        assert info.value.errno == errno.EIO
+        assert client.read_now(f.ino, CHUNK, 4096) == data[CHUNK : CHUNK + 4096]
+        os.unlink(path)  # the block is gone (as when the master frees it): never read from
+        assert client.read_now(f.ino, 0, 4096) is None

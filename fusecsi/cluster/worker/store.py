@@ -158,6 +158,43 @@ def read_at(
     return data[offset - start : end - start]
 
 
+def read_now(
+    fd: int, crc_fd: int, offset: int, size: int, scratch: memoryview, disk: bool
+) -> tuple[bytes, bool]:
+    """`read_at` for a small piece on the caller's thread, never waiting: up to `size` bytes
+    from `offset` (short at the block's end), copied out of `scratch` (at least
+    `read_span(offset, size)` bytes, used again by the next call) once the checksum of every
+    chunk they touch matched (EIO otherwise), and whether the block was deleted meanwhile
+    (st_nlink 0). BlockingIOError when a writer holds the block or, unless `disk`, the bytes
+    are not all in the page cache. One fstat gives the length and the link count, after
+    the read and under the lock (what `read_at` and a later fstat give separately)."""
+    _lock(crc_fd, False, False)
+    try:
+        first = offset // CHUNK
+        start = first * CHUNK
+        span = read_span(offset, size)
+        got = os.preadv(fd, [scratch[:span]], start, 0 if disk else os.RWF_NOWAIT)
+        st = os.fstat(fd)
+        end = min(offset + size, st.st_size)
+        if offset >= end:
+            return b"", st.st_nlink == 0
+        stop = min(start + span, st.st_size)
+        if got < stop - start:
+            raise BlockingIOError(errno.EAGAIN, "partly in the page cache")
+        count = (stop - 1) // CHUNK + 1 - first
+        crcs = array.array("I")
+        crcs.frombytes(_pread(crc_fd, count * CRC_SIZE, first * CRC_SIZE, not disk))
+    finally:
+        _unlock(crc_fd)
+    if len(crcs) < count:
+        raise OSError(errno.EIO, f"block: {count - len(crcs)} checksums missing")
+    for k in range(count):
+        lo = start + k * CHUNK
+        if crc32(scratch[lo - start : min(lo + CHUNK, stop) - start]) != crcs[k]:
+            raise OSError(errno.EIO, f"block: checksum mismatch in chunk {first + k}")
+    return bytes(scratch[offset - start : end - start]), st.st_nlink == 0
+
+
 def read_span(offset: int, size: int) -> int:
     """The most bytes `read_at` reads from the disk for `size` bytes at `offset`: whole
     checksum chunks."""
