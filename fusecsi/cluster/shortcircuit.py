@@ -177,6 +177,12 @@ class LocalWorker:
             except (EOFError, OSError) as exc:
                 self.broken = True
                 raise RPCError(errno.ECONNRESET, f"local worker: {exc}") from None
+            except BaseException:
+                # cancelled between request and reply: that reply would answer the next
+                # request (another block's descriptors, checksums and all), so this
+                # connection is done; the next user connects afresh
+                self.close()
+                raise
             if error is not None:
                 for fd in fds:
                     os.close(fd)

@@ -401,3 +401,31 @@ async def test_small_reads_answered_at_once_are_verified_and_give_way(cluster, t
         assert client.read_now(f.ino, CHUNK, 4096) == data[CHUNK : CHUNK + 4096]
         os.unlink(path)  # the block is gone (as when the master frees it): never read from
         assert client.read_now(f.ino, 0, 4096) is None
+
+
+async def test_an_open_cancelled_before_its_reply_does_not_answer_the_next(guarded):
+    """One request at a time goes over a worker's local socket. An open cancelled after its
+    request went out (a sibling read failed, a deadline passed) leaves a reply behind that
+    must never be taken for the next open's: that one would get another block's
+    descriptors, and its checksums too, so wrong bytes would pass as verified."""
+    async with ClusterClient(guarded.master_addrs, token=TOKEN, timeout=5) as client:
+        f = await client.create(ROOT_INO, b"cancelled-open", 0o644, 0, 0)
+        data = os.urandom(2 * BLOCK)
+        await client.write(f.ino, 0, data)
+        await client.commit(f.ino, len(data))
+        assert await client.read(f.ino, 0, 4096) == data[:4096]
+        first, addrs = client._read_maps[f.ino].blocks[0][:2]  # one worker holds both blocks
+        sc = client._sc
+        worker = sc.local[addrs[0]]
+        sc.files.close()  # every block is opened afresh
+
+        async def reply_not_awaited():
+            await trio.sleep_forever()
+
+        worker.channel.receive = reply_not_awaited  # the request goes out, then a cancel
+        with trio.move_on_after(0.1) as scope:
+            await sc._entry(worker, first, False)
+        assert scope.cancelled_caught
+        del worker.channel.receive
+        assert await client.read(f.ino, BLOCK, 4096) == data[BLOCK : BLOCK + 4096]
+        assert await client.read(f.ino, 0, 4096) == data[:4096]
