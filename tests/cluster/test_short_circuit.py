@@ -4,6 +4,7 @@ over its unix socket (real worker processes, real unix sockets, real descriptor 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import stat
@@ -14,6 +15,7 @@ import trio
 from fusecsi.cluster import shortcircuit
 from fusecsi.cluster.client import ROOT_INO, ClusterClient, ClusterError
 from fusecsi.cluster.local import LocalCluster
+from fusecsi.cluster.readmemory import ReadMemory
 from fusecsi.cluster.worker.store import CHUNK
 from fusecsi.rpc.blocking import call_sync
 
@@ -325,3 +327,105 @@ def test_block_checksums_stay_zlibs_crc32(tmp_path):
         assert list(crcs) == [zlib.crc32(chunk) for chunk in chunks]
         assert store.read_at(f.fileno(), c.fileno(), 100, 200_000) == data[100:200_100]
     assert store.crc32(data, 7) == zlib.crc32(data, 7)
+
+
+def test_read_memory_is_lent_again_only_when_no_view_is_left():
+    """Large reads go straight into memory kept for them and on to FUSE as views: a buffer
+    is lent again only once nothing refers to it, or bytes a reader holds would change."""
+    memory = ReadMemory(buffer=1 << 20, keep=2)
+    first = memory.take(1 << 20)
+    first[:4] = b"keep"
+    held = first[:4]  # a slice, as handed on to FUSE
+    del first
+    second = memory.take(4096)
+    second[:4] = b"over"
+    assert bytes(held) == b"keep"  # still in use: another buffer was lent
+    assert held.obj is not second.obj
+    third = memory.take(4096)  # both kept ones in use: fresh memory, not kept
+    assert third.obj is not held.obj and third.obj is not second.obj
+    kept = held.obj
+    del held
+    again = memory.take(8192)
+    assert again.obj is kept  # nothing refers to it any more: lent again
+    assert memory.take(2 << 20).nbytes == 2 << 20  # larger than a buffer: memory of its own
+
+
+def test_read_memory_not_lent_for_a_while_is_unmapped():
+    memory = ReadMemory(buffer=1 << 20, keep=2)
+    held = memory.take(4096)
+    memory.take(4096)  # dropped at once: the second kept buffer is free
+    memory.trim(3600)  # taken just now: kept
+    assert len(memory._kept) == 2
+    memory.trim(0)
+    assert memory._kept == [held.obj]  # the one still referred to stays
+    assert bytes(held[:1]) == b"\0"
+
+
+async def test_small_reads_answered_at_once_are_verified_and_give_way(cluster, top):
+    """A small read of a block whose descriptors the client holds is answered without an
+    await (`read_now`, the FUSE daemon's path for small random reads). Whatever would
+    wait or fails is left to `read` (None): a bad chunk is EIO there, never bytes."""
+    async with ClusterClient(cluster.master_addrs, timeout=20) as client:
+        f = await client.create(top.ino, b"now", 0o644, 0, 0)
+        data = os.urandom(3 * CHUNK + 100)
+        await client.write(f.ino, 0, data)
+        await client.commit(f.ino, len(data), durable=True)
+        assert client.read_now(f.ino, 0, 4096) is None  # no block map or descriptors yet
+        assert await client.read(f.ino, 0, 4096) == data[:4096]
+        assert client.read_now(f.ino, 100, 4096) == data[100:4196]
+        assert client.read_now(f.ino, CHUNK - 10, 4096) == data[CHUNK - 10 : CHUNK + 4086]
+        assert client.read_now(f.ino, 3 * CHUNK, 100) == data[3 * CHUNK :]  # the short chunk
+        assert client.read_now(f.ino, 3 * CHUNK, 4096) is None  # past the known length
+        (block_id,) = _held(client)
+        (entry,) = client._sc.files.entries.values()
+        async with entry.lock:  # a task of this client is using the block
+            assert client.read_now(f.ino, 0, 4096) is None
+        (path,) = [p[block_id] for i in range(2) if block_id in (p := _block_paths(cluster, i))]
+        crc = os.open(path.with_name(path.name + ".crc"), os.O_RDONLY)
+        try:
+            fcntl.flock(crc, fcntl.LOCK_EX)  # a writer elsewhere holds the block
+            assert client.read_now(f.ino, 0, 4096) is None
+        finally:
+            os.close(crc)
+        assert client.read_now(f.ino, 0, 4096) == data[:4096]
+        fd = os.open(path, os.O_WRONLY)  # in place: the client's descriptor sees it
+        try:
+            os.pwrite(fd, bytes([data[2 * CHUNK + 5] ^ 0x40]), 2 * CHUNK + 5)
+        finally:
+            os.close(fd)
+        assert client.read_now(f.ino, 2 * CHUNK, 4096) is None
+        assert client.read_now(f.ino, 2 * CHUNK - 100, 200) is None  # touches the bad chunk
+        with pytest.raises(ClusterError) as info:
+            await client.read(f.ino, 2 * CHUNK, 4096)
+        assert info.value.errno == errno.EIO
+        assert client.read_now(f.ino, CHUNK, 4096) == data[CHUNK : CHUNK + 4096]
+        os.unlink(path)  # the block is gone (as when the master frees it): never read from
+        assert client.read_now(f.ino, 0, 4096) is None
+
+
+async def test_an_open_cancelled_before_its_reply_does_not_answer_the_next(guarded):
+    """One request at a time goes over a worker's local socket. An open cancelled after its
+    request went out (a sibling read failed, a deadline passed) leaves a reply behind that
+    must never be taken for the next open's: that one would get another block's
+    descriptors, and its checksums too, so wrong bytes would pass as verified."""
+    async with ClusterClient(guarded.master_addrs, token=TOKEN, timeout=5) as client:
+        f = await client.create(ROOT_INO, b"cancelled-open", 0o644, 0, 0)
+        data = os.urandom(2 * BLOCK)
+        await client.write(f.ino, 0, data)
+        await client.commit(f.ino, len(data))
+        assert await client.read(f.ino, 0, 4096) == data[:4096]
+        first, addrs = client._read_maps[f.ino].blocks[0][:2]  # one worker holds both blocks
+        sc = client._sc
+        worker = sc.local[addrs[0]]
+        sc.files.close()  # every block is opened afresh
+
+        async def reply_not_awaited():
+            await trio.sleep_forever()
+
+        worker.channel.receive = reply_not_awaited  # the request goes out, then a cancel
+        with trio.move_on_after(0.1) as scope:
+            await sc._entry(worker, first, False)
+        assert scope.cancelled_caught
+        del worker.channel.receive
+        assert await client.read(f.ino, BLOCK, 4096) == data[BLOCK : BLOCK + 4096]
+        assert await client.read(f.ino, 0, 4096) == data[:4096]

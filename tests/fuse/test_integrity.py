@@ -3,9 +3,12 @@ close-to-open consistency between two mounts (two daemons, as on two nodes)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
+
+import pytest
 
 MiB = 1 << 20
 ROUND_TRIP_MIB = 256  # the benchmark moves 1 GiB; CI time keeps this at 256 MiB
@@ -116,3 +119,73 @@ def test_hole_filled_on_one_mount_reads_filled_on_another(make_mount, fs_path):
         f.write(b"filled")
     with open(b / "sparse", "rb") as f:
         assert os.pread(f.fileno(), 6, block) == b"filled"
+
+
+def test_sequential_read_over_a_corrupt_chunk_fails_never_wrong_bytes(make_mount, fs_path, cluster):
+    """Read-ahead windows are read straight from the block file into memory handed on to
+    FUSE: a window holding a chunk whose checksum does not match must fail the read that
+    reaches it with EIO, and every byte returned before must be the file's."""
+    a = make_mount(fs_path, name="a")
+    data = os.urandom(12 * MiB)  # within one (16 MiB) block: three 4 MiB windows
+    (a / "bad").write_bytes(data)
+    blocks = cluster.base / "worker0" / "blocks"
+    (path,) = [
+        p
+        for p in blocks.rglob("*")
+        if p.is_file() and p.name.isdigit() and p.read_bytes()[:4096] == data[:4096]
+    ]
+    bad = 6 * MiB + 12345  # in the second window
+    fd = os.open(path, os.O_WRONLY)  # in place, as a failing disk would
+    try:
+        os.pwrite(fd, bytes([data[bad] ^ 0x10]), bad)
+    finally:
+        os.close(fd)
+    b = make_mount(fs_path, name="b")  # a page cache of its own: every byte read anew
+    got = bytearray()
+    with open(b / "bad", "rb", buffering=0) as f, pytest.raises(OSError) as info:
+        while chunk := f.read(MiB):
+            got += chunk
+    assert info.value.errno == errno.EIO
+    assert len(got) <= bad
+    assert got == data[: len(got)]
+    # a window that verifies is still served, before the bad one and after it
+    with open(b / "bad", "rb") as f:
+        assert os.pread(f.fileno(), 4096, MiB) == data[MiB : MiB + 4096]
+        assert os.pread(f.fileno(), 4096, 9 * MiB) == data[9 * MiB : 9 * MiB + 4096]
+
+
+def test_direct_small_reads_over_a_corrupt_chunk_fail_never_wrong_bytes(
+    make_mount, fs_path, cluster
+):
+    """Every O_DIRECT read reaches the daemon, and a small one of a block it already holds
+    is answered at once from the block file: a chunk that stops matching its checksum after
+    the daemon read it fine must fail the next read of it with EIO, its neighbours still
+    read right."""
+    a = make_mount(fs_path, name="a")
+    data = os.urandom(MiB)
+    (a / "direct-bad").write_bytes(data)
+    chunk = 64 << 10  # the checksum chunk (fusecsi/cluster/worker/store.py)
+    bad = 5 * chunk + 777
+    fd = os.open(a / "direct-bad", os.O_RDONLY | os.O_DIRECT)
+    try:
+        for off in (0, 5 * chunk, 6 * chunk):  # the daemon now holds the map and descriptors
+            assert os.pread(fd, 4096, off) == data[off : off + 4096]
+        blocks = cluster.base / "worker0" / "blocks"
+        (path,) = [
+            p
+            for p in blocks.rglob("*")
+            if p.is_file() and p.name.isdigit() and p.read_bytes()[:4096] == data[:4096]
+        ]
+        raw = os.open(path, os.O_WRONLY)  # in place, as a failing disk would
+        try:
+            os.pwrite(raw, bytes([data[bad] ^ 0x10]), bad)
+        finally:
+            os.close(raw)
+        for off in (5 * chunk, bad - 100):
+            with pytest.raises(OSError) as info:
+                os.pread(fd, 4096, off)
+            assert info.value.errno == errno.EIO
+        for off in (0, 4 * chunk + 8192, 6 * chunk):
+            assert os.pread(fd, 4096, off) == data[off : off + 4096]
+    finally:
+        os.close(fd)

@@ -40,8 +40,17 @@ _ZERO_CRC = crc32(bytes(CHUNK))
 MAX_EXTERNAL = 4096  # blocks handed out for short-circuit writes whose size is re-read
 
 
-def _pread(fd: int, size: int, offset: int, cached: bool, direct: bool = False) -> bytes:
+def _pread(
+    fd: int,
+    size: int,
+    offset: int,
+    cached: bool,
+    direct: bool = False,
+    into: memoryview | None = None,
+) -> bytes | memoryview:
     if not cached:
+        if into is not None and size <= into.nbytes:
+            return _pread_into(fd, size, offset, into)
         data = pread_direct(fd, size, offset) if direct else None
         return os.pread(fd, size, offset) if data is None else data
     buf = bytearray(size)
@@ -51,6 +60,17 @@ def _pread(fd: int, size: int, offset: int, cached: bool, direct: bool = False) 
             raise BlockingIOError(errno.EAGAIN, "partly in the page cache")
         del buf[got:]
     return bytes(buf)
+
+
+def _pread_into(fd: int, size: int, offset: int, into: memoryview) -> memoryview:
+    """Up to `size` bytes from `offset` read into `into` (short at the end of the file)."""
+    done = 0
+    while done < size:
+        got = os.preadv(fd, [into[done:size]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return into[:done]
 
 
 def _lock(crc_fd: int, exclusive: bool, wait: bool) -> None:
@@ -101,13 +121,16 @@ def read_at(
     wait: bool = True,
     cached: bool | None = None,
     direct: bool = False,
-) -> bytes:
+    into: memoryview | None = None,
+) -> bytes | memoryview:
     """Up to `size` bytes from `offset` (short at the block's end), after verifying the
     checksum of every chunk they touch: EIO on a mismatch. `wait=False` raises
     BlockingIOError instead of waiting for a writer, and `cached` (default: `not wait`)
     instead of waiting for the disk (data not in the page cache): the caller can go to a
     thread. `direct` reads large aligned pieces past the page cache: a short-circuit reader
-    keeps them in its own FUSE page cache, and a second copy here only costs memory."""
+    keeps them in its own FUSE page cache, and a second copy here only costs memory. With
+    `into` (memory of at least `read_span` bytes) what is read from the disk goes into it
+    (through the page cache) and comes back as a memoryview of it: no further copy."""
     if cached is None:
         cached = not wait
     _lock(crc_fd, False, wait)
@@ -119,7 +142,7 @@ def read_at(
         first = offset // CHUNK
         start = first * CHUNK
         stop = min(((end - 1) // CHUNK + 1) * CHUNK, length)
-        data = _pread(fd, stop - start, start, cached, direct)
+        data = _pread(fd, stop - start, start, cached, direct, into)
         count = (stop - 1) // CHUNK + 1 - first
         crcs = array.array("I")
         crcs.frombytes(_pread(crc_fd, count * CRC_SIZE, first * CRC_SIZE, cached))
@@ -133,6 +156,49 @@ def read_at(
     if offset == start and end == stop:
         return data
     return data[offset - start : end - start]
+
+
+def read_now(
+    fd: int, crc_fd: int, offset: int, size: int, scratch: memoryview, disk: bool
+) -> tuple[bytes, bool]:
+    """`read_at` for a small piece on the caller's thread, never waiting: up to `size` bytes
+    from `offset` (short at the block's end), copied out of `scratch` (at least
+    `read_span(offset, size)` bytes, used again by the next call) once the checksum of every
+    chunk they touch matched (EIO otherwise), and whether the block was deleted meanwhile
+    (st_nlink 0). BlockingIOError when a writer holds the block or, unless `disk`, the bytes
+    are not all in the page cache. One fstat gives the length and the link count, after
+    the read and under the lock (what `read_at` and a later fstat give separately)."""
+    _lock(crc_fd, False, False)
+    try:
+        first = offset // CHUNK
+        start = first * CHUNK
+        span = read_span(offset, size)
+        got = os.preadv(fd, [scratch[:span]], start, 0 if disk else os.RWF_NOWAIT)
+        st = os.fstat(fd)
+        end = min(offset + size, st.st_size)
+        if offset >= end:
+            return b"", st.st_nlink == 0
+        stop = min(start + span, st.st_size)
+        if got < stop - start:
+            raise BlockingIOError(errno.EAGAIN, "partly in the page cache")
+        count = (stop - 1) // CHUNK + 1 - first
+        crcs = array.array("I")
+        crcs.frombytes(_pread(crc_fd, count * CRC_SIZE, first * CRC_SIZE, not disk))
+    finally:
+        _unlock(crc_fd)
+    if len(crcs) < count:
+        raise OSError(errno.EIO, f"block: {count - len(crcs)} checksums missing")
+    for k in range(count):
+        lo = start + k * CHUNK
+        if crc32(scratch[lo - start : min(lo + CHUNK, stop) - start]) != crcs[k]:
+            raise OSError(errno.EIO, f"block: checksum mismatch in chunk {first + k}")
+    return bytes(scratch[offset - start : end - start]), st.st_nlink == 0
+
+
+def read_span(offset: int, size: int) -> int:
+    """The most bytes `read_at` reads from the disk for `size` bytes at `offset`: whole
+    checksum chunks."""
+    return ((offset + size - 1) // CHUNK + 1 - offset // CHUNK) * CHUNK
 
 
 def truncate_at(fd: int, crc_fd: int, length: int) -> tuple[int, int]:
