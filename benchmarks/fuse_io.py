@@ -242,7 +242,9 @@ class JuiceFS:
         private = self.work / "juicefs-private"
         private.mkdir(mode=0o700)
         argv = [arg.replace("{private}", str(private)) for arg in launch.argv]
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **launch.env}
+        # by hand there is no connection mountd keeps: leave out what names it, as mountd does
+        kept = {k: v for k, v in launch.env.items() if "{connection}" not in v}
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **kept}
         self.log = open(self.work / "juicefs.log", "wb")  # noqa: SIM115 (closed in __exit__)
         self.proc = subprocess.Popen(
             argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
