@@ -366,11 +366,11 @@ def take_fuse_fd(pid: int) -> int | None:
     for name in names:
         with contextlib.suppress(OSError):
             if os.readlink(f"/proc/{pid}/fd/{name}") == "/dev/fuse":
-                return _pidfd_getfd(pid, int(name))
+                return pidfd_getfd(pid, int(name))
     return None
 
 
-def _pidfd_getfd(pid: int, fd: int) -> int | None:
+def pidfd_getfd(pid: int, fd: int) -> int | None:
     import ctypes
 
     pidfd = os.pidfd_open(pid)

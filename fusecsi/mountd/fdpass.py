@@ -10,7 +10,7 @@ fd) for the listener to keep. A client that only wants to drop a descriptor it w
 answers b"CLOSE" with a throwaway one; some hang up without answering.
 
 mountd listens per key on `<connection dir>/fd.sock` and keeps what it is sent as the key's
-connection (KeyState.conn_fd) and its setting (in memory and in `<connection dir>/setting`,
+connection (KeyState.conn, held by keeper.py) and its setting (in memory and in `<connection dir>/setting`,
 for a restarted mountd): while mountd holds it, a dead daemon's mount waits for the next one,
 which is handed the same descriptor. Unlike JuiceFS's own supervisor, mountd keeps its copy
 after handing it out: the mount must outlive every daemon, not pass from one to the next.
@@ -27,6 +27,7 @@ import socket
 import trio
 
 from fusecsi.logs import fields
+from fusecsi.mountd import keeper
 from fusecsi.mountd.keystate import KeyState
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,8 @@ class FdServer:
         # duplicates: the kept descriptor may be replaced while the send waits
         fds = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)]
         try:
-            if self.state.conn_fd is not None:
-                fds.append(os.dup(self.state.conn_fd))
+            if self.state.conn is not None:
+                fds.append(self.state.conn.take())
             rights = array.array("i", fds).tobytes()
             await conn.sendmsg([self.setting], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
         finally:
@@ -179,10 +180,9 @@ class FdServer:
     def _keep(self, fd: int, setting: bytes) -> None:
         """The daemon's connection becomes the key's (a duplicate of the one kept already,
         or a new connection of a daemon that mounted by itself: the old one is done)."""
-        old, self.state.conn_fd = self.state.conn_fd, fd
+        old, self.state.conn = self.state.conn, keeper.hold(fd)
         if old is not None:
-            with contextlib.suppress(OSError):
-                os.close(old)
+            old.close()
         if setting != self.setting or read_setting(self.conn_dir) is None:
             self.setting = setting
             _save_setting(self.conn_dir, setting)

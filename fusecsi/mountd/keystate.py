@@ -40,9 +40,9 @@ class KeyState:
     broken_since: float = 0.0
     cluster_lost: bool = False  # the last failed check found the cluster silent too
     told_broken: set[str] = field(default_factory=set)  # targets whose pod heard it
-    # mountd's duplicate of the mount's /dev/fuse descriptor: while it is open a dead
-    # daemon's mount waits for the next daemon instead of failing (takeover)
-    conn_fd: int | None = None
+    # the mount's /dev/fuse descriptor, kept (fusecsi/mountd/keeper.py): while it is open a
+    # dead daemon's mount waits for the next daemon instead of failing (takeover)
+    conn: Any = None
     # the listener through which the daemon passes that descriptor (fdpass.FdServer), for
     # engines whose client does (NodeEngine.fd_passing)
     fd_server: Any = None

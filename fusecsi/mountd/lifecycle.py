@@ -15,7 +15,7 @@ import trio
 from fusecsi.engines.options import parse_options
 from fusecsi.fuse import takeover
 from fusecsi.logs import fields
-from fusecsi.mountd import fdpass, mounts
+from fusecsi.mountd import fdpass, keeper, mounts
 from fusecsi.mountd.daemons import Daemon, DaemonFailed, spawn, take_fuse_fd
 from fusecsi.mountd.keystate import UNREACHABLE, KeyState, err
 from fusecsi.mountd.table import Entry
@@ -54,20 +54,26 @@ class Lifecycle:
         secrets = secrets or self._load_secrets(key.id)
         cluster = self.cluster_of(entry, secrets)
         state.state = "starting"
-        fresh = state.conn_fd is None
+        fresh = state.conn is None
         passing = self._passes_fd(engine)
         if fresh:
             os.makedirs(entry.mountpoint, mode=0o755, exist_ok=True)
             if mounts.top_mount(entry.mountpoint) is not None:
                 await self._unmount(entry.mountpoint, lazy=True)
             if self.takeover and engine.takeover and not passing:
-                state.conn_fd = await self._blocking(self._mount_connection, entry, cluster)
+                fd = await self._blocking(self._mount_connection, entry, cluster)
+                state.conn = keeper.hold(fd)
         server = await self._fd_server(entry) if passing else None
         if server is not None:
             if fresh:
                 server.reset()
             server.expect()
+        # a client that takes descriptors itself gets it through the listener; ours gets a
+        # duplicate for as long as the start takes (mountd holds none otherwise: keeper.py)
+        fuse_fd = None
         try:
+            if state.conn is not None and not passing:
+                fuse_fd = state.conn.take()
             launch = engine.launch(
                 cluster, key.fs_path, parse_options(key.options), entry.mountpoint
             )
@@ -80,11 +86,10 @@ class Lifecycle:
                 metrics_file=self._metrics_file(key.id) if self.daemon_metrics else None,
                 deadline=self.ready_timeout,
                 nursery=self._nursery,
-                # a client that takes descriptors itself gets it through the listener
-                fuse_fd=None if passing else state.conn_fd,
+                fuse_fd=fuse_fd,
                 connection=(
                     self._connection_dir(key.id)
-                    if state.conn_fd is not None or server is not None
+                    if state.conn is not None or server is not None
                     else None
                 ),
             )
@@ -104,6 +109,9 @@ class Lifecycle:
             if why is not None and why.errno in UNREACHABLE:
                 raise err(why.errno, f"cluster {key.address} unreachable: {why.strerror}") from None
             raise
+        finally:
+            if fuse_fd is not None:  # the daemon has its own now
+                os.close(fuse_fd)
         if not mounts.is_mount_of(mounts.top_mount(entry.mountpoint), engine.fstype):
             with trio.CancelScope(shield=True):
                 await daemon.stop(self.stop_grace)
@@ -150,8 +158,8 @@ class Lifecycle:
         except OSError as exc:
             log.error("cannot listen for descriptors", extra=fields(error=str(exc)))
 
-    def _take_connection(self, entry: Entry) -> int | None:
-        """A duplicate of an adopted daemon's descriptor, if its INIT (or, for a client that
+    def _take_connection(self, entry: Entry) -> keeper.Kept | None:
+        """A duplicate of an adopted daemon's descriptor, kept, if its INIT (or, for a client that
         passes its descriptor, its setting) was recorded: a daemon that mounted by itself,
         from an older mountd, cannot be taken over."""
         conn_dir = self._connection_dir(entry.key.id)
@@ -165,21 +173,23 @@ class Lifecycle:
             recorded = fdpass.read_setting(conn_dir) is not None
         else:
             recorded = os.path.exists(os.path.join(conn_dir, takeover.INIT_FILE))
-        return take_fuse_fd(entry.pid) if recorded else None
+        fd = take_fuse_fd(entry.pid) if recorded else None
+        return keeper.hold(fd) if fd is not None else None
 
     def _drop_connection(self, state: KeyState) -> None:
-        """Close our duplicate: the connection ends with the last daemon holding it."""
-        if state.conn_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(state.conn_fd)
-            state.conn_fd = None
+        """Let our duplicate go: the connection ends with the last daemon holding it."""
+        if state.conn is not None:
+            state.conn.close()
+            state.conn = None
 
     def _keeps_connection(self, entry: Entry, state: KeyState) -> bool:
         """Whether a new daemon can take over the mount: we hold its descriptor and it is
         still the live mount at the mountpoint (nobody unmounted or aborted it)."""
         fstype = self.engine_of(entry).fstype
-        if state.conn_fd is not None and mounts.is_mount_of(
-            mounts.top_mount(entry.mountpoint), fstype
+        if (
+            state.conn is not None
+            and state.conn.alive()
+            and mounts.is_mount_of(mounts.top_mount(entry.mountpoint), fstype)
         ):
             return True
         self._drop_connection(state)

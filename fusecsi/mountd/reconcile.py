@@ -44,7 +44,7 @@ class Reconcile:
                 log.error("cannot serve key", extra=fields(key_id=entry.key.id, error=str(exc)))
             if adoptable:
                 if self.engine_of(entry).takeover:
-                    state.conn_fd = self._take_connection(entry)
+                    state.conn = self._take_connection(entry)
                 self._adopt(entry, Daemon(entry.pid))
                 log.info("adopted daemon", extra=fields(key_id=entry.key.id, pid=entry.pid))
             else:

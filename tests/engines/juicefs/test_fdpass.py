@@ -81,18 +81,21 @@ async def test_the_descriptor_is_kept_and_offered_to_the_next_client():
             offered, fds = await trio.to_thread.run_sync(exchange, path, lambda c: None)
             assert offered == fdpass.NO_SETTING and len(fds) == 1 and target(fds[0]) != "/dev/fuse"
             os.close(fds[0])
-            assert state.conn_fd is None
+            assert state.conn is None
             offered, fds = await trio.to_thread.run_sync(
                 exchange, path, lambda c: send(c, SETTING, fuse)
             )
             for fd in fds:
                 os.close(fd)
             assert await server.wait_sent()
-            assert same_file(state.conn_fd, fuse) and state.conn_fd != fuse
+            # kept by a holder process, not by mountd (keeper.py)
+            held = state.conn.take()
+            assert same_file(held, fuse) and state.conn.pid != os.getpid()
+            os.close(held)
             assert fdpass.read_setting(conn_dir) == SETTING
 
             # the next client is offered that descriptor and setting; CLOSE changes nothing
-            kept = state.conn_fd
+            kept = state.conn
             offered, fds = await trio.to_thread.run_sync(
                 exchange, path, lambda c: send_null(c, fdpass.CLOSE)
             )
@@ -104,7 +107,7 @@ async def test_the_descriptor_is_kept_and_offered_to_the_next_client():
             for fd in fds:
                 os.close(fd)
             await trio.sleep(0.1)
-            assert state.conn_fd == kept
+            assert state.conn is kept
 
             # something that is no /dev/fuse is not kept
             offered, fds = await trio.to_thread.run_sync(
@@ -113,7 +116,7 @@ async def test_the_descriptor_is_kept_and_offered_to_the_next_client():
             for fd in fds:
                 os.close(fd)
             await trio.sleep(0.1)
-            assert state.conn_fd == kept
+            assert state.conn is kept
             server.close()
         # the listener is gone with its socket; a later mountd finds the setting
         assert fdpass.SOCKET not in os.listdir(conn_dir)
@@ -122,6 +125,6 @@ async def test_the_descriptor_is_kept_and_offered_to_the_next_client():
         assert fdpass.read_setting(conn_dir) is None
     finally:
         os.close(fuse)
-        if state.conn_fd is not None:
-            os.close(state.conn_fd)
+        if state.conn is not None:
+            state.conn.close()
         shutil.rmtree(base, ignore_errors=True)

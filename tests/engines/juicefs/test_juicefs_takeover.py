@@ -68,8 +68,8 @@ async def supervisor(base: Path, kill_daemons: bool = True, **options):
         if sup._lock_fd is not None:
             os.close(sup._lock_fd)
         for state in sup.key_states.values():  # what a dead mountd's process held
-            if state.conn_fd is not None:
-                os.close(state.conn_fd)
+            if state.conn is not None:
+                state.conn.close()
         for entry in list(sup.table.entries.values()) if kill_daemons else ():
             if entry.pid:
                 with contextlib.suppress(ProcessLookupError):
@@ -185,7 +185,7 @@ async def replaced(sup, key_id: str, old: int) -> None:
 
 def served(sup, key_id: str) -> tuple[int, int]:
     """The connection mountd keeps for the key: (its descriptor, the daemon's pid)."""
-    return sup.key_states[key_id].conn_fd, sup.table.entries[key_id].pid
+    return sup.key_states[key_id].conn, sup.table.entries[key_id].pid
 
 
 async def test_a_sigkilled_juicefs_is_taken_over_without_a_rebind(
@@ -195,8 +195,8 @@ async def test_a_sigkilled_juicefs_is_taken_over_without_a_rebind(
         target = await publish(sup, redis_fs, "v1")
         [key_id] = sup.table.entries
         mount_id = mounts.top_mount(target).mount_id
-        conn_fd, pid = served(sup, key_id)
-        assert conn_fd is not None  # the daemon passed its descriptor to mountd
+        conn, pid = served(sup, key_id)
+        assert conn is not None  # the daemon passed its descriptor to mountd
         prober, load, report_path = await held_open(target, tmp_path, processes)
         before = await off_thread(prober.probe)
         assert [before[k] for k in ("held", "cwd", "mmap", "appender")] == ["ok"] * 4
@@ -280,9 +280,10 @@ async def test_a_restarted_mountd_takes_over_the_juicefs_it_adopted(redis_fs, ba
     prober = await off_thread(Prober, target)
     processes.append(prober.proc)
     async with supervisor(base) as sup:
-        conn_fd, pid = served(sup, key_id)
-        assert conn_fd is not None and sup.key_states[key_id].daemon.alive
-        assert fuse_fds(os.getpid()) == 1
+        conn, pid = served(sup, key_id)
+        assert conn is not None and sup.key_states[key_id].daemon.alive
+        # kept by a holder process, never by mountd itself (fusecsi/mountd/keeper.py)
+        assert fuse_fds(os.getpid()) == 0 and fuse_fds(conn.pid) == 1
         os.kill(pid, signal.SIGKILL)
         await replaced(sup, key_id, pid)
         after = await off_thread(prober.probe)
@@ -301,8 +302,8 @@ async def test_without_takeover_a_sigkilled_juicefs_is_rebound(redis_fs, base, p
         target = await publish(sup, redis_fs, "v1")
         [key_id] = sup.table.entries
         mount_id = mounts.top_mount(target).mount_id
-        conn_fd, pid = served(sup, key_id)
-        assert conn_fd is None and sup.key_states[key_id].fd_server is None
+        conn, pid = served(sup, key_id)
+        assert conn is None and sup.key_states[key_id].fd_server is None
         environ = await off_thread(Path(f"/proc/{pid}/environ").read_bytes)
         assert b"_FUSE_FD_COMM" not in environ
         prober = await off_thread(Prober, target)
