@@ -75,6 +75,7 @@ def sources(supervisor) -> list:
         supervisor.publishes,
         supervisor.unpublishes,
         supervisor.recoveries,
+        supervisor.rolls,
         supervisor.recovery_seconds,
         metrics.FileFamilies(
             supervisor.metrics_dir, "key", lambda: [key_id for key_id, _ in entries()]

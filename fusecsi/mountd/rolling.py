@@ -156,6 +156,11 @@ class Rolling:
     # ------------------------------------------------------------ one key
 
     async def roll_key(self, key_id: str, grace: float) -> dict:
+        done = await self._roll_key(key_id, grace)
+        self.rolls.add(done["result"])
+        return done
+
+    async def _roll_key(self, key_id: str, grace: float) -> dict:
         async with self.key_locks.hold(key_id):
             entry = self.table.entries.get(key_id)
             state = self.key_states.get(key_id)

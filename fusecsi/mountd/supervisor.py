@@ -82,6 +82,12 @@ class Supervisor(Rolling, Publishing, Lifecycle, Recovery, Reconcile, Queries):
             "target_lost, handover_failed) and result (ok, failed)",
             ["cause", "result"],
         )
+        self.rolls = Tally(
+            "fusecsi_mountd_rolls_total",
+            "daemon handovers to this mountd's build (rolling.py), by result (rolled, "
+            "skipped, failed)",
+            ["result"],
+        )
         self.recovery_seconds = Distribution(
             "fusecsi_mountd_recovery_seconds",
             "from noticing a broken mount to serving it again, by cause",

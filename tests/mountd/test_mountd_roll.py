@@ -229,6 +229,7 @@ async def test_an_engine_that_cannot_hand_over_is_skipped(tmp_path):
             assert done["key"] == answer["key"] and done["result"] == "skipped", done
             assert "engine fake cannot hand over" in done["message"]
             assert entry.pid == pid and sup.key_states[answer["key"]].state == "running"
+            assert sup.rolls.counts == {("skipped",): 1}
 
 
 class HandsOver:
@@ -281,5 +282,6 @@ async def test_an_engine_s_own_handover_is_used_and_a_refusal_keeps_the_daemon(t
         assert engine.calls == [(pid, os.path.join(sup.connections_dir, key), 30.0)] * 2
         assert await trio.to_thread.run_sync(read_write, target, "b", "the new daemon")
         assert entry.restarts == 0
+        assert sup.rolls.counts == {("failed",): 1, ("rolled",): 1}
         await sup.unpublish("vol-own", target)  # closes mountd's duplicate of the connection
         assert sup.table.entries == {} and mounts.mounts_under(str(tmp_path)) == []
