@@ -31,6 +31,7 @@ from fusecsi.mountd import mounts
 
 PODS = 4  # on two base paths, so two daemons
 DEADLINE = 30.0
+IO_TIMEOUT = 10.0
 
 
 @contextlib.contextmanager
@@ -122,6 +123,22 @@ class Pod(threading.Thread):
                 self.stop.wait(0.05)
 
 
+async def progress(pods: list[Pod], what: str) -> None:
+    """Every pod does 4 more operations; a failure says what each pod saw."""
+    ops = [p.ops for p in pods]
+    try:
+        await eventually(
+            lambda: all(p.ops > n + 3 for p, n in zip(pods, ops, strict=True)),
+            deadline=DEADLINE,
+            what=what,
+        )
+    except AssertionError as exc:
+        seen = [(p.target, p.ops - n, p.errors[-3:]) for p, n in zip(pods, ops, strict=True)]
+        raise AssertionError(
+            f"{exc}; per pod (target, operations since, last errors): {seen}"
+        ) from None
+
+
 @pytest.fixture(name="cgroups")
 def cgroups_fixture(tmp_path):
     with cgroup2_root(tmp_path) as root:
@@ -146,7 +163,11 @@ async def test_killing_mountds_container_spares_daemons_only_in_their_own_cgroup
         await make_dirs(cluster, *(f"/cg{i % 2}/v{i}" for i in range(PODS)))
         for i in range(PODS):
             target = node.target(f"pod-{i}", f"v{i}")
-            await node.publish(f"vol-{i}", f"/cg{i % 2}", f"v{i}", target)
+            # a cluster call stuck for good fails within IO_TIMEOUT, well inside DEADLINE:
+            # a pod then reports EIO, and the failure says where it waited (a 30 s stall
+            # with no error, seen once in CI, could not be placed)
+            options = f"io-timeout={IO_TIMEOUT:g}"
+            await node.publish(f"vol-{i}", f"/cg{i % 2}", f"v{i}", target, options=options)
             pods.append(Pod(target))
         before = {row["pid"] for row in await node.client.list()}
         assert len(before) == 2  # one daemon per base path
@@ -164,23 +185,13 @@ async def test_killing_mountds_container_spares_daemons_only_in_their_own_cgroup
 
         assert set(node.daemon_pids()) == before
         assert all(procs(cgroups / "daemons" / f"daemon-{pid}") == [pid] for pid in before)
-        ops = [p.ops for p in pods]
-        await eventually(
-            lambda: all(p.ops > n + 3 for p, n in zip(pods, ops, strict=True)),
-            deadline=DEADLINE,
-            what="I/O with no mountd",
-        )
+        await progress(pods, "I/O with no mountd")
 
         node.start()
         rows = await node.client.list()
         assert {row["pid"] for row in rows} == before  # adopted, not replaced
         assert all(row["restarts"] == 0 and len(row["refs"]) == PODS // 2 for row in rows)
-        ops = [p.ops for p in pods]
-        await eventually(
-            lambda: all(p.ops > n + 3 for p, n in zip(pods, ops, strict=True)),
-            deadline=DEADLINE,
-            what="I/O after the restart",
-        )
+        await progress(pods, "I/O after the restart")
         assert [p.errors for p in pods] == [[]] * PODS
 
         # the cgroups of daemons that are gone are swept (at the next spawn or start)
