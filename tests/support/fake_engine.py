@@ -14,14 +14,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-
-import trio
 
 from fusecsi.engines.base import BadParameter, Cluster, Launch, Usage
 from fusecsi.mountd import mounts
@@ -129,30 +126,13 @@ def fake_cluster(base: Path, volumes=("v1", "v2")):
             subprocess.run(["umount", "-l", entry.mountpoint], check=False)
 
 
-@contextlib.asynccontextmanager
-async def supervisor_on_fake(base: Path, **options):
-    """mountd's Supervisor in the test's trio loop, the fake among its engines; the daemons
-    it leaves are killed afterwards (`kill_daemons=False` keeps them, for a restart)."""
-    from fusecsi.mountd.supervisor import Supervisor
+def supervisor_on_fake(base: Path, **options):
+    """mountd's Supervisor in the test's trio loop, the fake among its engines
+    (support.mountd.supervisor_in_process: `kill_daemons=False` keeps its daemons)."""
+    from support.mountd import supervisor_in_process
 
-    kill = options.pop("kill_daemons", True)
-    (base / "kubelet").mkdir(parents=True, exist_ok=True)
-    options = {"linger": 0, "health_interval": 0.2, "ready_timeout": 10, **options}
-    sup = Supervisor(
-        str(base / "state"), str(base / "kubelet"), takeover=False, engines=resolve, **options
-    )
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sup.run)
-            yield sup
-            nursery.cancel_scope.cancel()
-    finally:
-        if sup._lock_fd is not None:  # a later supervisor may take the state over
-            os.close(sup._lock_fd)
-        for entry in list(sup.table.entries.values()) if kill else ():
-            if entry.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(entry.pid, signal.SIGKILL)
+    options = {"health_interval": 0.2, "ready_timeout": 10, **options}
+    return supervisor_in_process(base, engines=resolve, **options)
 
 
 def fake_target(sup, pod: str | None = None) -> str:

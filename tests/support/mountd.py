@@ -167,9 +167,13 @@ def another_mountd(base: Path, cluster: LocalCluster, **flags):
 
 
 @contextlib.asynccontextmanager
-async def supervisor_in_process(base: Path, **options):
+async def supervisor_in_process(base: Path, *, kill_daemons: bool = True, **options):
     """mountd's Supervisor in the test's own trio loop, for a fault injected at one exact
-    point of its work (through monkeypatch); its FUSE daemons are real processes."""
+    point of its work (through monkeypatch); its FUSE daemons are real processes.
+
+    Leaving it is a mountd that died: its state lock and kept connections go; its daemons
+    are killed and its mounts removed, unless `kill_daemons` is False (a later supervisor
+    on the same `base` adopts them)."""
     from fusecsi.mountd.supervisor import Supervisor
 
     (base / "kubelet").mkdir(parents=True, exist_ok=True)
@@ -182,13 +186,19 @@ async def supervisor_in_process(base: Path, **options):
             yield supervisor
             nursery.cancel_scope.cancel()
     finally:
-        for entry in list(supervisor.table.entries.values()):
+        if supervisor._lock_fd is not None:
+            os.close(supervisor._lock_fd)
+        for state in supervisor.key_states.values():
+            if state.conn is not None:
+                state.conn.close()
+        for entry in list(supervisor.table.entries.values()) if kill_daemons else ():
             if entry.pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(entry.pid, signal.SIGKILL)
-        for entry in mounts.mounts_under(str(base)):
-            with contextlib.suppress(OSError):
-                mounts.umount(entry.mountpoint, lazy=True)
+        for own in ("state", "kubelet") if kill_daemons else ():
+            for entry in reversed(mounts.mounts_under(str(base / own))):
+                with contextlib.suppress(OSError):
+                    mounts.umount(entry.mountpoint, lazy=True)
 
 
 @pytest.fixture(name="mountd")

@@ -25,12 +25,11 @@ from pathlib import Path
 import pytest
 import trio
 from support import takeover_load
-from support.mountd import eventually
+from support.mountd import eventually, supervisor_in_process
 
 from fusecsi.engines import open_namespace
 from fusecsi.engines.juicefs import NODE
 from fusecsi.mountd import mounts
-from fusecsi.mountd.supervisor import Supervisor
 
 PROBE = Path(__file__).with_name("held_probe.py")
 VOLUME = b"trusted.fusecsi.volume"
@@ -50,30 +49,20 @@ def base():
     shutil.rmtree(path, ignore_errors=True)
 
 
-@contextlib.asynccontextmanager
-async def supervisor(base: Path, kill_daemons: bool = True, **options):
-    """mountd's Supervisor in the test's trio loop; leaving it ends its daemons unless
-    `kill_daemons` is False (a mountd that died: a later one adopts them)."""
-    (base / "kubelet").mkdir(parents=True, exist_ok=True)
-    options = {"linger": 0, "health_interval": 0.2, "ready_timeout": 30, **options}
-    sup = Supervisor(
-        str(base / "state"), str(base / "kubelet"), engines=lambda name: NODE, **options
-    )
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sup.run)
-            yield sup
-            nursery.cancel_scope.cancel()
-    finally:
-        if sup._lock_fd is not None:
-            os.close(sup._lock_fd)
-        for state in sup.key_states.values():  # what a dead mountd's process held
-            if state.conn is not None:
-                state.conn.close()
-        for entry in list(sup.table.entries.values()) if kill_daemons else ():
-            if entry.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(entry.pid, signal.SIGKILL)
+def supervisor(base: Path, **options):
+    """mountd's Supervisor in the test's trio loop with takeover on
+    (support.mountd.supervisor_in_process: `kill_daemons=False` keeps its daemons)."""
+    options = {"health_interval": 0.2, "ready_timeout": 30, "takeover": True, **options}
+    return supervisor_in_process(base, engines=lambda name: NODE, **options)
+
+
+def assert_no_error(after: dict, report: dict) -> None:
+    """The prober's held reader, cwd, mmap and appender, and every load worker, saw no
+    error and lost nothing."""
+    probed = ("held", "cwd", "mmap", "appender")
+    assert {k: after[k] for k in probed} == dict.fromkeys(probed, "ok"), after
+    for name, worker in report.items():
+        assert worker["errors"] == [] and worker["lost"] == 0, (name, worker)
 
 
 async def publish(sup, backend, volume: str) -> str:
@@ -255,11 +244,7 @@ async def test_hand_over_passes_open_files_to_the_successor(redis_fs, base, tmp_
         finally:
             report = await off_thread(takeover_load.finish, load, report_path, seconds=150)
         print("after hand_over:", after, takeover_load.summary(report))
-        assert {k: after[k] for k in ("held", "cwd", "mmap", "appender")} == dict.fromkeys(
-            ("held", "cwd", "mmap", "appender"), "ok"
-        )
-        for name, worker in report.items():
-            assert worker["errors"] == [] and worker["lost"] == 0, (name, worker)
+        assert_no_error(after, report)
         assert mounts.top_mount(target).mount_id == mount_id
         assert len(mounts.stack_at(target)) == 1
         # the successor continues the session (files unlinked while open, locks)
